@@ -1,0 +1,40 @@
+"""Small helpers shared by the kernel modules."""
+
+import os
+
+import torch
+import triton
+
+# When set, every output buffer a kernel allocates starts as NaN (floats) or -1
+# (integers), so a test can prove that the kernel wrote every element.
+_poison = os.environ.get("FUSETUNE_POISON", "0") == "1"
+
+
+def set_poison(enabled: bool) -> None:
+    global _poison
+    _poison = enabled
+
+
+def new_empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """``torch.empty``, or a poisoned buffer while poisoning is on."""
+    if not _poison:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def row_block(n_cols: int, max_block: int = 65536) -> int:
+    """The power-of-two block that covers one row of ``n_cols`` elements."""
+    block = triton.next_power_of_2(n_cols)
+    if block > max_block:
+        raise ValueError(f"row of {n_cols} elements exceeds the largest block ({max_block})")
+    return block
+
+
+def num_warps_for(block: int) -> int:
+    return 4 if block < 2048 else 8 if block < 8192 else 16
+
+
+def interpreted() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,122 @@
+"""Load a tokenizer and a causal LM (hub, local folder, or random init), and add LoRA."""
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .errors import FusetuneError
+
+log = logging.getLogger(__name__)
+ASSETS = Path(__file__).parent / "assets"
+PREFIX = "fusetune:"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve(name_or_path: str) -> str:
+    """``fusetune:NAME`` names a folder shipped in the package; anything else is a hub id or a path."""
+    if name_or_path.startswith(PREFIX):
+        folder = ASSETS / name_or_path[len(PREFIX) :]
+        if not (folder / "config.json").is_file():
+            shipped = sorted(str(p.parent.relative_to(ASSETS)) for p in ASSETS.rglob("config.json"))
+            raise FusetuneError(f"model: no shipped model '{name_or_path}'; shipped: {', '.join(shipped)}")
+        return str(folder)
+    return name_or_path
+
+
+def pick_dtype(name: str) -> torch.dtype:
+    """``auto``: bf16 where the GPU supports it, fp16 on older GPUs, fp32 on CPU."""
+    if name != "auto":
+        return DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _hub_error(what: str, name: str, error: Exception) -> FusetuneError:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return FusetuneError(
+        f"{what}: cannot load '{name}' (not a local folder, and not reachable on the hub): {first_line}"
+    )
+
+
+def load_tokenizer(name_or_path: str):
+    path = resolve(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise _hub_error("model.tokenizer", name_or_path, error) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name_or_path: str,
+    dtype: torch.dtype,
+    *,
+    config: str | None = None,
+    random_init: bool = False,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    attn_implementation: str | None = None,
+    device_map=None,
+):
+    """A causal LM in ``dtype``. ``random_init`` builds it from ``config`` (or the model's) without weights."""
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if random_init:
+        source = resolve(config or name_or_path)
+        try:
+            model_config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise _hub_error("model.config", config or name_or_path, error) from None
+        return AutoModelForCausalLM.from_config(model_config, dtype=dtype, **kwargs)
+    if load_in_4bit or load_in_8bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=load_in_4bit,
+            load_in_8bit=load_in_8bit,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            resolve(name_or_path), dtype=dtype, device_map=device_map, **kwargs
+        )
+    except (OSError, ValueError) as error:
+        raise _hub_error("model.name_or_path", name_or_path, error) from None
+
+
+def add_lora(model, *, r, alpha, dropout, target_modules, modules_to_save=None, gradient_checkpointing=False):
+    """Wrap ``model`` in PEFT LoRA adapters (preparing a quantized model first)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = sorted(set(target_modules) - present)
+    if missing:
+        raise FusetuneError(f"model.lora.target_modules: {missing} not found in {type(model).__name__}")
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(all, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

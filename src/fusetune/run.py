@@ -1,0 +1,198 @@
+"""run(cfg): one training run from a composed config, leaving a record in cfg.output_dir."""
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from transformers import set_seed
+
+from . import record
+from .config import validate
+from .data import build_splits
+from .errors import FusetuneError
+from .evaluate import exact_match
+from .models import add_lora, count_parameters, load_model, load_tokenizer, pick_dtype
+from .patching import apply_kernels
+from .trainer import FastSFTConfig, FastSFTTrainer
+
+log = logging.getLogger(__name__)
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def setup_logger(cfg, out: Path) -> list[str]:
+    """Environment for the chosen logger; returns the Trainer's ``report_to``."""
+    kind = cfg.logger.kind.value
+    if kind == "wandb":
+        os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
+        os.environ["WANDB_DIR"] = str(out)
+        mode = cfg.logger.mode or ("online" if _has_wandb_key() else "offline")
+        os.environ["WANDB_MODE"] = mode
+        if cfg.logger.tags:
+            os.environ["WANDB_TAGS"] = ",".join(cfg.logger.tags)
+        log.info("W&B logging %s into %s", mode, out / "wandb")
+        return ["wandb"]
+    if kind == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+        return ["tensorboard"]
+    return []
+
+
+def close_logger(cfg, summary: dict | None) -> None:
+    if cfg.logger.kind.value != "wandb":
+        return
+    import wandb
+
+    if wandb.run is not None:
+        if summary:
+            wandb.run.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
+        wandb.finish()
+
+
+def sft_config(cfg, out: Path, dtype: torch.dtype, report_to: list[str]) -> FastSFTConfig:
+    t = cfg.trainer
+    known = {"name", "extra"}
+    values = {k: v for k, v in OmegaConf.to_container(t).items() if k not in known}
+    values["learning_rate"] = t.learning_rate if t.learning_rate is not None else cfg.model.learning_rate
+    if t.per_device_train_batch_size is None:
+        values["per_device_train_batch_size"] = cfg.model.batch_size
+    if values["eval_steps"] is None:
+        values.pop("eval_steps")
+    on_gpu = torch.cuda.is_available()
+    try:
+        return FastSFTConfig(
+            output_dir=str(out),
+            run_name=cfg.run_name,
+            seed=cfg.seed,
+            data_seed=cfg.seed,
+            max_length=cfg.model.max_seq_length,
+            bf16=on_gpu and dtype == torch.bfloat16,
+            fp16=on_gpu and dtype == torch.float16,
+            use_cpu=not on_gpu,
+            report_to=report_to,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+            dataset_num_proc=None,
+            **values,
+            **OmegaConf.to_container(t.extra),
+        )
+    except (TypeError, ValueError) as error:
+        raise FusetuneError(f"trainer: {error}") from None
+
+
+def run(cfg) -> dict:
+    """Train, save, evaluate and record. Returns the summary written to summary.json."""
+    validate(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report_to = setup_logger(cfg, out)
+    summary = None
+    try:
+        summary = _train(cfg, out, report_to)
+        return summary
+    finally:
+        close_logger(cfg, summary)
+
+
+def _train(cfg, out: Path, report_to: list[str]) -> dict:
+    started = time.perf_counter()
+    if cfg.cpu_threads and not torch.cuda.is_available():
+        torch.set_num_threads(cfg.cpu_threads)  # small CPU models lose more to thread sync than they gain
+    set_seed(cfg.seed)
+    m = cfg.model
+    dtype = pick_dtype(m.dtype.value)
+    full_finetune = m.lora is None
+    # Full fine-tuning in fp16 keeps fp32 master weights; autocast does the fp16 math.
+    load_dtype = torch.float32 if full_finetune and dtype == torch.float16 else dtype
+    tokenizer = load_tokenizer(m.tokenizer or m.name_or_path)
+    model = load_model(
+        m.name_or_path,
+        load_dtype,
+        config=m.config,
+        random_init=m.random_init,
+        load_in_4bit=m.load_in_4bit,
+        attn_implementation=m.attn_implementation,
+    )
+    backend = apply_kernels(model, cfg.kernels.backend.value)
+    if not full_finetune:
+        model = add_lora(
+            model,
+            r=m.lora.r,
+            alpha=m.lora.alpha,
+            dropout=m.lora.dropout,
+            target_modules=m.lora.target_modules,
+            modules_to_save=m.lora.modules_to_save,
+            gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+        )
+    total_params, trainable_params = count_parameters(model)
+    splits = build_splits(cfg.data, tokenizer, cfg.seed)
+    args = sft_config(cfg, out, dtype, report_to)
+    recorder = record.MetricsRecorder(out / "metrics.jsonl")
+    trainer = FastSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=splits.train,
+        eval_dataset=splits.eval if cfg.trainer.eval_strategy != "no" else None,
+        processing_class=tokenizer,
+        callbacks=[recorder],
+    )
+    record.reset_peak_memory()
+    result = trainer.train()
+    peak = record.peak_memory_gib()
+
+    saved_to = None
+    if cfg.save_model:
+        saved_to = out / ("model" if full_finetune else "adapter")
+        trainer.model.save_pretrained(saved_to)
+        tokenizer.save_pretrained(saved_to)
+
+    evals = {}
+    if trainer.eval_dataset is not None:
+        evals.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")})
+    accuracy, samples = exact_match(trainer.model, tokenizer, splits.generation)
+    if accuracy is not None:
+        evals["exact_match"] = accuracy
+        evals["exact_match_n"] = len(splits.generation)
+
+    metrics = result.metrics
+    tokens = recorder.last_train.get("num_tokens") or trainer._total_train_tokens
+    summary = {
+        "model": m.name_or_path,
+        "data": cfg.data.formatter.value
+        if cfg.data.formatter.value == "synthetic"
+        else (cfg.data.path or cfg.data.name),
+        "kernels": backend,
+        "trainer": cfg.trainer.name,
+        "global_step": result.global_step,
+        "train_loss": result.training_loss,
+        "final_loss": recorder.last_train.get("loss"),
+        "eval": evals,
+        "samples": samples,
+        "train_tokens": tokens,
+        "train_tokens_per_second": tokens / metrics["train_runtime"] if metrics.get("train_runtime") else 0.0,
+        "train_runtime_s": metrics.get("train_runtime"),
+        "peak_memory_gib": peak,
+        "runtime_s": time.perf_counter() - started,
+        "seed": cfg.seed,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "parameters": total_params,
+        "trainable_parameters": trainable_params,
+        "saved_to": str(saved_to) if saved_to else None,
+        "output_dir": str(out),
+        "versions": record.versions(),
+    }
+    record.write_summary(out / "summary.json", summary)
+    print(record.format_summary(summary), flush=True)
+    return summary

@@ -1,0 +1,36 @@
+"""Shared fixtures: compose configs in-process, and the tiny tokenizer."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from fusetune.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+register_configs()
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def compose_cfg():
+    def _compose(overrides=(), output_dir="/tmp/unused"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides))
+        cfg.output_dir = str(output_dir)
+        return cfg
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from fusetune.models import load_tokenizer
+
+    return load_tokenizer("fusetune:tiny_llama")

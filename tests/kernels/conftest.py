@@ -1,0 +1,35 @@
+"""Shared fixtures for kernel parity tests.
+
+Kernels run on CUDA when there is one, otherwise on the Triton CPU interpreter
+(TRITON_INTERPRET=1, set by the test command). Outputs are always poisoned.
+"""
+
+import os
+
+import pytest
+import torch
+
+from fusetune_kernels import utils
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# ||a - b|| / ||b|| against a float64 reference.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    utils.set_poison(True)
+    yield
+    utils.set_poison(False)
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    # A different but reproducible draw for every test.
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))
+
+
+def needs_triton_backend():
+    if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1: Triton kernels cannot run")
