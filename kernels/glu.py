@@ -130,9 +130,7 @@ def _launch_config(n_cols: int) -> tuple[int, int]:
 
 def _check_inputs(gate: torch.Tensor, up: torch.Tensor) -> None:
     if gate.shape != up.shape:
-        raise ValueError(
-            f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}"
-        )
+        raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
     if gate.dtype != up.dtype:
         raise ValueError(f"gate and up must have the same dtype, got {gate.dtype} and {up.dtype}")
     if gate.dtype not in _DTYPES:

@@ -192,9 +192,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bo
     return _RMSNormFunction.apply(x, weight, float(eps), bool(gemma))
 
 
-def rms_norm_reference(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False
-) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, gemma: bool = False) -> torch.Tensor:
     """Plain PyTorch twin of ``rms_norm``: LlamaRMSNorm, or Gemma2RMSNorm when ``gemma``.
 
     Where Hugging Face calls ``.float()`` this promotes to at least fp32 instead: the same for

@@ -34,9 +34,7 @@ def normalize(name: str) -> str:
 
 
 def pip(*args: str, quiet: bool = False) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "pip", *args], check=True, stderr=subprocess.DEVNULL if quiet else None
-    )
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True, stderr=subprocess.DEVNULL if quiet else None)
 
 
 def resolve(requirements: list[str], extras: set[str], leave_out: set[str]) -> dict[str, str]:
@@ -48,9 +46,7 @@ def resolve(requirements: list[str], extras: set[str], leave_out: set[str]) -> d
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         pip("install", "-q", "--dry-run", "--ignore-installed", "--report", str(report), *requirements)
-        items = {
-            normalize(i["metadata"]["name"]): i["metadata"] for i in json.loads(report.read_text())["install"]
-        }
+        items = {normalize(i["metadata"]["name"]): i["metadata"] for i in json.loads(report.read_text())["install"]}
     needed, todo = {}, [("fusetune", extras)]
     while todo:
         name, wanted_extras = todo.pop()
@@ -126,12 +122,8 @@ def main() -> None:
         default=None,
         help="pip platform tags (default: manylinux x86_64 from 2014 to 2_28)",
     )
-    parser.add_argument(
-        "--cuda", default="130", help="the bitsandbytes CUDA library to keep, e.g. 130 or 128"
-    )
-    parser.add_argument(
-        "--peers", default="", help="benchmark peers to add: liger,unsloth (installed --no-deps)"
-    )
+    parser.add_argument("--cuda", default="130", help="the bitsandbytes CUDA library to keep, e.g. 130 or 128")
+    parser.add_argument("--peers", default="", help="benchmark peers to add: liger,unsloth (installed --no-deps)")
     parser.add_argument("--have", default=None, help="file of packages the host already has: left out")
     parser.add_argument("--skip", default="", help="comma-separated packages to leave out as well")
     parser.add_argument("--extras", default="", help="fusetune extras to include, e.g. bench")

@@ -163,25 +163,17 @@ def validate(cfg) -> None:
     """Rules that span config groups. Raises FusetuneError with one line per mistake."""
     problems = []
     if cfg.model.load_in_4bit and cfg.model.lora is None:
-        problems.append(
-            "model.load_in_4bit needs model.lora: 4-bit weights cannot be trained directly (QLoRA)"
-        )
+        problems.append("model.load_in_4bit needs model.lora: 4-bit weights cannot be trained directly (QLoRA)")
     if cfg.model.load_in_4bit and cfg.model.random_init:
-        problems.append(
-            "model.load_in_4bit cannot quantize a random_init model: there are no weights to load"
-        )
+        problems.append("model.load_in_4bit cannot quantize a random_init model: there are no weights to load")
     if cfg.model.max_seq_length <= 0:
         problems.append(f"model.max_seq_length must be positive, got {cfg.model.max_seq_length}")
     if cfg.trainer.packing and cfg.trainer.padding_free:
-        problems.append(
-            "trainer.packing and trainer.padding_free: choose one (packing is already padding-free)"
-        )
+        problems.append("trainer.packing and trainer.padding_free: choose one (packing is already padding-free)")
     if cfg.trainer.max_steps <= 0 and cfg.trainer.num_train_epochs <= 0:
         problems.append("trainer: set max_steps or num_train_epochs above zero")
     if cfg.data.formatter != Formatter.synthetic and (cfg.data.path is None) == (cfg.data.name is None):
-        problems.append(
-            f"data: formatter '{cfg.data.formatter.value}' needs exactly one of data.path or data.name"
-        )
+        problems.append(f"data: formatter '{cfg.data.formatter.value}' needs exactly one of data.path or data.name")
     if (
         cfg.trainer.eval_strategy != "no"
         and cfg.data.formatter != Formatter.synthetic

@@ -4,9 +4,7 @@ import torch
 
 
 @torch.no_grad()
-def exact_match(
-    model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32, max_new_tokens: int = 32
-):
+def exact_match(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32, max_new_tokens: int = 32):
     """Fraction of prompts whose greedy answer, stripped, equals the expected one; plus a few samples."""
     if not pairs:
         return None, []
@@ -18,9 +16,7 @@ def exact_match(
     try:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
-            batch = tokenizer(
-                [p for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False
-            )
+            batch = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
             batch = batch.to(device)
             out = model.generate(
                 **batch,

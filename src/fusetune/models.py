@@ -83,9 +83,7 @@ def load_model(
             bnb_4bit_compute_dtype=dtype,
         )
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            resolve(name_or_path), dtype=dtype, device_map=device_map, **kwargs
-        )
+        return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=dtype, device_map=device_map, **kwargs)
     except (OSError, ValueError) as error:
         raise _hub_error("model.name_or_path", name_or_path, error) from None
 

@@ -75,9 +75,7 @@ def write_summary(path: Path, summary: dict) -> None:
 
 def format_summary(summary: dict) -> str:
     """A few lines for the terminal at the end of a run."""
-    evals = ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary["eval"].items()
-    )
+    evals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary["eval"].items())
     return "\n".join(
         [
             f"fusetune run: {summary['model']} on {summary['data']} | kernels={summary['kernels']} "

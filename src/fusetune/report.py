@@ -37,9 +37,7 @@ def _cell(value) -> str:
 
 def build_report(sweep_dir: Path) -> tuple[list[dict], str]:
     """Rows (one per finished job, in job order) and a markdown table; tok/s ratio is against the first job."""
-    jobs = sorted(
-        (d for d in Path(sweep_dir).iterdir() if d.is_dir()), key=lambda d: int(d.name.split("_")[0])
-    )
+    jobs = sorted((d for d in Path(sweep_dir).iterdir() if d.is_dir()), key=lambda d: int(d.name.split("_")[0]))
     rows = [r for r in map(_row, jobs) if r is not None]
     if rows and rows[0]["tok/s"]:
         for r in rows:

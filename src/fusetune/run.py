@@ -15,7 +15,7 @@ from .data import build_splits
 from .errors import FusetuneError
 from .evaluate import exact_match
 from .models import add_lora, count_parameters, load_model, load_tokenizer, pick_dtype
-from .patching import apply_kernels
+from .patching import apply_kernels, remove_kernels
 from .trainer import FastSFTConfig, FastSFTTrainer
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ def run(cfg) -> dict:
         summary = _train(cfg, out, report_to)
         return summary
     finally:
+        remove_kernels()
         close_logger(cfg, summary)
 
 

@@ -28,9 +28,7 @@ def hardware_precision() -> tuple[bool, bool]:
 class FastSFTConfig(SFTConfig):
     embedding_learning_rate: float | None = field(
         default=None,
-        metadata={
-            "help": "Learning rate for trainable embed_tokens and lm_head weights; null: learning_rate."
-        },
+        metadata={"help": "Learning rate for trainable embed_tokens and lm_head weights; null: learning_rate."},
     )
 
     def __post_init__(self):
@@ -42,14 +40,10 @@ class FastSFTConfig(SFTConfig):
 def is_embedding_parameter(name: str) -> bool:
     """A full embed_tokens/lm_head weight (or its PEFT modules_to_save copy), not a LoRA factor on it."""
     parts = name.split(".")
-    return any(module in parts for module in EMBEDDING_MODULES) and not any(
-        p.startswith("lora_") for p in parts
-    )
+    return any(module in parts for module in EMBEDDING_MODULES) and not any(p.startswith("lora_") for p in parts)
 
 
-def parameter_groups(
-    model: nn.Module, decay_names: set[str], weight_decay: float, embedding_lr: float | None
-):
+def parameter_groups(model: nn.Module, decay_names: set[str], weight_decay: float, embedding_lr: float | None):
     """Optimizer groups: decayed, not decayed (biases, norms), and embeddings at their own learning rate."""
     decay, no_decay, embeddings = [], [], []
     for name, param in model.named_parameters():

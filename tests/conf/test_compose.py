@@ -21,9 +21,7 @@ def test_every_group_has_options():
     assert {g for g, _ in OPTIONS} == set(GROUPS)
     expected_models = {"tiny_llama", "llama3_1b", "llama3_8b", "qwen2_5_1_5b", "mistral_7b"}
     assert expected_models <= {o for g, o in OPTIONS if g == "model"}
-    assert {"chat", "alpaca", "sharegpt", "text", "completion", "synthetic"} <= {
-        o for g, o in OPTIONS if g == "data"
-    }
+    assert {"chat", "alpaca", "sharegpt", "text", "completion", "synthetic"} <= {o for g, o in OPTIONS if g == "data"}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

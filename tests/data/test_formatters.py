@@ -74,9 +74,7 @@ def test_formatter_text_and_labels(formatter, tiny_tokenizer, tiny_model, tmp_pa
 
 def test_alpaca_without_chat_template_uses_the_alpaca_prompt(tiny_tokenizer, tiny_model, tmp_path):
     path = write(tmp_path / "a.jsonl", ROWS["alpaca"])
-    splits = build_splits(
-        data_cfg(formatter="alpaca", path=str(path), use_chat_template=False), tiny_tokenizer, 0
-    )
+    splits = build_splits(data_cfg(formatter="alpaca", path=str(path), use_chat_template=False), tiny_tokenizer, 0)
     text, labelled = trained_text(tiny_model, tiny_tokenizer, splits.train, tmp_path)
     prompt = ALPACA_PROMPT.format(
         context=", paired with an input that provides further context",

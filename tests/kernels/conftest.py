@@ -33,3 +33,11 @@ def fresh_seed(request):
 def needs_triton_backend():
     if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("no CUDA and TRITON_INTERPRET is not 1: Triton kernels cannot run")
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Many vocabulary blocks per row (and a ragged last one), even for a small vocabulary."""
+    from fusetune_kernels import cross_entropy
+
+    monkeypatch.setattr(cross_entropy, "MAX_BLOCK", 256)

@@ -81,9 +81,7 @@ def generation_pair(record: dict, tokenizer) -> tuple[str, str] | None:
 
 def build_splits(cfg, tokenizer, seed: int) -> Splits:
     """Load and format ``cfg`` (a DataConfig) into TRL-ready train/eval datasets."""
-    chat_template = (
-        tokenizer.chat_template is not None if cfg.use_chat_template is None else cfg.use_chat_template
-    )
+    chat_template = tokenizer.chat_template is not None if cfg.use_chat_template is None else cfg.use_chat_template
     if chat_template and tokenizer.chat_template is None:
         raise FusetuneError("data.use_chat_template: the tokenizer has no chat template")
     if cfg.formatter in ("chat", "sharegpt") and tokenizer.chat_template is None:

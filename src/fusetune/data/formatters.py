@@ -25,9 +25,7 @@ SHAREGPT_ROLES = {
 
 def _column(record: dict, name: str, formatter: str) -> object:
     if name not in record:
-        raise FusetuneError(
-            f"data: formatter '{formatter}' needs a '{name}' column; the data has {sorted(record)}"
-        )
+        raise FusetuneError(f"data: formatter '{formatter}' needs a '{name}' column; the data has {sorted(record)}")
     return record[name]
 
 

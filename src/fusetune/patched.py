@@ -1,0 +1,148 @@
+"""The forwards that the patch table installs, built for one backend's ops."""
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from fusetune_kernels import cross_entropy, fused_linear_cross_entropy, glu, rms_norm, rope
+
+from .errors import FusetuneError
+
+
+@dataclass(frozen=True)
+class Ops:
+    rms_norm: Callable
+    rope: Callable
+    swiglu: Callable
+    geglu: Callable
+    fused_linear_cross_entropy: Callable
+    cross_entropy: Callable
+
+
+OPS = {
+    "triton": Ops(
+        rms_norm.rms_norm,
+        rope.rope,
+        glu.swiglu,
+        glu.geglu,
+        fused_linear_cross_entropy.fused_linear_cross_entropy,
+        cross_entropy.cross_entropy,
+    ),
+    "reference": Ops(
+        rms_norm.rms_norm_reference,
+        rope.rope_reference,
+        glu.swiglu_reference,
+        glu.geglu_reference,
+        fused_linear_cross_entropy.fused_linear_cross_entropy_reference,
+        cross_entropy.cross_entropy_reference,
+    ),
+}
+GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh", "gelu_tanh"}
+
+
+def norm_forward(ops: Ops, gemma: bool):
+    def forward(self, hidden_states):
+        eps = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.eps
+        return ops.rms_norm(hidden_states, self.weight, eps, gemma=gemma)
+
+    return forward
+
+
+def gated_activation(ops: Ops, name: str):
+    if name in ("silu", "swish"):
+        return ops.swiglu
+    if name == "gelu":
+        return functools.partial(ops.geglu, approximate="none")
+    if name in GELU_TANH:
+        return functools.partial(ops.geglu, approximate="tanh")
+    raise FusetuneError(f"kernels: no fused gated activation for '{name}'; supported: silu, gelu, gelu_pytorch_tanh")
+
+
+def mlp_forward(ops: Ops, activation_attr: str):
+    def forward(self, x):
+        act = gated_activation(ops, getattr(self.config, activation_attr))
+        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+
+    return forward
+
+
+def rope_function(ops: Ops):
+    def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        return ops.rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    return apply_rotary_pos_emb
+
+
+def causal_lm_forward(ops: Ops, original_forward):
+    """The causal-LM forward with a fused loss head.
+
+    Without labels (generation, logits for metrics) it is the original forward. With labels it
+    runs the backbone and the fused linear cross-entropy, returning the loss without logits.
+    With ``fused_lm_head=True`` (TRL 1.16's SFTTrainer) it returns TRL's FusedCausalLMOutput:
+    per-token log-probabilities, entropy and top-1 hits from the same chunked pass.
+    """
+
+    @functools.wraps(original_forward)
+    def forward(self, *args, labels=None, shift_labels=None, fused_lm_head=False, num_items_in_batch=None, **kwargs):
+        if labels is None and shift_labels is None:
+            return original_forward(self, *args, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        kwargs["use_cache"] = False
+        backbone = getattr(self, self.base_model_prefix)
+        hidden = backbone(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, targets = hidden[:, :-1], labels[:, 1:]
+        else:
+            targets = shift_labels
+        lm_head = self.get_output_embeddings()
+        targets = targets.to(lm_head.weight.device)
+        flat_hidden = hidden.reshape(-1, hidden.size(-1)).to(lm_head.weight.device)
+        softcap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+        common = dict(bias=lm_head.bias, softcap=softcap, ignore_index=-100)
+        if not fused_lm_head:
+            reduction = "sum" if num_items_in_batch is not None else "mean"
+            loss = ops.fused_linear_cross_entropy(
+                flat_hidden,
+                lm_head.weight,
+                targets.reshape(-1),
+                reduction=reduction,
+                num_items_in_batch=num_items_in_batch,
+                **common,
+            )
+            return CausalLMOutputWithPast(loss=loss, logits=None)
+        from trl.trainer.utils import FusedCausalLMOutput
+
+        per_token, entropy, is_top1 = ops.fused_linear_cross_entropy(
+            flat_hidden, lm_head.weight, targets.reshape(-1), reduction="none", return_stats=True, **common
+        )
+        mask = targets != -100
+        shape = targets.shape
+        log_probs = -per_token.view(shape)
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=per_token.sum() / count,
+            log_probs=log_probs,
+            entropy=entropy.view(shape),
+            is_top1=is_top1.view(shape).bool(),
+            label_mask=mask,
+        )
+
+    forward._fusetune = True
+    return forward
+
+
+def skip_trl_fused_head(trl_add_fused_lm_head):
+    """TRL's add_fused_lm_head, which steps aside for a model whose forward is already ours."""
+
+    @functools.wraps(trl_add_fused_lm_head)
+    def add_fused_lm_head(model, temperature=1.0, cast_lm_head_to_fp32=False, **kwargs):
+        ours = getattr(type(model).forward, "_fusetune", False)
+        if ours and temperature == 1.0 and not cast_lm_head_to_fp32:
+            return None
+        return trl_add_fused_lm_head(
+            model, temperature=temperature, cast_lm_head_to_fp32=cast_lm_head_to_fp32, **kwargs
+        )
+
+    return add_fused_lm_head

@@ -1,0 +1,105 @@
+"""The patch table: patched models compute what the originals compute, and unpatching restores them."""
+
+import copy
+import importlib
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from fusetune.errors import FusetuneError
+from fusetune.patching import FAMILIES, apply_kernels, remove_kernels
+
+from .conftest import DEVICE, needs_triton_backend
+from .parity import assert_close
+from .tiny_models import FAMILIES as TINY_FAMILIES
+from .tiny_models import batch, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def unpatch_after():
+    yield
+    remove_kernels()
+
+
+def test_table_covers_the_required_families():
+    assert {"llama", "mistral", "qwen2", "qwen3", "gemma2"} <= set(FAMILIES) == set(TINY_FAMILIES)
+
+
+def loss_and_grads(model, inputs):
+    model.zero_grad()
+    # use_cache=False as in training: only then does HF give packed rows a block-diagonal mask
+    loss = model(**inputs, use_cache=False).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_patched_model_matches_the_original(family, backend):
+    if backend == "triton":
+        needs_triton_backend()
+    model = tiny_model(family).to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in batch(model.config.vocab_size, packed=family != "gemma2").items()}
+    ref_loss, ref_grads = loss_and_grads(model, inputs)
+    with torch.no_grad():
+        ref_logits = model(input_ids=inputs["input_ids"], use_cache=False).logits
+
+    assert apply_kernels(model, backend) == backend
+    module = importlib.import_module(FAMILIES[family].module)
+    assert getattr(module, FAMILIES[family].norm).forward.__module__ == "fusetune.patched"
+    loss, grads = loss_and_grads(model, inputs)
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    for name, grad in grads.items():
+        assert_close(grad, ref_grads[name], torch.float32, f"grad {name}", tol=1e-4)
+    with torch.no_grad():  # without labels the forward returns logits, through the patched layers
+        assert_close(model(input_ids=inputs["input_ids"], use_cache=False).logits, ref_logits, torch.float32, "logits")
+
+    remove_kernels()
+    assert getattr(module, FAMILIES[family].norm).forward.__module__ == module.__name__
+    assert loss_and_grads(model, inputs)[0].item() == ref_loss.item()
+
+
+def test_trl_fused_head_outputs_match_trls_own(tmp_path):
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = tiny_model("llama").to(DEVICE)
+    inputs = {k: v.to(DEVICE) for k, v in batch(model.config.vocab_size).items()}
+    theirs = copy.deepcopy(model)
+    add_fused_lm_head(theirs, outputs=("log_probs", "entropy", "is_top1"))
+    expected = theirs(**inputs, fused_lm_head=True)
+    apply_kernels(model, "reference")
+    import trl.trainer.sft_trainer as sft
+
+    assert sft.add_fused_lm_head(model, outputs=("log_probs",)) is None  # steps aside for our forward
+    got = model(**inputs, fused_lm_head=True)
+    assert torch.equal(got.label_mask, expected.label_mask)
+    assert torch.equal(got.is_top1, expected.is_top1)
+    assert_close(got.log_probs, expected.log_probs, torch.float32, "log_probs", tol=1e-5)
+    assert_close(got.entropy, expected.entropy, torch.float32, "entropy", tol=1e-5)
+    assert_close(got.loss, expected.loss, torch.float32, "loss", tol=1e-5)
+
+
+def test_unsupported_family_fails_listing_the_supported():
+    config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=50)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(FusetuneError, match="'gpt2' is not supported; supported: gemma, gemma2, llama"):
+        apply_kernels(model, "reference")
+
+
+def test_bare_kernels_name_is_left_to_the_pypi_package():
+    import importlib.util
+
+    from transformers.utils import is_kernels_available
+
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or spec.origin is not None or not is_kernels_available()
+    if spec is not None and spec.origin is None:  # only our folder, as an empty namespace: no shadowing
+        with pytest.raises(ImportError):
+            from kernels import get_kernel  # noqa: F401
+
+
+def test_auto_picks_reference_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: auto picks triton")
+    assert apply_kernels(tiny_model("llama"), "auto") == "reference"
