@@ -1,3 +1,15 @@
-"""fusetune: fast, correct supervised fine-tuning on TRL."""
+"""fusetune: fast, correct supervised fine-tuning on TRL.
+
+Import it first: ``import fusetune`` makes ``trl.SFTTrainer`` and ``trl.SFTConfig`` fusetune's
+FastSFTTrainer and FastSFTConfig, so plain TRL code gets the kernels and defaults too.
+"""
 
 __version__ = "0.1.0"
+
+from .fast_model import FastModel  # noqa: E402
+from .patching import patch_trl  # noqa: E402
+from .trainer import FastSFTConfig, FastSFTTrainer  # noqa: E402
+
+patch_trl()
+
+__all__ = ["FastModel", "FastSFTConfig", "FastSFTTrainer", "__version__"]

@@ -132,5 +132,36 @@ def remove_kernels() -> None:
     _active.clear()
 
 
+# TRL's public names that ``import fusetune`` points at fusetune's subclasses.
+TRL_CLASSES = [
+    ("trl", "SFTTrainer"),
+    ("trl.trainer", "SFTTrainer"),
+    ("trl.trainer.sft_trainer", "SFTTrainer"),
+    ("trl", "SFTConfig"),
+    ("trl.trainer", "SFTConfig"),
+    ("trl.trainer.sft_config", "SFTConfig"),
+]
+
+
+def patch_trl() -> None:
+    """Make ``from trl import SFTTrainer, SFTConfig`` give FastSFTTrainer and FastSFTConfig."""
+    from .trainer import FastSFTConfig, FastSFTTrainer
+
+    ours = {"SFTTrainer": FastSFTTrainer, "SFTConfig": FastSFTConfig}
+    for module_name, name in TRL_CLASSES:
+        module = importlib.import_module(module_name)
+        _trl_originals.setdefault((module, name), getattr(module, name))
+        setattr(module, name, ours[name])
+
+
+def unpatch_trl() -> None:
+    for (module, name), original in _trl_originals.items():
+        setattr(module, name, original)
+    _trl_originals.clear()
+
+
+_trl_originals: dict[tuple[object, str], object] = {}
+
+
 def active_backends() -> dict[str, str]:
     return dict(_active)

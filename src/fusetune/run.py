@@ -14,8 +14,9 @@ from .config import validate
 from .data import build_splits
 from .errors import FusetuneError
 from .evaluate import exact_match
-from .models import add_lora, count_parameters, load_model, load_tokenizer, pick_dtype
-from .patching import apply_kernels, remove_kernels
+from .fast_model import FastModel
+from .models import count_parameters, pick_dtype
+from .patching import remove_kernels
 from .trainer import FastSFTConfig, FastSFTTrainer
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def close_logger(cfg, summary: dict | None) -> None:
         wandb.finish()
 
 
-def sft_config(cfg, out: Path, dtype: torch.dtype, report_to: list[str]) -> FastSFTConfig:
+def sft_config(cfg, out: Path, dtype: torch.dtype, report_to: list[str], backend: str) -> FastSFTConfig:
     t = cfg.trainer
     known = {"name", "extra"}
     values = {k: v for k, v in OmegaConf.to_container(t).items() if k not in known}
@@ -78,6 +79,7 @@ def sft_config(cfg, out: Path, dtype: torch.dtype, report_to: list[str]) -> Fast
             seed=cfg.seed,
             data_seed=cfg.seed,
             max_length=cfg.model.max_seq_length,
+            kernels=backend,
             bf16=on_gpu and dtype == torch.bfloat16,
             fp16=on_gpu and dtype == torch.float16,
             use_cpu=not on_gpu,
@@ -116,29 +118,32 @@ def _train(cfg, out: Path, report_to: list[str]) -> dict:
     full_finetune = m.lora is None
     # Full fine-tuning in fp16 keeps fp32 master weights; autocast does the fp16 math.
     load_dtype = torch.float32 if full_finetune and dtype == torch.float16 else dtype
-    tokenizer = load_tokenizer(m.tokenizer or m.name_or_path)
-    model = load_model(
+    model, tokenizer = FastModel.from_pretrained(
         m.name_or_path,
-        load_dtype,
-        config=m.config,
-        random_init=m.random_init,
+        max_seq_length=m.max_seq_length,
+        dtype=load_dtype,
         load_in_4bit=m.load_in_4bit,
+        kernels=cfg.kernels.backend.value,
+        random_init=m.random_init,
+        config=m.config,
+        tokenizer_name=m.tokenizer,
         attn_implementation=m.attn_implementation,
     )
-    backend = apply_kernels(model, cfg.kernels.backend.value)
+    backend = model.fusetune_kernels
     if not full_finetune:
-        model = add_lora(
+        model = FastModel.get_peft_model(
             model,
             r=m.lora.r,
-            alpha=m.lora.alpha,
-            dropout=m.lora.dropout,
-            target_modules=m.lora.target_modules,
-            modules_to_save=m.lora.modules_to_save,
-            gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+            lora_alpha=m.lora.alpha,
+            lora_dropout=m.lora.dropout,
+            target_modules=list(m.lora.target_modules),
+            modules_to_save=list(m.lora.modules_to_save) if m.lora.modules_to_save else None,
+            use_gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+            random_state=cfg.seed,
         )
     total_params, trainable_params = count_parameters(model)
     splits = build_splits(cfg.data, tokenizer, cfg.seed)
-    args = sft_config(cfg, out, dtype, report_to)
+    args = sft_config(cfg, out, dtype, report_to, backend)
     recorder = record.MetricsRecorder(out / "metrics.jsonl")
     trainer = FastSFTTrainer(
         model=model,

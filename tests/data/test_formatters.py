@@ -26,7 +26,7 @@ EXPECTED = {
     "chat": ("<s><|user|>hi<|end|><|assistant|>yo<|end|>", "yo<|end|>"),
     "sharegpt": ("<s><|user|>2+2?<|end|><|assistant|>4<|end|>", "4<|end|>"),
     "alpaca": ("<s><|user|>Double it\n\n3<|end|><|assistant|>6<|end|>", "6<|end|>"),
-    "text": ("plain words<|end|>", "plain words<|end|>"),
+    "text": ("plain words<|end|>", "lain words<|end|>"),  # the first token is never a target
     "completion": ("ping pong<|end|>", "pong<|end|>"),
 }
 
@@ -59,7 +59,8 @@ def trained_text(model, tokenizer, dataset, tmp_path, **args):
     trainer = FastSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0], batch["labels"][0]
-    return tokenizer.decode(ids), tokenizer.decode(ids[labels != -100])
+    # The first token is never a target (nothing precedes it), whatever its label says.
+    return tokenizer.decode(ids), tokenizer.decode(ids[1:][labels[1:] != -100])
 
 
 @pytest.mark.parametrize("formatter", list(ROWS))

@@ -1,0 +1,76 @@
+"""QLoRA on CPU: 4-bit NF4 with double quantization (bitsandbytes >= 0.50 runs it on CPU), 8-bit loading,
+8-bit AdamW, and non-reentrant gradient checkpointing, through FastModel and FastSFTTrainer."""
+
+import pytest
+import torch
+from datasets import Dataset
+
+from fusetune import FastModel, FastSFTConfig, FastSFTTrainer
+from fusetune.data.synthetic import synthetic_splits
+from fusetune.patching import remove_kernels
+
+
+@pytest.fixture(autouse=True)
+def unpatch_kernels():
+    yield
+    remove_kernels()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The tiny Llama with random weights saved to disk: quantization needs weights to load."""
+    folder = tmp_path_factory.mktemp("tiny_weights")
+    model, tokenizer = FastModel.from_pretrained("fusetune:tiny_llama", random_init=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    remove_kernels()
+    return str(folder)
+
+
+def test_qlora_trains_with_nf4_double_quant_and_adamw_8bit(tiny_folder, tmp_path):
+    import bitsandbytes as bnb
+
+    model, tokenizer = FastModel.from_pretrained(tiny_folder, max_seq_length=64, load_in_4bit=True)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    assert isinstance(weight, bnb.nn.Params4bit) and weight.quant_type == "nf4" and weight.quant_state.nested
+    model = FastModel.get_peft_model(model, r=4, modules_to_save=["embed_tokens"], use_gradient_checkpointing=True)
+    assert model.get_base_model().is_gradient_checkpointing
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = FastSFTConfig(
+        output_dir=str(tmp_path),
+        report_to=[],
+        max_steps=3,
+        logging_steps=1,
+        optim="adamw_8bit",
+        learning_rate=1e-2,
+        embedding_learning_rate=1e-3,
+        per_device_train_batch_size=4,
+    )
+    data = Dataset.from_list(synthetic_splits(32, 0, seed=2)[0])
+    trainer = FastSFTTrainer(model=model, processing_class=tokenizer, train_dataset=data, args=args)
+    out = trainer.train()
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(optimizer, bnb.optim.AdamW) and optimizer.args.optim_bits == 8
+    assert [g["initial_lr"] for g in optimizer.param_groups] == [1e-2, 1e-3]  # LoRA, then embeddings
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("lora_B" in n for n in changed) and any("embed_tokens" in n for n in changed)
+
+
+def test_8bit_loading(tiny_folder):
+    import bitsandbytes as bnb
+
+    model, _ = FastModel.from_pretrained(tiny_folder, load_in_8bit=True)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.randint(0, 100, (1, 9))).logits).all()
+
+
+def test_save_merged_from_a_4bit_base_reloads_16bit_weights(tiny_folder, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = FastModel.from_pretrained(tiny_folder, load_in_4bit=True)
+    model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    FastModel.save_merged(model, tokenizer, str(tmp_path / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.dtype == torch.bfloat16 and not hasattr(merged.model.layers[0].mlp.down_proj.weight, "quant_state")
