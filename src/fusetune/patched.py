@@ -98,7 +98,8 @@ def causal_lm_forward(ops: Ops, original_forward):
             targets = shift_labels
         lm_head = self.get_output_embeddings()
         targets = targets.to(lm_head.weight.device)
-        flat_hidden = hidden.reshape(-1, hidden.size(-1)).to(lm_head.weight.device)
+        # The head's dtype wins: QLoRA keeps the final norm in fp32, while TRL casts a trained lm_head to bf16.
+        flat_hidden = hidden.reshape(-1, hidden.size(-1)).to(lm_head.weight.device, lm_head.weight.dtype)
         softcap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
         common = dict(bias=lm_head.bias, softcap=softcap, ignore_index=-100)
         if not fused_lm_head:

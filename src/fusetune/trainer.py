@@ -18,6 +18,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .errors import FusetuneError
 from .patching import apply_kernels, family_of
+from .varlen import enable_varlen_attention
 
 log = logging.getLogger(__name__)
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
@@ -124,6 +125,8 @@ class FastSFTTrainer(SFTTrainer):
                     # TRL refuses padding-free with max_length, as its collator cannot truncate; we truncate
                     # while preparing the dataset instead (see _prepare_dataset).
                     self._truncate_to, args.max_length = args.max_length, None
+            if args.padding_free or args.packing:
+                log.info("attention for packed rows: %s", enable_varlen_attention(model))
         try:
             super().__init__(model, args, data_collator, *pos, processing_class=processing_class, **kwargs)
         finally:

@@ -33,7 +33,9 @@ def test_qlora_trains_with_nf4_double_quant_and_adamw_8bit(tiny_folder, tmp_path
     model, tokenizer = FastModel.from_pretrained(tiny_folder, max_seq_length=64, load_in_4bit=True)
     weight = model.model.layers[0].mlp.down_proj.weight
     assert isinstance(weight, bnb.nn.Params4bit) and weight.quant_type == "nf4" and weight.quant_state.nested
-    model = FastModel.get_peft_model(model, r=4, modules_to_save=["embed_tokens"], use_gradient_checkpointing=True)
+    model = FastModel.get_peft_model(
+        model, r=4, modules_to_save=["embed_tokens", "lm_head"], use_gradient_checkpointing=True
+    )
     assert model.get_base_model().is_gradient_checkpointing
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     args = FastSFTConfig(

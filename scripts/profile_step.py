@@ -1,0 +1,334 @@
+"""Is a padding-free LoRA step GPU-bound? Host time against GPU time, per attention backend.
+
+Builds a Llama from ``fusetune:archs/llama3_1b`` with random weights (``--tiny``: the embedded
+tiny Llama, for a CPU smoke test), adds LoRA, and trains on padding-free batches made by TRL's
+own collator: 8 documents of new random lengths every step (so every step has a new shape), the
+same batches for every backend. Each backend runs twice over the batches:
+
+- unprofiled: per step, the wall time of the host thread until everything is enqueued
+  (``host_ms``), the CPU time that thread used meanwhile (``host_cpu_ms``), and the wall time
+  until the device is done (``step_ms``);
+- under torch.profiler: per step, the summed duration of GPU activity (``gpu_ms``: kernels,
+  copies), the number of GPU kernels, and the host ops that cost the most CPU.
+
+Medians are over the steps after ``--warmup``. A step whose host time exceeds its GPU time
+leaves the GPU waiting on the CPU. Writes ``profile.json`` and ``profile.md`` to ``--out``.
+
+    python scripts/profile_step.py --out outputs/profile                      # H100: sdpa vs varlen
+    python scripts/profile_step.py --out /tmp/profile --tiny --steps 3 --warmup 1  # CPU smoke test
+"""
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
+from transformers import AutoConfig
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from fusetune import varlen
+from fusetune.models import add_lora, load_model, resolve
+from fusetune.patching import apply_kernels, remove_kernels
+
+BACKENDS = {"sdpa": None, "varlen": "auto", "masked": "masked"}  # name -> enable_varlen_attention backend
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="folder for profile.json and profile.md")
+    p.add_argument("--tiny", action="store_true", help="the embedded tiny Llama and short documents (smoke test)")
+    p.add_argument("--backends", default="sdpa,varlen", help=f"comma-separated, of: {', '.join(BACKENDS)}")
+    p.add_argument("--steps", type=int, default=20, help="measured steps per backend")
+    p.add_argument("--warmup", type=int, default=5, help="steps run before the measured ones")
+    p.add_argument("--docs", type=int, default=8, help="documents per step")
+    p.add_argument("--min-len", type=int, default=None, help="shortest document (default 64; tiny: 8)")
+    p.add_argument("--max-len", type=int, default=None, help="longest document (default 1024; tiny: 64)")
+    p.add_argument("--kernels", default="none", choices=["none", "auto", "triton", "reference"])
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-ops", type=int, default=12, help="host ops listed per backend, by self CPU time")
+    args = p.parse_args(argv)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(args.backends) - set(BACKENDS))
+    if unknown:
+        p.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
+    args.min_len = args.min_len or (8 if args.tiny else 64)
+    args.max_len = args.max_len or (64 if args.tiny else 1024)
+    return args
+
+
+def make_batches(n: int, docs: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[dict]:
+    """Padding-free batches from TRL's collator (position_ids, cu_seq_lens, max_length): new lengths each step."""
+    g = torch.Generator().manual_seed(seed)
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    batches = []
+    for _ in range(n):
+        lengths = torch.randint(min_len, max_len + 1, (docs,), generator=g).tolist()
+        examples = [{"input_ids": torch.randint(0, vocab, (n_tok,), generator=g).tolist()} for n_tok in lengths]
+        batches.append(collate(examples))
+    return batches
+
+
+def build(args, backend: str, device: torch.device, dtype: torch.dtype):
+    torch.manual_seed(args.seed)
+    name = "fusetune:tiny_llama" if args.tiny else "fusetune:archs/llama3_1b"
+    with device:  # initialise the random weights where they will live
+        model = load_model(name, dtype, random_init=True)
+    model.to(device)
+    if args.kernels != "none":
+        apply_kernels(model, args.kernels)
+    model = add_lora(
+        model,
+        r=args.lora_r,
+        alpha=2 * args.lora_r,
+        dropout=0.0,
+        target_modules=LORA_TARGETS,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if BACKENDS[backend] is None:
+        model.get_base_model().set_attn_implementation(backend)
+        attn = backend
+    else:
+        attn = varlen.enable_varlen_attention(model, BACKENDS[backend])
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, optimizer, attn
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train_step(model, optimizer, batch, device):
+    """One step as TRL's trainer takes it: inputs to the device, forward with labels and without a KV
+    cache (with one, transformers ignores the packing in its own masks), backward, update. No host
+    sync inside: the loss is read after the step."""
+    loss = model(**to_device(batch, device), use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_pass(model, optimizer, batches, device) -> list[dict]:
+    rows = []
+    for batch in batches:
+        sync(device)
+        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        loss = train_step(model, optimizer, batch, device)
+        wall1, cpu1 = time.perf_counter(), time.thread_time()
+        sync(device)
+        wall2 = time.perf_counter()
+        rows.append(
+            {
+                "tokens": int(batch["input_ids"].numel()),
+                "max_doc": int(batch["max_length_q"]),
+                "host_ms": 1e3 * (wall1 - wall0),
+                "host_cpu_ms": 1e3 * (cpu1 - cpu0),
+                "step_ms": 1e3 * (wall2 - wall0),
+                "loss": loss.item(),
+            }
+        )
+    return rows
+
+
+def profiled_pass(model, optimizer, batches, device, top_ops: int) -> tuple[list[dict], list[dict]]:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i, batch in enumerate(batches):
+            with record_function(f"fusetune_step_{i}"):
+                train_step(model, optimizer, batch, device)
+            sync(device)
+    events = prof.events()
+    steps = sorted(
+        (e for e in events if e.name.startswith("fusetune_step_") and e.device_type == DeviceType.CPU),
+        key=lambda e: e.time_range.start,
+    )
+    gpu = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    rows = []
+    for i, step in enumerate(steps):
+        start = step.time_range.start
+        end = steps[i + 1].time_range.start if i + 1 < len(steps) else float("inf")
+        mine = [e for e in gpu if start <= e.time_range.start < end]
+        rows.append(
+            {
+                "host_ms_profiled": step.time_range.elapsed_us() / 1e3,
+                "gpu_ms": sum(e.time_range.elapsed_us() for e in mine) / 1e3 if device.type == "cuda" else None,
+                "gpu_kernels": sum(not e.name.startswith(("Memcpy", "Memset")) for e in mine)
+                if device.type == "cuda"
+                else None,
+            }
+        )
+    averages = sorted(
+        (a for a in prof.key_averages() if not a.key.startswith("fusetune_step_")),
+        key=lambda a: a.self_cpu_time_total,
+        reverse=True,
+    )
+    ops = [
+        {
+            "op": a.key,
+            "self_cpu_ms_per_step": a.self_cpu_time_total / 1e3 / len(batches),
+            "calls_per_step": a.count / len(batches),
+        }
+        for a in averages[:top_ops]
+    ]
+    return rows, ops
+
+
+def median(rows: list[dict], key: str):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def run_backend(args, backend, batches, device, dtype) -> dict:
+    model, optimizer, attn = build(args, backend, device, dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    varlen.reset_calls()
+    timed = timed_pass(model, optimizer, batches, device)
+    calls = dict(varlen.calls)
+    profiled, ops = profiled_pass(model, optimizer, batches, device, args.top_ops)
+    steps = [{**t, **p} for t, p in zip(timed, profiled, strict=True)]
+    measured = steps[args.warmup :]
+    summary = {k: median(measured, k) for k in ("host_ms", "host_cpu_ms", "step_ms", "host_ms_profiled", "gpu_ms")}
+    summary["gpu_kernels"] = median(measured, "gpu_kernels")
+    summary["tokens_per_s"] = sum(r["tokens"] for r in measured) / (sum(r["step_ms"] for r in measured) / 1e3)
+    if summary["gpu_ms"] is not None:
+        summary["gpu_busy"] = summary["gpu_ms"] / summary["step_ms"]
+        summary["bound"] = "GPU" if summary["gpu_ms"] >= summary["host_ms"] else "CPU"
+    summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    result = {
+        "attn_implementation": attn,
+        "attention_calls_per_step": {k: v / len(batches) for k, v in calls.items()},
+        "summary": summary,
+        "steps": steps,
+        "top_host_ops": ops,
+    }
+    del model, optimizer
+    remove_kernels()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def fmt(value, spec=".2f"):
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(report: dict) -> str:
+    env, cfg = report["environment"], report["config"]
+    lines = [
+        f"# Padding-free step profile: {cfg['model']} + LoRA r={cfg['lora_r']}, {env['device']}",
+        "",
+        f"{cfg['docs']} documents of {cfg['min_len']}-{cfg['max_len']} tokens per step (new lengths every step), "
+        f"{cfg['steps']} measured steps after {cfg['warmup']} warm-up, {cfg['dtype']}, kernels={cfg['kernels']}. "
+        f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}. Medians per step.",
+        "",
+        "| backend | attn_implementation | host ms | host CPU ms | GPU ms | step ms | GPU busy | bound "
+        "| GPU kernels | tokens/s | peak GiB | attention calls/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in report["backends"].items():
+        s = r["summary"]
+        calls = ", ".join(f"{k} {v:g}" for k, v in sorted(r["attention_calls_per_step"].items())) or "-"
+        lines.append(
+            f"| {name} | {r['attn_implementation']} | {fmt(s['host_ms'])} | {fmt(s['host_cpu_ms'])} | "
+            f"{fmt(s['gpu_ms'])} | {fmt(s['step_ms'])} | {fmt(s.get('gpu_busy'), '.0%')} | {s.get('bound', '-')} | "
+            f"{fmt(s['gpu_kernels'], '.0f')} | {fmt(s['tokens_per_s'], '.0f')} | {fmt(s['peak_memory_gib'])} | "
+            f"{calls} |"
+        )
+    lines += [
+        "",
+        "host ms: wall time of the host thread until the step is enqueued; host CPU ms: CPU time it used "
+        "meanwhile; GPU ms: summed GPU activity (profiled run); step ms: wall time until the device is done.",
+    ]
+    if report.get("loss_agreement"):
+        lines += ["", f"Losses on the same batches: {report['loss_agreement']}"]
+    for name, r in report["backends"].items():
+        lines += [
+            "",
+            f"## {name}: host ops by self CPU time",
+            "",
+            "| op | self CPU ms/step | calls/step |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| `{o['op']}` | {o['self_cpu_ms_per_step']:.3f} | {o['calls_per_step']:g} |" for o in r["top_host_ops"]
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def loss_agreement(backends: dict) -> str | None:
+    names = list(backends)
+    if len(names) < 2:
+        return None
+    first = [s["loss"] for s in backends[names[0]]["steps"]]
+    parts = []
+    for other in names[1:]:
+        losses = [s["loss"] for s in backends[other]["steps"]]
+        diff = max(abs(a - b) / abs(a) for a, b in zip(first, losses, strict=True))
+        parts.append(
+            f"{other} vs {names[0]}: step 1 {losses[0]:.4f} vs {first[0]:.4f}, max relative difference {diff:.1e}"
+        )
+    return "; ".join(parts)
+
+
+def main(argv=None):
+    import transformers
+    import trl
+
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_name = "fusetune:tiny_llama" if args.tiny else "fusetune:archs/llama3_1b"
+    vocab = AutoConfig.from_pretrained(resolve(model_name)).vocab_size
+    batches = make_batches(args.warmup + args.steps, args.docs, args.min_len, args.max_len, vocab, args.seed)
+    report = {
+        "config": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "model": model_name,
+            "dtype": str(dtype).removeprefix("torch."),
+        },
+        "environment": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "transformers": transformers.__version__,
+            "trl": trl.__version__,
+            "varlen_kernel": varlen.varlen_attn is not None,
+        },
+        "backends": {},
+    }
+    for backend in args.backends:
+        print(f"profiling {backend} ...", flush=True)
+        report["backends"][backend] = run_backend(args, backend, batches, device, dtype)
+        s = report["backends"][backend]["summary"]
+        print(f"  host {fmt(s['host_ms'])} ms, GPU {fmt(s['gpu_ms'])} ms, step {fmt(s['step_ms'])} ms", flush=True)
+    report["loss_agreement"] = loss_agreement(report["backends"])
+    (out / "profile.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    (out / "profile.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
