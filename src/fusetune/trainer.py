@@ -49,10 +49,9 @@ class FastSFTConfig(SFTConfig):
 
     def __post_init__(self):
         if self.max_seq_length is not None:
-            if self.max_length not in (None, 1024, self.max_seq_length):
-                warnings.warn(
-                    f"max_seq_length={self.max_seq_length} overrides max_length={self.max_length}", stacklevel=2
-                )
+            warnings.warn(
+                "max_seq_length is TRL's older name for max_length; using it as max_length", FutureWarning, stacklevel=3
+            )
             self.max_length = self.max_seq_length
         if self.bf16 is None and not self.fp16:
             self.bf16, self.fp16 = hardware_precision()
@@ -102,6 +101,7 @@ class FastSFTTrainer(SFTTrainer):
         if tokenizer is not None:
             if processing_class is not None and processing_class is not tokenizer:
                 raise FusetuneError("FastSFTTrainer: give either tokenizer= or processing_class=, not both")
+            warnings.warn("tokenizer= is TRL's older name for processing_class=", FutureWarning, stacklevel=2)
             processing_class = tokenizer
         if args is None:
             args = FastSFTConfig(output_dir="outputs/trainer")
