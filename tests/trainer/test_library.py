@@ -1,7 +1,5 @@
 """The library flow: import-time patching of TRL, FastSFTConfig defaults, aliases, parameter groups."""
 
-import warnings
-
 import pytest
 import torch
 from datasets import Dataset
