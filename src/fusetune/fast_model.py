@@ -66,7 +66,7 @@ class FastModel:
         )
         if not quantized and device_map is None and torch.cuda.is_available():
             model = model.to("cuda")
-        model.fusetune_kernels = apply_kernels(model, kernels)
+        apply_kernels(model, kernels)  # records the backend as model.fusetune_kernels
         model.max_seq_length = max_seq_length
         return model, tokenizer
 

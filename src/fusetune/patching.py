@@ -120,6 +120,8 @@ def apply_kernels(model, backend: str) -> str:
     backend = resolve_backend(backend)
     family = family_of(model)
     patch_family(family, backend)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.fusetune_kernels = backend  # the trainer leaves a model with this set as it is
     log.info("kernels=%s patched the %s family", backend, family)
     return backend
 

@@ -17,7 +17,7 @@ from torch import nn
 from trl import SFTConfig, SFTTrainer
 
 from .errors import FusetuneError
-from .patching import apply_kernels, family_of
+from .patching import active_backends, apply_kernels, family_of
 from .varlen import enable_varlen_attention
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,9 @@ class FastSFTTrainer(SFTTrainer):
             )
         self._truncate_to = None
         if not isinstance(model, str):
-            self._apply_kernels(model, args.kernels)
+            # auto means triton on CUDA; a run forced onto the CPU gets the reference twins
+            backend = "reference" if args.kernels == "auto" and args.use_cpu else args.kernels
+            self._apply_kernels(model, backend)
             model_max = getattr(model, "max_seq_length", None)  # set by FastModel.from_pretrained
             if model_max and args.max_seq_length is None and args.max_length == SFT_DEFAULT_MAX_LENGTH:
                 args.max_length = model_max
@@ -145,8 +147,9 @@ class FastSFTTrainer(SFTTrainer):
     @staticmethod
     def _apply_kernels(model, backend: str) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if getattr(base, "fusetune_kernels", None) is not None:
-            return  # FastModel already applied them
+        applied = getattr(base, "fusetune_kernels", None)
+        if applied is not None and active_backends().get(base.config.model_type) == applied:
+            return  # already applied (by FastModel, run() or the user) and still in place
         try:
             family_of(base)
         except FusetuneError:
@@ -156,7 +159,7 @@ class FastSFTTrainer(SFTTrainer):
                 "kernels=auto: %s is not a supported family; training with its own modules", base.config.model_type
             )
             return
-        base.fusetune_kernels = apply_kernels(base, backend)
+        apply_kernels(base, backend)
 
     @staticmethod
     def _decide_padding_free(model, args, data_collator, processing_class) -> bool:

@@ -177,16 +177,18 @@ def test_save_merged_loads_in_plain_transformers_with_the_same_logits(tmp_path):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    ids = torch.randint(0, 100, (2, 11))
+    ids = torch.randint(0, 100, (2, 11), device=model.device)
     with torch.no_grad():
-        expected = model(input_ids=ids).logits.float()
+        expected = model(input_ids=ids).logits.float().cpu()
     remove_kernels()
     FastModel.save_merged(model, tokenizer, str(tmp_path / "merged"))
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert plain.dtype == torch.bfloat16
     with torch.no_grad():
-        got = plain(input_ids=ids).logits.float()
-    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
+        got = plain(input_ids=ids.cpu()).logits.float()
+    # One bf16 rounding (the merged weights) against an fp32 model; two when the trained model is bf16 (GPU).
+    tolerance = 1e-2 if model.dtype == torch.float32 else 3e-2
+    assert ((got - expected).norm() / expected.norm()).item() < tolerance
     assert not any("lora" in k for k in plain.state_dict())
 
 

@@ -65,7 +65,7 @@ def test_8bit_loading(tiny_folder):
     model, _ = FastModel.from_pretrained(tiny_folder, load_in_8bit=True)
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
     with torch.no_grad():
-        assert torch.isfinite(model(input_ids=torch.randint(0, 100, (1, 9))).logits).all()
+        assert torch.isfinite(model(input_ids=torch.randint(0, 100, (1, 9), device=model.device)).logits).all()
 
 
 def test_save_merged_from_a_4bit_base_reloads_16bit_weights(tiny_folder, tmp_path):
