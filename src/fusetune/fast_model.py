@@ -126,10 +126,8 @@ class FastModel:
         """
         from peft import PeftModel
 
-        if dtype is None:
-            dtype = (
-                torch.float16 if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else torch.bfloat16
-            )
+        if dtype is None:  # the hardware's 16-bit type; bf16 on CPU
+            dtype = torch.float16 if models.pick_dtype("auto") == torch.float16 else torch.bfloat16
         if not isinstance(model, PeftModel):
             merged = copy.deepcopy(model)
         elif getattr(model.get_base_model(), "is_loaded_in_4bit", False) or getattr(

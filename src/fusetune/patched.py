@@ -5,8 +5,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from trl.trainer.utils import FusedCausalLMOutput
 
-from fusetune_kernels import cross_entropy, fused_linear_cross_entropy, glu, rms_norm, rope
+from fusetune_kernels import fused_linear_cross_entropy, glu, rms_norm, rope
 
 from .errors import FusetuneError
 
@@ -18,7 +19,6 @@ class Ops:
     swiglu: Callable
     geglu: Callable
     fused_linear_cross_entropy: Callable
-    cross_entropy: Callable
 
 
 OPS = {
@@ -28,7 +28,6 @@ OPS = {
         glu.swiglu,
         glu.geglu,
         fused_linear_cross_entropy.fused_linear_cross_entropy,
-        cross_entropy.cross_entropy,
     ),
     "reference": Ops(
         rms_norm.rms_norm_reference,
@@ -36,7 +35,6 @@ OPS = {
         glu.swiglu_reference,
         glu.geglu_reference,
         fused_linear_cross_entropy.fused_linear_cross_entropy_reference,
-        cross_entropy.cross_entropy_reference,
     ),
 }
 GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh", "gelu_tanh"}
@@ -113,8 +111,6 @@ def causal_lm_forward(ops: Ops, original_forward):
                 **common,
             )
             return CausalLMOutputWithPast(loss=loss, logits=None)
-        from trl.trainer.utils import FusedCausalLMOutput
-
         per_token, entropy, is_top1 = ops.fused_linear_cross_entropy(
             flat_hidden, lm_head.weight, targets.reshape(-1), reduction="none", return_stats=True, **common
         )

@@ -17,6 +17,7 @@ from torch import nn
 from trl import SFTConfig, SFTTrainer
 
 from .errors import FusetuneError
+from .models import pick_dtype
 from .patching import active_backends, apply_kernels, family_of
 from .varlen import enable_varlen_attention
 
@@ -29,10 +30,8 @@ SFT_DEFAULT_MAX_LENGTH = SFTConfig.__dataclass_fields__["max_length"].default
 
 def hardware_precision() -> tuple[bool, bool]:
     """(bf16, fp16): bf16 where supported, fp16 on older GPUs, neither on CPU."""
-    if not torch.cuda.is_available():
-        return False, False
-    bf16 = torch.cuda.is_bf16_supported()
-    return bf16, not bf16
+    dtype = pick_dtype("auto")
+    return dtype == torch.bfloat16, dtype == torch.float16
 
 
 @dataclass

@@ -8,8 +8,6 @@ peak memory and achieved bandwidth or FLOP rate against ceilings measured in the
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
-
 
 @pytest.fixture(scope="session")
 def ceilings():
