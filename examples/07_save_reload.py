@@ -5,7 +5,8 @@
 1. Train LoRA (+ trainable embeddings) on the random tiny Llama, whose random base weights are saved
    first: an adapter is only meaningful on top of the exact base it was trained on.
 2. model.save_pretrained + tokenizer.save_pretrained write the adapter; peft's PeftModel.from_pretrained
-   puts it back on a freshly loaded base, which must give the same logits (fp32, tight tolerance).
+   puts it back on a freshly loaded base, which must give the same logits (tight tolerance in fp32,
+   as on a CPU; bf16 tolerance where the model trained in bf16, as on a GPU).
 3. FastModel.save_merged folds the adapters into the weights and writes a bf16 model that plain
    transformers loads, with fusetune's kernels removed: its logits match within bf16 tolerance.
 """
@@ -59,7 +60,9 @@ trainer = FastSFTTrainer(
 trainer.train()
 
 model.eval()
-batch = tokenizer([row["prompt"] + row["completion"] for row in eval_rows], return_tensors="pt", padding=True)
+device, fp32 = model.device, model.dtype == torch.float32  # the trainer may have moved it to a GPU (bf16 there)
+texts = [row["prompt"] + row["completion"] for row in eval_rows]
+batch = tokenizer(texts, return_tensors="pt", padding=True).to(device)
 with torch.no_grad():
     trained_logits = model(**batch).logits.float()
 
@@ -70,21 +73,23 @@ print("adapter files:", sorted(p.name for p in adapter_dir.iterdir()))
 assert (adapter_dir / "adapter_model.safetensors").is_file() and (adapter_dir / "tokenizer.json").is_file()
 
 fresh_base, _ = FastModel.from_pretrained(str(base_dir), max_seq_length=128)
-reloaded = PeftModel.from_pretrained(fresh_base, adapter_dir).eval()
+reloaded = PeftModel.from_pretrained(fresh_base.to(device), adapter_dir).eval()
 with torch.no_grad():
     reloaded_logits = reloaded(**batch).logits.float()
 adapter_diff = (reloaded_logits - trained_logits).abs().max().item()
 print(f"adapter reloaded on a fresh base: max |logit diff| = {adapter_diff:.2e}")
-torch.testing.assert_close(reloaded_logits, trained_logits, atol=1e-5, rtol=1e-5)
+tight = 1e-5 if fp32 else 1e-2
+torch.testing.assert_close(reloaded_logits, trained_logits, atol=tight, rtol=tight)
 with reloaded.disable_adapter(), torch.no_grad():
     base_logits = reloaded(**batch).logits.float()
-trained_shift = (trained_logits - base_logits).abs().max().item()
-print(f"training moved the logits by up to {trained_shift:.2f} from the base's")
+mask = batch["attention_mask"].bool()
+trained_shift = (trained_logits - base_logits)[mask].abs()
+print(f"training moved the logits by {trained_shift.mean():.3f} on average from the base's")
 
 # 3. The merged 16-bit model, loaded by plain transformers (fusetune's kernels removed first).
 FastModel.save_merged(model, tokenizer, str(merged_dir))
 remove_kernels()
-merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+merged = AutoModelForCausalLM.from_pretrained(merged_dir).to(device).eval()
 merged_tokenizer = AutoTokenizer.from_pretrained(merged_dir)
 assert merged_tokenizer(eval_rows[0]["prompt"]).input_ids == tokenizer(eval_rows[0]["prompt"]).input_ids
 print(
@@ -94,14 +99,14 @@ print(
 assert merged.dtype == torch.bfloat16
 with torch.no_grad():
     merged_logits = merged(**batch).logits.float()
-mask = batch["attention_mask"].bool()
-merged_diff = (merged_logits - trained_logits)[mask].abs()
+merged_diff = (merged_logits - trained_logits)[mask]
+relative = (merged_diff.norm() / trained_logits[mask].norm()).item()
 agree = (merged_logits.argmax(-1) == trained_logits.argmax(-1))[mask].float().mean().item()
 print(
-    f"merged bf16 vs trained fp32: max |logit diff| = {merged_diff.max():.3f}, mean {merged_diff.mean():.4f}, "
-    f"logit range {trained_logits.min():.1f}..{trained_logits.max():.1f}, top-1 agreement {agree:.1%}"
+    f"merged bf16 vs trained {model.dtype}: relative difference {relative:.2e}, "
+    f"mean |logit diff| {merged_diff.abs().mean():.4f}, top-1 agreement {agree:.1%}"
 )
-# bf16 keeps 8 significant bits (relative error ~0.4% per rounding), in the weights and in every activation.
-torch.testing.assert_close(merged_logits[mask], trained_logits[mask], atol=0.05, rtol=0.02)
-assert merged_diff.max() < trained_shift / 10, "the check would not tell a merged model from the base"
+# bf16 keeps 8 significant bits: one rounding (the merged weights) against an fp32 model, two against a bf16 one.
+assert relative < (1e-2 if fp32 else 3e-2), relative
+assert merged_diff.abs().mean() < trained_shift.mean() / 10, "the check would not tell a merged model from the base"
 print("ok: the adapter reloads exactly, and the merged bf16 model matches within bf16 tolerance")

@@ -5,7 +5,10 @@ fusetune_kernels.cross_entropy (ignore_index, reduction, num_items_in_batch, sof
 optionally per-token statistics of the softmax: ``entropy`` (fp32) and ``is_top1``
 (argmax == label, ties to the first index like torch.argmax); both are 0 / False on ignored rows.
 
-How: only non-ignored rows are kept (one gather; finding them costs one host sync). They are
+How: only non-ignored rows are kept (one gather). Finding them costs one host sync, since their
+count sizes the chunk loop; a caller that knows the labels early (the patched causal-LM forward,
+before the backbone runs) passes ``kept_rows`` from ``find_kept_rows(labels)``, so that the sync
+happens while the GPU queue is nearly empty instead of at the end of the forward. They are
 processed in chunks of C rows. Per chunk: logits = hidden_c @ W^T (+ bias) by torch.matmul in the
 input dtype, into one reused [C, V] buffer; the Triton row kernel (logit_scale and softcap folded
 in, fp32 in registers) writes loss, lse, stats, and the scaled dlogits in place in that buffer;
@@ -56,6 +59,15 @@ _out_dtype_mm_ok: dict = {}
 def default_chunk_size(vocab: int, elem_size: int, weight_trains: bool = False) -> int:
     budget = CHUNK_BYTES_TRAINED_WEIGHT if weight_trains else CHUNK_BYTES
     return max(128, budget // (vocab * elem_size) // 128 * 128)
+
+
+def find_kept_rows(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Flat indices (int64) of the rows whose label is not ignore_index.
+
+    One host sync: the count decides the shapes. Pass the result to
+    ``fused_linear_cross_entropy(kept_rows=...)`` with the same ``labels``.
+    """
+    return (labels.reshape(-1) != ignore_index).nonzero().squeeze(1)
 
 
 def _add_matmul_fp32(acc, a, b):
@@ -167,12 +179,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         need_dh,
         need_dw,
         need_db,
+        keep,
     ):
         n_rows = hidden.shape[0]
         device = hidden.device
-        keep_mask = labels != ignore_index
-        n_kept = int(keep_mask.sum())  # host sync: sizes the gather and the chunk loop
-        keep = None if n_kept == n_rows else keep_mask.nonzero().squeeze(1)
+        n_kept = keep.numel()
+        if n_kept == n_rows:
+            keep = None  # every row kept: no gather, no scatter
         h = hidden if keep is None else hidden.index_select(0, keep)
         kept_labels = labels if keep is None else labels.index_select(0, keep)
         chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.element_size(), need_dw)
@@ -273,7 +286,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     db = db.mul_(grad_out)
         if need_dh:
             dh = _scatter_rows(dh, keep, n_rows)
-        return dh, dw, db, *([None] * 11)
+        return dh, dw, db, *([None] * 12)
 
 
 def _check_inputs(hidden, weight, labels, bias):
@@ -304,11 +317,14 @@ def fused_linear_cross_entropy(
     logit_scale: float = 1.0,
     chunk_size: int | None = None,
     return_stats: bool = False,
+    kept_rows: torch.Tensor | None = None,
 ):
     """Cross-entropy of (hidden @ weight.T + bias) * logit_scale against labels, chunked over tokens.
 
     hidden [..., H], weight [V, H], labels [...]. Returns the loss (fp32; shape labels.shape for
     "none"), or with return_stats (loss, entropy, is_top1), the last two per token and no-grad.
+    ``kept_rows``: ``find_kept_rows(labels, ignore_index)``, computed earlier by the caller; if
+    None, it is found here, at the cost of a host sync in the middle of the caller's work.
     """
     check_reduction(reduction, num_items_in_batch, softcap)
     _check_inputs(hidden, weight, labels, bias)
@@ -320,6 +336,10 @@ def fused_linear_cross_entropy(
     need_db = grad_on and bias is not None and bias.requires_grad
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     labels_1d = labels.reshape(-1).contiguous()
+    if kept_rows is None:
+        kept_rows = find_kept_rows(labels_1d, ignore_index)
+    elif kept_rows.dim() != 1 or kept_rows.dtype != torch.int64 or kept_rows.numel() > labels_1d.numel():
+        raise ValueError(f"kept_rows must be find_kept_rows(labels), got {kept_rows.dtype} {tuple(kept_rows.shape)}")
     outs = _FusedLinearCrossEntropy.apply(
         hidden_2d,
         weight,
@@ -335,6 +355,7 @@ def fused_linear_cross_entropy(
         need_dh,
         need_dw,
         need_db,
+        kept_rows,
     )
     if not return_stats:
         return outs.reshape(labels.shape) if reduction == "none" else outs
@@ -356,9 +377,10 @@ def fused_linear_cross_entropy_reference(
     logit_scale: float = 1.0,
     chunk_size: int | None = None,
     return_stats: bool = False,
+    kept_rows: torch.Tensor | None = None,
 ):
     """Materialises logits = (hidden @ weight.T + bias) * logit_scale (input dtype), then
-    cross_entropy_reference. ``chunk_size`` is accepted and ignored."""
+    cross_entropy_reference. ``chunk_size`` and ``kept_rows`` are accepted and ignored."""
     check_reduction(reduction, num_items_in_batch, softcap)
     _check_inputs(hidden, weight, labels, bias)
     logits = torch.nn.functional.linear(hidden, weight, bias)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Packing on a CUDA host, in one call: the packing-isolation tests with PyTorch's varlen kernel,
-# and the padding-free step profile (CPU time against GPU time) for SDPA and fusetune's varlen attention.
+# and the padding-free step profile (CPU time against GPU time, host syncs) for SDPA, fusetune's
+# varlen attention, and FastSFTTrainer.train() on the same documents.
+#   EXTRA_TESTS="tests/trainer/test_library.py -k merge"  also runs those tests
 set -uo pipefail
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
@@ -9,5 +11,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/env.txt"
 python3 -m pytest tests/trainer/test_packing.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/packing.log" | tail -12
-python3 scripts/profile_step.py --out "$OUT/profile" --steps ${STEPS:-10} --warmup 3 --backends sdpa,varlen \
-  --kernels triton 2>&1 | tail -40
+python3 scripts/profile_step.py --out "$OUT/profile" --steps ${STEPS:-10} --warmup 3 --backends ${BACKENDS:-sdpa,varlen} \
+  --kernels triton --trainer fused,trl 2>&1 | tail -60
+if [ -n "${EXTRA_TESTS:-}" ]; then
+  # shellcheck disable=SC2086
+  python3 -m pytest $EXTRA_TESTS -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/extra_tests.log" | tail -12
+fi

@@ -19,17 +19,20 @@ leaves the GPU waiting on the CPU. Writes ``profile.json`` and ``profile.md`` to
 """
 
 import argparse
+import functools
 import json
 import logging
 import platform
 import statistics
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
-from transformers import AutoConfig
+from transformers import AutoConfig, TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from fusetune import varlen
@@ -55,8 +58,17 @@ def parse_args(argv=None):
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-ops", type=int, default=12, help="host ops listed per backend, by self CPU time")
+    p.add_argument(
+        "--trainer",
+        default="",
+        help="also time the same documents through FastSFTTrainer.train(), comma-separated variants: "
+        "fused (as shipped), trl (TRL's own compute_loss and HF's NaN filter: host reads every step)",
+    )
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    args.trainer = [t.strip() for t in args.trainer.split(",") if t.strip()]
+    if set(args.trainer) - {"fused", "trl"}:
+        p.error(f"unknown trainer variants {args.trainer}; choose from fused, trl")
     unknown = sorted(set(args.backends) - set(BACKENDS))
     if unknown:
         p.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
@@ -65,16 +77,20 @@ def parse_args(argv=None):
     return args
 
 
-def make_batches(n: int, docs: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[dict]:
-    """Padding-free batches from TRL's collator (position_ids, cu_seq_lens, max_length): new lengths each step."""
+def make_documents(n: int, docs: int, min_len: int, max_len: int, vocab: int, seed: int) -> list[list[dict]]:
+    """``n`` steps of ``docs`` tokenized documents each, with new random lengths every step."""
     g = torch.Generator().manual_seed(seed)
-    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
-    batches = []
+    steps = []
     for _ in range(n):
         lengths = torch.randint(min_len, max_len + 1, (docs,), generator=g).tolist()
-        examples = [{"input_ids": torch.randint(0, vocab, (n_tok,), generator=g).tolist()} for n_tok in lengths]
-        batches.append(collate(examples))
-    return batches
+        steps.append([{"input_ids": torch.randint(0, vocab, (n_tok,), generator=g).tolist()} for n_tok in lengths])
+    return steps
+
+
+def make_batches(steps: list[list[dict]]) -> list[dict]:
+    """Padding-free batches from TRL's own collator (position_ids, cu_seq_lens, max_length)."""
+    collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    return [collate(examples) for examples in steps]
 
 
 def build(args, backend: str, device: torch.device, dtype: torch.dtype):
@@ -191,6 +207,30 @@ def profiled_pass(model, optimizer, batches, device, top_ops: int) -> tuple[list
     return rows, ops
 
 
+def sync_points(step, device) -> list[dict]:
+    """Where one step makes the host wait for the GPU (CUDA sync debug mode), innermost caller first."""
+    if device.type != "cuda":
+        return []
+    found: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-4:][::-1])
+        found[where] = found.get(where, 0) + 1
+
+    sync(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            sync(device)  # our own, below: not counted
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [{"where": k, "count": v} for k, v in found.items() if "profile_step.py" not in k.split(" <- ")[0]]
+
+
 def median(rows: list[dict], key: str):
     values = [r[key] for r in rows if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -203,6 +243,7 @@ def run_backend(args, backend, batches, device, dtype) -> dict:
     varlen.reset_calls()
     timed = timed_pass(model, optimizer, batches, device)
     calls = dict(varlen.calls)
+    syncs = sync_points(functools.partial(train_step, model, optimizer, batches[-1], device), device)
     profiled, ops = profiled_pass(model, optimizer, batches, device, args.top_ops)
     steps = [{**t, **p} for t, p in zip(timed, profiled, strict=True)]
     measured = steps[args.warmup :]
@@ -219,8 +260,99 @@ def run_backend(args, backend, batches, device, dtype) -> dict:
         "summary": summary,
         "steps": steps,
         "top_host_ops": ops,
+        "sync_points": syncs,
     }
     del model, optimizer
+    remove_kernels()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+class _StepClock(TrainerCallback):
+    """Wall and host-CPU time at the end of every optimizer step (no syncs added: the trainer's own stay)."""
+
+    def __init__(self):
+        self.marks = []
+        self.profiler = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((time.perf_counter(), time.thread_time()))
+        if self.profiler is not None:
+            self.profiler.step()
+
+
+def run_trainer(args, documents, device, dtype, variant: str) -> dict:
+    """The same documents through FastSFTTrainer.train(): TRL's padding-free collator, the HF Trainer
+    loop, varlen attention. Step time is the median interval between step ends.
+
+    ``fused``: FastSFTTrainer as shipped (loss and metric sums from one fused pass, read at log time).
+    ``trl``: TRL's own compute_loss on the same patched model (metrics read on the host every step)
+    and HF's default logging_nan_inf_filter (the loss read every step).
+    """
+    from datasets import Dataset
+
+    from fusetune.models import load_tokenizer
+    from fusetune.trainer import FastSFTConfig, FastSFTTrainer
+
+    model, _, _ = build(args, "sdpa", device, dtype)  # the trainer switches it to varlen attention
+    dataset = Dataset.from_list([doc for step in documents for doc in step])
+    n_steps = len(documents)
+    config = FastSFTConfig(
+        output_dir="/tmp/fusetune_profile_trainer",
+        per_device_train_batch_size=args.docs,
+        max_steps=n_steps,
+        learning_rate=1e-4,
+        lr_scheduler_type="constant",
+        logging_steps=n_steps,
+        save_strategy="no",
+        report_to="none",
+        gradient_checkpointing=args.gradient_checkpointing,
+        kernels=args.kernels if args.kernels != "none" else "auto",
+        seed=args.seed,
+        logging_nan_inf_filter=variant == "trl",
+    )
+    tokenizer = load_tokenizer("fusetune:tiny_llama")  # the documents are token ids already; it gives pad/eos
+    trainer = FastSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    if variant == "trl":
+        trainer._uses_token_stats = lambda model: False
+    clock = _StepClock()
+    trainer.add_callback(clock)
+    varlen.reset_calls()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer.train()
+    calls = dict(varlen.calls)
+    marks = clock.marks[args.warmup :]
+    step_ms = [1e3 * (b[0] - a[0]) for a, b in zip(marks, marks[1:], strict=False)]
+    cpu_ms = [1e3 * (b[1] - a[1]) for a, b in zip(marks, marks[1:], strict=False)]
+    summary = {"step_ms": statistics.median(step_ms), "host_cpu_ms": statistics.median(cpu_ms)}
+    summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+    # GPU time: a second run of the same length under the profiler, counting the steps after warm-up.
+    if device.type == "cuda":
+        schedule = torch.profiler.schedule(wait=0, warmup=args.warmup, active=args.steps - 1, repeat=1)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=schedule) as prof:
+            clock.profiler = prof
+            trainer.train()
+        clock.profiler = None
+        gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+        summary["gpu_ms"] = sum(e.time_range.elapsed_us() for e in gpu) / 1e3 / (args.steps - 1)
+        summary["gpu_busy"] = summary["gpu_ms"] / summary["step_ms"]
+        summary["bound"] = "GPU" if summary["gpu_ms"] >= summary["host_cpu_ms"] else "CPU"
+    tokens_per_step = sum(len(d["input_ids"]) for step in documents for d in step) / n_steps
+    summary["tokens_per_s"] = tokens_per_step / (summary["step_ms"] / 1e3)
+    first_batch = next(iter(trainer.get_train_dataloader()))
+    syncs = sync_points(functools.partial(trainer.training_step, model, first_batch), device)
+    result = {
+        "attn_implementation": model.get_base_model().config._attn_implementation,
+        "attention_calls_per_step": {k: v / n_steps for k, v in calls.items()},
+        "summary": summary,
+        "step_ms_all": step_ms,
+        "sync_points": syncs,
+        "log_history": trainer.state.log_history,
+    }
+    del trainer, model
     remove_kernels()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -271,6 +403,34 @@ def markdown(report: dict) -> str:
         lines += [
             f"| `{o['op']}` | {o['self_cpu_ms_per_step']:.3f} | {o['calls_per_step']:g} |" for o in r["top_host_ops"]
         ]
+    trainers = report.get("trainer") or {}
+    if trainers:
+        lines += [
+            "",
+            "## FastSFTTrainer.train() on the same documents",
+            "",
+            "Step: median interval between optimizer-step ends, the trainer's own host syncs included; "
+            "host CPU: CPU time of the main thread over that interval (collation, logging included); "
+            "GPU: GPU activity per step in a second, profiled run. fused: as shipped; trl: TRL's own "
+            "compute_loss and HF's NaN filter on the same patched model (host reads every step).",
+            "",
+            "| variant | attn_implementation | host CPU ms | GPU ms | step ms | GPU busy | bound | tokens/s "
+            "| peak GiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for variant, trainer in trainers.items():
+            s = trainer["summary"]
+            lines.append(
+                f"| {variant} | {trainer['attn_implementation']} | {fmt(s['host_cpu_ms'])} | {fmt(s.get('gpu_ms'))} | "
+                f"{fmt(s['step_ms'])} | {fmt(s.get('gpu_busy'), '.0%')} | {s.get('bound', '-')} | "
+                f"{fmt(s['tokens_per_s'], '.0f')} | {fmt(s['peak_memory_gib'])} |"
+            )
+    sources = [(name, r["sync_points"]) for name, r in report["backends"].items()]
+    sources += [(f"trainer {variant}", t["sync_points"]) for variant, t in trainers.items()]
+    if any(points for _, points in sources):
+        lines += ["", "## Host syncs in one step (CUDA sync debug mode; innermost caller first)", ""]
+        lines += ["| run | where | times |", "|---|---|---|"]
+        lines += [f"| {name} | `{p['where']}` | {p['count']} |" for name, points in sources for p in points]
     return "\n".join(lines) + "\n"
 
 
@@ -301,7 +461,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     model_name = "fusetune:tiny_llama" if args.tiny else "fusetune:archs/llama3_1b"
     vocab = AutoConfig.from_pretrained(resolve(model_name)).vocab_size
-    batches = make_batches(args.warmup + args.steps, args.docs, args.min_len, args.max_len, vocab, args.seed)
+    documents = make_documents(args.warmup + args.steps, args.docs, args.min_len, args.max_len, vocab, args.seed)
+    batches = make_batches(documents)
     report = {
         "config": {
             **{k: v for k, v in vars(args).items() if k != "out"},
@@ -324,6 +485,16 @@ def main(argv=None):
         s = report["backends"][backend]["summary"]
         print(f"  host {fmt(s['host_ms'])} ms, GPU {fmt(s['gpu_ms'])} ms, step {fmt(s['step_ms'])} ms", flush=True)
     report["loss_agreement"] = loss_agreement(report["backends"])
+    report["trainer"] = {}
+    for variant in args.trainer:
+        print(f"profiling the trainer ({variant}) ...", flush=True)
+        report["trainer"][variant] = run_trainer(args, documents, device, dtype, variant)
+        s = report["trainer"][variant]["summary"]
+        print(
+            f"  trainer {variant}: host CPU {fmt(s['host_cpu_ms'])} ms, GPU {fmt(s.get('gpu_ms'))} ms, "
+            f"step {fmt(s['step_ms'])} ms",
+            flush=True,
+        )
     (out / "profile.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (out / "profile.md").write_text(table)

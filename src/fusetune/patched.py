@@ -4,10 +4,13 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import ModelOutput
 from trl.trainer.utils import FusedCausalLMOutput
 
 from fusetune_kernels import fused_linear_cross_entropy, glu, rms_norm, rope
+from fusetune_kernels.fused_linear_cross_entropy import find_kept_rows
 
 from .errors import FusetuneError
 
@@ -37,6 +40,7 @@ OPS = {
         fused_linear_cross_entropy.fused_linear_cross_entropy_reference,
     ),
 }
+IGNORE_INDEX = -100
 GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh", "gelu_tanh"}
 
 
@@ -73,48 +77,76 @@ def rope_function(ops: Ops):
     return apply_rotary_pos_emb
 
 
+@dataclass
+class TokenStatsOutput(ModelOutput):
+    """The loss, with the sums behind TRL's entropy and token-accuracy metrics (no per-token tensors)."""
+
+    loss: torch.Tensor | None = None
+    entropy_sum: torch.Tensor | None = None
+    num_correct: torch.Tensor | None = None
+    num_valid: int | None = None
+
+
 def causal_lm_forward(ops: Ops, original_forward):
     """The causal-LM forward with a fused loss head.
 
     Without labels (generation, logits for metrics) it is the original forward. With labels it
     runs the backbone and the fused linear cross-entropy, returning the loss without logits.
     With ``fused_lm_head=True`` (TRL 1.16's SFTTrainer) it returns TRL's FusedCausalLMOutput:
-    per-token log-probabilities, entropy and top-1 hits from the same chunked pass.
+    per-token log-probabilities, entropy and top-1 hits from the same chunked pass. With
+    ``token_stats=True`` (FastSFTTrainer) it returns the loss and the sums of those statistics.
+
+    The rows that carry a label are found before the backbone is queued: that costs a host sync,
+    which here waits only for the inputs, not for the whole forward.
     """
 
     @functools.wraps(original_forward)
-    def forward(self, *args, labels=None, shift_labels=None, fused_lm_head=False, num_items_in_batch=None, **kwargs):
+    def forward(
+        self,
+        *args,
+        labels=None,
+        shift_labels=None,
+        fused_lm_head=False,
+        token_stats=False,
+        num_items_in_batch=None,
+        **kwargs,
+    ):
         if labels is None and shift_labels is None:
             return original_forward(self, *args, **kwargs)
         kwargs.pop("logits_to_keep", None)
         kwargs["use_cache"] = False
-        backbone = getattr(self, self.base_model_prefix)
-        hidden = backbone(*args, **kwargs).last_hidden_state
-        if shift_labels is None:
-            hidden, targets = hidden[:, :-1], labels[:, 1:]
-        else:
-            targets = shift_labels
         lm_head = self.get_output_embeddings()
-        targets = targets.to(lm_head.weight.device)
+        targets = (labels[:, 1:] if shift_labels is None else shift_labels).to(lm_head.weight.device)
+        kept = find_kept_rows(targets, IGNORE_INDEX)
+        hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden = hidden[:, :-1]
         # The head's dtype wins: QLoRA keeps the final norm in fp32, while TRL casts a trained lm_head to bf16.
         flat_hidden = hidden.reshape(-1, hidden.size(-1)).to(lm_head.weight.device, lm_head.weight.dtype)
         softcap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
-        common = dict(bias=lm_head.bias, softcap=softcap, ignore_index=-100)
+        common = dict(bias=lm_head.bias, softcap=softcap, ignore_index=IGNORE_INDEX, kept_rows=kept)
+        flat_targets = targets.reshape(-1)
         if not fused_lm_head:
             reduction = "sum" if num_items_in_batch is not None else "mean"
-            loss = ops.fused_linear_cross_entropy(
+            out = ops.fused_linear_cross_entropy(
                 flat_hidden,
                 lm_head.weight,
-                targets.reshape(-1),
+                flat_targets,
                 reduction=reduction,
                 num_items_in_batch=num_items_in_batch,
+                return_stats=token_stats,
                 **common,
             )
-            return CausalLMOutputWithPast(loss=loss, logits=None)
+            if not token_stats:
+                return CausalLMOutputWithPast(loss=out, logits=None)
+            loss, entropy, is_top1 = out
+            return TokenStatsOutput(
+                loss=loss, entropy_sum=entropy.sum(), num_correct=is_top1.sum(), num_valid=kept.numel()
+            )
         per_token, entropy, is_top1 = ops.fused_linear_cross_entropy(
-            flat_hidden, lm_head.weight, targets.reshape(-1), reduction="none", return_stats=True, **common
+            flat_hidden, lm_head.weight, flat_targets, reduction="none", return_stats=True, **common
         )
-        mask = targets != -100
+        mask = targets != IGNORE_INDEX
         shape = targets.shape
         log_probs = -per_token.view(shape)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch

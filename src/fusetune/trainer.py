@@ -5,11 +5,16 @@
 - padding-free batches by default where that is safe, and the reason logged where it is not;
 - ``embedding_learning_rate``: trainable embed_tokens/lm_head weights get their own optimizer group;
   biases and norm weights get no weight decay;
-- TRL's older names still work: ``tokenizer=`` for ``processing_class=``, ``max_seq_length=`` for ``max_length=``.
+- TRL's older names still work: ``tokenizer=`` for ``processing_class=``, ``max_seq_length=`` for ``max_length=``;
+- no host syncs in a step that are not needed: on a patched model the loss and TRL's metrics
+  (entropy, mean_token_accuracy, num_tokens) come from one fused pass and stay on the GPU until
+  the trainer logs, and ``logging_nan_inf_filter`` is off by default (it reads the loss on the host
+  every step; with it off a NaN loss shows in the log instead of being averaged away).
 """
 
 import logging
 import warnings
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +49,10 @@ class FastSFTConfig(SFTConfig):
     max_seq_length: int | None = field(default=None, metadata={"help": "Older name of max_length."})
     padding_free: bool | None = field(
         default=None, metadata={"help": "None: on where it is safe (the trainer logs its choice)."}
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "Replace NaN/inf step losses in the logged loss (costs a host sync per step)."},
     )
 
     def __post_init__(self):
@@ -95,6 +104,19 @@ def padding_free_blocker(model, data_collator, processing_class) -> str | None:
     return None
 
 
+@dataclass
+class _StepStats:
+    """One micro-batch's metric sums, left on the device until the trainer logs."""
+
+    entropy_sum: torch.Tensor
+    num_correct: torch.Tensor
+    num_valid: int
+    num_tokens: int | torch.Tensor  # 0 in eval
+
+
+FLUSH_EVERY = 256  # micro-batches of pending metrics before they are read anyway (when logging is rare)
+
+
 class FastSFTTrainer(SFTTrainer):
     def __init__(self, model, args=None, data_collator=None, *pos, tokenizer=None, processing_class=None, **kwargs):
         if tokenizer is not None:
@@ -113,6 +135,7 @@ class FastSFTTrainer(SFTTrainer):
                 }
             )
         self._truncate_to = None
+        self._pending_stats: dict[str, list[_StepStats]] = defaultdict(list)
         if not isinstance(model, str):
             # auto means triton on CUDA; a run forced onto the CPU gets the reference twins
             backend = "reference" if args.kernels == "auto" and args.use_cpu else args.kernels
@@ -133,6 +156,76 @@ class FastSFTTrainer(SFTTrainer):
         finally:
             if self._truncate_to is not None:
                 args.max_length = self._truncate_to
+
+    def _uses_token_stats(self, model) -> bool:
+        """Whether compute_loss can take the fused loss and metric sums from our forward (else TRL's own)."""
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        return (
+            getattr(type(base).forward, "_fusetune", False)
+            and self.compute_loss_func is None
+            and self.label_smoother is None
+            and self.args.loss_type == "nll"
+            and not self.aux_loss_enabled
+            and not self.args.use_liger_kernel
+            and not getattr(parallelism, "sp_enabled", False)
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss (token mean, or sum over ``num_items_in_batch``) and metrics, without host syncs.
+
+        TRL's own compute_loss reads entropy, accuracy and token counts on the host every micro-batch,
+        which stalls the CPU at the end of each forward until the GPU catches up. Here the sums stay on
+        the device and ``log`` reads them all at once.
+        """
+        if return_outputs or not self._uses_token_stats(model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        out = model(**{**inputs, "use_cache": False}, token_stats=True, num_items_in_batch=num_items_in_batch)
+        loss = out.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+        tokens = 0
+        if mode == "train":
+            if "attention_mask" in inputs:
+                tokens = inputs["attention_mask"].sum()
+            elif "position_ids" in inputs:
+                tokens = inputs["position_ids"].size(1)
+            else:
+                raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+        pending = self._pending_stats[mode]
+        pending.append(_StepStats(out.entropy_sum, out.num_correct, out.num_valid, tokens))
+        if len(pending) >= FLUSH_EVERY:
+            self._flush_token_stats()
+        return loss
+
+    def _flush_token_stats(self) -> None:
+        """Move the pending sums into TRL's metric lists: one host read (and one all-reduce) for all of them."""
+        for mode, pending in self._pending_stats.items():
+            if not pending:
+                continue
+            device = pending[0].entropy_sum.device
+            table = torch.tensor(
+                [[0.0, 0.0, p.num_valid, p.num_tokens if isinstance(p.num_tokens, int) else 0] for p in pending],
+                dtype=torch.float64,
+                device=device,
+            )
+            table[:, 0] = torch.stack([p.entropy_sum for p in pending])
+            table[:, 1] = torch.stack([p.num_correct for p in pending])
+            counted = [i for i, p in enumerate(pending) if isinstance(p.num_tokens, torch.Tensor)]
+            if counted:  # padded batches: attention_mask sums, still on the device
+                table[counted, 3] = torch.stack([pending[i].num_tokens for i in counted]).double()
+            pending.clear()
+            for entropy_sum, correct, n_valid, tokens in self.accelerator.reduce(table, reduction="sum").tolist():
+                self._metrics[mode]["entropy"].append(entropy_sum / n_valid if n_valid > 0 else 0.0)
+                self._metrics[mode]["mean_token_accuracy"].append(correct / n_valid if n_valid > 0 else 0.0)
+                self._total_train_tokens += int(tokens) // self._tp_size
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self._flush_token_stats()
+        super().log(logs, start_time)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if self._truncate_to is None:

@@ -6,6 +6,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from fusetune_kernels.fused_linear_cross_entropy import (
     CHUNK_BYTES_TRAINED_WEIGHT,
     default_chunk_size,
+    find_kept_rows,
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
@@ -212,6 +213,27 @@ def test_no_ignored_rows_and_no_stats():
     h64 = hidden.detach().double().requires_grad_()
     fused_linear_cross_entropy_reference(h64, weight.double(), labels, bias.double()).backward()
     assert_close(h.grad, h64.grad, torch.float32, "dhidden")
+
+
+@pytest.mark.parametrize("ignore_every", [3, 0], ids=["some-ignored", "none-ignored"])
+def test_kept_rows_found_by_the_caller(ignore_every):
+    """Rows found early by find_kept_rows give exactly what the call finds itself."""
+    needs_triton_backend()
+    hidden, weight, bias, labels = make_case((3, 7), 32, 250, torch.float32, ignore_every=ignore_every)
+    kept = find_kept_rows(labels)
+    assert torch.equal(kept, (labels.view(-1) != IGNORE).nonzero().squeeze(1))
+    results = []
+    for rows in (None, kept):
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        loss, entropy, is_top1 = fused_linear_cross_entropy(
+            h, w, labels, bias, reduction="sum", return_stats=True, chunk_size=5, kept_rows=rows
+        )
+        loss.backward()
+        results.append((loss, entropy, is_top1, h.grad, w.grad))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="kept_rows"):
+        fused_linear_cross_entropy(hidden, weight, labels, kept_rows=kept.int())
 
 
 def test_no_grad_and_single_backward():
