@@ -3,6 +3,7 @@
 # and the padding-free step profile (CPU time against GPU time, host syncs) for SDPA, fusetune's
 # varlen attention, and FastSFTTrainer.train() on the same documents.
 #   EXTRA_TESTS="tests/trainer/test_library.py -k merge"  also runs those tests
+#   DOCS, BACKENDS, TRAINER, STEPS: passed to scripts/profile_step.py; SKIP_TESTS=1 skips the packing tests
 set -uo pipefail
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
@@ -10,9 +11,11 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MO
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/env.txt"
-python3 -m pytest tests/trainer/test_packing.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/packing.log" | tail -12
-python3 scripts/profile_step.py --out "$OUT/profile" --steps ${STEPS:-10} --warmup 3 --backends ${BACKENDS:-sdpa,varlen} \
-  --kernels triton --trainer fused,trl 2>&1 | tail -60
+if [ -z "${SKIP_TESTS:-}" ]; then
+  python3 -m pytest tests/trainer/test_packing.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/packing.log" | tail -12
+fi
+python3 scripts/profile_step.py --out "$OUT/profile" --steps ${STEPS:-10} --warmup 3 --docs ${DOCS:-8} \
+  --backends ${BACKENDS:-sdpa,varlen_peft_lora,varlen} --kernels triton --trainer "${TRAINER-fused,trl}" 2>&1 | tail -60
 if [ -n "${EXTRA_TESTS:-}" ]; then
   # shellcheck disable=SC2086
   python3 -m pytest $EXTRA_TESTS -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/extra_tests.log" | tail -12

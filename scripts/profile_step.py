@@ -6,13 +6,16 @@ own collator: 8 documents of new random lengths every step (so every step has a 
 same batches for every backend. Each backend runs twice over the batches:
 
 - unprofiled: per step, the wall time of the host thread until everything is enqueued
-  (``host_ms``), the CPU time that thread used meanwhile (``host_cpu_ms``), and the wall time
-  until the device is done (``step_ms``);
+  (``host_ms``), the CPU time the process used meanwhile (``host_cpu_ms``: all threads, since
+  autograd runs the backward of CUDA tensors on its own thread), and the wall time until the
+  device is done (``step_ms``);
 - under torch.profiler: per step, the summed duration of GPU activity (``gpu_ms``: kernels,
   copies), the number of GPU kernels, and the host ops that cost the most CPU.
 
-Medians are over the steps after ``--warmup``. A step whose host time exceeds its GPU time
-leaves the GPU waiting on the CPU. Writes ``profile.json`` and ``profile.md`` to ``--out``.
+Medians are over the steps after ``--warmup``. A step whose host CPU time exceeds its GPU time
+leaves the GPU waiting on the CPU. ``varlen_peft_lora`` is ``varlen`` with PEFT's own LoRA
+forward instead of the fused LoRA node, to show what the fusion saves. Writes ``profile.json``
+and ``profile.md`` to ``--out``.
 
     python scripts/profile_step.py --out outputs/profile                      # H100: sdpa vs varlen
     python scripts/profile_step.py --out /tmp/profile --tiny --steps 3 --warmup 1  # CPU smoke test
@@ -30,16 +33,23 @@ import warnings
 from pathlib import Path
 
 import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import AutoConfig, TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from fusetune import varlen
+from fusetune import patching, varlen
 from fusetune.models import add_lora, load_model, resolve
 from fusetune.patching import apply_kernels, remove_kernels
 
-BACKENDS = {"sdpa": None, "varlen": "auto", "masked": "masked"}  # name -> enable_varlen_attention backend
+# name -> (enable_varlen_attention backend or None for transformers' own, fused LoRA node)
+BACKENDS = {
+    "sdpa": (None, True),
+    "varlen": ("auto", True),
+    "varlen_peft_lora": ("auto", False),
+    "masked": ("masked", True),
+}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -112,11 +122,14 @@ def build(args, backend: str, device: torch.device, dtype: torch.dtype):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    if BACKENDS[backend] is None:
+    attention, fused_lora = BACKENDS[backend]
+    if attention is None:
         model.get_base_model().set_attn_implementation(backend)
         attn = backend
     else:
-        attn = varlen.enable_varlen_attention(model, BACKENDS[backend])
+        attn = varlen.enable_varlen_attention(model, attention)
+    if not fused_lora and (LoraLinear, "forward") in patching._originals:
+        LoraLinear.forward = patching._originals[(LoraLinear, "forward")]  # PEFT's own, until remove_kernels
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     return model, optimizer, attn
@@ -146,9 +159,9 @@ def timed_pass(model, optimizer, batches, device) -> list[dict]:
     rows = []
     for batch in batches:
         sync(device)
-        wall0, cpu0 = time.perf_counter(), time.thread_time()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         loss = train_step(model, optimizer, batch, device)
-        wall1, cpu1 = time.perf_counter(), time.thread_time()
+        wall1, cpu1 = time.perf_counter(), time.process_time()
         sync(device)
         wall2 = time.perf_counter()
         rows.append(
@@ -252,7 +265,7 @@ def run_backend(args, backend, batches, device, dtype) -> dict:
     summary["tokens_per_s"] = sum(r["tokens"] for r in measured) / (sum(r["step_ms"] for r in measured) / 1e3)
     if summary["gpu_ms"] is not None:
         summary["gpu_busy"] = summary["gpu_ms"] / summary["step_ms"]
-        summary["bound"] = "GPU" if summary["gpu_ms"] >= summary["host_ms"] else "CPU"
+        summary["bound"] = "GPU" if summary["gpu_ms"] >= summary["host_cpu_ms"] else "CPU"
     summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     result = {
         "attn_implementation": attn,
@@ -277,7 +290,7 @@ class _StepClock(TrainerCallback):
         self.profiler = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append((time.perf_counter(), time.thread_time()))
+        self.marks.append((time.perf_counter(), time.process_time()))
         if self.profiler is not None:
             self.profiler.step()
 
@@ -373,22 +386,24 @@ def markdown(report: dict) -> str:
         f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}. Medians per step.",
         "",
         "| backend | attn_implementation | host ms | host CPU ms | GPU ms | step ms | GPU busy | bound "
-        "| GPU kernels | tokens/s | peak GiB | attention calls/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GPU kernels | tokens/s | vs first | peak GiB | attention calls/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    baseline = next(iter(report["backends"].values()))["summary"]["tokens_per_s"] if report["backends"] else None
     for name, r in report["backends"].items():
         s = r["summary"]
         calls = ", ".join(f"{k} {v:g}" for k, v in sorted(r["attention_calls_per_step"].items())) or "-"
         lines.append(
             f"| {name} | {r['attn_implementation']} | {fmt(s['host_ms'])} | {fmt(s['host_cpu_ms'])} | "
             f"{fmt(s['gpu_ms'])} | {fmt(s['step_ms'])} | {fmt(s.get('gpu_busy'), '.0%')} | {s.get('bound', '-')} | "
-            f"{fmt(s['gpu_kernels'], '.0f')} | {fmt(s['tokens_per_s'], '.0f')} | {fmt(s['peak_memory_gib'])} | "
-            f"{calls} |"
+            f"{fmt(s['gpu_kernels'], '.0f')} | {fmt(s['tokens_per_s'], '.0f')} | "
+            f"{fmt(s['tokens_per_s'] / baseline, '.2f')}x | {fmt(s['peak_memory_gib'])} | {calls} |"
         )
     lines += [
         "",
-        "host ms: wall time of the host thread until the step is enqueued; host CPU ms: CPU time it used "
-        "meanwhile; GPU ms: summed GPU activity (profiled run); step ms: wall time until the device is done.",
+        "host ms: wall time of the host thread until the step is enqueued; host CPU ms: CPU time the process used "
+        "meanwhile (all threads: autograd runs the backward on its own); GPU ms: summed GPU activity (profiled run); "
+        "step ms: wall time until the device is done; bound: CPU where host CPU ms exceeds GPU ms.",
     ]
     if report.get("loss_agreement"):
         lines += ["", f"Losses on the same batches: {report['loss_agreement']}"]
@@ -410,7 +425,7 @@ def markdown(report: dict) -> str:
             "## FastSFTTrainer.train() on the same documents",
             "",
             "Step: median interval between optimizer-step ends, the trainer's own host syncs included; "
-            "host CPU: CPU time of the main thread over that interval (collation, logging included); "
+            "host CPU: CPU time of the process over that interval (all threads; collation, logging included); "
             "GPU: GPU activity per step in a second, profiled run. fused: as shipped; trl: TRL's own "
             "compute_loss and HF's NaN filter on the same patched model (host reads every step).",
             "",

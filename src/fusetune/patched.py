@@ -9,7 +9,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 from trl.trainer.utils import FusedCausalLMOutput
 
-from fusetune_kernels import fused_linear_cross_entropy, glu, rms_norm, rope
+from fusetune_kernels import fused_linear_cross_entropy, glu, lora, rms_norm, rope
 from fusetune_kernels.fused_linear_cross_entropy import find_kept_rows
 
 from .errors import FusetuneError
@@ -22,6 +22,7 @@ class Ops:
     swiglu: Callable
     geglu: Callable
     fused_linear_cross_entropy: Callable
+    lora_linear: Callable
 
 
 OPS = {
@@ -31,6 +32,7 @@ OPS = {
         glu.swiglu,
         glu.geglu,
         fused_linear_cross_entropy.fused_linear_cross_entropy,
+        lora.lora_linear,
     ),
     "reference": Ops(
         rms_norm.rms_norm_reference,
@@ -38,6 +40,7 @@ OPS = {
         glu.swiglu_reference,
         glu.geglu_reference,
         fused_linear_cross_entropy.fused_linear_cross_entropy_reference,
+        lora.lora_linear_reference,
     ),
 }
 IGNORE_INDEX = -100
@@ -156,6 +159,51 @@ def causal_lm_forward(ops: Ops, original_forward):
             entropy=entropy.view(shape),
             is_top1=is_top1.view(shape).bool(),
             label_mask=mask,
+        )
+
+    forward._fusetune = True
+    return forward
+
+
+def _plain_lora(layer, x, args, kwargs) -> str | None:
+    """The one active adapter of a PEFT LoRA Linear, when the call is plain LoRA on an nn.Linear; else None.
+
+    Anything else (several or no active adapters, merged or disabled adapters, DoRA and other
+    variants, a LoRA bias, dropout while training, per-example adapter names, a quantized or
+    hooked base layer, fan_in_fan_out) keeps PEFT's own forward.
+    """
+    if args or kwargs or layer.disable_adapters or layer.merged or layer.fan_in_fan_out:
+        return None
+    base = layer.base_layer
+    if type(base) is not torch.nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        return None
+    if hasattr(base, "_hf_hook") or not x.is_floating_point():
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):
+        return None
+    name = active[0]
+    if getattr(layer, "use_dora", {}).get(name, False):
+        return None
+    if layer.lora_B[name].bias is not None or layer.lora_A[name].bias is not None:
+        return None
+    dropout = layer.lora_dropout[name]
+    if not isinstance(dropout, torch.nn.Identity) and (dropout.training and getattr(dropout, "p", 1.0) > 0):
+        return None
+    return name
+
+
+def lora_forward(ops: Ops, original_forward):
+    """PEFT's LoRA Linear forward, as one fused node (``ops.lora_linear``) where the call is plain LoRA."""
+
+    @functools.wraps(original_forward)
+    def forward(self, x, *args, **kwargs):
+        name = _plain_lora(self, x, args, kwargs)
+        if name is None:
+            return original_forward(self, x, *args, **kwargs)
+        base = self.base_layer
+        return ops.lora_linear(
+            x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         )
 
     forward._fusetune = True

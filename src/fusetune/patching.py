@@ -3,7 +3,8 @@
 ``apply_kernels(model, backend)`` patches the family's classes and functions in place:
 its RMSNorm forward, its ``apply_rotary_pos_emb``, its gated MLP forward, and its
 causal-LM forward, whose loss head becomes the fused linear cross-entropy (the full
-``[tokens, vocab]`` logits never exist while training). ``triton`` uses fusetune's
+``[tokens, vocab]`` logits never exist while training). PEFT's LoRA ``Linear`` forward
+becomes one fused node where the call is plain LoRA (PEFT's own forward otherwise). ``triton`` uses fusetune's
 kernels, ``reference`` their plain-PyTorch twins on the same code path, so any run can
 be repeated for parity. ``remove_kernels()`` restores every original.
 
@@ -63,6 +64,7 @@ FAMILIES = {
     ),
 }
 TRL_FUSED_HEAD = ("trl.trainer.sft_trainer", "add_fused_lm_head")
+PEFT_LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")  # its forward: one fused node for plain LoRA
 
 # (owner object, attribute) -> the original value, for everything currently patched
 _originals: dict[tuple[object, str], object] = {}
@@ -112,6 +114,9 @@ def patch_family(family_name: str, backend: str) -> None:
     trl_module = importlib.import_module(TRL_FUSED_HEAD[0])
     original_head = _originals.get((trl_module, TRL_FUSED_HEAD[1]), getattr(trl_module, TRL_FUSED_HEAD[1]))
     _set(trl_module, TRL_FUSED_HEAD[1], patched.skip_trl_fused_head(original_head))
+    lora_linear = getattr(importlib.import_module(PEFT_LORA_LINEAR[0]), PEFT_LORA_LINEAR[1])
+    original_lora = _originals.get((lora_linear, "forward"), lora_linear.forward)
+    _set(lora_linear, "forward", patched.lora_forward(ops, original_lora))
     _active[family_name] = backend
 
 
