@@ -41,8 +41,12 @@ def main(out_json: str, variant: str) -> None:
     )
     if variant == "trl":
         trainer._uses_token_stats = lambda model: False
-    elif not trainer._uses_token_stats(trainer.model):
-        raise SystemExit("the fused path should apply here")
+    else:  # the model reaches compute_loss wrapped in DDP: the fused path must still be taken, never TRL's
+
+        def trls_compute_loss(*args, **kwargs):
+            raise SystemExit("TRL's compute_loss ran where the fused path applies")
+
+        FastSFTTrainer.__bases__[0].compute_loss = trls_compute_loss
     trainer.train()
     trainer.evaluate()
     if trainer.is_world_process_zero():
