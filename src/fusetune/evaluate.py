@@ -16,7 +16,10 @@ def exact_match(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     try:
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
-            batch = tokenizer([p for p, _ in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
+            prompts = [p for p, _ in chunk]
+            batch = tokenizer(
+                prompts, return_tensors="pt", padding=True, add_special_tokens=_adds_specials(tokenizer, prompts)
+            )
             batch = batch.to(device)
             out = model.generate(
                 **batch,
@@ -34,3 +37,14 @@ def exact_match(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
         tokenizer.padding_side = side
         model.train(was_training)
     return correct / len(pairs), samples
+
+
+def _adds_specials(tokenizer, prompts: list[str]) -> bool:
+    """Whether to add the tokenizer's special tokens to these prompts, as TRL did in training.
+
+    TRL tokenizes a plain prompt with the tokenizer's special tokens, so Llama 3 gets its BOS. A prompt
+    rendered by a chat template starts with the template's own BOS text, and adding another would
+    double it.
+    """
+    bos = tokenizer.bos_token
+    return not (bos and all(p.startswith(bos) for p in prompts))
