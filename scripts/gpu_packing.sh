@@ -2,8 +2,9 @@
 # Packing on a CUDA host, in one call: the packing-isolation tests with PyTorch's varlen kernel,
 # and the padding-free step profile (CPU time against GPU time, host syncs) for SDPA, fusetune's
 # varlen attention, and FastSFTTrainer.train() on the same documents.
-#   EXTRA_TESTS="tests/trainer/test_library.py -k merge"  also runs those tests
-#   DOCS, BACKENDS, TRAINER, STEPS: passed to scripts/profile_step.py; SKIP_TESTS=1 skips the packing tests
+#   TESTS: the tests run first (default: the packing tests); SKIP_TESTS=1 skips them
+#   EXTRA_TESTS="tests/trainer/test_library.py -k merge"  also runs those tests, last
+#   DOCS, BACKENDS, TRAINER, STEPS, WARMUP: passed to scripts/profile_step.py
 set -uo pipefail
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
@@ -12,9 +13,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/env.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
-  python3 -m pytest tests/trainer/test_packing.py -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/packing.log" | tail -12
+  # shellcheck disable=SC2086
+  python3 -m pytest ${TESTS:-tests/trainer/test_packing.py} -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/packing.log" | tail -12
 fi
-python3 scripts/profile_step.py --out "$OUT/profile" --steps ${STEPS:-10} --warmup 3 --docs ${DOCS:-8} \
+python3 scripts/profile_step.py --out "$OUT/profile" --steps ${STEPS:-10} --warmup ${WARMUP:-3} --docs ${DOCS:-8} \
   --backends ${BACKENDS:-sdpa,varlen_peft_lora,varlen} --kernels triton --trainer "${TRAINER-fused,trl}" 2>&1 | tail -60
 if [ -n "${EXTRA_TESTS:-}" ]; then
   # shellcheck disable=SC2086

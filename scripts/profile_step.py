@@ -14,7 +14,9 @@ same batches for every backend. Each backend runs twice over the batches:
 
 Medians are over the steps after ``--warmup``. A step whose host CPU time exceeds its GPU time
 leaves the GPU waiting on the CPU. ``varlen_peft_lora`` is ``varlen`` with PEFT's own LoRA
-forward instead of the fused LoRA node, to show what the fusion saves. Writes ``profile.json``
+forward instead of the fused LoRA node, to show what the fusion saves; ``varlen_graphs`` is
+``varlen`` with the forward and backward replayed as CUDA graphs (``fusetune.graphs``; a step
+that meets a new bucket captures it, and the table counts those steps). Writes ``profile.json``
 and ``profile.md`` to ``--out``.
 
     python scripts/profile_step.py --out outputs/profile                      # H100: sdpa vs varlen
@@ -40,16 +42,19 @@ from transformers import AutoConfig, TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from fusetune import patching, varlen
+from fusetune.graphs import StepGraphs
 from fusetune.models import add_lora, load_model, resolve
 from fusetune.patching import apply_kernels, remove_kernels
 
-# name -> (enable_varlen_attention backend or None for transformers' own, fused LoRA node)
+# name -> (enable_varlen_attention backend or None for transformers' own, fused LoRA node, CUDA graphs)
 BACKENDS = {
-    "sdpa": (None, True),
-    "varlen": ("auto", True),
-    "varlen_peft_lora": ("auto", False),
-    "masked": ("masked", True),
+    "sdpa": (None, True, False),
+    "varlen": ("auto", True, False),
+    "varlen_peft_lora": ("auto", False, False),
+    "varlen_graphs": ("auto", True, True),
+    "masked": ("masked", True, False),
 }
+TRAINER_VARIANTS = ("fused", "graphs", "trl")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -72,13 +77,14 @@ def parse_args(argv=None):
         "--trainer",
         default="",
         help="also time the same documents through FastSFTTrainer.train(), comma-separated variants: "
-        "fused (as shipped), trl (TRL's own compute_loss and HF's NaN filter: host reads every step)",
+        "fused (fused loss, eager steps), graphs (fused loss, CUDA graphs), "
+        "trl (TRL's own compute_loss and HF's NaN filter: host reads every step)",
     )
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.trainer = [t.strip() for t in args.trainer.split(",") if t.strip()]
-    if set(args.trainer) - {"fused", "trl"}:
-        p.error(f"unknown trainer variants {args.trainer}; choose from fused, trl")
+    if set(args.trainer) - set(TRAINER_VARIANTS):
+        p.error(f"unknown trainer variants {args.trainer}; choose from {', '.join(TRAINER_VARIANTS)}")
     unknown = sorted(set(args.backends) - set(BACKENDS))
     if unknown:
         p.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
@@ -122,7 +128,7 @@ def build(args, backend: str, device: torch.device, dtype: torch.dtype):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    attention, fused_lora = BACKENDS[backend]
+    attention, fused_lora, _ = BACKENDS[backend]
     if attention is None:
         model.get_base_model().set_attn_implementation(backend)
         attn = backend
@@ -139,11 +145,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def train_step(model, optimizer, batch, device):
+def train_step(model, optimizer, batch, device, step_graphs=None):
     """One step as TRL's trainer takes it: inputs to the device, forward with labels and without a KV
     cache (with one, transformers ignores the packing in its own masks), backward, update. No host
-    sync inside: the loss is read after the step."""
-    loss = model(**to_device(batch, device), use_cache=False).loss
+    sync inside: the loss is read after the step. With ``step_graphs``, graph replays where they apply."""
+    batch = to_device(batch, device)
+    out = step_graphs.run(model, batch) if step_graphs is not None else None
+    loss = (out if out is not None else model(**batch, use_cache=False)).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -155,12 +163,13 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def timed_pass(model, optimizer, batches, device) -> list[dict]:
+def timed_pass(model, optimizer, batches, device, step_graphs=None) -> list[dict]:
     rows = []
     for batch in batches:
         sync(device)
+        captures = step_graphs.captures if step_graphs is not None else 0
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        loss = train_step(model, optimizer, batch, device)
+        loss = train_step(model, optimizer, batch, device, step_graphs)
         wall1, cpu1 = time.perf_counter(), time.process_time()
         sync(device)
         wall2 = time.perf_counter()
@@ -172,17 +181,18 @@ def timed_pass(model, optimizer, batches, device) -> list[dict]:
                 "host_cpu_ms": 1e3 * (cpu1 - cpu0),
                 "step_ms": 1e3 * (wall2 - wall0),
                 "loss": loss.item(),
+                "captured": step_graphs is not None and step_graphs.captures > captures,
             }
         )
     return rows
 
 
-def profiled_pass(model, optimizer, batches, device, top_ops: int) -> tuple[list[dict], list[dict]]:
+def profiled_pass(model, optimizer, batches, device, top_ops: int, step_graphs=None) -> tuple[list[dict], list[dict]]:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for i, batch in enumerate(batches):
             with record_function(f"fusetune_step_{i}"):
-                train_step(model, optimizer, batch, device)
+                train_step(model, optimizer, batch, device, step_graphs)
             sync(device)
     events = prof.events()
     steps = sorted(
@@ -251,15 +261,19 @@ def median(rows: list[dict], key: str):
 
 def run_backend(args, backend, batches, device, dtype) -> dict:
     model, optimizer, attn = build(args, backend, device, dtype)
+    step_graphs = None
+    if BACKENDS[backend][2]:
+        step_graphs = StepGraphs([p for p in model.parameters() if p.requires_grad], pad_token_id=0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     varlen.reset_calls()
-    timed = timed_pass(model, optimizer, batches, device)
+    timed = timed_pass(model, optimizer, batches, device, step_graphs)
     calls = dict(varlen.calls)
-    syncs = sync_points(functools.partial(train_step, model, optimizer, batches[-1], device), device)
-    profiled, ops = profiled_pass(model, optimizer, batches, device, args.top_ops)
+    step = functools.partial(train_step, model, optimizer, batches[-1], device, step_graphs)
+    syncs = sync_points(step, device)
+    profiled, ops = profiled_pass(model, optimizer, batches, device, args.top_ops, step_graphs)
     steps = [{**t, **p} for t, p in zip(timed, profiled, strict=True)]
-    measured = steps[args.warmup :]
+    measured = [s for s in steps[args.warmup :] if not s["captured"]]
     summary = {k: median(measured, k) for k in ("host_ms", "host_cpu_ms", "step_ms", "host_ms_profiled", "gpu_ms")}
     summary["gpu_kernels"] = median(measured, "gpu_kernels")
     summary["tokens_per_s"] = sum(r["tokens"] for r in measured) / (sum(r["step_ms"] for r in measured) / 1e3)
@@ -267,9 +281,11 @@ def run_backend(args, backend, batches, device, dtype) -> dict:
         summary["gpu_busy"] = summary["gpu_ms"] / summary["step_ms"]
         summary["bound"] = "GPU" if summary["gpu_ms"] >= summary["host_cpu_ms"] else "CPU"
     summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    summary["capture_steps"] = sum(s["captured"] for s in steps[args.warmup :])
     result = {
         "attn_implementation": attn,
         "attention_calls_per_step": {k: v / len(batches) for k, v in calls.items()},
+        "graphs": step_graphs.stats() if step_graphs is not None else None,
         "summary": summary,
         "steps": steps,
         "top_host_ops": ops,
@@ -285,12 +301,14 @@ def run_backend(args, backend, batches, device, dtype) -> dict:
 class _StepClock(TrainerCallback):
     """Wall and host-CPU time at the end of every optimizer step (no syncs added: the trainer's own stay)."""
 
-    def __init__(self):
+    def __init__(self, trainer=None):
         self.marks = []
         self.profiler = None
+        self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.marks.append((time.perf_counter(), time.process_time()))
+        graphs = self.trainer.step_graphs if self.trainer is not None else None
+        self.marks.append((time.perf_counter(), time.process_time(), graphs.captures if graphs is not None else 0))
         if self.profiler is not None:
             self.profiler.step()
 
@@ -299,7 +317,9 @@ def run_trainer(args, documents, device, dtype, variant: str) -> dict:
     """The same documents through FastSFTTrainer.train(): TRL's padding-free collator, the HF Trainer
     loop, varlen attention. Step time is the median interval between step ends.
 
-    ``fused``: FastSFTTrainer as shipped (loss and metric sums from one fused pass, read at log time).
+    ``fused``: FastSFTTrainer with eager steps (loss and metric sums from one fused pass, read at log time).
+    ``graphs``: the same, with its steps replayed as CUDA graphs (as shipped); steps that capture a new
+    bucket are left out of the medians and counted.
     ``trl``: TRL's own compute_loss on the same patched model (metrics read on the host every step)
     and HF's default logging_nan_inf_filter (the loss read every step).
     """
@@ -324,12 +344,13 @@ def run_trainer(args, documents, device, dtype, variant: str) -> dict:
         kernels=args.kernels if args.kernels != "none" else "auto",
         seed=args.seed,
         logging_nan_inf_filter=variant == "trl",
+        cuda_graphs=variant == "graphs",
     )
     tokenizer = load_tokenizer("fusetune:tiny_llama")  # the documents are token ids already; it gives pad/eos
     trainer = FastSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     if variant == "trl":
         trainer._uses_token_stats = lambda model: False
-    clock = _StepClock()
+    clock = _StepClock(trainer)
     trainer.add_callback(clock)
     varlen.reset_calls()
     if device.type == "cuda":
@@ -337,9 +358,13 @@ def run_trainer(args, documents, device, dtype, variant: str) -> dict:
     trainer.train()
     calls = dict(varlen.calls)
     marks = clock.marks[args.warmup :]
-    step_ms = [1e3 * (b[0] - a[0]) for a, b in zip(marks, marks[1:], strict=False)]
-    cpu_ms = [1e3 * (b[1] - a[1]) for a, b in zip(marks, marks[1:], strict=False)]
+    pairs = list(zip(marks, marks[1:], strict=False))
+    replays = [(a, b) for a, b in pairs if b[2] == a[2]]  # no capture in between
+    step_ms = [1e3 * (b[0] - a[0]) for a, b in replays]
+    cpu_ms = [1e3 * (b[1] - a[1]) for a, b in replays]
     summary = {"step_ms": statistics.median(step_ms), "host_cpu_ms": statistics.median(cpu_ms)}
+    summary["capture_steps"] = len(pairs) - len(replays)
+    graphs = trainer.step_graphs.stats() if trainer.step_graphs is not None else None
     summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
     # GPU time: a second run of the same length under the profiler, counting the steps after warm-up.
@@ -360,8 +385,9 @@ def run_trainer(args, documents, device, dtype, variant: str) -> dict:
     result = {
         "attn_implementation": model.get_base_model().config._attn_implementation,
         "attention_calls_per_step": {k: v / n_steps for k, v in calls.items()},
+        "graphs": graphs,
         "summary": summary,
-        "step_ms_all": step_ms,
+        "step_ms_all": [1e3 * (b[0] - a[0]) for a, b in pairs],
         "sync_points": syncs,
         "log_history": trainer.state.log_history,
     }
@@ -386,8 +412,8 @@ def markdown(report: dict) -> str:
         f"torch {env['torch']}, transformers {env['transformers']}, trl {env['trl']}. Medians per step.",
         "",
         "| backend | attn_implementation | host ms | host CPU ms | GPU ms | step ms | GPU busy | bound "
-        "| GPU kernels | tokens/s | vs first | peak GiB | attention calls/step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GPU kernels | tokens/s | vs first | peak GiB | attention calls/step | capture steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     baseline = next(iter(report["backends"].values()))["summary"]["tokens_per_s"] if report["backends"] else None
     for name, r in report["backends"].items():
@@ -397,14 +423,23 @@ def markdown(report: dict) -> str:
             f"| {name} | {r['attn_implementation']} | {fmt(s['host_ms'])} | {fmt(s['host_cpu_ms'])} | "
             f"{fmt(s['gpu_ms'])} | {fmt(s['step_ms'])} | {fmt(s.get('gpu_busy'), '.0%')} | {s.get('bound', '-')} | "
             f"{fmt(s['gpu_kernels'], '.0f')} | {fmt(s['tokens_per_s'], '.0f')} | "
-            f"{fmt(s['tokens_per_s'] / baseline, '.2f')}x | {fmt(s['peak_memory_gib'])} | {calls} |"
+            f"{fmt(s['tokens_per_s'] / baseline, '.2f')}x | {fmt(s['peak_memory_gib'])} | {calls} | "
+            f"{s.get('capture_steps', 0)} |"
         )
     lines += [
         "",
         "host ms: wall time of the host thread until the step is enqueued; host CPU ms: CPU time the process used "
         "meanwhile (all threads: autograd runs the backward on its own); GPU ms: summed GPU activity (profiled run); "
-        "step ms: wall time until the device is done; bound: CPU where host CPU ms exceeds GPU ms.",
+        "step ms: wall time until the device is done; bound: CPU where host CPU ms exceeds GPU ms; "
+        "capture steps: measured steps that captured a new bucket's graphs, left out of the medians.",
     ]
+    for name, r in [*report["backends"].items(), *(report.get("trainer") or {}).items()]:
+        if r.get("graphs"):
+            g = r["graphs"]
+            lines.append(
+                f"- {name}: {g['buckets']} buckets captured in {g['capture_seconds']:.1f} s, "
+                f"{g['replays']} replays{'; disabled: ' + g['disabled'] if g['disabled'] else ''}"
+            )
     if report.get("loss_agreement"):
         lines += ["", f"Losses on the same batches: {report['loss_agreement']}"]
     for name, r in report["backends"].items():
@@ -426,19 +461,20 @@ def markdown(report: dict) -> str:
             "",
             "Step: median interval between optimizer-step ends, the trainer's own host syncs included; "
             "host CPU: CPU time of the process over that interval (all threads; collation, logging included); "
-            "GPU: GPU activity per step in a second, profiled run. fused: as shipped; trl: TRL's own "
-            "compute_loss and HF's NaN filter on the same patched model (host reads every step).",
+            "GPU: GPU activity per step in a second, profiled run. fused: eager steps; graphs: CUDA graphs "
+            "(as shipped); trl: TRL's own compute_loss and HF's NaN filter on the same patched model "
+            "(host reads every step).",
             "",
             "| variant | attn_implementation | host CPU ms | GPU ms | step ms | GPU busy | bound | tokens/s "
-            "| peak GiB |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| peak GiB | capture steps |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for variant, trainer in trainers.items():
             s = trainer["summary"]
             lines.append(
                 f"| {variant} | {trainer['attn_implementation']} | {fmt(s['host_cpu_ms'])} | {fmt(s.get('gpu_ms'))} | "
                 f"{fmt(s['step_ms'])} | {fmt(s.get('gpu_busy'), '.0%')} | {s.get('bound', '-')} | "
-                f"{fmt(s['tokens_per_s'], '.0f')} | {fmt(s['peak_memory_gib'])} |"
+                f"{fmt(s['tokens_per_s'], '.0f')} | {fmt(s['peak_memory_gib'])} | {s.get('capture_steps', 0)} |"
             )
     sources = [(name, r["sync_points"]) for name, r in report["backends"].items()]
     sources += [(f"trainer {variant}", t["sync_points"]) for variant, t in trainers.items()]

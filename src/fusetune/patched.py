@@ -1,5 +1,6 @@
 """The forwards that the patch table installs, built for one backend's ops."""
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,7 +88,28 @@ class TokenStatsOutput(ModelOutput):
     loss: torch.Tensor | None = None
     entropy_sum: torch.Tensor | None = None
     num_correct: torch.Tensor | None = None
-    num_valid: int | None = None
+    num_valid: int | torch.Tensor | None = None  # a tensor under static_shapes()
+
+
+_static_shapes = False
+
+
+@contextlib.contextmanager
+def static_shapes():
+    """Inside, the fused loss head scores every row (unlabelled ones add nothing) instead of finding
+    the labelled rows first, which needs a host sync: so the forward can be captured in a CUDA graph."""
+    global _static_shapes
+    previous, _static_shapes = _static_shapes, True
+    try:
+        yield
+    finally:
+        _static_shapes = previous
+
+
+def _kept_rows(targets: torch.Tensor) -> torch.Tensor:
+    if _static_shapes:
+        return torch.arange(targets.numel(), device=targets.device)
+    return find_kept_rows(targets, IGNORE_INDEX)
 
 
 def causal_lm_forward(ops: Ops, original_forward):
@@ -100,7 +122,7 @@ def causal_lm_forward(ops: Ops, original_forward):
     ``token_stats=True`` (FastSFTTrainer) it returns the loss and the sums of those statistics.
 
     The rows that carry a label are found before the backbone is queued: that costs a host sync,
-    which here waits only for the inputs, not for the whole forward.
+    which here waits only for the inputs, not for the whole forward (none under ``static_shapes``).
     """
 
     @functools.wraps(original_forward)
@@ -120,7 +142,7 @@ def causal_lm_forward(ops: Ops, original_forward):
         kwargs["use_cache"] = False
         lm_head = self.get_output_embeddings()
         targets = (labels[:, 1:] if shift_labels is None else shift_labels).to(lm_head.weight.device)
-        kept = find_kept_rows(targets, IGNORE_INDEX)
+        kept = _kept_rows(targets)
         hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state
         if shift_labels is None:
             hidden = hidden[:, :-1]
@@ -143,8 +165,9 @@ def causal_lm_forward(ops: Ops, original_forward):
             if not token_stats:
                 return CausalLMOutputWithPast(loss=out, logits=None)
             loss, entropy, is_top1 = out
+            num_valid = (targets != IGNORE_INDEX).sum() if _static_shapes else kept.numel()
             return TokenStatsOutput(
-                loss=loss, entropy_sum=entropy.sum(), num_correct=is_top1.sum(), num_valid=kept.numel()
+                loss=loss, entropy_sum=entropy.sum(), num_correct=is_top1.sum(), num_valid=num_valid
             )
         per_token, entropy, is_top1 = ops.fused_linear_cross_entropy(
             flat_hidden, lm_head.weight, flat_targets, reduction="none", return_stats=True, **common

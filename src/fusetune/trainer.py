@@ -9,7 +9,10 @@
 - no host syncs in a step that are not needed: on a patched model the loss and TRL's metrics
   (entropy, mean_token_accuracy, num_tokens) come from one fused pass and stay on the GPU until
   the trainer logs, and ``logging_nan_inf_filter`` is off by default (it reads the loss on the host
-  every step; with it off a NaN loss shows in the log instead of being averaged away).
+  every step; with it off a NaN loss shows in the log instead of being averaged away);
+- ``cuda_graphs``: padding-free steps on one GPU replay CUDA graphs of the forward and backward
+  (``fusetune.graphs``), so a step of a few thousand tokens is no longer bound by the host's
+  eager launches. On where it is safe; off, with the reason logged, elsewhere.
 """
 
 import logging
@@ -18,13 +21,15 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
 from trl import SFTConfig, SFTTrainer
 
 from .errors import FusetuneError
+from .graphs import StepGraphs
 from .models import pick_dtype
 from .patching import active_backends, apply_kernels, family_of
-from .varlen import enable_varlen_attention
+from .varlen import VARLEN, enable_varlen_attention, varlen_kernel_available
 
 log = logging.getLogger(__name__)
 EMBEDDING_MODULES = ("embed_tokens", "lm_head")
@@ -53,6 +58,10 @@ class FastSFTConfig(SFTConfig):
     logging_nan_inf_filter: bool = field(
         default=False,
         metadata={"help": "Replace NaN/inf step losses in the logged loss (costs a host sync per step)."},
+    )
+    cuda_graphs: bool | None = field(
+        default=None,
+        metadata={"help": "Replay padding-free steps as CUDA graphs; None: on where it is safe (logged)."},
     )
 
     def __post_init__(self):
@@ -110,8 +119,13 @@ class _StepStats:
 
     entropy_sum: torch.Tensor
     num_correct: torch.Tensor
-    num_valid: int
+    num_valid: int | torch.Tensor
     num_tokens: int | torch.Tensor  # 0 in eval
+
+
+def _number(value) -> float:
+    """A count known on the host, or 0 where it is still a device tensor (filled in on the device)."""
+    return 0.0 if isinstance(value, torch.Tensor) else float(value)
 
 
 FLUSH_EVERY = 256  # micro-batches of pending metrics before they are read anyway (when logging is rare)
@@ -145,10 +159,10 @@ class FastSFTTrainer(SFTTrainer):
                 args.max_length = model_max
             if args.padding_free is None:
                 args.padding_free = self._decide_padding_free(model, args, data_collator, processing_class)
-                if args.padding_free and args.max_length is not None:
-                    # TRL refuses padding-free with max_length, as its collator cannot truncate; we truncate
-                    # while preparing the dataset instead (see _prepare_dataset).
-                    self._truncate_to, args.max_length = args.max_length, None
+            if args.padding_free and not args.packing and args.max_length is not None:
+                # TRL refuses padding-free with max_length, as its collator cannot truncate; we truncate
+                # while preparing the dataset instead (see _prepare_dataset).
+                self._truncate_to, args.max_length = args.max_length, None
             if args.padding_free or args.packing:
                 log.info("attention for packed rows: %s", enable_varlen_attention(model))
         try:
@@ -156,6 +170,43 @@ class FastSFTTrainer(SFTTrainer):
         finally:
             if self._truncate_to is not None:
                 args.max_length = self._truncate_to
+        self.step_graphs = self._make_step_graphs()
+
+    def cuda_graph_blocker(self) -> str | None:
+        """Why padding-free steps cannot be replayed as CUDA graphs here, or None."""
+        args, model = self.args, self.model
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if args.use_cpu or not torch.cuda.is_available():
+            return "no CUDA"
+        if next(model.parameters()).device.type != "cuda":
+            return "the model is not on CUDA"
+        if self.accelerator.num_processes > 1 or self.accelerator.distributed_type != DistributedType.NO:
+            return "distributed training (its gradient hooks run in an eager backward)"
+        if not (args.padding_free or args.packing):
+            return "batches are padded, not padding-free"
+        if base.config._attn_implementation != VARLEN or not varlen_kernel_available():
+            return "the CUDA varlen attention kernel is not in use"
+        if not self._uses_token_stats(model):
+            return "the loss is not fusetune's fused loss head"
+        if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+            return "the base weights are quantized"
+        if args.torch_compile or getattr(args, "activation_offloading", False):
+            return "torch_compile or activation offloading is on"
+        return None
+
+    def _make_step_graphs(self) -> StepGraphs | None:
+        if self.args.cuda_graphs is False or isinstance(self.model, str):
+            return None
+        reason = self.cuda_graph_blocker()
+        if reason is not None:
+            if self.args.cuda_graphs:
+                raise FusetuneError(f"cuda_graphs=True: not possible here: {reason}")
+            log.info("cuda graphs off: %s", reason)
+            return None
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        log.info("cuda graphs on: padding-free steps replay captured graphs (rows padded to buckets, < 12.5%)")
+        return StepGraphs(params, pad if pad is not None else 0)
 
     def _uses_token_stats(self, model) -> bool:
         """Whether compute_loss can take the fused loss and metric sums from our forward (else TRL's own)."""
@@ -182,7 +233,11 @@ class FastSFTTrainer(SFTTrainer):
         if return_outputs or not self._uses_token_stats(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        out = model(**{**inputs, "use_cache": False}, token_stats=True, num_items_in_batch=num_items_in_batch)
+        out = None
+        if self.step_graphs is not None and mode == "train" and torch.is_grad_enabled():
+            out = self.step_graphs.run(model, inputs, num_items_in_batch)
+        if out is None:
+            out = model(**{**inputs, "use_cache": False}, token_stats=True, num_items_in_batch=num_items_in_batch)
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
@@ -207,15 +262,19 @@ class FastSFTTrainer(SFTTrainer):
                 continue
             device = pending[0].entropy_sum.device
             table = torch.tensor(
-                [[0.0, 0.0, p.num_valid, p.num_tokens if isinstance(p.num_tokens, int) else 0] for p in pending],
+                [[0.0, 0.0, _number(p.num_valid), _number(p.num_tokens)] for p in pending],
                 dtype=torch.float64,
                 device=device,
             )
             table[:, 0] = torch.stack([p.entropy_sum for p in pending])
             table[:, 1] = torch.stack([p.num_correct for p in pending])
-            counted = [i for i, p in enumerate(pending) if isinstance(p.num_tokens, torch.Tensor)]
-            if counted:  # padded batches: attention_mask sums, still on the device
-                table[counted, 3] = torch.stack([pending[i].num_tokens for i in counted]).double()
+            for column, field_name in ((2, "num_valid"), (3, "num_tokens")):
+                # still on the device: graphed steps' label counts, padded batches' attention_mask sums
+                on_device = [i for i, p in enumerate(pending) if isinstance(getattr(p, field_name), torch.Tensor)]
+                if on_device:
+                    table[on_device, column] = torch.stack(
+                        [getattr(pending[i], field_name) for i in on_device]
+                    ).double()
             pending.clear()
             for entropy_sum, correct, n_valid, tokens in self.accelerator.reduce(table, reduction="sum").tolist():
                 self._metrics[mode]["entropy"].append(entropy_sum / n_valid if n_valid > 0 else 0.0)

@@ -1,0 +1,304 @@
+"""CUDA graphs for padding-free training steps: forward and backward replayed, not re-launched.
+
+A padding-free LoRA step of a 1B model launches about 2,000 kernels. Eager PyTorch spends tens of
+microseconds of host time on each (HF's modules, PEFT, autograd, Triton's launcher), so a step of a
+few thousand tokens leaves the GPU waiting for the CPU. Captured as two CUDA graphs, forward and
+backward, the whole step costs the host two graph launches and a few small copies.
+
+A graph replays fixed shapes, so each batch is padded up to a bucket (``bucket_for``):
+
+- tokens: up to a multiple of 1/16 of the next power of two (less than 12.5% padding, at least
+  ``MIN_TOKENS``). The pad tokens form one more document, with its own positions and no labels, so
+  no real token attends to them and they add nothing to the loss or the metrics;
+- documents: the cumulative lengths are padded with empty documents, up to a power of two;
+- the longest document: up to a power of two (it sizes the attention kernel's grid only).
+
+Each bucket gets a forward graph and a backward graph, all in one memory pool: a step replays one
+bucket's forward and then its backward before any other graph runs, so the buckets share their
+activation memory. The backward graph writes the gradients into one set of buffers shared by every
+bucket, and hands autograd fresh copies multiplied by the loss's incoming gradient. Gradient
+accumulation, HF's division by the accumulation steps, and fp16 loss scaling work as in eager mode.
+The loss is divided inside the graph by a denominator that is copied in before each replay
+(``num_items_in_batch``, or the batch's own label count).
+
+Inside the graphs the fused loss head scores every row, pad rows included
+(``patched.static_shapes``), since finding the labelled rows needs a host sync.
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import patched
+from .patched import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+TOKEN_STEPS_PER_OCTAVE = 8  # bucket spacing: padding stays under 1/8 of the tokens
+MIN_TOKENS = 128
+MIN_DOCS = 8
+MAX_GRAPHS = 64  # buckets captured at most; batches of a new bucket past this run eagerly
+WARMUP_STEPS = 1  # eager runs on the capture stream before capturing (compiles kernels, makes workspaces)
+BATCH_KEYS = frozenset(
+    {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"}
+)
+REQUIRED_KEYS = ("input_ids", "labels", "position_ids", "cu_seq_lens_q")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Bucket:
+    tokens: int  # row length after padding
+    docs: int  # documents after padding (the pad document and empty ones included)
+    longest: int  # the attention kernel's max_seqlen
+
+
+def bucket_for(tokens: int, docs: int, longest: int) -> Bucket:
+    """The padded shape for a padding-free row of ``tokens`` tokens in ``docs`` documents."""
+    step = max(MIN_TOKENS // TOKEN_STEPS_PER_OCTAVE, next_pow2(tokens) // (2 * TOKEN_STEPS_PER_OCTAVE))
+    padded = max(MIN_TOKENS, -(-tokens // step) * step)
+    pad = padded - tokens
+    return Bucket(
+        tokens=padded,
+        docs=max(MIN_DOCS, next_pow2(docs + (pad > 0))),
+        longest=min(padded, next_pow2(max(longest, pad, 1))),
+    )
+
+
+def batch_blocker(batch: dict) -> str | None:
+    """Why this batch cannot be replayed by a graph, or None."""
+    extra = sorted(set(batch) - BATCH_KEYS)
+    if extra:
+        return f"the batch has inputs a padding-free graph does not take: {', '.join(extra)}"
+    missing = [k for k in REQUIRED_KEYS if batch.get(k) is None]
+    if missing:
+        return f"the batch is not padding-free (no {', '.join(missing)})"
+    if batch["input_ids"].shape[0] != 1 or batch["cu_seq_lens_q"].ndim != 1:
+        return "the batch is not one padding-free row"
+    if not all(batch[k].is_cuda for k in REQUIRED_KEYS):
+        return "the batch is not on CUDA"
+    return None
+
+
+class StaticBatch:
+    """A bucket's input buffers, which its graphs read; ``fill`` pads a batch into them."""
+
+    def __init__(self, bucket: Bucket, device, pad_token_id: int, with_seq_idx: bool):
+        t, d = bucket.tokens, bucket.docs
+        self.bucket = bucket
+        self.pad_token_id = pad_token_id
+        self.input_ids = torch.full((1, t), pad_token_id, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(1, t, dtype=torch.long, device=device)
+        self.labels = torch.full((1, t), IGNORE_INDEX, dtype=torch.long, device=device)
+        self.cu_seq_lens = torch.full((d + 1,), t, dtype=torch.int32, device=device)
+        self.seq_idx = torch.zeros(1, t, dtype=torch.int32, device=device) if with_seq_idx else None
+        self.positions = torch.arange(t, dtype=torch.long, device=device)
+
+    def fill(self, batch: dict) -> None:
+        """Copy ``batch`` in, then the pad document and the empty ones (all on the device, no sync)."""
+        n = batch["input_ids"].shape[1]
+        docs = batch["cu_seq_lens_q"].numel() - 1
+        t = self.bucket.tokens
+        self.input_ids[:, :n].copy_(batch["input_ids"])
+        self.input_ids[:, n:].fill_(self.pad_token_id)
+        self.position_ids[:, :n].copy_(batch["position_ids"])
+        self.position_ids[0, n:].copy_(self.positions[: t - n])
+        self.labels[:, :n].copy_(batch["labels"])
+        self.labels[:, n:].fill_(IGNORE_INDEX)
+        self.cu_seq_lens[: docs + 1].copy_(batch["cu_seq_lens_q"])
+        self.cu_seq_lens[docs + 1 :].fill_(t)
+        if self.seq_idx is not None:
+            self.seq_idx[:, :n].copy_(batch["seq_idx"])
+            self.seq_idx[:, n:].fill_(docs)
+
+    def model_inputs(self) -> dict:
+        inputs = {
+            "input_ids": self.input_ids,
+            "position_ids": self.position_ids,
+            "labels": self.labels,
+            "cu_seq_lens_q": self.cu_seq_lens,
+            "cu_seq_lens_k": self.cu_seq_lens,
+            "max_length_q": self.bucket.longest,
+            "max_length_k": self.bucket.longest,
+        }
+        if self.seq_idx is not None:
+            inputs["seq_idx"] = self.seq_idx
+        return inputs
+
+
+def padded_batch(batch: dict, pad_token_id: int) -> dict:
+    """``batch`` padded to its bucket, as new tensors: what the graphs see (for tests and checks)."""
+    cu = batch["cu_seq_lens_q"]
+    bucket = bucket_for(batch["input_ids"].shape[1], cu.numel() - 1, int(cu.diff().max()))
+    static = StaticBatch(bucket, batch["input_ids"].device, pad_token_id, batch.get("seq_idx") is not None)
+    static.fill(batch)
+    return static.model_inputs()
+
+
+@dataclass
+class _Captured:
+    static: StaticBatch
+    forward: torch.cuda.CUDAGraph
+    backward: torch.cuda.CUDAGraph
+    outputs: object  # the forward graph's TokenStatsOutput (static tensors)
+
+
+class _Replay(torch.autograd.Function):
+    """The forward graph as one autograd node whose backward replays the backward graph."""
+
+    @staticmethod
+    def forward(ctx, graphs, captured, *params):
+        captured.forward.replay()
+        graphs.pending = captured
+        ctx.graphs, ctx.captured = graphs, captured
+        return captured.outputs.loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        graphs, captured = ctx.graphs, ctx.captured
+        if graphs.pending is not captured:
+            raise RuntimeError(
+                "fusetune cuda graphs: a step's backward ran after a later forward; "
+                "each graphed forward must be followed by its own backward"
+            )
+        graphs.pending = None
+        captured.backward.replay()
+        fresh = iter(torch._foreach_mul(graphs.grad_buffers, grad_loss))
+        return None, None, *(next(fresh) if used else None for used in graphs.used)
+
+
+class StepGraphs:
+    """Graphed forward + backward of a model on padding-free batches, one pair of graphs per bucket.
+
+    ``run(model, batch, num_items_in_batch)`` returns the forward's ``TokenStatsOutput`` (the loss
+    attached to autograd, and the metric sums), or None when the batch must run eagerly.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], pad_token_id: int):
+        self.params = list(params)
+        self.pad_token_id = pad_token_id
+        self.graphs: dict[tuple, _Captured] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()
+        self.denominator = torch.ones((), dtype=torch.float32, device="cuda")
+        self.one = torch.ones((), dtype=torch.float32, device="cuda")
+        self.used: list[bool] | None = None  # which params get a gradient
+        self.grad_buffers: list[torch.Tensor] = []
+        self.pending: _Captured | None = None
+        self.disabled: str | None = None  # why graphs stopped being used, once they did
+        self.captures = 0
+        self.replays = 0
+        self.capture_seconds = 0.0
+        self._said: set[str] = set()
+
+    def run(self, model, batch: dict, num_items_in_batch=None):
+        if self.disabled is not None:
+            return None
+        reason = batch_blocker(batch)
+        if reason is not None:
+            self._say(f"this batch runs eagerly: {reason}")
+            return None
+        cu = batch["cu_seq_lens_q"]
+        longest = batch.get("max_length_q")
+        if longest is None:
+            self._say("this batch runs eagerly: it has no max_length_q (reading the longest document would sync)")
+            return None
+        bucket = bucket_for(batch["input_ids"].shape[1], cu.numel() - 1, int(longest))
+        key = (bucket, batch.get("seq_idx") is not None)
+        captured = self.graphs.get(key)
+        if captured is None:
+            if len(self.graphs) >= MAX_GRAPHS:
+                self._say(f"this batch runs eagerly: {MAX_GRAPHS} buckets are captured already")
+                return None
+            static = StaticBatch(bucket, cu.device, self.pad_token_id, key[1])
+            static.fill(batch)
+            self._set_denominator(batch, num_items_in_batch)
+            captured = self._capture(model, static)
+            if captured is None:
+                return None
+            self.graphs[key] = captured
+        else:
+            captured.static.fill(batch)
+            self._set_denominator(batch, num_items_in_batch)
+        self.replays += 1
+        loss = _Replay.apply(self, captured, *self.params)
+        out = captured.outputs
+        sums = torch.stack([out.entropy_sum.float(), out.num_correct.float(), out.num_valid.float()])
+        return patched.TokenStatsOutput(loss=loss, entropy_sum=sums[0], num_correct=sums[1], num_valid=sums[2])
+
+    def _set_denominator(self, batch: dict, num_items_in_batch) -> None:
+        if num_items_in_batch is None:  # the mean over this batch's labelled tokens
+            count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().clamp_min(1)
+            self.denominator.copy_(count)
+        elif torch.is_tensor(num_items_in_batch):
+            self.denominator.copy_(num_items_in_batch)
+        else:
+            self.denominator.fill_(float(num_items_in_batch))
+
+    def _capture(self, model, static: StaticBatch) -> _Captured | None:
+        inputs = {
+            **static.model_inputs(),
+            "use_cache": False,
+            "token_stats": True,
+            "num_items_in_batch": self.denominator,
+        }
+        start = time.perf_counter()
+        try:
+            with patched.static_shapes():
+                self.stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.stream):
+                    for _ in range(WARMUP_STEPS):
+                        grads = torch.autograd.grad(model(**inputs).loss, self.params, allow_unused=True)
+                        self._make_grad_buffers(grads)
+                        del grads
+                torch.cuda.current_stream().wait_stream(self.stream)
+                forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+                options = {"pool": self.pool, "stream": self.stream, "capture_error_mode": "thread_local"}
+                with torch.cuda.graph(forward, **options):
+                    outputs = model(**inputs)
+                with torch.cuda.graph(backward, **options):
+                    grads = torch.autograd.grad(outputs.loss, self.params, grad_outputs=self.one, allow_unused=True)
+                    torch._foreach_copy_(self.grad_buffers, [g for g in grads if g is not None])
+                    del grads
+        except Exception as error:  # noqa: BLE001 - any capture failure means: train eagerly
+            torch.cuda.synchronize()
+            self.disabled = f"capture failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            log.warning("cuda graphs off: %s; training eagerly from here", self.disabled)
+            return None
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - start
+        log.info(
+            "cuda graphs: captured bucket of %d tokens, %d documents, longest %d (%d buckets, %.1f s)",
+            static.bucket.tokens,
+            static.bucket.docs,
+            static.bucket.longest,
+            self.captures,
+            self.capture_seconds,
+        )
+        return _Captured(static, forward, backward, outputs)
+
+    def _make_grad_buffers(self, grads) -> None:
+        used = [g is not None for g in grads]
+        if self.used is None:
+            self.used = used
+            self.grad_buffers = [torch.empty_like(g) for g in grads if g is not None]
+        elif used != self.used:
+            raise RuntimeError("the set of parameters that get gradients changed between buckets")
+
+    def _say(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            log.info("cuda graphs: %s", message)
+
+    def stats(self) -> dict:
+        return {
+            "buckets": len(self.graphs),
+            "captures": self.captures,
+            "replays": self.replays,
+            "capture_seconds": round(self.capture_seconds, 3),
+            "disabled": self.disabled,
+        }

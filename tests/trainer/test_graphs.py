@@ -1,0 +1,275 @@
+"""CUDA graphs of padding-free steps: the padding they add changes nothing, and replays match eager steps.
+
+On CPU: the bucket shapes, and that a batch padded to its bucket (an extra document of pad tokens,
+empty documents, every row scored by the loss head) gives the same loss, metric sums and LoRA
+gradients as the batch itself, within 1e-5 in fp32. On CUDA: graph replays against eager steps on
+the same batches (new buckets, repeated buckets with new data, updated weights, accumulation across
+buckets), FastSFTTrainer's losses with graphs on and off, and the fall-back when a capture fails.
+"""
+
+import contextlib
+import logging
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from fusetune import graphs, patched
+from fusetune.errors import FusetuneError
+from fusetune.graphs import StaticBatch, StepGraphs, bucket_for, padded_batch
+from fusetune.models import load_model
+from fusetune.patching import apply_kernels, remove_kernels
+from fusetune.trainer import FastSFTConfig, FastSFTTrainer
+from fusetune.varlen import MASKED, VARLEN, enable_varlen_attention, varlen_attn
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+needs_varlen = pytest.mark.skipif(varlen_attn is None, reason=f"torch {torch.__version__} has no varlen kernel")
+PAD = 0
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def test_bucket_shapes_bound_the_padding():
+    rng = random.Random()
+    for _ in range(2000):
+        tokens = rng.randint(1, 70_000)
+        docs = rng.randint(1, min(tokens, 300))
+        longest = rng.randint(-(-tokens // docs), tokens)
+        b = bucket_for(tokens, docs, longest)
+        pad = b.tokens - tokens
+        assert b.tokens >= max(tokens, graphs.MIN_TOKENS)
+        assert pad < max(graphs.MIN_TOKENS, tokens / graphs.TOKEN_STEPS_PER_OCTAVE), (tokens, b)
+        assert b.docs >= docs + (pad > 0) and b.docs & (b.docs - 1) == 0
+        assert max(longest, pad) <= b.longest <= b.tokens
+        assert bucket_for(b.tokens, docs, longest).tokens == b.tokens  # a bucket's own size needs no padding
+
+
+def collate(lengths, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    docs = [{"input_ids": torch.randint(1, vocab, (n,), generator=g).tolist()} for n in lengths]
+    return DataCollatorForLanguageModeling(pad_token_id=PAD, padding_free=True)(docs)
+
+
+def test_fill_pads_every_element_and_forgets_the_last_batch():
+    first, second = collate([9, 30, 4], 50, seed=1), collate([3, 2, 40], 50, seed=2)
+    bucket = bucket_for(45, 3, 40)
+    assert bucket == bucket_for(43, 3, 30)  # both batches fall into one bucket
+    static = StaticBatch(bucket, "cpu", PAD, with_seq_idx=True)
+    for tensor in (static.input_ids, static.position_ids, static.labels, static.cu_seq_lens, static.seq_idx):
+        tensor.fill_(-7)  # poison: every element must be written by fill
+    static.fill(first)
+    static.fill(second)
+    n, t = 45, bucket.tokens
+    assert torch.equal(static.input_ids[0, :n], second["input_ids"][0]) and (static.input_ids[0, n:] == PAD).all()
+    assert torch.equal(static.position_ids[0, :n], second["position_ids"][0])
+    assert torch.equal(static.position_ids[0, n:], torch.arange(t - n))
+    assert torch.equal(static.labels[0, :n], second["labels"][0]) and (static.labels[0, n:] == -100).all()
+    assert static.cu_seq_lens.tolist() == [0, 3, 5, 45] + [t] * (bucket.docs + 1 - 4)
+    assert torch.equal(static.seq_idx[0, :n], second["seq_idx"][0]) and (static.seq_idx[0, n:] == 3).all()
+
+
+def lora_model(dtype=torch.float32, device="cpu", backend="reference", seed=0):
+    torch.manual_seed(seed)
+    model = load_model("fusetune:tiny_llama", dtype, random_init=True).to(device)
+    apply_kernels(model, backend)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    with torch.no_grad():  # LoRA B starts at zero: make the adapters (and their gradients) non-trivial
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model
+
+
+def loss_stats_grads(model, inputs, num_items):
+    out = model(**inputs, use_cache=False, token_stats=True, num_items_in_batch=num_items)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.loss, params)
+    return out, grads
+
+
+@pytest.mark.parametrize(
+    "backend,lengths",
+    [
+        ("reference", [5, 17, 1, 30, 9]),  # a one-token document; padded to 64 tokens, 8 documents
+        ("reference", [16, 48]),  # exactly a bucket: no pad document, only empty ones
+        ("reference", [3, 100, 7, 61]),
+        ("triton", [5, 17, 1, 30, 9]),  # the Triton kernels on the interpreter (slow: one case)
+    ],
+)
+def test_padded_batch_gives_the_same_loss_metrics_and_gradients(backend, lengths):
+    try:
+        model = lora_model(backend=backend)
+        assert enable_varlen_attention(model, backend="masked") == MASKED
+        vocab = model.config.vocab_size
+        batch = collate(lengths, vocab, seed=sum(lengths))
+        num_items = torch.tensor(float((batch["labels"][:, 1:] != -100).sum() + 3))  # as if accumulating
+        want, want_grads = loss_stats_grads(model, batch, num_items)
+        padded = padded_batch(batch, PAD)
+        assert padded["input_ids"].shape[1] >= sum(lengths)
+        with patched.static_shapes():
+            got, got_grads = loss_stats_grads(model, padded, num_items)
+    finally:
+        remove_kernels()
+    assert rel(got.loss, want.loss) <= 1e-5
+    assert rel(got.entropy_sum, want.entropy_sum) <= 1e-5
+    assert int(got.num_correct) == int(want.num_correct)
+    assert torch.is_tensor(got.num_valid) and int(got.num_valid) == want.num_valid
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert rel(g, w) <= 1e-5
+
+
+def trainer_for(tmp_path, tokenizer, **config):
+    model = lora_model(device="cuda" if not config.get("use_cpu", True) else "cpu")
+    rows = [{"prompt": f"Q{i}: " + "ab" * (i % 7), "completion": " A" + "z" * (i % 5 + 1)} for i in range(24)]
+    args = FastSFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        report_to=[],
+        save_strategy="no",
+        max_steps=4,
+        logging_steps=1,
+        seed=0,
+        padding_free=True,
+        **config,
+    )
+    return FastSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+
+
+def test_trainer_keeps_graphs_off_without_cuda_and_refuses_to_force_them(tiny_tokenizer, tmp_path, caplog):
+    try:
+        with caplog.at_level(logging.INFO, logger="fusetune.trainer"):
+            trainer = trainer_for(tmp_path, tiny_tokenizer, use_cpu=True)
+        assert trainer.step_graphs is None
+        assert "cuda graphs off: no CUDA" in caplog.text
+        with pytest.raises(FusetuneError, match="cuda_graphs=True: not possible here: no CUDA"):
+            trainer_for(tmp_path, tiny_tokenizer, use_cpu=True, cuda_graphs=True)
+    finally:
+        remove_kernels()
+
+
+# ------------------------------------------------------------------ on CUDA
+
+
+def cuda_batches(vocab, seed=0):
+    """Padding-free batches on the GPU: two in one bucket, one of exactly a bucket's size, and others."""
+    layouts = [[40, 200, 17, 90], [33, 190, 51, 70], [64, 64], [500, 3, 300], [12, 700, 41, 9, 150]]
+    assert bucket_for(347, 4, 200) == bucket_for(344, 4, 190) and bucket_for(128, 2, 64).tokens == 128
+    out = []
+    for i, lengths in enumerate(layouts):
+        batch = collate(lengths, vocab, seed=seed + i)
+        out.append({k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()})
+    return out
+
+
+def cuda_model(**kwargs):
+    model = lora_model(dtype=torch.bfloat16, device="cuda", backend="triton", **kwargs)
+    assert enable_varlen_attention(model) == VARLEN
+    model.train()
+    return model
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_varlen
+def test_graph_replays_match_eager_steps_bf16():
+    try:
+        model = cuda_model()
+        params = [p for p in model.parameters() if p.requires_grad]
+        step_graphs = StepGraphs(params, PAD)
+        for round_ in range(2):  # the second round replays every bucket, after the weights changed
+            for batch in cuda_batches(model.config.vocab_size, seed=10 * round_):
+                num_items = (batch["labels"][:, 1:] != -100).sum()
+                want, want_grads = loss_stats_grads(model, batch, num_items)
+                got = step_graphs.run(model, batch, num_items)
+                assert got is not None, step_graphs.disabled
+                got.loss.backward()
+                assert rel(got.loss, want.loss) <= 1e-2
+                assert rel(got.entropy_sum, want.entropy_sum) <= 1e-2
+                assert int(got.num_valid) == want.num_valid
+                assert abs(int(got.num_correct) - int(want.num_correct)) <= max(2, 0.02 * want.num_valid)
+                for p, w in zip(params, want_grads, strict=True):
+                    assert rel(p.grad, w) <= 2e-2
+                    p.grad = None
+            with torch.no_grad():  # an optimizer step: weights change in place
+                for p in params:
+                    p.add_(0.01 * torch.randn_like(p))
+        assert step_graphs.captures == 4 and step_graphs.replays == 10 and step_graphs.disabled is None
+    finally:
+        remove_kernels()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_varlen
+def test_graphed_gradients_accumulate_across_buckets_and_scale_with_the_loss():
+    try:
+        model = cuda_model()
+        params = [p for p in model.parameters() if p.requires_grad]
+        batches = cuda_batches(model.config.vocab_size)[:4]
+        num_items = sum((b["labels"][:, 1:] != -100).sum() for b in batches)
+        want = [torch.zeros_like(p) for p in params]
+        for batch in batches:
+            _, grads = loss_stats_grads(model, batch, num_items)
+            torch._foreach_add_(want, [0.5 * g for g in grads])
+        step_graphs = StepGraphs(params, PAD)
+        for batch in batches:  # buckets A, A, B, C: the repeated bucket must not overwrite accumulated grads
+            (0.5 * step_graphs.run(model, batch, num_items).loss).backward()
+        for p, w in zip(params, want, strict=True):
+            assert rel(p.grad, w) <= 2e-2
+    finally:
+        remove_kernels()
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_varlen
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_trainer_losses_with_and_without_graphs(tiny_tokenizer, tmp_path, checkpointing):
+    runs = {}
+    try:
+        for on in (False, True):
+            trainer = trainer_for(
+                tmp_path / str(on),
+                tiny_tokenizer,
+                use_cpu=False,
+                cuda_graphs=on,
+                gradient_accumulation_steps=2,
+                gradient_checkpointing=checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+            trainer.train()
+            runs[on] = trainer
+            remove_kernels()
+    finally:
+        remove_kernels()
+    graphed = runs[True].step_graphs
+    assert runs[False].step_graphs is None and graphed.disabled is None
+    assert graphed.replays == 8 and graphed.captures >= 1
+    history = {on: [log for log in t.state.log_history if "loss" in log] for on, t in runs.items()}
+    for eager, graph in zip(history[False], history[True], strict=True):
+        for key in ("loss", "entropy", "mean_token_accuracy"):
+            assert abs(graph[key] - eager[key]) <= 2e-2 * abs(eager[key]) + 1e-3, (key, eager, graph)
+        assert graph["num_tokens"] == eager["num_tokens"]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@needs_varlen
+def test_a_failed_capture_falls_back_to_eager_steps(tiny_tokenizer, tmp_path, monkeypatch, caplog):
+    """Without static shapes the loss head syncs inside the capture: the capture fails, training goes on."""
+    monkeypatch.setattr(patched, "static_shapes", contextlib.nullcontext)
+    try:
+        trainer = trainer_for(tmp_path, tiny_tokenizer, use_cpu=False, cuda_graphs=True)
+        with caplog.at_level(logging.WARNING, logger="fusetune.graphs"):
+            trainer.train()
+    finally:
+        remove_kernels()
+    assert trainer.step_graphs.disabled.startswith("capture failed") and "cuda graphs off" in caplog.text
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
