@@ -6,11 +6,8 @@
 #   EXTRA_TESTS="tests/trainer/test_library.py -k merge"  also runs those tests, last
 #   DOCS, BACKENDS, TRAINER, STEPS, WARMUP: passed to scripts/profile_step.py
 set -uo pipefail
-OUT=${OUT:-outputs/gpu}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=disabled
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site
+# shellcheck source=scripts/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/env.txt"
 if [ -z "${SKIP_TESTS:-}" ]; then
   # shellcheck disable=SC2086

@@ -5,11 +5,8 @@
 # Wheels for what the host lacks lie in .whl/ (scripts/wheelhouse.py, plus fusetune's own).
 # Results go to $OUT (default: outputs/gpu).
 set -uo pipefail
-OUT=${OUT:-outputs/gpu}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=disabled
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site
+# shellcheck source=scripts/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
 
 {
   date -u +%Y-%m-%dT%H:%MZ

@@ -69,7 +69,7 @@ def bucket_for(tokens: int, docs: int, longest: int) -> Bucket:
     )
 
 
-def batch_blocker(batch: dict) -> str | None:
+def batch_blocker(batch: dict, device_type: str = "cuda") -> str | None:
     """Why this batch cannot be replayed by a graph, or None."""
     extra = sorted(set(batch) - BATCH_KEYS)
     if extra:
@@ -79,8 +79,8 @@ def batch_blocker(batch: dict) -> str | None:
         return f"the batch is not padding-free (no {', '.join(missing)})"
     if batch["input_ids"].shape[0] != 1 or batch["cu_seq_lens_q"].ndim != 1:
         return "the batch is not one padding-free row"
-    if not all(batch[k].is_cuda for k in REQUIRED_KEYS):
-        return "the batch is not on CUDA"
+    if any(batch[k].device.type != device_type for k in REQUIRED_KEYS):
+        return f"the batch is not on {device_type}"
     return None
 
 
@@ -139,12 +139,49 @@ def padded_batch(batch: dict, pad_token_id: int) -> dict:
     return static.model_inputs()
 
 
+class CudaGraphs:
+    """Captures closures as CUDA graphs: on one side stream, all in one memory pool."""
+
+    def __init__(self):
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream()
+
+    def warm_up(self, fn) -> None:
+        """Run ``fn`` eagerly on the capture stream: kernels compile, workspaces are made."""
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def capture(self, fn) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a data loader's pin-memory thread may allocate while we capture
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+            fn()
+        return graph
+
+
+class Reruns:
+    """Stands in for CUDA graphs where there are none (tests on CPU, or telling a graph bug from a
+    padding bug): a "replay" runs the closure again, eagerly."""
+
+    @dataclass
+    class Rerun:
+        replay: object
+
+    def warm_up(self, fn) -> None:
+        fn()
+
+    def capture(self, fn) -> "Reruns.Rerun":
+        return Reruns.Rerun(fn)
+
+
 @dataclass
 class _Captured:
     static: StaticBatch
-    forward: torch.cuda.CUDAGraph
-    backward: torch.cuda.CUDAGraph
-    outputs: object  # the forward graph's TokenStatsOutput (static tensors)
+    forward: object  # .replay(): the model's forward on the static batch
+    backward: object  # .replay(): its gradients into StepGraphs.grad_buffers
+    state: dict  # "outputs": the forward's TokenStatsOutput (in a CUDA graph: fixed tensors)
 
 
 class _Replay(torch.autograd.Function):
@@ -153,14 +190,14 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graphs, captured, *params):
         captured.forward.replay()
-        graphs.pending = captured
-        ctx.graphs, ctx.captured = graphs, captured
-        return captured.outputs.loss.detach().clone()
+        ctx.graphs, ctx.captured, ctx.token = graphs, captured, object()
+        graphs.pending = ctx.token  # this forward's activations are the ones in the pool now
+        return captured.state["outputs"].loss.detach().clone()
 
     @staticmethod
     def backward(ctx, grad_loss):
         graphs, captured = ctx.graphs, ctx.captured
-        if graphs.pending is not captured:
+        if graphs.pending is not ctx.token:
             raise RuntimeError(
                 "fusetune cuda graphs: a step's backward ran after a later forward; "
                 "each graphed forward must be followed by its own backward"
@@ -176,19 +213,20 @@ class StepGraphs:
 
     ``run(model, batch, num_items_in_batch)`` returns the forward's ``TokenStatsOutput`` (the loss
     attached to autograd, and the metric sums), or None when the batch must run eagerly.
+    ``recorder``: ``CudaGraphs()`` (the default), or ``Reruns()`` to run the same padded path eagerly.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], pad_token_id: int):
+    def __init__(self, params: list[torch.nn.Parameter], pad_token_id: int, recorder=None, device="cuda"):
         self.params = list(params)
         self.pad_token_id = pad_token_id
+        self.recorder = recorder if recorder is not None else CudaGraphs()
+        self.device = torch.device(device)
         self.graphs: dict[tuple, _Captured] = {}
-        self.pool = torch.cuda.graph_pool_handle()
-        self.stream = torch.cuda.Stream()
-        self.denominator = torch.ones((), dtype=torch.float32, device="cuda")
-        self.one = torch.ones((), dtype=torch.float32, device="cuda")
+        self.denominator = torch.ones((), dtype=torch.float32, device=self.device)
+        self.one = torch.ones((), dtype=torch.float32, device=self.device)
         self.used: list[bool] | None = None  # which params get a gradient
         self.grad_buffers: list[torch.Tensor] = []
-        self.pending: _Captured | None = None
+        self.pending: object | None = None  # the forward whose backward may run next
         self.disabled: str | None = None  # why graphs stopped being used, once they did
         self.captures = 0
         self.replays = 0
@@ -198,35 +236,30 @@ class StepGraphs:
     def run(self, model, batch: dict, num_items_in_batch=None):
         if self.disabled is not None:
             return None
-        reason = batch_blocker(batch)
+        reason = batch_blocker(batch, self.device.type)
+        if reason is None and batch.get("max_length_q") is None:
+            reason = "it has no max_length_q (reading the longest document would sync)"
         if reason is not None:
             self._say(f"this batch runs eagerly: {reason}")
             return None
         cu = batch["cu_seq_lens_q"]
-        longest = batch.get("max_length_q")
-        if longest is None:
-            self._say("this batch runs eagerly: it has no max_length_q (reading the longest document would sync)")
-            return None
-        bucket = bucket_for(batch["input_ids"].shape[1], cu.numel() - 1, int(longest))
+        bucket = bucket_for(batch["input_ids"].shape[1], cu.numel() - 1, int(batch["max_length_q"]))
         key = (bucket, batch.get("seq_idx") is not None)
         captured = self.graphs.get(key)
+        if captured is None and len(self.graphs) >= MAX_GRAPHS:
+            self._say(f"this batch runs eagerly: {MAX_GRAPHS} buckets are captured already")
+            return None
+        static = StaticBatch(bucket, self.device, self.pad_token_id, key[1]) if captured is None else captured.static
+        static.fill(batch)
+        self._set_denominator(batch, num_items_in_batch)
         if captured is None:
-            if len(self.graphs) >= MAX_GRAPHS:
-                self._say(f"this batch runs eagerly: {MAX_GRAPHS} buckets are captured already")
-                return None
-            static = StaticBatch(bucket, cu.device, self.pad_token_id, key[1])
-            static.fill(batch)
-            self._set_denominator(batch, num_items_in_batch)
             captured = self._capture(model, static)
             if captured is None:
                 return None
             self.graphs[key] = captured
-        else:
-            captured.static.fill(batch)
-            self._set_denominator(batch, num_items_in_batch)
         self.replays += 1
         loss = _Replay.apply(self, captured, *self.params)
-        out = captured.outputs
+        out = captured.state["outputs"]
         sums = torch.stack([out.entropy_sum.float(), out.num_correct.float(), out.num_valid.float()])
         return patched.TokenStatsOutput(loss=loss, entropy_sum=sums[0], num_correct=sums[1], num_valid=sums[2])
 
@@ -246,26 +279,31 @@ class StepGraphs:
             "token_stats": True,
             "num_items_in_batch": self.denominator,
         }
+        state = {}
+
+        def warm_up():
+            with patched.static_shapes():
+                loss = model(**inputs).loss
+            self._make_grad_buffers(torch.autograd.grad(loss, self.params, allow_unused=True))
+
+        def forward():
+            # here, not around capture(): Reruns run it again later, inside _Replay.forward (no grad)
+            with torch.enable_grad(), patched.static_shapes():
+                state["outputs"] = model(**inputs)
+
+        def backward():
+            loss = state["outputs"].loss
+            grads = torch.autograd.grad(loss, self.params, grad_outputs=self.one, allow_unused=True)
+            torch._foreach_copy_(self.grad_buffers, [g for g in grads if g is not None])
+
         start = time.perf_counter()
         try:
-            with patched.static_shapes():
-                self.stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(self.stream):
-                    for _ in range(WARMUP_STEPS):
-                        grads = torch.autograd.grad(model(**inputs).loss, self.params, allow_unused=True)
-                        self._make_grad_buffers(grads)
-                        del grads
-                torch.cuda.current_stream().wait_stream(self.stream)
-                forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-                options = {"pool": self.pool, "stream": self.stream, "capture_error_mode": "thread_local"}
-                with torch.cuda.graph(forward, **options):
-                    outputs = model(**inputs)
-                with torch.cuda.graph(backward, **options):
-                    grads = torch.autograd.grad(outputs.loss, self.params, grad_outputs=self.one, allow_unused=True)
-                    torch._foreach_copy_(self.grad_buffers, [g for g in grads if g is not None])
-                    del grads
+            for _ in range(WARMUP_STEPS):
+                self.recorder.warm_up(warm_up)
+            captured = _Captured(static, self.recorder.capture(forward), self.recorder.capture(backward), state)
         except Exception as error:  # noqa: BLE001 - any capture failure means: train eagerly
-            torch.cuda.synchronize()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
             self.disabled = f"capture failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
             log.warning("cuda graphs off: %s; training eagerly from here", self.disabled)
             return None
@@ -279,7 +317,7 @@ class StepGraphs:
             self.captures,
             self.capture_seconds,
         )
-        return _Captured(static, forward, backward, outputs)
+        return captured
 
     def _make_grad_buffers(self, grads) -> None:
         used = [g is not None for g in grads]

@@ -179,6 +179,7 @@ def _train(cfg, out: Path, report_to: list[str]) -> dict:
         if cfg.data.formatter.value == "synthetic"
         else (cfg.data.path or cfg.data.name),
         "kernels": backend,
+        "cuda_graphs": trainer.step_graphs.stats() if trainer.step_graphs is not None else None,
         "trainer": cfg.trainer.name,
         "global_step": result.global_step,
         "train_loss": result.training_loss,

@@ -11,8 +11,9 @@
   the trainer logs, and ``logging_nan_inf_filter`` is off by default (it reads the loss on the host
   every step; with it off a NaN loss shows in the log instead of being averaged away);
 - ``cuda_graphs``: padding-free steps on one GPU replay CUDA graphs of the forward and backward
-  (``fusetune.graphs``), so a step of a few thousand tokens is no longer bound by the host's
-  eager launches. On where it is safe; off, with the reason logged, elsewhere.
+  (``fusetune.graphs``), so a step of a few thousand tokens is not bound by the host's eager
+  launches. Opt-in for now: True (an error where impossible) or None (on where safe, else off with
+  the reason logged).
 """
 
 import logging
@@ -60,8 +61,11 @@ class FastSFTConfig(SFTConfig):
         metadata={"help": "Replace NaN/inf step losses in the logged loss (costs a host sync per step)."},
     )
     cuda_graphs: bool | None = field(
-        default=None,
-        metadata={"help": "Replay padding-free steps as CUDA graphs; None: on where it is safe (logged)."},
+        default=False,  # opt-in until its capture path has been measured on a GPU
+        metadata={
+            "help": "Replay padding-free steps as CUDA graphs (an error where that is impossible); "
+            "None: on where it is safe, with the choice logged."
+        },
     )
 
     def __post_init__(self):
