@@ -42,7 +42,7 @@ from transformers import AutoConfig, TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from fusetune import patching, varlen
-from fusetune.graphs import StepGraphs
+from fusetune.graphs import CudaGraphs, Reruns, StepGraphs
 from fusetune.models import add_lora, load_model, resolve
 from fusetune.patching import apply_kernels, remove_kernels
 
@@ -262,8 +262,10 @@ def median(rows: list[dict], key: str):
 def run_backend(args, backend, batches, device, dtype) -> dict:
     model, optimizer, attn = build(args, backend, device, dtype)
     step_graphs = None
-    if BACKENDS[backend][2]:
-        step_graphs = StepGraphs([p for p in model.parameters() if p.requires_grad], pad_token_id=0)
+    if BACKENDS[backend][2]:  # without CUDA (smoke tests), the same padded path with reruns for replays
+        recorder = CudaGraphs() if device.type == "cuda" else Reruns()
+        params = [p for p in model.parameters() if p.requires_grad]
+        step_graphs = StepGraphs(params, pad_token_id=0, recorder=recorder, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     varlen.reset_calls()

@@ -22,16 +22,20 @@ The loss is divided inside the graph by a denominator that is copied in before e
 (``num_items_in_batch``, or the batch's own label count).
 
 Inside the graphs the fused loss head scores every row, pad rows included
-(``patched.static_shapes``), since finding the labelled rows needs a host sync.
+(``patched.static_shapes``), since finding the labelled rows needs a host sync. At capture time no
+autograd graph through the trained parameters may be alive (a loss kept with its graph, say): the
+captured backward would have to wait on the stream that graph ran on, and the capture fails. A failed
+capture turns graphs off, with the reason logged, and training goes on eagerly.
 """
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
-from . import patched
+from . import patched, varlen
 from .patched import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -160,6 +164,13 @@ class CudaGraphs:
             fn()
         return graph
 
+    def recover(self) -> None:
+        """After a failed capture CUDA's random generator still counts offsets for a graph, and every
+        random op outside one raises; one empty, successful capture resets it."""
+        torch.cuda.synchronize()
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=self.stream):
+            pass
+
 
 class Reruns:
     """Stands in for CUDA graphs where there are none (tests on CPU, or telling a graph bug from a
@@ -174,6 +185,9 @@ class Reruns:
 
     def capture(self, fn) -> "Reruns.Rerun":
         return Reruns.Rerun(fn)
+
+    def recover(self) -> None:
+        pass
 
 
 @dataclass
@@ -282,29 +296,40 @@ class StepGraphs:
         state = {}
 
         def warm_up():
+            varlen.forget_batches()
             with patched.static_shapes():
                 loss = model(**inputs).loss
             self._make_grad_buffers(torch.autograd.grad(loss, self.params, allow_unused=True))
 
         def forward():
+            # Masks the attention caches per batch are built inside the graph, not reused from the warm-up.
+            varlen.forget_batches()
             # here, not around capture(): Reruns run it again later, inside _Replay.forward (no grad)
             with torch.enable_grad(), patched.static_shapes():
                 state["outputs"] = model(**inputs)
 
         def backward():
-            loss = state["outputs"].loss
-            grads = torch.autograd.grad(loss, self.params, grad_outputs=self.one, allow_unused=True)
+            out = state["outputs"]
+            grads = torch.autograd.grad(out.loss, self.params, grad_outputs=self.one, allow_unused=True)
             torch._foreach_copy_(self.grad_buffers, [g for g in grads if g is not None])
+            # Keep no autograd graph: its AccumulateGrad nodes would pin every later backward to this stream.
+            state["outputs"] = dataclasses.replace(out, loss=out.loss.detach())
 
+        if torch.is_autocast_enabled(self.device.type):
+            self.disabled = "an autocast region encloses the step (its cast cache would go stale in a graph)"
+            log.warning("cuda graphs off: %s; training eagerly from here", self.disabled)
+            return None
         start = time.perf_counter()
         try:
             for _ in range(WARMUP_STEPS):
                 self.recorder.warm_up(warm_up)
             captured = _Captured(static, self.recorder.capture(forward), self.recorder.capture(backward), state)
         except Exception as error:  # noqa: BLE001 - any capture failure means: train eagerly
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.disabled = f"capture failed ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+            self.recorder.recover()
+            self.disabled = (
+                f"capture failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}; "
+                "usual causes: a host sync in the step, or an earlier step's autograd graph still alive)"
+            )
             log.warning("cuda graphs off: %s; training eagerly from here", self.disabled)
             return None
         self.captures += 1

@@ -102,6 +102,12 @@ def _version_of(tensor: torch.Tensor) -> int | None:
 _cache = _BatchCache()
 
 
+def forget_batches() -> None:
+    """Drop what was cached for the last batch (so a CUDA graph capture builds its own masks)."""
+    global _cache
+    _cache = _BatchCache()
+
+
 # ---------------------------------------------------------------------------------- documents
 
 

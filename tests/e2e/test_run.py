@@ -117,6 +117,7 @@ def test_wandb_offline_and_tensorboard_write_logs(compose_cfg, tmp_path):
         (["data=alpaca", "data.path=/nonexistent/alpaca.jsonl"], "data.path: no such file"),
         (["model.name_or_path=fusetune:nope"], "no shipped model 'fusetune:nope'"),
         (["model.load_in_4bit=true"], "needs model.lora"),
+        (["trainer.cuda_graphs=true"], "cuda_graphs=True: not possible here"),  # no CUDA, or padded batches
     ],
 )
 def test_user_mistakes_exit_2_with_one_line(tmp_path, overrides, message):

@@ -11,6 +11,7 @@
 """
 
 import contextlib
+import dataclasses
 import logging
 import random
 
@@ -90,10 +91,11 @@ def lora_model(dtype=torch.float32, device="cpu", backend="reference", seed=0):
 
 
 def loss_stats_grads(model, inputs, num_items):
+    """An eager step's outputs, detached (a live autograd graph would make a later capture fail), and grads."""
     out = model(**inputs, use_cache=False, token_stats=True, num_items_in_batch=num_items)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(out.loss, params)
-    return out, grads
+    return dataclasses.replace(out, loss=out.loss.detach()), grads
 
 
 @pytest.mark.parametrize(
