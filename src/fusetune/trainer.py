@@ -174,7 +174,8 @@ class FastSFTTrainer(SFTTrainer):
         finally:
             if self._truncate_to is not None:
                 args.max_length = self._truncate_to
-        self.step_graphs = self._make_step_graphs()
+        self.step_graphs: StepGraphs | None = None  # made at the first training step (after any resume)
+        self._graphs_wanted = self._want_step_graphs()
 
     def cuda_graph_blocker(self) -> str | None:
         """Why padding-free steps cannot be replayed as CUDA graphs here, or None."""
@@ -198,19 +199,29 @@ class FastSFTTrainer(SFTTrainer):
             return "torch_compile or activation offloading is on"
         return None
 
-    def _make_step_graphs(self) -> StepGraphs | None:
-        if self.args.cuda_graphs is False or isinstance(self.model, str):
-            return None
+    def _want_step_graphs(self) -> bool:
+        if self.args.cuda_graphs is False:
+            return False
         reason = self.cuda_graph_blocker()
         if reason is not None:
             if self.args.cuda_graphs:
                 raise FusetuneError(f"cuda_graphs=True: not possible here: {reason}")
             log.info("cuda graphs off: %s", reason)
-            return None
-        pad = getattr(self.processing_class, "pad_token_id", None)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+            return False
         log.info("cuda graphs on: padding-free steps replay captured graphs (rows padded to buckets, < 12.5%)")
-        return StepGraphs(params, pad if pad is not None else 0)
+        return True
+
+    def _graphed_step(self, model, inputs, num_items_in_batch):
+        """The step from CUDA graph replays, or None where it runs eagerly."""
+        if self.step_graphs is None:
+            if not self._graphs_wanted:
+                return None
+            # made here, not in __init__: a resumed run has loaded its checkpoint by now, and the
+            # graphs must read the parameters that train
+            pad = getattr(self.processing_class, "pad_token_id", None)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.step_graphs = StepGraphs(params, pad if pad is not None else 0)
+        return self.step_graphs.run(model, inputs, num_items_in_batch)
 
     def _uses_token_stats(self, model) -> bool:
         """Whether compute_loss can take the fused loss and metric sums from our forward (else TRL's own)."""
@@ -237,9 +248,8 @@ class FastSFTTrainer(SFTTrainer):
         if return_outputs or not self._uses_token_stats(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
-        out = None
-        if self.step_graphs is not None and mode == "train" and torch.is_grad_enabled():
-            out = self.step_graphs.run(model, inputs, num_items_in_batch)
+        training = mode == "train" and torch.is_grad_enabled()
+        out = self._graphed_step(model, inputs, num_items_in_batch) if training else None
         if out is None:
             out = model(**{**inputs, "use_cache": False}, token_stats=True, num_items_in_batch=num_items_in_batch)
         loss = out.loss

@@ -12,6 +12,7 @@
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import random
 
@@ -21,6 +22,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+import fusetune.trainer
 from fusetune import graphs, patched
 from fusetune.errors import FusetuneError
 from fusetune.graphs import CudaGraphs, Reruns, StaticBatch, StepGraphs, bucket_for, padded_batch
@@ -132,17 +134,8 @@ def test_padded_batch_gives_the_same_loss_metrics_and_gradients(backend, lengths
 def trainer_for(tmp_path, tokenizer, **config):
     model = lora_model(device="cuda" if not config.get("use_cpu", True) else "cpu")
     rows = [{"prompt": f"Q{i}: " + "ab" * (i % 7), "completion": " A" + "z" * (i % 5 + 1)} for i in range(24)]
-    args = FastSFTConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        report_to=[],
-        save_strategy="no",
-        max_steps=4,
-        logging_steps=1,
-        seed=0,
-        padding_free=True,
-        **config,
-    )
+    defaults = dict(per_device_train_batch_size=4, report_to=[], save_strategy="no", max_steps=4, logging_steps=1)
+    args = FastSFTConfig(output_dir=str(tmp_path), seed=0, padding_free=True, **{**defaults, **config})
     return FastSFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
 
 
@@ -252,26 +245,38 @@ def test_a_backward_after_a_later_forward_is_refused():
         remove_kernels()
 
 
-def run_trainer(tmp_path, tokenizer, where, graphed, **config):
+def graphed_trainer(tmp_path, tokenizer, where, graphed, monkeypatch, **config):
+    """A FastSFTTrainer with graphs on or off. On CPU "on" means the same code with Reruns for graphs:
+    the trainer makes its StepGraphs at the first step, as on CUDA."""
     device, recorder, *_ = WHERE[where]
-    trainer = trainer_for(
-        tmp_path, tokenizer, use_cpu=device == "cpu", cuda_graphs=graphed and device == "cuda", **config
-    )
-    if graphed and device == "cpu":  # no CUDA: the same padded path, with reruns for replays
-        params = [p for p in trainer.model.parameters() if p.requires_grad]
-        trainer.step_graphs = StepGraphs(params, PAD, recorder=recorder(), device="cpu")
+    on_cuda = device == "cuda"
+    trainer = trainer_for(tmp_path, tokenizer, use_cpu=not on_cuda, cuda_graphs=graphed and on_cuda, **config)
+    if graphed and not on_cuda:
+        monkeypatch.setattr(trainer, "_graphs_wanted", True)
+        monkeypatch.setattr(
+            fusetune.trainer, "StepGraphs", functools.partial(StepGraphs, recorder=recorder(), device="cpu")
+        )
+    return trainer
+
+
+def run_trainer(tmp_path, tokenizer, where, graphed, monkeypatch, **config):
+    trainer = graphed_trainer(tmp_path, tokenizer, where, graphed, monkeypatch, **config)
     trainer.train()
     return trainer
 
 
+def logged(trainer, key="loss"):
+    return [log[key] for log in trainer.state.log_history if key in log]
+
+
 @where
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_trainer_losses_with_and_without_graphs(tiny_tokenizer, tmp_path, where, checkpointing):
+def test_trainer_losses_with_and_without_graphs(tiny_tokenizer, tmp_path, monkeypatch, where, checkpointing):
     runs, tol = {}, WHERE[where][4]
     config = dict(gradient_accumulation_steps=2, gradient_checkpointing=checkpointing)
     try:
         for graphed in (False, True):
-            runs[graphed] = run_trainer(tmp_path / str(graphed), tiny_tokenizer, where, graphed, **config)
+            runs[graphed] = run_trainer(tmp_path / str(graphed), tiny_tokenizer, where, graphed, monkeypatch, **config)
             remove_kernels()
     finally:
         remove_kernels()
@@ -284,6 +289,22 @@ def test_trainer_losses_with_and_without_graphs(tiny_tokenizer, tmp_path, where,
         for key in ("loss", "entropy", "mean_token_accuracy"):
             assert abs(graph[key] - eager[key]) <= tol * abs(eager[key]) + tol / 10, (key, eager, graph)
         assert graph["num_tokens"] == eager["num_tokens"]
+
+
+@where
+def test_resume_with_graphs_gives_the_same_losses(tiny_tokenizer, tmp_path, monkeypatch, where):
+    """Graphs are made at the first step, after the checkpoint is loaded: a resumed run trains the loaded weights."""
+    tol = WHERE[where][4]
+    config = dict(max_steps=6, save_strategy="steps", save_steps=3)
+    try:
+        whole = run_trainer(tmp_path / "whole", tiny_tokenizer, where, True, monkeypatch, **config)
+        remove_kernels()
+        resumed = graphed_trainer(tmp_path / "resumed", tiny_tokenizer, where, True, monkeypatch, **config)
+        resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
+    finally:
+        remove_kernels()
+    assert resumed.step_graphs.replays == 3 and resumed.step_graphs.disabled is None
+    assert logged(resumed)[-3:] == pytest.approx(logged(whole)[-3:], rel=tol)
 
 
 @pytest.mark.gpu
@@ -299,5 +320,5 @@ def test_a_failed_capture_falls_back_to_eager_steps(tiny_tokenizer, tmp_path, mo
     finally:
         remove_kernels()
     assert trainer.step_graphs.disabled.startswith("capture failed") and "cuda graphs off" in caplog.text
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    losses = logged(trainer)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
