@@ -440,7 +440,8 @@ def markdown(report: dict) -> str:
             g = r["graphs"]
             lines.append(
                 f"- {name}: {g['buckets']} buckets captured in {g['capture_seconds']:.1f} s, "
-                f"{g['replays']} replays{'; disabled: ' + g['disabled'] if g['disabled'] else ''}"
+                f"{g['replays']} replays, {g['padding']:.1%} of the replayed tokens were padding"
+                f"{'; disabled: ' + g['disabled'] if g['disabled'] else ''}"
             )
     if report.get("loss_agreement"):
         lines += ["", f"Losses on the same batches: {report['loss_agreement']}"]

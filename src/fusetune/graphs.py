@@ -22,7 +22,8 @@ The loss is divided inside the graph by a denominator that is copied in before e
 (``num_items_in_batch``, or the batch's own label count).
 
 Inside the graphs the fused loss head scores every row, pad rows included
-(``patched.static_shapes``), since finding the labelled rows needs a host sync. At capture time no
+(``patched.static_shapes``), since finding the labelled rows needs a host sync. With prompts that are
+not trained on, that is extra lm_head work in proportion to the prompt tokens. At capture time no
 autograd graph through the trained parameters may be alive (a loss kept with its graph, say): the
 captured backward would have to wait on the stream that graph ran on, and the capture fails. A failed
 capture turns graphs off, with the reason logged, and training goes on eagerly.
@@ -245,6 +246,8 @@ class StepGraphs:
         self.captures = 0
         self.replays = 0
         self.capture_seconds = 0.0
+        self.tokens = 0  # real tokens replayed
+        self.padded_tokens = 0  # the same rows, padded to their buckets
         self._said: set[str] = set()
 
     def run(self, model, batch: dict, num_items_in_batch=None):
@@ -272,6 +275,8 @@ class StepGraphs:
                 return None
             self.graphs[key] = captured
         self.replays += 1
+        self.tokens += batch["input_ids"].shape[1]
+        self.padded_tokens += bucket.tokens
         loss = _Replay.apply(self, captured, *self.params)
         out = captured.state["outputs"]
         sums = torch.stack([out.entropy_sum.float(), out.num_correct.float(), out.num_valid.float()])
@@ -363,5 +368,6 @@ class StepGraphs:
             "captures": self.captures,
             "replays": self.replays,
             "capture_seconds": round(self.capture_seconds, 3),
+            "padding": round(1 - self.tokens / self.padded_tokens, 4) if self.padded_tokens else 0.0,
             "disabled": self.disabled,
         }

@@ -204,13 +204,10 @@ def test_replays_match_eager_steps(where):
             with torch.no_grad():  # an optimizer step: weights change in place
                 for p in params:
                     p.add_(0.01 * torch.randn_like(p))
-        assert step_graphs.stats() == {
-            "buckets": 4,
-            "captures": 4,
-            "replays": 10,
-            "capture_seconds": step_graphs.stats()["capture_seconds"],
-            "disabled": None,
-        }
+        stats = step_graphs.stats()
+        real = 2 * (347 + 344 + 128 + 803 + 912)
+        padding = round(1 - real / (2 * (352 + 352 + 128 + 832 + 960)), 4)
+        assert stats == {**stats, "buckets": 4, "captures": 4, "replays": 10, "padding": padding, "disabled": None}
     finally:
         remove_kernels()
 
