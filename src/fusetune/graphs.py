@@ -349,6 +349,12 @@ class StepGraphs:
         )
         return captured
 
+    def release(self) -> None:
+        """Free the graphs and their memory pool (the counts stay); a later step captures afresh."""
+        self.graphs.clear()
+        self.pending = None
+        self.recorder = type(self.recorder)()  # a new pool: the old one goes with its graphs
+
     def _make_grad_buffers(self, grads) -> None:
         used = [g is not None for g in grads]
         if self.used is None:

@@ -155,6 +155,8 @@ def _train(cfg, out: Path, report_to: list[str]) -> dict:
     )
     record.reset_peak_memory()
     result = trainer.train()
+    if trainer.step_graphs is not None:
+        trainer.step_graphs.release()  # evaluation and generation get the graphs' memory back
     peak = record.peak_memory_gib()
 
     saved_to = None
