@@ -320,7 +320,7 @@ def run_trainer(args, documents, device, dtype, variant: str) -> dict:
     loop, varlen attention. Step time is the median interval between step ends.
 
     ``fused``: FastSFTTrainer with eager steps (loss and metric sums from one fused pass, read at log time).
-    ``graphs``: the same, with its steps replayed as CUDA graphs (as shipped); steps that capture a new
+    ``graphs``: the same, with its steps replayed as CUDA graphs (``cuda_graphs=True``); steps that capture a new
     bucket are left out of the medians and counted.
     ``trl``: TRL's own compute_loss on the same patched model (metrics read on the host every step)
     and HF's default logging_nan_inf_filter (the loss read every step).
@@ -464,8 +464,8 @@ def markdown(report: dict) -> str:
             "",
             "Step: median interval between optimizer-step ends, the trainer's own host syncs included; "
             "host CPU: CPU time of the process over that interval (all threads; collation, logging included); "
-            "GPU: GPU activity per step in a second, profiled run. fused: eager steps; graphs: CUDA graphs "
-            "(as shipped); trl: TRL's own compute_loss and HF's NaN filter on the same patched model "
+            "GPU: GPU activity per step in a second, profiled run. fused: eager steps (as shipped); graphs: "
+            "CUDA graphs (cuda_graphs=True); trl: TRL's own compute_loss and HF's NaN filter on the same patched model "
             "(host reads every step).",
             "",
             "| variant | attn_implementation | host CPU ms | GPU ms | step ms | GPU busy | bound | tokens/s "

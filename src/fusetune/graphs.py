@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fusetune_kernels.cross_entropy import loss_denominator
+
 from . import patched, varlen
 from .patched import IGNORE_INDEX
 
@@ -283,13 +285,12 @@ class StepGraphs:
         return patched.TokenStatsOutput(loss=loss, entropy_sum=sums[0], num_correct=sums[1], num_valid=sums[2])
 
     def _set_denominator(self, batch: dict, num_items_in_batch) -> None:
-        if num_items_in_batch is None:  # the mean over this batch's labelled tokens
-            count = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().clamp_min(1)
-            self.denominator.copy_(count)
-        elif torch.is_tensor(num_items_in_batch):
-            self.denominator.copy_(num_items_in_batch)
+        """What the eager loss head divides by: ``num_items_in_batch``, else this batch's labelled tokens."""
+        value = loss_denominator(batch["labels"][:, 1:], IGNORE_INDEX, "mean", num_items_in_batch)
+        if torch.is_tensor(value):
+            self.denominator.copy_(value)
         else:
-            self.denominator.fill_(float(num_items_in_batch))
+            self.denominator.fill_(value)
 
     def _capture(self, model, static: StaticBatch) -> _Captured | None:
         inputs = {
