@@ -54,7 +54,17 @@ BACKENDS = {
     "varlen_graphs": ("auto", True, True),
     "masked": ("masked", True, False),
 }
-TRAINER_VARIANTS = ("fused", "graphs", "trl")
+# name -> FastSFTConfig settings, each stated whatever the defaults are; "trl" also swaps in TRL's own
+# compute_loss (see run_trainer). *_async: batches copied to the GPU without a host wait.
+TRAINER_VARIANTS = {
+    f"{name}{suffix}": {**settings, "accelerator_config": {"non_blocking": bool(suffix)}}
+    for name, settings in {
+        "fused": {"cuda_graphs": False},
+        "graphs": {"cuda_graphs": True},
+        "trl": {"cuda_graphs": False, "logging_nan_inf_filter": True},
+    }.items()
+    for suffix in ("", "_async")
+}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -77,8 +87,8 @@ def parse_args(argv=None):
         "--trainer",
         default="",
         help="also time the same documents through FastSFTTrainer.train(), comma-separated variants: "
-        "fused (fused loss, eager steps), graphs (fused loss, CUDA graphs), "
-        "trl (TRL's own compute_loss and HF's NaN filter: host reads every step)",
+        "fused (fused loss, eager steps), graphs (fused loss, CUDA graphs), *_async (the same, batches copied "
+        "to the GPU with non_blocking=True), trl (TRL's own compute_loss and HF's NaN filter: host reads every step)",
     )
     args = p.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -273,8 +283,11 @@ def run_backend(args, backend, batches, device, dtype) -> dict:
     calls = dict(varlen.calls)
     step = functools.partial(train_step, model, optimizer, batches[-1], device, step_graphs)
     syncs = sync_points(step, device)
-    profiled, ops = profiled_pass(model, optimizer, batches, device, args.top_ops, step_graphs)
-    steps = [{**t, **p} for t, p in zip(timed, profiled, strict=True)]
+    # the warm-up steps run again unprofiled (their shapes are warm by now); only the measured ones are traced
+    for batch in batches[: args.warmup]:
+        train_step(model, optimizer, batch, device, step_graphs)
+    profiled, ops = profiled_pass(model, optimizer, batches[args.warmup :], device, args.top_ops, step_graphs)
+    steps = [{**t, **p} for t, p in zip(timed, [{}] * args.warmup + profiled, strict=True)]
     measured = [s for s in steps[args.warmup :] if not s["captured"]]
     summary = {k: median(measured, k) for k in ("host_ms", "host_cpu_ms", "step_ms", "host_ms_profiled", "gpu_ms")}
     summary["gpu_kernels"] = median(measured, "gpu_kernels")
@@ -301,7 +314,10 @@ def run_backend(args, backend, batches, device, dtype) -> dict:
 
 
 class _StepClock(TrainerCallback):
-    """Wall and host-CPU time at the end of every optimizer step (no syncs added: the trainer's own stay)."""
+    """At the end of every optimizer step: the host's wall and CPU time, the graphs captured so far,
+    and (on CUDA) an event on the stream, so step times can be read off the GPU's own timeline. With
+    non-blocking copies the host runs ahead of the GPU, and its own step-end times say nothing of the
+    GPU's pace. No syncs are added: the trainer's own stay."""
 
     def __init__(self, trainer=None):
         self.marks = []
@@ -310,9 +326,22 @@ class _StepClock(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         graphs = self.trainer.step_graphs if self.trainer is not None else None
-        self.marks.append((time.perf_counter(), time.process_time(), graphs.captures if graphs is not None else 0))
+        event = None
+        if torch.cuda.is_available() and not args.use_cpu:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        captures = graphs.captures if graphs is not None else 0
+        self.marks.append((time.perf_counter(), time.process_time(), captures, event))
         if self.profiler is not None:
             self.profiler.step()
+
+
+def interval_ms(a, b) -> float:
+    """From one step-end mark to the next: on the GPU's timeline where there are events, else the host's."""
+    if a[3] is not None:
+        b[3].synchronize()
+        return a[3].elapsed_time(b[3])
+    return 1e3 * (b[0] - a[0])
 
 
 def run_trainer(args, documents, device, dtype, variant: str) -> dict:
@@ -322,6 +351,8 @@ def run_trainer(args, documents, device, dtype, variant: str) -> dict:
     ``fused``: FastSFTTrainer with eager steps (loss and metric sums from one fused pass, read at log time).
     ``graphs``: the same, with its steps replayed as CUDA graphs (``cuda_graphs=True``); steps that capture a new
     bucket are left out of the medians and counted.
+    ``fused_async``, ``graphs_async``: the same, with batches copied to the GPU without waiting for it
+    (accelerate's ``non_blocking``, from pinned memory), so the host can run a step ahead.
     ``trl``: TRL's own compute_loss on the same patched model (metrics read on the host every step)
     and HF's default logging_nan_inf_filter (the loss read every step).
     """
@@ -345,12 +376,11 @@ def run_trainer(args, documents, device, dtype, variant: str) -> dict:
         gradient_checkpointing=args.gradient_checkpointing,
         kernels=args.kernels if args.kernels != "none" else "auto",
         seed=args.seed,
-        logging_nan_inf_filter=variant == "trl",
-        cuda_graphs=variant == "graphs",
+        **TRAINER_VARIANTS[variant],
     )
     tokenizer = load_tokenizer("fusetune:tiny_llama")  # the documents are token ids already; it gives pad/eos
     trainer = FastSFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
-    if variant == "trl":
+    if variant.startswith("trl"):
         trainer._uses_token_stats = lambda model: False
     clock = _StepClock(trainer)
     trainer.add_callback(clock)
@@ -362,7 +392,7 @@ def run_trainer(args, documents, device, dtype, variant: str) -> dict:
     marks = clock.marks[args.warmup :]
     pairs = list(zip(marks, marks[1:], strict=False))
     replays = [(a, b) for a, b in pairs if b[2] == a[2]]  # no capture in between
-    step_ms = [1e3 * (b[0] - a[0]) for a, b in replays]
+    step_ms = [interval_ms(a, b) for a, b in replays]
     cpu_ms = [1e3 * (b[1] - a[1]) for a, b in replays]
     summary = {"step_ms": statistics.median(step_ms), "host_cpu_ms": statistics.median(cpu_ms)}
     summary["capture_steps"] = len(pairs) - len(replays)
@@ -389,7 +419,7 @@ def run_trainer(args, documents, device, dtype, variant: str) -> dict:
         "attention_calls_per_step": {k: v / n_steps for k, v in calls.items()},
         "graphs": graphs,
         "summary": summary,
-        "step_ms_all": [1e3 * (b[0] - a[0]) for a, b in pairs],
+        "step_ms_all": [interval_ms(a, b) for a, b in pairs],
         "sync_points": syncs,
         "log_history": trainer.state.log_history,
     }
@@ -462,10 +492,11 @@ def markdown(report: dict) -> str:
             "",
             "## FastSFTTrainer.train() on the same documents",
             "",
-            "Step: median interval between optimizer-step ends, the trainer's own host syncs included; "
-            "host CPU: CPU time of the process over that interval (all threads; collation, logging included); "
-            "GPU: GPU activity per step in a second, profiled run. fused: eager steps (as shipped); graphs: "
-            "CUDA graphs (cuda_graphs=True); trl: TRL's own compute_loss and HF's NaN filter on the same patched model "
+            "Step: median interval between optimizer-step ends, on the GPU's timeline (CUDA events), the "
+            "trainer's own host syncs included; host CPU: CPU time of the process per step (all threads: "
+            "collation, logging, and spinning in syncs included); GPU: GPU activity per step in a second, "
+            "profiled run. fused: eager steps; graphs: CUDA graphs; *_async: batches copied with "
+            "non_blocking=True; trl: TRL's own compute_loss and HF's NaN filter on the same patched model "
             "(host reads every step).",
             "",
             "| variant | attn_implementation | host CPU ms | GPU ms | step ms | GPU busy | bound | tokens/s "

@@ -111,7 +111,7 @@ class TrainerConfig:
     max_grad_norm: float = 1.0
     packing: bool = False
     padding_free: bool = False
-    cuda_graphs: bool | None = False  # padding-free steps as CUDA graph replays; null: on where safe
+    cuda_graphs: bool | None = None  # padding-free steps as CUDA graph replays; null: on where safe
     completion_only_loss: bool | None = None
     assistant_only_loss: bool = False
     gradient_checkpointing: bool = False

@@ -8,8 +8,10 @@ backward, the whole step costs the host two graph launches and a few small copie
 A graph replays fixed shapes, so each batch is padded up to a bucket (``bucket_for``):
 
 - tokens: up to a multiple of 1/16 of the next power of two (less than 12.5% padding, at least
-  ``MIN_TOKENS``). The pad tokens form one more document, with its own positions and no labels, so
-  no real token attends to them and they add nothing to the loss or the metrics;
+  ``MIN_TOKENS``). The pad tokens form documents of their own, with their own positions and no labels,
+  so no real token attends to them and they add nothing to the loss or the metrics. Each pad document
+  is at most ``PAD_DOC_TOKENS`` long, so their attention costs next to nothing (one pad document of 2k
+  tokens would cost as much attention as 14 real documents of 544);
 - documents: the cumulative lengths are padded with empty documents, up to a power of two;
 - the longest document: up to a power of two (it sizes the attention kernel's grid only).
 
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 TOKEN_STEPS_PER_OCTAVE = 8  # bucket spacing: padding stays under 1/8 of the tokens
 MIN_TOKENS = 128
 MIN_DOCS = 8
+PAD_DOC_TOKENS = 128  # the longest pad document
 MAX_GRAPHS = 64  # buckets captured at most; batches of a new bucket past this run eagerly
 WARMUP_STEPS = 1  # eager runs on the capture stream before capturing (compiles kernels, makes workspaces)
 BATCH_KEYS = frozenset(
@@ -60,8 +63,13 @@ def next_pow2(n: int) -> int:
 @dataclass(frozen=True)
 class Bucket:
     tokens: int  # row length after padding
-    docs: int  # documents after padding (the pad document and empty ones included)
+    docs: int  # documents after padding (the pad documents and empty ones included)
     longest: int  # the attention kernel's max_seqlen
+
+
+def pad_docs(pad: int) -> int:
+    """How many documents ``pad`` pad tokens form."""
+    return -(-pad // PAD_DOC_TOKENS)
 
 
 def bucket_for(tokens: int, docs: int, longest: int) -> Bucket:
@@ -71,8 +79,8 @@ def bucket_for(tokens: int, docs: int, longest: int) -> Bucket:
     pad = padded - tokens
     return Bucket(
         tokens=padded,
-        docs=max(MIN_DOCS, next_pow2(docs + (pad > 0))),
-        longest=min(padded, next_pow2(max(longest, pad, 1))),
+        docs=max(MIN_DOCS, next_pow2(docs + pad_docs(pad))),
+        longest=min(padded, next_pow2(max(longest, min(pad, PAD_DOC_TOKENS), 1))),
     )
 
 
@@ -103,24 +111,28 @@ class StaticBatch:
         self.labels = torch.full((1, t), IGNORE_INDEX, dtype=torch.long, device=device)
         self.cu_seq_lens = torch.full((d + 1,), t, dtype=torch.int32, device=device)
         self.seq_idx = torch.zeros(1, t, dtype=torch.int32, device=device) if with_seq_idx else None
-        self.positions = torch.arange(t, dtype=torch.long, device=device)
+        # for the pad tokens after the batch's n: positions, document numbers, document ends (less n)
+        self.pad_positions = torch.arange(t, dtype=torch.long, device=device) % PAD_DOC_TOKENS
+        self.pad_doc_index = torch.arange(t, dtype=torch.int32, device=device) // PAD_DOC_TOKENS
+        self.pad_doc_ends = torch.arange(1, d + 1, dtype=torch.int32, device=device) * PAD_DOC_TOKENS
 
     def fill(self, batch: dict) -> None:
-        """Copy ``batch`` in, then the pad document and the empty ones (all on the device, no sync)."""
+        """Copy ``batch`` in, then the pad documents and the empty ones (all on the device, no sync)."""
         n = batch["input_ids"].shape[1]
         docs = batch["cu_seq_lens_q"].numel() - 1
         t = self.bucket.tokens
         self.input_ids[:, :n].copy_(batch["input_ids"])
         self.input_ids[:, n:].fill_(self.pad_token_id)
         self.position_ids[:, :n].copy_(batch["position_ids"])
-        self.position_ids[0, n:].copy_(self.positions[: t - n])
+        self.position_ids[0, n:].copy_(self.pad_positions[: t - n])
         self.labels[:, :n].copy_(batch["labels"])
         self.labels[:, n:].fill_(IGNORE_INDEX)
         self.cu_seq_lens[: docs + 1].copy_(batch["cu_seq_lens_q"])
-        self.cu_seq_lens[docs + 1 :].fill_(t)
+        tail = self.cu_seq_lens[docs + 1 :]  # pad documents end every PAD_DOC_TOKENS, then empty ones at t
+        tail.copy_(self.pad_doc_ends[: tail.numel()]).add_(n).clamp_(max=t)
         if self.seq_idx is not None:
             self.seq_idx[:, :n].copy_(batch["seq_idx"])
-            self.seq_idx[:, n:].fill_(docs)
+            self.seq_idx[0, n:].copy_(self.pad_doc_index[: t - n]).add_(docs)
 
     def model_inputs(self) -> dict:
         inputs = {

@@ -1,6 +1,7 @@
 """FastSFTConfig and FastSFTTrainer: TRL's SFT classes with fusetune's kernels and defaults.
 
-- precision from the hardware when neither bf16 nor fp16 is set (bf16, else fp16 on GPU; fp32 on CPU);
+- precision from the hardware when neither bf16 nor fp16 is set (bf16, else fp16 on GPU; fp32 on CPU
+  or with ``use_cpu``);
 - the kernels backend (``kernels``: auto | triton | reference) is applied to the model;
 - padding-free batches by default where that is safe, and the reason logged where it is not;
 - ``embedding_learning_rate``: trainable embed_tokens/lm_head weights get their own optimizer group;
@@ -12,8 +13,10 @@
   every step; with it off a NaN loss shows in the log instead of being averaged away);
 - ``cuda_graphs``: padding-free steps on one GPU replay CUDA graphs of the forward and backward
   (``fusetune.graphs``), so a step of a few thousand tokens is not bound by the host's eager
-  launches. Opt-in for now: True (an error where impossible) or None (on where safe, else off with
-  the reason logged).
+  launches. None (the default): on where safe, else off with the reason logged; True: an error
+  where impossible; False: eager steps;
+- on CUDA, batches are copied to the GPU without a host wait (accelerate's ``non_blocking``, from
+  pinned memory), so the host can prepare the next step while the GPU runs this one.
 """
 
 import logging
@@ -61,7 +64,7 @@ class FastSFTConfig(SFTConfig):
         metadata={"help": "Replace NaN/inf step losses in the logged loss (costs a host sync per step)."},
     )
     cuda_graphs: bool | None = field(
-        default=False,  # opt-in until its capture path has been measured on a GPU
+        default=None,
         metadata={
             "help": "Replay padding-free steps as CUDA graphs (an error where that is impossible); "
             "None: on where it is safe, with the choice logged."
@@ -75,7 +78,11 @@ class FastSFTConfig(SFTConfig):
             )
             self.max_length = self.max_seq_length
         if self.bf16 is None and not self.fp16:
-            self.bf16, self.fp16 = hardware_precision()
+            self.bf16, self.fp16 = (False, False) if self.use_cpu else hardware_precision()
+        on_gpu = torch.cuda.is_available() and not self.use_cpu
+        if self.accelerator_config is None and self.dataloader_pin_memory and on_gpu:
+            # a blocking copy waits for the GPU to finish the previous step; this one does not
+            self.accelerator_config = {"non_blocking": True}
         super().__post_init__()
 
 

@@ -15,7 +15,7 @@ import profile_step  # noqa: E402
 def test_profile_step_smoke_on_cpu(tmp_path):
     profile_step.main(
         ["--out", str(tmp_path), "--tiny", "--steps", "2", "--warmup", "1", "--kernels", "reference"]
-        + ["--backends", "varlen,varlen_graphs", "--trainer", "fused"]
+        + ["--backends", "varlen,varlen_graphs", "--trainer", "fused,fused_async"]
     )
     report = json.loads((tmp_path / "profile.json").read_text())
     assert set(report["backends"]) == {"varlen", "varlen_graphs"}
@@ -24,5 +24,5 @@ def test_profile_step_smoke_on_cpu(tmp_path):
     eager_losses = [s["loss"] for s in report["backends"]["varlen"]["steps"]]
     graph_losses = [s["loss"] for s in graphed["steps"]]
     assert graph_losses == pytest.approx(eager_losses, rel=1e-5)
-    assert report["trainer"]["fused"]["summary"]["step_ms"] > 0
+    assert all(report["trainer"][v]["summary"]["step_ms"] > 0 for v in ("fused", "fused_async"))
     assert "varlen_graphs" in (tmp_path / "profile.md").read_text()

@@ -45,6 +45,17 @@ def test_precision_comes_from_the_hardware(tmp_path):
     cfg = config(tmp_path)
     assert (cfg.bf16, cfg.fp16) == ((False, False) if not torch.cuda.is_available() else (cfg.bf16, not cfg.bf16))
     assert config(tmp_path, fp16=False, bf16=False).bf16 is False
+    assert (config(tmp_path, use_cpu=True).bf16, config(tmp_path, use_cpu=True).fp16) == (False, False)
+
+
+def test_batches_reach_a_gpu_without_a_host_wait(tmp_path):
+    """On CUDA the batch copy is non-blocking (pinned memory); elsewhere, or where the user chose, it is left alone."""
+    on_cuda = torch.cuda.is_available()
+    assert config(tmp_path).accelerator_config.non_blocking is on_cuda
+    assert config(tmp_path, use_cpu=True).accelerator_config.non_blocking is False
+    assert config(tmp_path, dataloader_pin_memory=False).accelerator_config.non_blocking is False
+    chosen = config(tmp_path, accelerator_config={"non_blocking": False, "split_batches": True}).accelerator_config
+    assert chosen.non_blocking is False and chosen.split_batches is True
 
 
 def test_older_trl_names_still_work(tmp_path):
