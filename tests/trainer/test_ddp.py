@@ -20,6 +20,7 @@ EVAL_KEYS = ("eval_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_num_
 def torchrun(tmp_path: Path, variant: str) -> dict:
     out = tmp_path / f"{variant}.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes, also on a host with a GPU
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     proc = subprocess.run(
         [*cmd, str(HERE / "ddp_train.py"), str(out), variant],

@@ -223,6 +223,9 @@ def test_replays_match_eager_steps(where):
                 for p, w in zip(params, want_grads, strict=True):
                     assert rel(p.grad, w) <= tol
                     p.grad = None
+                # a replayed loss keeps its autograd node, and through it the parameters' AccumulateGrad
+                # nodes, made on the default stream: alive at the next capture, they make it fail
+                del got
             with torch.no_grad():  # an optimizer step: weights change in place
                 for p in params:
                     p.add_(0.01 * torch.randn_like(p))
