@@ -16,9 +16,7 @@ from fusetune.data.synthetic import synthetic_splits
 def main(out_json: str, variant: str) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model, tokenizer = FastModel.from_pretrained(  # CPU processes, also on a host with a GPU
-        "fusetune:tiny_llama", max_seq_length=64, dtype=torch.float32, kernels="reference", random_init=True
-    )
+    model, tokenizer = FastModel.from_pretrained("fusetune:tiny_llama", max_seq_length=64, random_init=True)
     model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
     rows, eval_rows = synthetic_splits(64, 16, seed=1)
     args = FastSFTConfig(
