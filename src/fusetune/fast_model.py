@@ -31,7 +31,13 @@ def _dtype(dtype) -> torch.dtype:
     return dtype
 
 
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 class FastModel:
+    """Load, add LoRA, save. Unsloth's FastLanguageModel argument names are accepted as they are."""
+
     @staticmethod
     def from_pretrained(
         model_name: str,
@@ -46,12 +52,35 @@ class FastModel:
         tokenizer_name: str | None = None,
         attn_implementation: str | None = None,
         device_map=None,
+        token: str | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        full_finetuning: bool = False,
+        load_in_16bit: bool = False,
+        fix_tokenizer: bool = True,
+        rope_scaling=None,
+        fast_inference: bool = False,
+        use_gradient_checkpointing: bool | str | None = None,
     ):
-        """(model, tokenizer). ``dtype`` None: bf16 where supported, fp16 on older GPUs, fp32 on CPU."""
-        dtype = _dtype(dtype)
-        tokenizer = models.load_tokenizer(tokenizer_name or model_name)
-        tokenizer.model_max_length = max_seq_length
+        """(model, tokenizer). ``dtype`` None: bf16 where supported, fp16 on older GPUs, fp32 on CPU.
+
+        ``token``, ``revision`` and ``trust_remote_code`` go to the hub loaders (remote code stays off
+        unless asked for). ``full_finetuning`` and ``load_in_16bit`` load unquantized weights; every
+        weight then trains unless ``get_peft_model`` adds adapters. ``fix_tokenizer`` is always on: a
+        tokenizer without a pad token gets its eos token. ``use_gradient_checkpointing`` becomes the
+        default of ``get_peft_model``.
+        """
         quantized = load_in_4bit or load_in_8bit
+        if (full_finetuning or load_in_16bit) and quantized:
+            raise FusetuneError("full_finetuning / load_in_16bit cannot be combined with load_in_4bit or load_in_8bit")
+        if rope_scaling is not None:
+            raise FusetuneError("rope_scaling is not supported: set the model config's rope_parameters instead")
+        if fast_inference:
+            raise FusetuneError("fast_inference (vLLM) is not supported; generate with model.generate()")
+        dtype = _dtype(dtype)
+        hub = {"token": token, "revision": revision, "trust_remote_code": trust_remote_code}
+        tokenizer = models.load_tokenizer(tokenizer_name or model_name, **hub)
+        tokenizer.model_max_length = max_seq_length
         if quantized and device_map is None and torch.cuda.is_available():
             device_map = {"": torch.cuda.current_device()}
         model = models.load_model(
@@ -63,11 +92,14 @@ class FastModel:
             load_in_8bit=load_in_8bit,
             attn_implementation=attn_implementation,
             device_map=device_map,
+            **hub,
         )
         if not quantized and device_map is None and torch.cuda.is_available():
             model = model.to("cuda")
         apply_kernels(model, kernels)  # records the backend as model.fusetune_kernels
         model.max_seq_length = max_seq_length
+        if use_gradient_checkpointing is not None:
+            model.fusetune_gradient_checkpointing = use_gradient_checkpointing
         return model, tokenizer
 
     @staticmethod
@@ -78,13 +110,30 @@ class FastModel:
         lora_dropout: float = 0.0,
         target_modules: list[str] | None = None,
         modules_to_save: list[str] | None = None,
-        use_gradient_checkpointing: bool | str = True,
+        use_gradient_checkpointing: bool | str | None = None,
         random_state: int = 3407,
+        *,
+        bias: str = "none",
+        use_rslora: bool = False,
+        init_lora_weights=True,
+        layers_to_transform: list[int] | int | None = None,
+        layers_pattern: str | None = None,
+        loftq_config: dict | None = None,
+        max_seq_length: int | None = None,
         **unused,
     ):
-        """LoRA adapters on ``target_modules`` (default: every attention and MLP projection present)."""
+        """LoRA adapters on ``target_modules`` (default: every attention and MLP projection present).
+
+        ``use_gradient_checkpointing``: True (non-reentrant), False, or "unsloth" / "offload"; None takes
+        what ``from_pretrained`` was given, else True. ``bias``, ``use_rslora``, ``init_lora_weights``,
+        ``layers_to_transform`` and ``layers_pattern`` are PEFT's LoraConfig fields.
+        """
         for name in unused:
             warnings.warn(f"FastModel.get_peft_model: '{name}' is not supported and is ignored", stacklevel=2)
+        if loftq_config:
+            raise FusetuneError("loftq_config is not supported: LoftQ needs the unquantized base weights")
+        if use_gradient_checkpointing is None:
+            use_gradient_checkpointing = getattr(model, "fusetune_gradient_checkpointing", True)
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         targets = list(target_modules) if target_modules else [p for p in ALL_PROJECTIONS if p in present]
         lora_on_embeddings = sorted(set(targets) & set(EMBEDDINGS))
@@ -113,9 +162,28 @@ class FastModel:
             target_modules=targets,
             modules_to_save=modules_to_save,
             gradient_checkpointing=checkpointing,
+            bias=bias,
+            use_rslora=use_rslora,
+            init_lora_weights=init_lora_weights,
+            layers_to_transform=layers_to_transform,
+            layers_pattern=layers_pattern,
         )
-        peft_model.max_seq_length = getattr(model, "max_seq_length", None)
+        peft_model.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
         return peft_model
+
+    @staticmethod
+    def for_inference(model):
+        """Evaluation mode with the KV cache on, for ``generate()``."""
+        model.eval()
+        _base(model).config.use_cache = True
+        return model
+
+    @staticmethod
+    def for_training(model, use_gradient_checkpointing: bool = True):
+        """Back to training mode after ``for_inference``."""
+        model.train()
+        _base(model).config.use_cache = not use_gradient_checkpointing
+        return model
 
     @staticmethod
     def save_merged(model, tokenizer, save_directory: str, dtype: torch.dtype | None = None) -> str:

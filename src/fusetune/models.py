@@ -36,15 +36,19 @@ def pick_dtype(name: str) -> torch.dtype:
 
 def _hub_error(what: str, name: str, error: Exception) -> FusetuneError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    folder = Path(resolve(name)).expanduser()
+    if folder.is_dir():
+        return FusetuneError(f"{what}: the folder {folder} holds no loadable model or tokenizer: {first_line}")
     return FusetuneError(
         f"{what}: cannot load '{name}' (not a local folder, and not reachable on the hub): {first_line}"
     )
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, **hub):
+    """The tokenizer, with a pad token (its eos token where it has none). ``hub``: token, revision, ..."""
     path = resolve(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **_given(hub))
     except (OSError, ValueError) as error:
         raise _hub_error("model.tokenizer", name_or_path, error) from None
     if tokenizer.pad_token is None:
@@ -62,13 +66,18 @@ def load_model(
     load_in_8bit: bool = False,
     attn_implementation: str | None = None,
     device_map=None,
+    **hub,
 ):
-    """A causal LM in ``dtype``. ``random_init`` builds it from ``config`` (or the model's) without weights."""
+    """A causal LM in ``dtype``. ``random_init`` builds it from ``config`` (or the model's) without weights.
+
+    ``hub``: token, revision, trust_remote_code (off unless given), passed to transformers' loaders.
+    """
+    hub = _given(hub)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if random_init:
         source = resolve(config or name_or_path)
         try:
-            model_config = AutoConfig.from_pretrained(source)
+            model_config = AutoConfig.from_pretrained(source, **hub)
         except (OSError, ValueError) as error:
             raise _hub_error("model.config", config or name_or_path, error) from None
         return AutoModelForCausalLM.from_config(model_config, dtype=dtype, **kwargs)
@@ -83,13 +92,25 @@ def load_model(
             bnb_4bit_compute_dtype=dtype,
         )
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve(name_or_path), dtype=dtype, device_map=device_map, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(
+            resolve(name_or_path), dtype=dtype, device_map=device_map, **kwargs, **hub
+        )
     except (OSError, ValueError) as error:
         raise _hub_error("model.name_or_path", name_or_path, error) from None
 
 
-def add_lora(model, *, r, alpha, dropout, target_modules, modules_to_save=None, gradient_checkpointing=False):
-    """Wrap ``model`` in PEFT LoRA adapters (preparing a quantized model first)."""
+def _given(options: dict) -> dict:
+    """The options that were set (None and False mean: transformers' default)."""
+    return {k: v for k, v in options.items() if v is not None and v is not False}
+
+
+def add_lora(
+    model, *, r, alpha, dropout, target_modules, modules_to_save=None, gradient_checkpointing=False, **options
+):
+    """Wrap ``model`` in PEFT LoRA adapters (preparing a quantized model first).
+
+    ``options``: further LoraConfig fields (bias, use_rslora, init_lora_weights, layers_to_transform, ...).
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
@@ -109,6 +130,7 @@ def add_lora(model, *, r, alpha, dropout, target_modules, modules_to_save=None, 
         target_modules=list(target_modules),
         modules_to_save=list(modules_to_save) if modules_to_save else None,
         task_type="CAUSAL_LM",
+        **{k: v for k, v in options.items() if v is not None},
     )
     return get_peft_model(model, config)
 

@@ -6,7 +6,11 @@
 - padding-free batches by default where that is safe, and the reason logged where it is not;
 - ``embedding_learning_rate``: trainable embed_tokens/lm_head weights get their own optimizer group;
   biases and norm weights get no weight decay;
-- TRL's older names still work: ``tokenizer=`` for ``processing_class=``, ``max_seq_length=`` for ``max_length=``;
+- older spellings still work, with a FutureWarning (the table is ``fusetune.compat.renames``): trainer
+  keywords that TRL moved into SFTConfig (``dataset_text_field=``, ``max_seq_length=``, ``packing=`` ...),
+  ``tokenizer=`` for ``processing_class=``, and renamed or removed TrainingArguments fields
+  (``evaluation_strategy``, ``warmup_ratio``, ``logging_dir`` ...);
+- a config that asks for bf16 or fp16 on a host without CUDA trains in fp32 on the CPU, with one warning;
 - no host syncs in a step that are not needed: on a patched model the loss and TRL's metrics
   (entropy, mean_token_accuracy, num_tokens) come from one fused pass and stay on the GPU until
   the trainer logs, and ``logging_nan_inf_filter`` is off by default (it reads the loss on the host
@@ -29,6 +33,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from trl import SFTConfig, SFTTrainer
 
+from .compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
 from .errors import FusetuneError
 from .graphs import StepGraphs
 from .models import pick_dtype
@@ -48,6 +53,7 @@ def hardware_precision() -> tuple[bool, bool]:
     return dtype == torch.bfloat16, dtype == torch.float16
 
 
+@accepts_older_names
 @dataclass
 class FastSFTConfig(SFTConfig):
     embedding_learning_rate: float | None = field(
@@ -55,7 +61,10 @@ class FastSFTConfig(SFTConfig):
         metadata={"help": "Learning rate for trainable embed_tokens and lm_head weights; null: learning_rate."},
     )
     kernels: str = field(default="auto", metadata={"help": "auto | triton | reference"})
-    max_seq_length: int | None = field(default=None, metadata={"help": "Older name of max_length."})
+    logging_dir: str | None = field(
+        default=None,
+        metadata={"help": "TensorBoard log folder (transformers 5 reads TENSORBOARD_LOGGING_DIR instead)."},
+    )
     padding_free: bool | None = field(
         default=None, metadata={"help": "None: on where it is safe (the trainer logs its choice)."}
     )
@@ -72,11 +81,10 @@ class FastSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
-        if self.max_seq_length is not None:
-            warnings.warn(
-                "max_seq_length is TRL's older name for max_length; using it as max_length", FutureWarning, stacklevel=3
-            )
-            self.max_length = self.max_seq_length
+        half = [name for name in ("bf16", "fp16") if getattr(self, name)]
+        if half and not torch.cuda.is_available():
+            warnings.warn(f"{half[0]}=True, but there is no CUDA GPU: training in fp32 on the CPU", stacklevel=4)
+            self.bf16, self.fp16 = False, False
         if self.bf16 is None and not self.fp16:
             self.bf16, self.fp16 = (False, False) if self.use_cpu else hardware_precision()
         on_gpu = torch.cuda.is_available() and not self.use_cpu
@@ -149,16 +157,9 @@ class FastSFTTrainer(SFTTrainer):
                 raise FusetuneError("FastSFTTrainer: give either tokenizer= or processing_class=, not both")
             warnings.warn("tokenizer= is TRL's older name for processing_class=", FutureWarning, stacklevel=2)
             processing_class = tokenizer
-        if args is None:
-            args = FastSFTConfig(output_dir="outputs/trainer")
-        elif not isinstance(args, FastSFTConfig):
-            args = FastSFTConfig(
-                **{
-                    k: v
-                    for k, v in args.to_dict().items()
-                    if k in FastSFTConfig.__dataclass_fields__ and not k.startswith("_")
-                }
-            )
+        moved = pop_trainer_keywords(kwargs, type(self).__name__)
+        args = self._fast_config(args)
+        merge_into_config(args, moved, type(self).__name__)
         self._truncate_to = None
         self._pending_stats: dict[str, list[_StepStats]] = defaultdict(list)
         if not isinstance(model, str):
@@ -166,7 +167,7 @@ class FastSFTTrainer(SFTTrainer):
             backend = "reference" if args.kernels == "auto" and args.use_cpu else args.kernels
             self._apply_kernels(model, backend)
             model_max = getattr(model, "max_seq_length", None)  # set by FastModel.from_pretrained
-            if model_max and args.max_seq_length is None and args.max_length == SFT_DEFAULT_MAX_LENGTH:
+            if model_max and args.max_length == SFT_DEFAULT_MAX_LENGTH:
                 args.max_length = model_max
             if args.padding_free is None:
                 args.padding_free = self._decide_padding_free(model, args, data_collator, processing_class)
@@ -183,6 +184,30 @@ class FastSFTTrainer(SFTTrainer):
                 args.max_length = self._truncate_to
         self.step_graphs: StepGraphs | None = None  # made at the first training step (after any resume)
         self._graphs_wanted = self._want_step_graphs()
+        if args.logging_dir is not None:
+            self._set_tensorboard_dir(args.logging_dir)
+
+    @staticmethod
+    def _fast_config(args) -> "FastSFTConfig":
+        """``args`` as a FastSFTConfig: a default one, or one built from plain TrainingArguments."""
+        if args is None:
+            return FastSFTConfig(output_dir="outputs/trainer")
+        if isinstance(args, FastSFTConfig):
+            return args
+        fields = FastSFTConfig.__dataclass_fields__
+        return FastSFTConfig(**{k: v for k, v in args.to_dict().items() if k in fields and not k.startswith("_")})
+
+    def _set_tensorboard_dir(self, folder: str) -> None:
+        """Point the TensorBoard callback at ``logging_dir`` (transformers 5 dropped that field)."""
+        from transformers.integrations import TensorBoardCallback
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback):
+                if callback.logging_dir not in (None, folder):
+                    raise FusetuneError(
+                        f"logging_dir={folder!r} disagrees with TENSORBOARD_LOGGING_DIR={callback.logging_dir!r}"
+                    )
+                callback.logging_dir = folder
 
     def cuda_graph_blocker(self) -> str | None:
         """Why padding-free steps cannot be replayed as CUDA graphs here, or None."""

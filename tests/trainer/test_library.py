@@ -204,7 +204,7 @@ def test_save_merged_loads_in_plain_transformers_with_the_same_logits(tmp_path):
 
 
 def test_trl_renames_warn_instead_of_failing(tmp_path):
-    with pytest.warns(FutureWarning, match="older name for max_length"):
+    with pytest.warns(FutureWarning, match="older spelling: use max_length"):
         assert FastSFTConfig(output_dir=str(tmp_path), report_to=[], max_seq_length=32).max_length == 32
     model, tokenizer = tiny()
     with pytest.warns(FutureWarning, match="older name for processing_class"):
