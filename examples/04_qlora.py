@@ -44,8 +44,8 @@ model, tokenizer = FastModel.from_pretrained(str(base_dir), max_seq_length=128, 
 linear_4bit = [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
 assert linear_4bit, "the model was not loaded in 4 bits"
 print(f"4-bit linear layers: {len(linear_4bit)}, e.g. {linear_4bit[0]}")
-# Both embeddings train in full (modules_to_save), at embedding_learning_rate. TRL casts them to bf16, as
-# the QLoRA recipe does; the fused loss head computes in the head's dtype.
+# Both embeddings train in full (modules_to_save), at embedding_learning_rate, as fp32 master weights; the
+# layers and the fused loss head compute in the model's dtype (bf16 on a GPU).
 trainable = ["embed_tokens", "lm_head"]
 model = FastModel.get_peft_model(model, r=8, lora_alpha=16, modules_to_save=trainable)
 model.print_trainable_parameters()

@@ -33,6 +33,12 @@ class Formatter(str, Enum):
     completion = "completion"
 
 
+class EmptyContent(str, Enum):
+    warn = "warn"  # keep records with an empty answer, prompt, text or user/assistant turn, and log how many
+    error = "error"  # refuse them: the run ends with the first few listed
+    drop = "drop"  # remove them, and log how many
+
+
 class LoggerKind(str, Enum):
     wandb = "wandb"
     tensorboard = "tensorboard"
@@ -66,6 +72,8 @@ class ModelConfig:
     lora: LoraConfig | None = None  # null: full fine-tuning
     random_init: bool = False  # build the architecture from its config alone, without weights
     attn_implementation: str | None = None
+    # true (non-reentrant) | false | offload: each layer's saved input waits in pinned CPU memory (Unsloth's "unsloth")
+    gradient_checkpointing: str = "false"
     # Recommendations for this model, used where the trainer leaves them null.
     learning_rate: float = 2e-4
     batch_size: int = 8
@@ -84,6 +92,7 @@ class DataConfig:
     field: str | None = None  # the column for text/chat/sharegpt; the formatter's default when null
     use_chat_template: bool | None = None  # null: when the tokenizer has one
     max_examples: int | None = None
+    empty_content: EmptyContent = EmptyContent.warn  # records with an empty answer, prompt, text or user/assistant turn
     num_generate: int = 0  # held-out prompts answered greedily for exact-match accuracy
     num_train: int = 4000  # synthetic only
     num_eval: int = 200  # synthetic only
@@ -114,7 +123,6 @@ class TrainerConfig:
     cuda_graphs: bool | None = None  # padding-free steps as CUDA graph replays; null: on where safe
     completion_only_loss: bool | None = None
     assistant_only_loss: bool = False
-    gradient_checkpointing: bool = False
     logging_steps: int = 10
     eval_strategy: str = "no"
     eval_steps: int | None = None
@@ -146,6 +154,14 @@ class TrainConfig:
     save_model: bool = True
 
 
+CHECKPOINTING = {"true": True, "false": False, "offload": "offload", "unsloth": "offload"}
+
+
+def checkpointing_mode(value: str) -> bool | str:
+    """model.gradient_checkpointing as FastModel.get_peft_model takes it: True, False or "offload"."""
+    return CHECKPOINTING[str(value).lower()]
+
+
 def register_configs() -> None:
     """Attach the schemas to the YAML groups: each YAML lists its schema first in its defaults."""
     cs = ConfigStore.instance()
@@ -167,6 +183,10 @@ def validate(cfg) -> None:
         problems.append("model.load_in_4bit needs model.lora: 4-bit weights cannot be trained directly (QLoRA)")
     if cfg.model.load_in_4bit and cfg.model.random_init:
         problems.append("model.load_in_4bit cannot quantize a random_init model: there are no weights to load")
+    if str(cfg.model.gradient_checkpointing).lower() not in CHECKPOINTING:
+        problems.append(
+            f"model.gradient_checkpointing: expected true, false or offload, got '{cfg.model.gradient_checkpointing}'"
+        )
     if cfg.model.max_seq_length <= 0:
         problems.append(f"model.max_seq_length must be positive, got {cfg.model.max_seq_length}")
     if cfg.trainer.packing and cfg.trainer.padding_free:

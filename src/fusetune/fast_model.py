@@ -12,6 +12,8 @@ import warnings
 
 import torch
 
+from fusetune_kernels.offloaded_checkpoint import enable_offloaded_checkpointing
+
 from . import models
 from .config import ALL_PROJECTIONS
 from .errors import FusetuneError
@@ -19,6 +21,8 @@ from .patching import apply_kernels
 
 log = logging.getLogger(__name__)
 EMBEDDINGS = ("embed_tokens", "lm_head")
+OFFLOADED = ("unsloth", "offload")  # checkpointing whose saved layer inputs wait in pinned CPU memory
+CHECKPOINTING = (True, False, *OFFLOADED)
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -98,6 +102,7 @@ class FastModel:
             model = model.to("cuda")
         apply_kernels(model, kernels)  # records the backend as model.fusetune_kernels
         model.max_seq_length = max_seq_length
+        model.fusetune_compute_dtype = dtype
         if use_gradient_checkpointing is not None:
             model.fusetune_gradient_checkpointing = use_gradient_checkpointing
         return model, tokenizer
@@ -143,10 +148,10 @@ class FastModel:
                 "embedding_learning_rate applies only to full embedding weights listed in modules_to_save",
                 stacklevel=2,
             )
-        if isinstance(use_gradient_checkpointing, str):
-            log.info(
-                "use_gradient_checkpointing=%r: using non-reentrant activation checkpointing",
-                use_gradient_checkpointing,
+        if use_gradient_checkpointing not in CHECKPOINTING:
+            raise FusetuneError(
+                f"use_gradient_checkpointing: expected True, False, 'unsloth' or 'offload', "
+                f"got {use_gradient_checkpointing!r}"
             )
         checkpointing = bool(use_gradient_checkpointing)
         quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
@@ -169,6 +174,12 @@ class FastModel:
             layers_pattern=layers_pattern,
         )
         peft_model.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
+        if use_gradient_checkpointing in OFFLOADED:
+            log.info(
+                "use_gradient_checkpointing=%r: %s",
+                use_gradient_checkpointing,
+                enable_offloaded_checkpointing(peft_model),
+            )
         return peft_model
 
     @staticmethod

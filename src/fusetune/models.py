@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from . import precision
 from .errors import FusetuneError
 
 log = logging.getLogger(__name__)
@@ -111,14 +112,10 @@ def add_lora(
 
     ``options``: further LoraConfig fields (bias, use_rslora, init_lora_weights, layers_to_transform, ...).
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
 
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+    if precision.is_quantized(model):
+        model = precision.prepare_quantized(model, precision.compute_dtype(model), gradient_checkpointing)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(target_modules) - present)
     if missing:

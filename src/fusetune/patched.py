@@ -10,8 +10,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 from trl.trainer.utils import FusedCausalLMOutput
 
-from fusetune_kernels import fused_linear_cross_entropy, glu, lora, rms_norm, rope
+from fusetune_kernels import fused_linear_cross_entropy, glu, lora, lora_nf4, rms_norm, rope
 from fusetune_kernels.fused_linear_cross_entropy import find_kept_rows
+from fusetune_kernels.nf4 import NF4Weight
 
 from .errors import FusetuneError
 
@@ -24,6 +25,7 @@ class Ops:
     geglu: Callable
     fused_linear_cross_entropy: Callable
     lora_linear: Callable
+    lora_nf4_linear: Callable
 
 
 OPS = {
@@ -34,6 +36,7 @@ OPS = {
         glu.geglu,
         fused_linear_cross_entropy.fused_linear_cross_entropy,
         lora.lora_linear,
+        lora_nf4.lora_nf4_linear,
     ),
     "reference": Ops(
         rms_norm.rms_norm_reference,
@@ -42,6 +45,7 @@ OPS = {
         glu.geglu_reference,
         fused_linear_cross_entropy.fused_linear_cross_entropy_reference,
         lora.lora_linear_reference,
+        lora_nf4.lora_nf4_linear_reference,
     ),
 }
 IGNORE_INDEX = -100
@@ -146,16 +150,20 @@ def causal_lm_forward(ops: Ops, original_forward):
         hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state
         if shift_labels is None:
             hidden = hidden[:, :-1]
-        # The head's dtype wins: QLoRA keeps the final norm in fp32, while TRL casts a trained lm_head to bf16.
-        flat_hidden = hidden.reshape(-1, hidden.size(-1)).to(lm_head.weight.device, lm_head.weight.dtype)
+        # The half precision of the two wins: a trained lm_head may be an fp32 master weight (QLoRA), and a
+        # model computing in fp32 under autocast hands fp32 hidden states to a half-precision head.
+        dtype = hidden.dtype if hidden.dtype != torch.float32 else lm_head.weight.dtype
+        flat_hidden = hidden.reshape(-1, hidden.size(-1)).to(lm_head.weight.device, dtype)
+        head_weight = lm_head.weight.to(dtype)
         softcap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
-        common = dict(bias=lm_head.bias, softcap=softcap, ignore_index=IGNORE_INDEX, kept_rows=kept)
+        bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
+        common = dict(bias=bias, softcap=softcap, ignore_index=IGNORE_INDEX, kept_rows=kept)
         flat_targets = targets.reshape(-1)
         if not fused_lm_head:
             reduction = "sum" if num_items_in_batch is not None else "mean"
             out = ops.fused_linear_cross_entropy(
                 flat_hidden,
-                lm_head.weight,
+                head_weight,
                 flat_targets,
                 reduction=reduction,
                 num_items_in_batch=num_items_in_batch,
@@ -170,7 +178,7 @@ def causal_lm_forward(ops: Ops, original_forward):
                 loss=loss, entropy_sum=entropy.sum(), num_correct=is_top1.sum(), num_valid=num_valid
             )
         per_token, entropy, is_top1 = ops.fused_linear_cross_entropy(
-            flat_hidden, lm_head.weight, flat_targets, reduction="none", return_stats=True, **common
+            flat_hidden, head_weight, flat_targets, reduction="none", return_stats=True, **common
         )
         mask = targets != IGNORE_INDEX
         shape = targets.shape
@@ -188,17 +196,17 @@ def causal_lm_forward(ops: Ops, original_forward):
     return forward
 
 
-def _plain_lora(layer, x, args, kwargs) -> str | None:
-    """The one active adapter of a PEFT LoRA Linear, when the call is plain LoRA on an nn.Linear; else None.
+def _plain_lora(layer, x, args, kwargs, base_type: type) -> str | None:
+    """The one active adapter of a PEFT LoRA layer, when the call is plain LoRA on a ``base_type``; else None.
 
     Anything else (several or no active adapters, merged or disabled adapters, DoRA and other
-    variants, a LoRA bias, dropout while training, per-example adapter names, a quantized or
+    variants, a LoRA bias, dropout while training, per-example adapter names, another or a
     hooked base layer, fan_in_fan_out) keeps PEFT's own forward.
     """
-    if args or kwargs or layer.disable_adapters or layer.merged or layer.fan_in_fan_out:
+    if args or kwargs or layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):
         return None
     base = layer.base_layer
-    if type(base) is not torch.nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+    if type(base) is not base_type or base._forward_hooks or base._forward_pre_hooks:
         return None
     if hasattr(base, "_hf_hook") or not x.is_floating_point():
         return None
@@ -221,12 +229,46 @@ def lora_forward(ops: Ops, original_forward):
 
     @functools.wraps(original_forward)
     def forward(self, x, *args, **kwargs):
-        name = _plain_lora(self, x, args, kwargs)
+        name = _plain_lora(self, x, args, kwargs, torch.nn.Linear)
         if name is None:
             return original_forward(self, x, *args, **kwargs)
         base = self.base_layer
         return ops.lora_linear(
             x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+        )
+
+    forward._fusetune = True
+    return forward
+
+
+def _nf4_weight(base) -> NF4Weight | None:
+    """The bitsandbytes Linear4bit's weight as an NF4Weight (cached per quantization), or None if not NF4."""
+    # bitsandbytes may requantize, or repack the bytes in place for its CPU kernels (in eval): key on both
+    key = (id(getattr(base.weight, "quant_state", None)), base.weight.data_ptr(), base.weight.shape)
+    key += (getattr(base.weight.quant_state, "packing_format_for_cpu", False),) if key[0] else ()
+    cached = getattr(base, "_fusetune_nf4", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    try:
+        weight = NF4Weight.from_bnb(base.weight)
+    except ValueError:
+        weight = None  # fp4, not yet quantized, or bitsandbytes' CPU layout: PEFT's own forward
+    base._fusetune_nf4 = (key, weight)
+    return weight
+
+
+def lora_nf4_forward(ops: Ops, original_forward, linear4bit: type):
+    """PEFT's LoRA forward over a bitsandbytes 4-bit base, as one fused node (``ops.lora_nf4_linear``):
+    the NF4 weight is dequantized into a shared buffer in forward and again in backward, never saved."""
+
+    @functools.wraps(original_forward)
+    def forward(self, x, *args, **kwargs):
+        name = _plain_lora(self, x, args, kwargs, linear4bit)
+        weight = None if name is None else _nf4_weight(self.base_layer)
+        if weight is None:
+            return original_forward(self, x, *args, **kwargs)
+        return ops.lora_nf4_linear(
+            x, weight, self.base_layer.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
         )
 
     forward._fusetune = True

@@ -65,6 +65,8 @@ FAMILIES = {
 }
 TRL_FUSED_HEAD = ("trl.trainer.sft_trainer", "add_fused_lm_head")
 PEFT_LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")  # its forward: one fused node for plain LoRA
+# PEFT's LoRA over a bitsandbytes 4-bit base (and that base's class): one fused node, NF4 dequantized inside
+PEFT_LORA_NF4 = ("peft.tuners.lora.bnb", "Linear4bit", "bitsandbytes.nn", "Linear4bit")
 
 # (owner object, attribute) -> the original value, for everything currently patched
 _originals: dict[tuple[object, str], object] = {}
@@ -117,6 +119,11 @@ def patch_family(family_name: str, backend: str) -> None:
     lora_linear = getattr(importlib.import_module(PEFT_LORA_LINEAR[0]), PEFT_LORA_LINEAR[1])
     original_lora = _originals.get((lora_linear, "forward"), lora_linear.forward)
     _set(lora_linear, "forward", patched.lora_forward(ops, original_lora))
+    lora_nf4 = getattr(importlib.import_module(PEFT_LORA_NF4[0]), PEFT_LORA_NF4[1], None)
+    if lora_nf4 is not None:  # PEFT defines it where bitsandbytes imports
+        linear4bit = getattr(importlib.import_module(PEFT_LORA_NF4[2]), PEFT_LORA_NF4[3])
+        original_nf4 = _originals.get((lora_nf4, "forward"), lora_nf4.forward)
+        _set(lora_nf4, "forward", patched.lora_nf4_forward(ops, original_nf4, linear4bit))
     _active[family_name] = backend
 
 

@@ -9,8 +9,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import set_seed
 
+from fusetune_kernels.offloaded_checkpoint import enable_offloaded_checkpointing
+
 from . import record
-from .config import validate
+from .config import checkpointing_mode, validate
 from .data import build_splits
 from .errors import FusetuneError
 from .evaluate import exact_match
@@ -64,6 +66,7 @@ def close_logger(cfg, summary: dict | None) -> None:
 
 def sft_config(cfg, out: Path, dtype: torch.dtype, report_to: list[str], backend: str) -> FastSFTConfig:
     t = cfg.trainer
+    checkpointing = checkpointing_mode(cfg.model.gradient_checkpointing)
     known = {"name", "extra"}
     values = {k: v for k, v in OmegaConf.to_container(t).items() if k not in known}
     values["learning_rate"] = t.learning_rate if t.learning_rate is not None else cfg.model.learning_rate
@@ -84,7 +87,8 @@ def sft_config(cfg, out: Path, dtype: torch.dtype, report_to: list[str], backend
             fp16=on_gpu and dtype == torch.float16,
             use_cpu=not on_gpu,
             report_to=report_to,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+            gradient_checkpointing=bool(checkpointing),
+            gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
             dataset_num_proc=None,
             **values,
             **OmegaConf.to_container(t.extra),
@@ -138,9 +142,11 @@ def _train(cfg, out: Path, report_to: list[str]) -> dict:
             lora_dropout=m.lora.dropout,
             target_modules=list(m.lora.target_modules),
             modules_to_save=list(m.lora.modules_to_save) if m.lora.modules_to_save else None,
-            use_gradient_checkpointing=cfg.trainer.gradient_checkpointing,
+            use_gradient_checkpointing=checkpointing_mode(m.gradient_checkpointing),
             random_state=cfg.seed,
         )
+    elif checkpointing_mode(m.gradient_checkpointing) == "offload":
+        log.info("model.gradient_checkpointing=offload: %s", enable_offloaded_checkpointing(model))
     total_params, trainable_params = count_parameters(model)
     splits = build_splits(cfg.data, tokenizer, cfg.seed)
     args = sft_config(cfg, out, dtype, report_to, backend)

@@ -33,6 +33,7 @@ from accelerate.utils import DistributedType
 from torch import nn
 from trl import SFTConfig, SFTTrainer
 
+from . import precision
 from .compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
 from .errors import FusetuneError
 from .graphs import StepGraphs
@@ -182,6 +183,9 @@ class FastSFTTrainer(SFTTrainer):
         finally:
             if self._truncate_to is not None:
                 args.max_length = self._truncate_to
+        if precision.is_quantized(self.model):  # TRL has cast the trainable weights to bf16
+            precision.fp32_master_weights(self.model)
+            precision.hidden_states_in(self.model, precision.compute_dtype(self.model))
         self.step_graphs: StepGraphs | None = None  # made at the first training step (after any resume)
         self._graphs_wanted = self._want_step_graphs()
         if args.logging_dir is not None:

@@ -32,8 +32,8 @@ EXTRA = {
 FAMILIES = list(EXTRA)
 
 
-def tiny_model(family: str, seed: int = 0, dtype=torch.float32):
-    config = AutoConfig.for_model(family, **COMMON, **EXTRA[family])
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
+    config = AutoConfig.for_model(family, **{**COMMON, **EXTRA[family], **overrides})
     config._attn_implementation = "eager" if family == "gemma2" else "sdpa"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -76,3 +76,60 @@ def test_save_merged_from_a_4bit_base_reloads_16bit_weights(tiny_folder, tmp_pat
     FastModel.save_merged(model, tokenizer, str(tmp_path / "merged"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.dtype == torch.bfloat16 and not hasattr(merged.model.layers[0].mlp.down_proj.weight, "quant_state")
+
+
+def test_qlora_computes_in_the_compute_dtype_with_fp32_master_weights(tiny_folder, tmp_path):
+    """bf16 end to end on a 4-bit base: no frozen weight is fp32, every layer's input is bf16, the trainable
+    weights (LoRA, modules_to_save) are fp32 master weights, and every projection takes the fused NF4 node."""
+    model, tokenizer = FastModel.from_pretrained(
+        tiny_folder, dtype=torch.bfloat16, load_in_4bit=True, kernels="reference"
+    )
+    model = FastModel.get_peft_model(model, r=4, modules_to_save=["embed_tokens", "lm_head"])
+    args = FastSFTConfig(output_dir=str(tmp_path), report_to=[], max_steps=1, per_device_train_batch_size=4)
+    data = Dataset.from_list(synthetic_splits(8, 0, seed=3)[0])
+    trainer = FastSFTTrainer(model=model, processing_class=tokenizer, train_dataset=data, args=args)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()}
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16}
+    assert set(trainable.values()) == {torch.float32}
+    assert any("embed_tokens" in n for n in trainable) and any("lm_head" in n for n in trainable)
+    seen = []
+    layers = model.get_base_model().model.layers
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).dtype),
+            with_kwargs=True,
+        )
+        for layer in layers
+    ]
+    trainer.train()
+    for hook in hooks:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    bases = [m.base_layer for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")]
+    assert bases and all(getattr(b, "_fusetune_nf4", (None, None))[1] is not None for b in bases)
+
+
+def test_qlora_loss_matches_a_bf16_model_of_the_dequantized_weights(tiny_folder):
+    from bitsandbytes.functional import dequantize_4bit
+    from transformers import AutoModelForCausalLM
+
+    from fusetune.patching import apply_kernels
+
+    model, _ = FastModel.from_pretrained(tiny_folder, dtype=torch.bfloat16, load_in_4bit=True, kernels="reference")
+    model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)  # B = 0: the base alone
+    plain = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.bfloat16)
+    apply_kernels(plain, "reference")
+    quantized = dict(model.get_base_model().named_modules())
+    with torch.no_grad():
+        for name, module in plain.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                weight = quantized[name].base_layer.weight
+                module.weight.copy_(dequantize_4bit(weight.data, weight.quant_state).to(torch.bfloat16))
+    ids = torch.randint(3, 100, (3, 40), generator=torch.Generator().manual_seed(5))
+    labels = ids.clone()
+    labels[:, :7] = -100
+    with torch.no_grad():
+        got = model(input_ids=ids, labels=labels).loss.float()
+        expected = plain(input_ids=ids, labels=labels).loss.float()
+    assert torch.isfinite(got) and abs(got - expected) / expected < 1e-2, (got, expected)

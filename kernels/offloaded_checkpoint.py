@@ -1,0 +1,302 @@
+"""Offloaded activation checkpointing: each layer's saved input lives in pinned CPU memory, not on the GPU.
+
+Under plain activation checkpointing a decoder layer keeps one tensor for its backward, its input
+hidden states h_i [batch, seq, hidden]; everything inside the layer is recomputed from h_i. Across
+L layers that is L * batch * seq * hidden * 2 bytes (bf16) held from the forward to the backward,
+the term that dominates at long sequences (Llama-3-8B, seq 16k, batch 1: 32 * 128 MiB = 4 GiB).
+Here h_i goes to the host instead and comes back just before it is needed:
+
+    forward of layer i:   side stream waits for the compute stream, then h_i -> pinned host (D2H,
+                          non_blocking); h_i.record_stream(side), so the caching allocator does not
+                          hand h_i's block to anyone until that copy is done. The copy overlaps
+                          layer i's own forward; when the model loop drops h_i, the GPU holds none
+                          of it.
+    backward of layer i:  the recompute asks for h_i: the compute stream waits on h_i's copy-in
+                          event (issued earlier, see below; issued now for the first layer of the
+                          backward), the buffer is record_stream'ed on the compute stream, and the
+                          recompute runs. Right after, h_{i-1} is prefetched on the side stream
+                          (H2D, non_blocking), overlapping layer i's recompute and backward.
+
+What is saved: per checkpointed layer, one pinned host copy of its input (kept until the graph
+is freed, so ``retain_graph=True`` and a second backward work). On the GPU: at most the input in
+use and the one prefetched, so two [batch, seq, hidden] buffers instead of L. Only the first
+positional tensor of the call is offloaded; everything else a layer receives (position
+embeddings, masks, cu_seq_lens, ...) is bound as keyword arguments by transformers, shared across
+layers, and stays where it is. Activations recomputed inside the layer are not offloaded.
+
+Memory traffic: per layer and step, 2 * batch * seq * hidden * 2 bytes over PCIe (out in the
+forward, back in the backward), in both directions at once with compute. Estimated, not measured
+here: per token a layer moves 2 * hidden bytes each way (8 KiB for hidden 4096, ~0.16 us at
+50 GB/s) against ~2 * layer_params FLOPs of forward (~0.9 us for an 8B layer at 500 TFLOP/s), so
+on a large model the copies hide behind the compute; with tiny layers they may not. It saves
+(L - 2) * batch * seq * hidden * 2 bytes of GPU memory and needs L times that in pinned host RAM.
+
+Design: torch's own non-reentrant checkpoint with a saved-tensor hook pair around it, not a
+reentrant autograd.Function. Non-reentrant ``checkpoint`` saves its positional tensor inputs as
+saved tensors before it enters its own hooks, so the hooks active around the call (ours) see
+them; ours swap the one input for a host copy and give back a device copy on unpack. The
+recompute, the RNG and autocast state, early stop, the determinism check and ``context_fn``
+(TRL's selective checkpointing) are torch's, so gradients equal plain checkpointing by
+construction: only where the input's bytes wait in between changes. Parameter gradients
+(LoRA factors) flow through the ordinary autograd graph in one backward, so:
+
+- DDP's per-parameter hooks fire once each, in the usual order, with or without
+  ``find_unused_parameters`` or ``static_graph``; a reentrant Function would run a nested backward
+  inside the outer one, which DDP only tolerates with ``static_graph=True``.
+- The hidden states need not require grad (frozen embeddings, with or without
+  ``enable_input_require_grads``), and a layer may return a tensor, a tuple or a ModelOutput.
+
+The cost of this choice: it relies on non-reentrant checkpoint saving its inputs as saved tensors
+(torch 2.13 does it in ``_CheckpointFrame.save_inputs``, earlier 2.x through ``_NoopSaveInputs``;
+transformers' own ``offload=True`` relies on it too). The tests count the offloads, so a torch
+that stopped doing it fails them instead of silently saving nothing. Saved-tensor hooks skip
+autograd's version check, so an in-place change of a layer's input after its forward is caught
+only while the original tensor is alive. Eager mode only; a layer called while a
+CUDA graph is being captured runs as plain checkpointing.
+
+Without CUDA, ``enable_offloaded_checkpointing`` installs plain non-reentrant checkpointing and
+logs why. ``set_cpu_simulation(True)`` (tests) makes CPU tensors take the offload path with
+synchronous CPU copies instead, so the same bookkeeping runs without a GPU.
+"""
+
+import functools
+import inspect
+import logging
+import threading
+import weakref
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+_simulate_on_cpu = False
+_streams: dict[torch.device, "torch.cuda.Stream"] = {}
+_chain = threading.local()  # .last: weakref to the entry packed most recently in this thread
+# Counts of offloads (D2H), fetches (unpacks) and prefetches issued, for tests and benchmarks.
+stats = {"offloaded": 0, "fetched": 0, "prefetched": 0}
+
+
+def set_cpu_simulation(enabled: bool) -> None:
+    """Test switch: CPU tensors take the offload path, "offloaded" to a separate CPU copy synchronously."""
+    global _simulate_on_cpu
+    _simulate_on_cpu = enabled
+
+
+def reset_stats() -> None:
+    for key in stats:
+        stats[key] = 0
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    stream = _streams.get(device)
+    if stream is None:
+        stream = _streams[device] = torch.cuda.Stream(device)
+    return stream
+
+
+def _offloadable(tensor: torch.Tensor) -> bool:
+    if tensor.is_cuda:  # not while a CUDA graph is captured: host copies and stream bookkeeping do not replay
+        return not torch.cuda.is_current_stream_capturing()
+    return _simulate_on_cpu and tensor.device.type == "cpu"
+
+
+class _Offloaded:
+    """One layer input held on the host, fetched back to its device for the recompute."""
+
+    __slots__ = ("host", "device", "stream", "staged", "previous", "source", "version", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.source, self.version = weakref.ref(tensor), tensor._version  # the version counter is shared
+        tensor = tensor.detach()
+        self.device = tensor.device
+        self.staged = None  # (device tensor, copy-in event or None) once fetched ahead of time
+        last = getattr(_chain, "last", None)
+        self.previous = last  # the entry packed just before this one: the layer below, in a model
+        _chain.last = weakref.ref(self)
+        if tensor.is_cuda:
+            self.stream = _side_stream(tensor.device)
+            self.stream.wait_stream(torch.cuda.current_stream(tensor.device))  # h_i is written
+            with torch.cuda.stream(self.stream):
+                self.host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+                self.host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(self.stream)  # its block is not reused before the copy is done
+        else:  # CPU simulation: same bookkeeping, synchronous copies
+            self.stream = None
+            self.host = tensor.clone(memory_format=torch.contiguous_format)
+        stats["offloaded"] += 1
+
+    def prefetch(self) -> None:
+        """Queue the copy back to the device (once); the compute stream does not wait for it yet."""
+        if self.staged is not None:
+            return
+        if self.stream is None:
+            self.staged = (self.host.clone(), None)
+            return
+        with torch.cuda.stream(self.stream):
+            # Queued on the side stream after this input's own D2H, so it reads a complete host copy.
+            device_copy = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+            device_copy.copy_(self.host, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.staged = (device_copy, event)
+
+    def fetch(self) -> torch.Tensor:
+        """The input back on its device, ready on the current stream; then prefetch the layer below."""
+        source = self.source()
+        if source is not None and source._version != self.version:
+            raise RuntimeError(
+                "offloaded_checkpoint: a layer's input was modified in place after its forward; "
+                "the recompute would see different values"
+            )
+        self.prefetch()
+        device_copy, event = self.staged
+        self.staged = None  # the recompute owns it now; a second backward fetches again
+        if event is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(event)
+            device_copy.record_stream(compute)  # allocated on the side stream, used on this one
+        stats["fetched"] += 1
+        previous = self.previous() if self.previous is not None else None
+        if previous is not None and previous.device == self.device and previous.staged is None:
+            previous.prefetch()
+            stats["prefetched"] += 1
+        return device_copy
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
+
+
+def _unpack(packed):
+    return packed.fetch() if isinstance(packed, _Offloaded) else packed
+
+
+def _non_reentrant(kwargs: dict) -> dict:
+    if kwargs.pop("use_reentrant", False):
+        raise ValueError("offloaded_checkpoint is non-reentrant; use_reentrant=True is not supported")
+    return kwargs
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """``checkpoint(function, *args, use_reentrant=False, **kwargs)``, with the first positional tensor
+    argument held in pinned host memory between the forward and the recompute (CUDA tensors only;
+    anything else runs as plain non-reentrant checkpointing)."""
+    kwargs = _non_reentrant(kwargs)
+    target = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if target is None or not torch.is_grad_enabled() or not _offloadable(target):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+    def pack(tensor):
+        return _Offloaded(tensor) if _same_tensor(tensor, target) else tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_reference(function, *args, **kwargs):
+    """The twin: torch's plain non-reentrant checkpoint, the input saved on its device."""
+    return checkpoint(function, *args, use_reentrant=False, **_non_reentrant(kwargs))
+
+
+# --- installing it on a Hugging Face model ---------------------------------------------------------
+
+
+def _pretrained_root(model):
+    """The transformers model inside ``model`` (itself, or the base model of a PEFT wrapper)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(base, "gradient_checkpointing_enable"):
+        raise TypeError(f"{type(base).__name__} is not a transformers model with gradient checkpointing")
+    return base
+
+
+def _enable_checkpointing(base) -> None:
+    """The model's own enable, non-reentrant (transformers 5.24 renamed it; 5.17 has only the old name)."""
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
+
+
+def _checkpointed_layers(root) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in root.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
+def _install(root, gradient_checkpointing_func) -> None:
+    """Route every module that transformers gave a checkpointing function through offloaded_checkpoint,
+    keeping the keyword arguments it was given (preserve_rng_state, context_fn, ...)."""
+    keywords = {}
+    if isinstance(gradient_checkpointing_func, functools.partial):
+        keywords = dict(gradient_checkpointing_func.keywords)
+    if keywords.pop("use_reentrant", False):
+        log.info("offloaded checkpointing is non-reentrant: use_reentrant=True is replaced")
+    func = functools.partial(offloaded_checkpoint, **keywords) if keywords else offloaded_checkpoint
+    for module in root.modules():
+        if hasattr(module, "gradient_checkpointing"):
+            module._gradient_checkpointing_func = func
+
+
+def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, *args, **kwargs):
+    """Bound on a model instance over transformers' own: whoever enables checkpointing later (the
+    Trainer, PEFT's preparation, TRL's generation helpers) still gets the offloaded function."""
+    type(self)._set_gradient_checkpointing(self, enable, gradient_checkpointing_func, *args, **kwargs)
+    if enable:
+        _install(self, gradient_checkpointing_func)
+
+
+def _make_sticky(base) -> bool:
+    """Bind the wrapper on every transformers model in ``base``; False where that is not possible."""
+    wrapped = True
+    for module in base.modules():
+        setter = getattr(type(module), "_set_gradient_checkpointing", None)
+        current = getattr(module, "_set_gradient_checkpointing", None)
+        if setter is None or getattr(current, "__func__", None) is _set_gradient_checkpointing:
+            continue
+        if "value" in inspect.signature(setter).parameters:  # pre-4.35 remote code: leave it alone
+            wrapped = False
+            continue
+        # A bound method (not a closure over the model), so a deepcopy of the model binds to the copy.
+        module._set_gradient_checkpointing = _set_gradient_checkpointing.__get__(module)
+    return wrapped
+
+
+def _model_device(model) -> torch.device:
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def enable_offloaded_checkpointing(model) -> str:
+    """Turn on offloaded checkpointing for a transformers causal LM or a PEFT model wrapping one.
+
+    Calls the model's own checkpointing enable (non-reentrant; it also makes the input embeddings
+    require grad, as transformers does) and routes every checkpointed layer through
+    ``offloaded_checkpoint``; later enables by the Trainer keep it. Returns what it did, in words.
+    Off CUDA it enables plain non-reentrant checkpointing and logs why.
+    """
+    base = _pretrained_root(model)
+    device = _model_device(base)
+    if device.type != "cuda" and not (_simulate_on_cpu and device.type == "cpu"):
+        why = "CUDA is not available" if not torch.cuda.is_available() else f"the model is on {device.type}"
+        _enable_checkpointing(base)
+        log.info("offloaded checkpointing: %s, using plain non-reentrant checkpointing", why)
+        return f"plain non-reentrant checkpointing on {len(_checkpointed_layers(base))} layers ({why})"
+    sticky = _make_sticky(base)
+    _enable_checkpointing(base)
+    if not sticky:  # the old-format setter did not call ours
+        _install(base, None)
+    layers = len(_checkpointed_layers(base))
+    where = "a CPU copy (simulation)" if device.type == "cpu" else "pinned CPU memory on a side stream"
+    description = (
+        f"offloaded checkpointing on {layers} layers: each layer's input goes to {where} "
+        "and is prefetched one layer ahead in the backward"
+    )
+    log.info(description)
+    return description
