@@ -121,8 +121,8 @@ def test_synthetic_split_is_deterministic_and_disjoint(tiny_tokenizer):
     "formatter,rows,message",
     [
         ("alpaca", [{"instruction": "x"}], "needs a 'output' column"),
-        ("sharegpt", [{"conversations": [{"from": "robot", "value": "x"}]}], "'from' must be one of"),
-        ("chat", [{"messages": [{"content": "x"}]}], "need 'role' and 'content'"),
+        ("sharegpt", [{"conversations": [{"from": "robot", "value": "x"}]}], "message 1 has from 'robot', not one of"),
+        ("chat", [{"messages": [{"content": "x"}]}], "message 1 has no 'role'"),
         ("text", [{"body": "x"}], "needs a 'text' column"),
     ],
 )

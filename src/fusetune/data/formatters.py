@@ -1,19 +1,25 @@
-"""Dataset formatters: each maps one raw record to a TRL standard format.
+"""Dataset formatters: each checks one raw record, then maps it to a TRL standard format.
 
 TRL's SFTTrainer then renders and tokenizes the record and builds its labels:
 prompt/completion records train on the completion only, conversations train on
 assistant turns when ``assistant_only_loss`` is set, and text records on everything.
+
+Every record is checked before any is formatted (``checks.py`` runs the checks over the columns).
+A check gets the record's values of the formatter's columns, in order, and returns None for a good
+record, a problem (a short string) for a bad one, or an ``Empty`` problem for a well-formed record
+with nothing in it to learn from or to condition on: ``data.empty_content`` decides those.
 """
 
 from collections.abc import Callable
-
-from ..errors import FusetuneError
+from dataclasses import dataclass
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{context}. "
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
+# Tool turns are refused: only role and content are kept, so the assistant's tool calls would be lost.
+CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_ROLES = {
     "system": "system",
     "human": "user",
@@ -23,37 +29,131 @@ SHAREGPT_ROLES = {
 }
 
 
-def _column(record: dict, name: str, formatter: str) -> object:
-    if name not in record:
-        raise FusetuneError(f"data: formatter '{formatter}' needs a '{name}' column; the data has {sorted(record)}")
-    return record[name]
+class Empty(str):
+    """The problem of a well-formed record that is empty: an empty answer, prompt, text or message."""
 
 
-def chat(record: dict, field: str, chat_template: bool) -> dict:
-    messages = _column(record, field or "messages", "chat")
-    for message in messages:
-        if set(message) < {"role", "content"}:
-            raise FusetuneError(f"data: chat messages need 'role' and 'content' keys, got {sorted(message)}")
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+def kind(value: object) -> str:
+    """A value's type in the words of JSON."""
+    names = {bool: "true/false", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
-def sharegpt(record: dict, field: str, chat_template: bool) -> dict:
-    turns = _column(record, field or "conversations", "sharegpt")
-    messages = []
-    for turn in turns:
-        role = SHAREGPT_ROLES.get(turn.get("from"))
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _string(value: object, name: str) -> str | None:
+    """The problem with a required string, if any."""
+    if isinstance(value, str):
+        return None
+    if value is None:
+        return f"'{name}' is missing or null"
+    return f"'{name}' must be a string, got {kind(value)}"
+
+
+@dataclass(frozen=True)
+class Turns:
+    """How one style of conversation names its keys and roles."""
+
+    role: str
+    content: str
+    roles: dict[str, str]  # the role as written -> TRL's role
+    other: str  # the data option for the other style, suggested when a message uses its keys
+    other_role: str
+    other_content: str
+
+
+CHAT_TURNS = Turns("role", "content", CHAT_ROLES, "sharegpt", "from", "value")
+SHAREGPT_TURNS = Turns("from", "value", SHAREGPT_ROLES, "chat", "role", "content")
+
+
+def check_conversation(messages: object, name: str, turns: Turns) -> str | None:
+    """A non-empty list of messages with known roles and string contents, and an assistant turn to learn."""
+    if not isinstance(messages, list):
+        return f"'{name}' is missing or null" if messages is None else f"'{name}' must be a list, got {kind(messages)}"
+    if not messages:
+        return f"'{name}' is empty"
+    empty = None
+    answered = False
+    for n, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            return f"message {n} must be an object with '{turns.role}' and '{turns.content}', got {kind(message)}"
+        written = message.get(turns.role)
+        if written is None:
+            if message.get(turns.other_role) is not None:
+                return (
+                    f"message {n} has '{turns.other_role}'/'{turns.other_content}' keys, "
+                    f"not '{turns.role}'/'{turns.content}': use data={turns.other}"
+                )
+            return f"message {n} has no '{turns.role}'"
+        role = turns.roles.get(written) if isinstance(written, str) else None
         if role is None:
-            raise FusetuneError(
-                f"data: sharegpt turn 'from' must be one of {sorted(SHAREGPT_ROLES)}, got {turn.get('from')!r}"
-            )
-        messages.append({"role": role, "content": turn["value"]})
-    return {"messages": messages}
+            if written == "tool":
+                return f"message {n}: tool turns are not supported (only role and content are kept)"
+            return f"message {n} has {turns.role} {_short(written)}, not one of {', '.join(turns.roles)}"
+        if message.get("tool_calls") is not None:
+            return f"message {n}: tool calls are not supported (only role and content are kept)"
+        content = message.get(turns.content)
+        if not isinstance(content, str):
+            if content is None:
+                return f"message {n} ({written}) has no '{turns.content}'"
+            return f"message {n} ({written}) '{turns.content}' must be a string, got {kind(content)}"
+        answered = answered or role == "assistant"
+        # An empty system message is a choice of the data; an empty user or assistant turn is not.
+        if empty is None and role != "system" and not content.strip():
+            empty = Empty(f"message {n} ({written}) is empty")
+    if not answered:
+        return "no assistant message (nothing to train on)"
+    return empty
 
 
-def alpaca(record: dict, field: str, chat_template: bool) -> dict:
-    instruction = _column(record, "instruction", "alpaca")
-    context = record.get("input") or ""
-    output = _column(record, "output", "alpaca")
+def _check_strings(values: tuple, names: tuple[str, ...]) -> str | None:
+    """Every value a string; an empty one (blank after stripping) makes the record Empty."""
+    for value, name in zip(values, names, strict=True):
+        problem = _string(value, name)
+        if problem:
+            return problem
+    for value, name in zip(values, names, strict=True):
+        if not value.strip():
+            return Empty(f"empty '{name}'")
+    return None
+
+
+def check_chat(values: tuple, names: tuple[str, ...]) -> str | None:
+    return check_conversation(values[0], names[0], CHAT_TURNS)
+
+
+def check_sharegpt(values: tuple, names: tuple[str, ...]) -> str | None:
+    return check_conversation(values[0], names[0], SHAREGPT_TURNS)
+
+
+def check_alpaca(values: tuple, names: tuple[str, ...]) -> str | None:
+    instruction, context, output = values
+    if context is not None and not isinstance(context, str):  # a missing or null input is no input
+        return _string(instruction, names[0]) or f"'{names[1]}' must be a string, got {kind(context)}"
+    return _check_strings((instruction, output), (names[0], names[2]))
+
+
+def check_text(values: tuple, names: tuple[str, ...]) -> str | None:
+    return _check_strings(values, names)
+
+
+def check_completion(values: tuple, names: tuple[str, ...]) -> str | None:
+    return _check_strings(values, names)
+
+
+def chat(values: tuple, chat_template: bool) -> dict:
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in values[0]]}
+
+
+def sharegpt(values: tuple, chat_template: bool) -> dict:
+    return {"messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in values[0]]}
+
+
+def alpaca(values: tuple, chat_template: bool) -> dict:
+    instruction, context, output = values
     if chat_template:
         user = f"{instruction}\n\n{context}" if context else instruction
         return {
@@ -68,22 +168,33 @@ def alpaca(record: dict, field: str, chat_template: bool) -> dict:
     return {"prompt": prompt, "completion": output}
 
 
-def text(record: dict, field: str, chat_template: bool) -> dict:
-    return {"text": _column(record, field or "text", "text")}
+def text(values: tuple, chat_template: bool) -> dict:
+    return {"text": values[0]}
 
 
-def completion(record: dict, field: str, chat_template: bool) -> dict:
-    return {
-        "prompt": _column(record, "prompt", "completion"),
-        "completion": _column(record, "completion", "completion"),
-    }
+def completion(values: tuple, chat_template: bool) -> dict:
+    return {"prompt": values[0], "completion": values[1]}
 
 
-FORMATTERS: dict[str, Callable[[dict, str, bool], dict]] = {
-    "chat": chat,
-    "sharegpt": sharegpt,
-    "alpaca": alpaca,
-    "text": text,
-    "completion": completion,
-    "synthetic": completion,
+@dataclass(frozen=True)
+class Formatter:
+    """The columns a formatter reads, how it checks a record, and how it maps one to TRL's form."""
+
+    columns: tuple[str, ...]  # read in this order; data.field renames the first where takes_field
+    check: Callable[[tuple, tuple[str, ...]], str | None]
+    format: Callable[[tuple, bool], dict]  # (the record's values of columns, chat template?) -> TRL's form
+    optional: tuple[str, ...] = ()  # columns the data may lack (read as null)
+    takes_field: bool = False
+
+    def column_names(self, field: str | None) -> tuple[str, ...]:
+        return (field, *self.columns[1:]) if self.takes_field and field else self.columns
+
+
+FORMATTERS: dict[str, Formatter] = {
+    "chat": Formatter(("messages",), check_chat, chat, takes_field=True),
+    "sharegpt": Formatter(("conversations",), check_sharegpt, sharegpt, takes_field=True),
+    "alpaca": Formatter(("instruction", "input", "output"), check_alpaca, alpaca, optional=("input",)),
+    "text": Formatter(("text",), check_text, text, takes_field=True),
+    "completion": Formatter(("prompt", "completion"), check_completion, completion),
+    "synthetic": Formatter(("prompt", "completion"), check_completion, completion),
 }
