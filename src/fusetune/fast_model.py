@@ -9,6 +9,7 @@ import copy
 import logging
 import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -33,6 +34,22 @@ def _dtype(dtype) -> torch.dtype:
             raise FusetuneError(f"dtype: expected one of auto, {', '.join(models.DTYPES)}, got '{dtype}'")
         return models.pick_dtype(dtype)
     return dtype
+
+
+# Files that make a folder load as a model or an adapter: all go before a merged model is written.
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "adapter_config.json", "*.gguf")
+
+
+def _clear_for_weights(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise FusetuneError(f"save_merged: {folder} is a file, not a folder")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not overwrite:
+        raise FusetuneError(f"save_merged: {folder} is not empty; pass overwrite=True to replace what it holds")
+    for pattern in WEIGHT_FILES:
+        for stale in folder.glob(pattern):
+            stale.unlink()
 
 
 def _base(model):
@@ -197,13 +214,19 @@ class FastModel:
         return model
 
     @staticmethod
-    def save_merged(model, tokenizer, save_directory: str, dtype: torch.dtype | None = None) -> str:
+    def save_merged(
+        model, tokenizer, save_directory: str, dtype: torch.dtype | None = None, overwrite: bool = False
+    ) -> str:
         """Merge the LoRA adapters into 16-bit weights that plain transformers loads.
 
         A quantized base is reloaded in 16 bits from its original weights first, so the merge
         is exact rather than into 4-bit blocks. The model passed in is left unchanged.
+        A folder that holds anything is refused unless ``overwrite``; then every weight, index
+        and adapter file in it is removed first, so none of them can load beside the merge.
         """
         from peft import PeftModel
+
+        _clear_for_weights(Path(save_directory), overwrite)
 
         if dtype is None:  # the hardware's 16-bit type; bf16 on CPU
             dtype = torch.float16 if models.pick_dtype("auto") == torch.float16 else torch.bfloat16

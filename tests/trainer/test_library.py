@@ -7,6 +7,7 @@ from datasets import Dataset
 import fusetune
 from fusetune import FastModel, FastSFTConfig, FastSFTTrainer
 from fusetune.data.synthetic import synthetic_splits
+from fusetune.errors import FusetuneError
 from fusetune.patching import remove_kernels
 
 
@@ -192,12 +193,22 @@ def test_save_merged_loads_in_plain_transformers_with_the_same_logits(tmp_path):
     with torch.no_grad():
         expected = model(input_ids=ids).logits.float().cpu()
     remove_kernels()
-    FastModel.save_merged(model, tokenizer, str(tmp_path / "merged"))
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    merged = tmp_path / "merged"
+    # The folder already holds this model's adapter and a stale sharded checkpoint: an index naming a missing shard.
+    model.save_pretrained(merged)
+    (merged / "model.safetensors.index.json").write_text('{"metadata": {}, "weight_map": {"x": "gone.safetensors"}}')
+    (merged / "model-00002-of-00002.safetensors").write_bytes(b"stale")
+    with pytest.raises(FusetuneError, match="is not empty; pass overwrite=True"):
+        FastModel.save_merged(model, tokenizer, str(merged))
+    FastModel.save_merged(model, tokenizer, str(merged), overwrite=True)
+    assert not (merged / "adapter_config.json").exists() and not (merged / "model.safetensors.index.json").exists()
+    assert sorted(p.name for p in merged.glob("*.safetensors")) == ["model.safetensors"]
+    plain = AutoModelForCausalLM.from_pretrained(merged)
     assert plain.dtype == torch.bfloat16
     with torch.no_grad():
         got = plain(input_ids=ids.cpu()).logits.float()
     # One bf16 rounding (the merged weights) against an fp32 model; two when the trained model is bf16 (GPU).
+    # A leftover adapter_config.json would apply the LoRA a second time: about 0.1 off, ten times this tolerance.
     tolerance = 1e-2 if model.dtype == torch.float32 else 3e-2
     assert ((got - expected).norm() / expected.norm()).item() < tolerance
     assert not any("lora" in k for k in plain.state_dict())
