@@ -12,10 +12,15 @@ document. ``enable_varlen_attention(model)`` registers two implementations with 
   builds no mask and no per-shape plan. Where the kernel cannot serve a call (CPU tensors,
   fp32 outside autocast, logit softcapping, attention dropout, head_dim > 256) the call takes
   the masked path, and says why once.
-- ``fusetune_masked``: a per-document causal (and sliding-window) block-diagonal boolean
-  mask, built once per forward from ``position_ids`` or ``cu_seq_lens`` and reused by every
-  layer and by the gradient-checkpointing recompute, through SDPA (or explicit math when the
-  model caps its attention logits, as Gemma 2 does).
+- ``fusetune_masked``: the documents of the batch regrouped as padded batches of whole
+  documents, [documents, longest, heads, head_dim], and run through causal SDPA (or explicit
+  math when the model caps its attention logits, as Gemma 2 does; a sliding window adds a small
+  [longest, longest] mask), then put back in place. Its cost follows the sum of the squared
+  document lengths, as the same documents unpacked would, not the square of the row length.
+  Documents of very different lengths go into separate groups (``_group_lengths``). The layout
+  is built once per forward from ``position_ids`` or ``cu_seq_lens`` and reused by every layer
+  and by the gradient-checkpointing recompute. Inside a CUDA graph capture, where the layout
+  cannot be read on the host, the path falls back to a block-diagonal mask over the whole row.
 
 Batches with a padding mask, and decoding with a KV cache, are not variable-length: they go
 through transformers' own SDPA path with transformers' 4D mask, so evaluation and
@@ -26,6 +31,7 @@ import inspect
 import logging
 import weakref
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +59,11 @@ MAX_FLASH_HEAD_DIM = 256
 _VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else frozenset()
 # The masked path on CUDA keeps SDPA off cuDNN attention, which builds a plan for every new shape.
 _MASKED_CUDA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
+# What one more attention call costs, in score elements (query x key pairs): the masked path puts
+# documents of different lengths in one padded group when the padding costs less than a call.
+# On one CPU thread a causal SDPA forward and backward costs ~50 us however small it is, and
+# 20-100 ns per score element (H200 timings would favour fewer, larger groups; this is a fallback).
+CALL_COST = 64 * 64
 
 # How many attention calls took each path since the last reset: for tests and profiles.
 calls: Counter = Counter()
@@ -157,15 +168,110 @@ def _one_document_per_row(source: torch.Tensor, batch: int, length: int) -> bool
     return _cache.get(source, ("single", batch, length), lambda: not bool(_starts(source, batch, length)[:, 1:].any()))
 
 
-def _document_mask(doc: torch.Tensor, window: int | None) -> torch.Tensor:
-    """bool [batch, 1, s, s]: same document, causal, and within the sliding window if any."""
-    s = doc.shape[-1]
-    idx = torch.arange(s, device=doc.device)
+def _causal_mask(length: int, window: int | None, device) -> torch.Tensor:
+    """bool [length, length]: causal, and within the sliding window if any."""
+    idx = torch.arange(length, device=device)
     distance = idx[:, None] - idx[None, :]
     allowed = distance >= 0
     if window is not None:
         allowed = allowed & (distance < window)
+    return allowed
+
+
+def _block_diagonal_mask(doc: torch.Tensor, window: int | None) -> torch.Tensor:
+    """bool [batch, 1, s, s]: same document, causal, and within the sliding window if any.
+
+    Quadratic in the row length: only for CUDA graph captures, where the document layout cannot be read.
+    """
+    allowed = _causal_mask(doc.shape[-1], window, doc.device)
     return ((doc[:, :, None] == doc[:, None, :]) & allowed)[:, None]
+
+
+@dataclass(frozen=True)
+class _Documents:
+    """A batch's documents as padded groups of whole documents, and the way back.
+
+    The padded slots are the groups one after another, each [documents, longest] row-major.
+    ``gather[i]`` is the token (of the flattened batch) that slot ``i`` holds. A document is
+    padded on the right with copies of its last token: under a causal mask no real query sees a
+    later key, and the pad queries' outputs are never read, so the copies add nothing to the
+    outputs or to the gradients (their share of the backward is exactly zero).
+    ``scatter[t]`` is the slot that holds token ``t``.
+    """
+
+    gather: torch.Tensor  # int64 [sum of documents x longest over the groups]
+    scatter: torch.Tensor  # int64 [batch * length]
+    groups: tuple[tuple[int, int], ...]  # (documents, longest) of each group
+
+
+def _group_lengths(lengths: list[int]) -> list[tuple[int, int]]:
+    """(shortest, longest) length ranges whose documents share a padded group.
+
+    Minimises the sum over groups of ``documents x longest**2 + CALL_COST``: the score elements
+    SDPA is given, and a charge per call. Over the distinct lengths in order, the best grouping
+    is found exactly by dynamic programming. A group whose shortest length ``l`` has
+    ``longest**2 - l**2 > CALL_COST`` is never best (its documents of length ``l`` on their own
+    would save more than a call costs), so each step looks back only that far: for documents
+    longer than ``sqrt(CALL_COST)``, a few lengths. The result costs no more than groups by powers
+    of two would: at most ``4 x sum(l**2)`` score elements, plus ``CALL_COST`` per octave of lengths.
+    """
+    counts = Counter(lengths)
+    distinct = sorted(counts)
+    before = [0]  # documents shorter than distinct[j]
+    for n in distinct:
+        before.append(before[-1] + counts[n])
+    best = [0] + [None] * len(distinct)  # best[j]: the cost of grouping the first j distinct lengths
+    first = [0] * (len(distinct) + 1)  # where the last group of that grouping begins
+    for j, top in enumerate(distinct, 1):
+        square, i = top * top, j - 1
+        while i >= 0 and square - distinct[i] ** 2 <= CALL_COST:
+            cost = best[i] + (before[j] - before[i]) * square + CALL_COST
+            if best[j] is None or cost < best[j]:
+                best[j], first[j] = cost, i
+            i -= 1
+    ranges, j = [], len(distinct)
+    while j > 0:
+        ranges.append((distinct[first[j]], distinct[j - 1]))
+        j = first[j]
+    return ranges[::-1]
+
+
+def _document_starts(source: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+    """int64 [documents], on the host: where each document begins in the flattened batch.
+
+    A row boundary always begins a document; tokens past the last boundary of ``cu_seq_lens``
+    form one more (as in ``_document_ids``).
+    """
+    if source.ndim == 1:
+        cu = source.cpu().long()
+        starts = torch.zeros(batch * length, dtype=torch.bool)
+        starts[cu[cu < batch * length]] = True
+        starts[::length] = True
+    else:
+        starts = _starts(source.cpu(), batch, length).reshape(-1)  # one small device-to-host copy per forward
+    return starts.nonzero().flatten()
+
+
+def _document_mask(source: torch.Tensor, batch: int, length: int, device) -> _Documents:
+    """The batch's documents as padded groups (``_Documents``): what the masked path uses instead
+    of a block-diagonal mask over the row. Built on the host once per batch."""
+    starts = _document_starts(source, batch, length)
+    lengths = torch.diff(starts, append=torch.tensor([batch * length]))
+    scatter = torch.empty(batch * length, dtype=torch.long)
+    gather, groups, offset = [], [], 0
+    for shortest, longest in _group_lengths(lengths.tolist()):
+        chosen = (lengths >= shortest) & (lengths <= longest)
+        begin, size = starts[chosen], lengths[chosen]
+        column = torch.arange(longest)
+        index = begin[:, None] + torch.minimum(column, size[:, None] - 1)  # [documents, longest]
+        real = column < size[:, None]
+        slots = torch.arange(offset, offset + index.numel()).view_as(index)
+        scatter[index[real]] = slots[real]
+        gather.append(index.flatten())
+        groups.append((index.shape[0], longest))
+        offset += index.numel()
+    gather = torch.cat(gather) if len(gather) > 1 else gather[0]
+    return _Documents(gather.to(device, non_blocking=True), scatter.to(device, non_blocking=True), tuple(groups))
 
 
 # ---------------------------------------------------------------------------------- kernels
@@ -212,10 +318,12 @@ def _varlen(query, key, value, cu: torch.Tensor, longest: int, scaling: float | 
     return out.view(b, s, hq, d)
 
 
-def _masked(query, key, value, mask, scaling, dropout, softcap, training: bool):
-    """[b, h, q, d] attention under a boolean (or additive) mask; returns [b, q, h, d]."""
+def _masked(query, key, value, mask, scaling, dropout, softcap, training: bool, causal: bool = False):
+    """[b, h, q, d] attention under a boolean (or additive) mask, or causal; returns [b, q, h, d]."""
     n_rep = query.shape[1] // key.shape[1]
     if softcap is not None:  # explicit math: SDPA has no logit softcapping
+        if causal and mask is None:
+            mask = _causal_mask(query.shape[2], None, query.device)
         key, value = _repeat_heads(key, n_rep, 1), _repeat_heads(value, n_rep, 1)
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         scores = torch.matmul(query, key.transpose(-1, -2)) * scale
@@ -230,12 +338,39 @@ def _masked(query, key, value, mask, scaling, dropout, softcap, training: bool):
     if query.is_cuda:  # masked GQA would drop SDPA to its math kernel on CUDA: repeat instead
         key, value = _repeat_heads(key, n_rep, 1), _repeat_heads(value, n_rep, 1)
         with sdpa_kernel(_MASKED_CUDA_BACKENDS):
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
+            out = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=causal
+            )
     else:
         out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=n_rep > 1
+            query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=causal, enable_gqa=n_rep > 1
         )
     return out.transpose(1, 2).contiguous()
+
+
+def _grouped(query, key, value, docs: _Documents, mask_for, scaling, dropout, softcap, training: bool):
+    """[b, h, s, d] packed tensors, attended document by document in padded groups; returns [b, s, h, d].
+
+    Each group is one causal attention call over [documents, heads, longest, head_dim];
+    ``mask_for(longest)`` gives the group's mask where causality alone is not enough (a sliding
+    window shorter than the group, or the explicit math of softcapping), else None.
+    """
+    b, hq, s, _ = query.shape
+
+    def slots(x):  # [b, h, s, d] -> [slots, h, d]; the transpose is free when x came from [b, s, h, d]
+        return x.transpose(1, 2).reshape(b * s, x.shape[1], x.shape[3]).index_select(0, docs.gather)
+
+    sizes = [count * longest for count, longest in docs.groups]
+    # split, not slices: the backward of a slice writes a zero tensor the size of the whole input
+    parts = zip(*(slots(x).split(sizes) for x in (query, key, value)), strict=True)
+    outs = []
+    for (count, longest), group in zip(docs.groups, parts, strict=True):
+        gq, gk, gv = (x.view(count, longest, x.shape[1], x.shape[2]).transpose(1, 2) for x in group)
+        mask = mask_for(longest)
+        out = _masked(gq, gk, gv, mask, scaling, dropout, softcap, training, causal=mask is None)
+        outs.append(out.view(count * longest, hq, out.shape[-1]))
+    out = torch.cat(outs) if len(outs) > 1 else outs[0]
+    return out.index_select(0, docs.scatter).view(b, s, hq, out.shape[-1])
 
 
 def _varlen_refusal(query, key, dtype, dropout: float, softcap, window, longest: int) -> str | None:
@@ -315,11 +450,22 @@ def _attention(module, query, key, value, attention_mask, *, use_varlen, scaling
         )
         return out.transpose(1, 2).contiguous(), None
 
-    def build():
-        return _document_mask(_document_ids(source, b, s, device), window)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A graph replays later batches: their layout must be computed inside it, not read on the host.
+        def build():
+            return _block_diagonal_mask(_document_ids(source, b, s, device), window)
 
-    mask = _cache.get(source, ("mask", b, s, window, device), build)
-    return _masked(query, key, value, mask, scaling, dropout, softcap, module.training), None
+        mask = _cache.get(source, ("mask", b, s, window, device), build)
+        return _masked(query, key, value, mask, scaling, dropout, softcap, module.training), None
+
+    docs = _cache.get(source, ("documents", b, s, device), lambda: _document_mask(source, b, s, device))
+
+    def mask_for(longest: int) -> torch.Tensor | None:
+        if softcap is None and (window is None or window >= longest):
+            return None  # causal SDPA, no mask
+        return _cache.get(source, ("causal", longest, window, device), lambda: _causal_mask(longest, window, device))
+
+    return _grouped(query, key, value, docs, mask_for, scaling, dropout, softcap, module.training), None
 
 
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -330,7 +476,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
 
 
 def masked_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """``fusetune_masked``: a per-document causal mask through SDPA, on any device."""
+    """``fusetune_masked``: each document attended on its own (padded groups through SDPA), on any device."""
     return _attention(
         module, query, key, value, attention_mask, use_varlen=False, scaling=scaling, dropout=dropout, **kwargs
     )
@@ -385,12 +531,12 @@ def enable_varlen_attention(model, backend: str = "auto") -> str:
     if name == VARLEN:
         log.info("attention=%s: CUDA varlen kernel (torch.nn.attention.varlen), masked SDPA where it cannot", name)
     else:
-        log.info("attention=%s: per-document causal mask through SDPA (%s)", name, _why_masked())
+        log.info("attention=%s: documents in padded groups through causal SDPA (%s)", name, _why_masked())
     softcap = getattr(base.config.get_text_config(), "attn_logit_softcapping", None)
     if softcap is not None:
         log.warning(
             "attention=%s: %s caps attention logits (%s), which the varlen kernel and SDPA cannot do; "
-            "its attention runs as explicit masked math (memory grows with the square of the row length)",
+            "its attention runs as explicit masked math (memory grows with the square of the longest document)",
             name,
             base.config.model_type,
             softcap,
