@@ -164,16 +164,9 @@ class _Offloaded:
         return device_copy
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a is b:
-        return True
-    return (
-        a.device == b.device
-        and a.dtype == b.dtype
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-        and a.data_ptr() == b.data_ptr()
-    )
+def _identity(tensor: torch.Tensor) -> tuple:
+    """What tells a saved tensor is the layer input (the hooks see it as another Python object)."""
+    return tensor.device, tensor.dtype, tensor.shape, tensor.stride(), tensor.data_ptr()
 
 
 def _unpack(packed):
@@ -195,8 +188,12 @@ def offloaded_checkpoint(function, *args, **kwargs):
     if target is None or not torch.is_grad_enabled() or not _offloadable(target):
         return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
+    # Autograd keeps the hooks as long as the graph: they must not hold the input, or it stays on the GPU.
+    key = _identity(target)
+    del target
+
     def pack(tensor):
-        return _Offloaded(tensor) if _same_tensor(tensor, target) else tensor
+        return _Offloaded(tensor) if _identity(tensor) == key else tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
         return checkpoint(function, *args, use_reentrant=False, **kwargs)

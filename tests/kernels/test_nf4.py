@@ -46,17 +46,20 @@ def bnb_dequantize(param) -> torch.Tensor:
 
 
 def to_device(param):
-    return param if DEVICE == "cpu" else param.to(DEVICE)
+    """A copy on the test device: Params4bit.to moves the shared quant_state in place."""
+    return param if DEVICE == "cpu" else copy.deepcopy(param).to(DEVICE)
 
 
 def assert_matches(out: torch.Tensor, truth: torch.Tensor, impl: str):
     assert out.shape == truth.shape and out.dtype == truth.dtype, f"{out.shape} {out.dtype}"
     out = out.cpu()
-    if impl == "triton" and out.dtype == torch.bfloat16 and interpreted():
-        # The interpreter truncates fp32 -> bf16 where GPUs round to nearest even: allow that one rounding.
+    half = out.dtype in (torch.bfloat16, torch.float16)
+    if half and ((impl == "triton" and interpreted()) or DEVICE == "cuda"):
+        # The interpreter truncates fp32 -> bf16 where GPUs round to nearest even, and one fp16 element of
+        # 19,200 has been seen a rounding apart between CUDA and bitsandbytes' CPU kernel: allow one rounding.
         assert torch.isfinite(out).all(), "unwritten (poisoned) elements"
         err = (out.float() - truth.float()).abs()
-        assert (err <= torch.finfo(torch.bfloat16).eps * truth.float().abs()).all(), f"max error {err.max()}"
+        assert (err <= torch.finfo(out.dtype).eps * truth.float().abs()).all(), f"max error {err.max()}"
     else:
         assert torch.equal(out, truth), f"{(out != truth).sum()} of {out.numel()} elements differ"
 

@@ -119,6 +119,25 @@ def test_offload_matches_plain_checkpointing(case, simulate):
         assert torch.equal(grad, ref_grads[name]), f"grad {name} differs from plain checkpointing"
 
 
+def test_offloaded_inputs_leave_the_device_after_the_forward(simulate):
+    """Nothing keeps a layer's input alive once it is offloaded: not the hooks (autograd holds them as long
+    as the graph), not the checkpoint. Layer 0's input is the embedding output, which its caller holds."""
+    import weakref
+
+    model = tiny_lora("cpu")
+    enable_offloaded_checkpointing(model)
+    inputs = []
+    for layer in decoder_layers(model):
+        layer.register_forward_pre_hook(
+            lambda m, args, kwargs: inputs.append(weakref.ref(args[0] if args else kwargs["hidden_states"])),
+            with_kwargs=True,
+        )
+    loss = model(**random_batch(model, "cpu")).loss
+    assert oc.stats["offloaded"] == TINY_LAYERS
+    assert [ref() is None for ref in inputs[1:]] == [True] * (TINY_LAYERS - 1)
+    loss.backward()
+
+
 def test_function_level_twin(simulate):
     """Tuple outputs, a keyword tensor, an input with or without grad, a second backward (retain_graph)."""
     weight = torch.randn(24, 24, requires_grad=True)

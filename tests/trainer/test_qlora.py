@@ -118,7 +118,7 @@ def test_qlora_loss_matches_a_bf16_model_of_the_dequantized_weights(tiny_folder)
 
     model, _ = FastModel.from_pretrained(tiny_folder, dtype=torch.bfloat16, load_in_4bit=True, kernels="reference")
     model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)  # B = 0: the base alone
-    plain = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.bfloat16)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.bfloat16).to(model.device)
     apply_kernels(plain, "reference")
     quantized = dict(model.get_base_model().named_modules())
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_qlora_loss_matches_a_bf16_model_of_the_dequantized_weights(tiny_folder)
             if isinstance(module, torch.nn.Linear) and name != "lm_head":
                 weight = quantized[name].base_layer.weight
                 module.weight.copy_(dequantize_4bit(weight.data, weight.quant_state).to(torch.bfloat16))
-    ids = torch.randint(3, 100, (3, 40), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, 100, (3, 40), generator=torch.Generator().manual_seed(5)).to(model.device)
     labels = ids.clone()
     labels[:, :7] = -100
     with torch.no_grad():
