@@ -10,6 +10,18 @@ What it leaves out: torch, triton and the CUDA libraries (the host has its own),
 host already has (--have: one name per line, `name==version` also accepted), and the
 bitsandbytes libraries for other CUDA versions. Pure-Python packages published only as
 source (antlr4-python3-runtime) are built into wheels here.
+
+Peers for scripts/bench.py: `liger` adds liger-kernel to the wheelhouse (no dependencies of its
+own). `unsloth` is a separate install target, `<out>/unsloth/`: Unsloth pins trl<=1.15 while
+fusetune needs trl 1.16, so Unsloth, Unsloth Zoo and what they need (resolved with
+--unsloth-pin, by default trl<=1.15 and datasets<5, and --pin) go there, less what the host has,
+what the main wheelhouse already holds in the same version, and --unsloth-skip (xformers, built
+for one torch; diffusers and the Studio's web stack; wandb). The Unsloth wheel loses its
+`studio/` web app. On the host:
+
+    pip install --no-index --no-deps --target /tmp/unsloth-site wheelhouse/unsloth/*.whl
+
+and put /tmp/unsloth-site first on PYTHONPATH for the Unsloth process only (scripts/gpu_bench.sh).
 """
 
 import argparse
@@ -25,8 +37,13 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-NEVER = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*|pip|setuptools|wheel)$")
-PEERS = {"liger": ["liger-kernel"], "unsloth": ["unsloth", "unsloth-zoo"]}
+NEVER = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|pip|setuptools|wheel)$")  # the host's own
+PEERS = {"liger": ["liger-kernel"]}  # added to the main wheelhouse, without dependencies
+UNSLOTH = ["unsloth", "unsloth-zoo"]  # their own install target, resolved with their pins
+UNSLOTH_PINS = ["trl<=1.15", "datasets<5"]
+# Not needed to train: xformers (built for one torch; Unsloth falls back to SDPA without it), diffusers,
+# and the Studio's web stack (Unsloth Zoo only silences a pydantic warning if pydantic is there)
+UNSLOTH_SKIP = ["xformers", "diffusers", "pydantic", "structlog", "json5", "nest-asyncio", "wandb"]
 
 
 def normalize(name: str) -> str:
@@ -37,17 +54,20 @@ def pip(*args: str, quiet: bool = False) -> None:
     subprocess.run([sys.executable, "-m", "pip", *args], check=True, stderr=subprocess.DEVNULL if quiet else None)
 
 
-def resolve(requirements: list[str], extras: set[str], leave_out: set[str]) -> dict[str, str]:
-    """name -> version of what fusetune needs, resolved by pip on this interpreter.
+def resolve(
+    requirements: list[str], roots: dict[str, set[str]], leave_out: set[str], keep_roots: bool = False
+) -> dict[str, str]:
+    """name -> version of what ``roots`` (name -> extras) need, resolved by pip on this interpreter.
 
-    Walks the dependency graph from fusetune and stops at packages left out, so that their own
-    dependencies are left out with them.
+    Walks the dependency graph from the roots and stops at packages left out, so that their own
+    dependencies are left out with them. ``keep_roots``: the roots are in the answer too.
     """
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         pip("install", "-q", "--dry-run", "--ignore-installed", "--report", str(report), *requirements)
         items = {normalize(i["metadata"]["name"]): i["metadata"] for i in json.loads(report.read_text())["install"]}
-    needed, todo = {}, [("fusetune", extras)]
+    needed = {normalize(r): items[normalize(r)]["version"] for r in roots} if keep_roots else {}
+    todo = [(normalize(name), extras) for name, extras in roots.items()]
     while todo:
         name, wanted_extras = todo.pop()
         for line in items[name].get("requires_dist", []):
@@ -86,14 +106,10 @@ def fetch(name: str, version: str, out: Path, python: str, platforms: list[str])
         pip("wheel", "-q", "--no-deps", "-w", str(out), f"{name}=={version}")
 
 
-def slim_bitsandbytes(wheel: Path, cuda: str) -> None:
-    """Keep the CPU library and the one for ``cuda``; drop the rest from the wheel and its RECORD."""
-    keep = re.compile(rf"libbitsandbytes_(cpu|cuda{cuda})\.so$")
-    dropped = lambda name: re.search(r"libbitsandbytes_\w+\.so$", name) and not keep.search(name)
+def drop_from_wheel(wheel: Path, dropped) -> None:
+    """Rewrite ``wheel`` without the files for which ``dropped(name)`` is true, and without their RECORD lines."""
     slim = wheel.with_suffix(".slim")
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(slim, "w", zipfile.ZIP_DEFLATED) as dst:
-        if not any(keep.search(n) and "cuda" in n for n in src.namelist()):
-            raise SystemExit(f"wheelhouse: {wheel.name} has no library for CUDA {cuda}")
         for item in src.infolist():
             if dropped(item.filename):
                 continue
@@ -103,6 +119,43 @@ def slim_bitsandbytes(wheel: Path, cuda: str) -> None:
                 data = "".join(line for line in lines if not dropped(line.split(",")[0])).encode()
             dst.writestr(item, data)
     slim.replace(wheel)
+
+
+def slim_bitsandbytes(wheel: Path, cuda: str) -> None:
+    """Keep the CPU library and the one for ``cuda``; drop the rest from the wheel and its RECORD."""
+    keep = re.compile(rf"libbitsandbytes_(cpu|cuda{cuda})\.so$")
+    with zipfile.ZipFile(wheel) as src:
+        if not any(keep.search(n) and "cuda" in n for n in src.namelist()):
+            raise SystemExit(f"wheelhouse: {wheel.name} has no library for CUDA {cuda}")
+    drop_from_wheel(wheel, lambda name: re.search(r"libbitsandbytes_\w+\.so$", name) and not keep.search(name))
+
+
+def unsloth_target(out: Path, args, main: dict[str, str], leave_out: set[str], platforms: list[str]) -> Path:
+    """``out``/unsloth: Unsloth and what it needs beyond the host and the main wheelhouse, with its own pins."""
+    target = out / "unsloth"
+    target.mkdir()
+    version = f"=={args.unsloth_version}" if args.unsloth_version else ""
+    pins = args.unsloth_pin if args.unsloth_pin is not None else UNSLOTH_PINS
+    skip = leave_out | {normalize(s) for s in (args.unsloth_skip if args.unsloth_skip is not None else UNSLOTH_SKIP)}
+    found = resolve([f"unsloth{version}", *UNSLOTH[1:], *pins, *args.pin], {n: set() for n in UNSLOTH}, skip, True)
+    for name, found_version in sorted(found.items()):
+        if main.get(name) == found_version:  # already in the main wheelhouse, which is on the path too
+            continue
+        fetch(name, found_version, target, args.python, platforms)
+    for wheel in target.glob("unsloth-*.whl"):  # not unsloth_zoo: its wheel is named unsloth_zoo-*
+        drop_from_wheel(wheel, lambda name: name.startswith("studio/"))
+    for wheel in target.glob("bitsandbytes-*.whl"):
+        slim_bitsandbytes(wheel, args.cuda)
+    return target
+
+
+def report(folder: Path) -> int:
+    wheels = sorted(folder.glob("*.whl"))
+    total = sum(w.stat().st_size for w in wheels)
+    for w in wheels:
+        print(f"{w.stat().st_size / 2**20:8.2f} MiB  {w.name}")
+    print(f"{total / 2**20:8.2f} MiB  total, {len(wheels)} wheels in {folder}")
+    return total
 
 
 def read_have(path: str | None) -> set[str]:
@@ -123,7 +176,20 @@ def main() -> None:
         help="pip platform tags (default: manylinux x86_64 from 2014 to 2_28)",
     )
     parser.add_argument("--cuda", default="130", help="the bitsandbytes CUDA library to keep, e.g. 130 or 128")
-    parser.add_argument("--peers", default="", help="benchmark peers to add: liger,unsloth (installed --no-deps)")
+    parser.add_argument("--peers", default="", help="benchmark peers to add: liger, unsloth (its own target)")
+    parser.add_argument("--unsloth-version", default="", help="the Unsloth release (default: the newest)")
+    parser.add_argument(
+        "--unsloth-pin",
+        action="append",
+        default=None,
+        help=f"constraint for the Unsloth target (repeatable; default: {' '.join(UNSLOTH_PINS)})",
+    )
+    parser.add_argument(
+        "--unsloth-skip",
+        type=lambda v: [x for x in v.split(",") if x],
+        default=None,
+        help=f"comma-separated packages the Unsloth target leaves out (default: {','.join(UNSLOTH_SKIP)})",
+    )
     parser.add_argument("--have", default=None, help="file of packages the host already has: left out")
     parser.add_argument("--skip", default="", help="comma-separated packages to leave out as well")
     parser.add_argument("--extras", default="", help="fusetune extras to include, e.g. bench")
@@ -148,22 +214,25 @@ def main() -> None:
     leave_out = read_have(args.have) | {normalize(s) for s in args.skip.split(",") if s}
     extras = {e for e in args.extras.split(",") if e}
     target = f"{ROOT}[{','.join(sorted(extras))}]" if extras else str(ROOT)
-    for name, version in sorted(resolve([target, *args.pin], extras, leave_out).items()):
+    main_set = resolve([target, *args.pin], {"fusetune": extras}, leave_out)
+    for name, version in sorted(main_set.items()):
         fetch(name, version, out, args.python, platforms)
-    for peer in filter(None, args.peers.split(",")):
-        if peer not in PEERS:
-            raise SystemExit(f"wheelhouse: unknown peer '{peer}'; known: {', '.join(PEERS)}")
-        for name in PEERS[peer]:
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = sorted(set(peers) - set(PEERS) - {"unsloth"})
+    if unknown:
+        raise SystemExit(f"wheelhouse: unknown peer {unknown}; known: {', '.join([*PEERS, 'unsloth'])}")
+    for peer in peers:
+        for name in PEERS.get(peer, []):
             pip("download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(out), name)
+            main_set.update({normalize(w.name.split("-")[0]): w.name.split("-")[1] for w in out.glob("*.whl")})
     pip("wheel", "-q", "--no-deps", "-w", str(out), str(ROOT))
 
     for wheel in out.glob("bitsandbytes-*.whl"):
         slim_bitsandbytes(wheel, args.cuda)
-    wheels = sorted(out.glob("*.whl"))
-    total = sum(w.stat().st_size for w in wheels)
-    for w in wheels:
-        print(f"{w.stat().st_size / 2**20:8.2f} MiB  {w.name}")
-    print(f"{total / 2**20:8.2f} MiB  total, {len(wheels)} wheels in {out}")
+    total = report(out)
+    if "unsloth" in peers:
+        total += report(unsloth_target(out, args, main_set, leave_out, platforms))
+        print(f"{total / 2**20:8.2f} MiB  in all (the device carries at most 64 MiB with the working tree)")
 
 
 if __name__ == "__main__":

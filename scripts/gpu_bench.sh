@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The peer benchmark (scripts/bench.py) on a CUDA host, in one call: hf, liger, unsloth and fusetune on the
+# same LoRA/QLoRA steps, each variant in its own subprocess. A call has 10 minutes, so pick scenarios:
+#   SCENARIOS="S1 S4" bash scripts/gpu_bench.sh
+#   SCENARIOS=S3 VARIANTS="hf unsloth fusetune_triton" bash scripts/gpu_bench.sh
+#   SCENARIOS=S5 VARIANTS="unsloth fusetune_triton" BENCH_ARGS="--s5-max 131072 --s5-probes 4" bash scripts/gpu_bench.sh
+# Environment: SCENARIOS (default all: far more than one call), VARIANTS (default hf liger unsloth fusetune_triton),
+# STEPS / WARMUP (default: per scenario), BUDGET (seconds for bench.py, default 500: a subprocess gets at most what
+# is left, later ones are skipped), TIMEOUT (per subprocess), BENCH_ARGS (more bench.py flags).
+# Wheels: .whl/*.whl as for every GPU script (scripts/gpu_env.sh), and .whl/unsloth/*.whl (wheelhouse.py
+# --peers unsloth), installed apart into /tmp/unsloth-site and put first on the path of the unsloth
+# subprocess only (it pins trl<=1.15; fusetune needs trl 1.16).
+# Writes under $OUT (at most 8 files come back): <date>-<gpu>-peers.jsonl and .md, bench.log, env.txt, logs.tgz
+# (the tail of every subprocess's log). Model folders stay in /tmp/fusetune-bench while the machine is warm.
+set -uo pipefail
+# shellcheck source=scripts/gpu_env.sh
+source "$(dirname "$0")/gpu_env.sh"
+SCRATCH=${SCRATCH:-/tmp/fusetune-bench}
+if compgen -G ".whl/unsloth/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/unsloth-site \
+    .whl/unsloth/*.whl || echo "unsloth wheels: install failed; unsloth will be reported as skipped"
+fi
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+  python3 -c "import torch, triton, transformers, peft; print('torch', torch.__version__, torch.version.cuda, \
+'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  python3 -m pip list 2>/dev/null | grep -iE "^(trl|bitsandbytes|liger|datasets|accelerate) "
+  [ -d /tmp/unsloth-site ] && ls /tmp/unsloth-site | grep -iE "dist-info$" | sed 's/^/unsloth-site: /'
+  free -g | head -2
+  df -h /tmp | tail -1
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+BUDGET=${BUDGET:-500}
+# shellcheck disable=SC2086
+timeout -s TERM $((BUDGET + 40)) python3 scripts/bench.py \
+  --scenarios "${SCENARIOS:-all}" --variants "${VARIANTS:-hf liger unsloth fusetune_triton}" \
+  ${STEPS:+--steps $STEPS} ${WARMUP:+--warmup $WARMUP} ${TIMEOUT:+--timeout $TIMEOUT} --budget "$BUDGET" \
+  --out "$OUT" --scratch "$SCRATCH" --unsloth-site /tmp/unsloth-site ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+
+# every subprocess's log, cut to its last 256 KiB
+if [ -d "$SCRATCH/logs" ]; then
+  rm -rf /tmp/bench-logs && mkdir -p /tmp/bench-logs
+  for f in "$SCRATCH"/logs/*.log; do tail -c 262144 "$f" >"/tmp/bench-logs/$(basename "$f")"; done
+  tar czf "$OUT/logs.tgz" -C /tmp bench-logs
+fi
+ls -la "$OUT"

@@ -1,0 +1,131 @@
+"""scripts/bench.py (the peer benchmark) on CPU: ``--tiny`` runs the embedded tiny Llama through the hf
+and fusetune_reference variants, each in its own subprocess, and reports the peers it cannot run as
+skipped; its tables render; the S5 probe schedule and the FLOP count hold on their own."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+import bench  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out, scratch = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("scratch")
+    cmd = [sys.executable, str(SCRIPTS / "bench.py"), "--tiny", "--out", str(out), "--scratch", str(scratch)]
+    cmd += ["--variants", "hf,fusetune_reference,liger,unsloth", "--scenarios", "S1,S4", "--warmup", "1"]
+    cmd += ["--steps", "2", "--timeout", "240"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (jsonl,) = out.glob("*-cpu-peers.jsonl")
+    rows = {(r["scenario"], r["variant"]): r for r in map(json.loads, jsonl.read_text().splitlines())}
+    return jsonl, rows, done.stdout
+
+
+@pytest.mark.slow
+def test_tiny_rows_and_same_first_loss(tiny_run):
+    jsonl, rows, _ = tiny_run
+    assert set(rows) == {(s, v) for s in ("S1", "S4") for v in ("hf", "fusetune_reference", "liger", "unsloth")}
+    for scenario in ("S1", "S4"):
+        hf, ours = rows[scenario, "hf"], rows[scenario, "fusetune_reference"]
+        for row in (hf, ours):
+            assert row["status"] == "ok", row.get("reason")
+            assert all(math.isfinite(x) for x in row["losses"]) and len(row["losses"]) == 3
+            assert row["step_ms"] > 0 and row["tok_s"] > 0 and row["tokens_per_step"] > 0
+            assert row["gpu"] == "cpu" and row["versions"]["torch"] and row["date"]
+        # the same model on the same batch: the same first-step loss, to fp32 rounding (LoRA B starts at zero)
+        assert ours["loss_first"] == pytest.approx(hf["loss_first"], rel=1e-5)
+        assert ours["losses"] == pytest.approx(hf["losses"], rel=1e-4)
+    assert rows["S1", "hf"]["tokens_per_step"] == 2 * 64
+    assert rows["S4", "hf"]["mode"] == rows["S4", "fusetune_reference"]["mode"] == "padding_free"
+    assert rows["S4", "fusetune_reference"]["attn_implementation"] == "fusetune_masked"
+    for scenario in ("S1", "S4"):
+        liger = rows[scenario, "liger"]  # not installed, or Triton without CUDA
+        assert liger["status"] == "skipped" and ("not installed" in liger["reason"] or "CUDA" in liger["reason"])
+        unsloth = rows[scenario, "unsloth"]
+        if importlib.util.find_spec("unsloth") is None:
+            assert unsloth["status"] == "skipped" and "not installed" in unsloth["reason"]
+        else:  # Unsloth has a CPU fallback: then it trains the same model to the same losses
+            assert unsloth["status"] == "ok" and unsloth["losses"] == pytest.approx(hf["losses"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_tiny_tables(tiny_run, tmp_path):
+    jsonl, _, stdout = tiny_run
+    md = jsonl.with_suffix(".md").read_text()
+    assert "## S1" in md and "## S4" in md and "speed x best peer" in md
+    assert "| hf | ok |" in md and "| fusetune_reference | ok |" in md and "| unsloth | skipped |" in md
+    assert "| hf | ok |" in stdout  # the table is printed last
+    table = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench.py"), "--readme-table", str(jsonl.parent)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "| scenario | hf | liger | unsloth | fusetune |" in table and "| S4: " in table
+    merged = bench.main(["--render", str(jsonl), str(jsonl), "--out", str(tmp_path)])
+    assert len(merged.read_text().splitlines()) == 8  # duplicates collapse to the last row of each pair
+    assert merged.name == jsonl.name and "| hf | ok |" in merged.with_suffix(".md").read_text()
+
+
+def test_flops_convention():
+    cfg = bench.arch_config("llama3_1b")
+    assert bench.matmul_params(cfg) == pytest.approx(1.236e9, rel=1e-3)  # lm_head in, embeddings out
+    per_token = bench.useful_flops(cfg, [2048]) / 2048
+    attention = 6 * 16 * 32 * 64 * 2049
+    assert per_token == pytest.approx(4 * bench.matmul_params(cfg) + attention)
+
+
+def test_s5_probe_schedule():
+    """Probes from 8k: a line through two fits predicts the limit; then bisection to 10%."""
+
+    def run(peak, total=141.0, top=262144):
+        ok = bad = None
+        fits, seen, length = [], [], 8192
+        while length is not None and len(seen) < 8:
+            fitted = peak(length) <= total
+            seen.append(length)
+            if fitted:
+                ok = length
+                fits.append((length, peak(length)))
+            else:
+                bad = length
+            length = bench.next_probe(ok, bad, fits, 0.95 * total, top, 4096, 0.1)
+        return ok, bad, seen
+
+    ok, bad, seen = run(lambda n: 10 + n / 1000)  # linear: fits up to 131,000 tokens
+    assert ok <= 131000 < bad and bad - ok <= 0.1 * ok and len(seen) <= 5
+    assert run(lambda n: 10 + n / 4000)[:2] == (262144, None)  # everything fits: stops at the top
+    ok, bad, _ = run(lambda n: 10 + n / 50)  # even 8k is tight
+    assert ok is None or ok < bad
+
+
+def test_tables_of_gpu_rows(tmp_path):
+    """The GPU-only row shapes (S5 probes, the adamw_8bit retiming, failures) render, with ratios to the best peer."""
+    rows = []
+    for variant, tok_s, peak, context in [("hf", 1000, 40.0, 40960), ("unsloth", 1800, 25.0, 163840)]:
+        common = {"variant": variant, "status": "ok", "reason": None, "model": "llama3_8b", "quant": "nf4"}
+        rows.append(
+            {**common, "scenario": "S3", "batch": 4, "seq": 2048, "tok_s": tok_s, "step_ms": 8192e3 / tok_s}
+            | {"peak_gib": peak, "loss_first": 11.9, "loss_last": 11.8, "alt_optim": {"status": "ok", "tok_s": 990}}
+        )
+        probes = [{"seq": 8192, "status": "ok"}, {"seq": context + 8192, "status": "oom"}]
+        rows.append({**common, "scenario": "S5", "max_context": context, "first_failure": context + 8192})
+        rows[-1].update(peak_gib=130.0, probes=probes)
+    rows.append({**rows[0], "variant": "fusetune_triton", "tok_s": 2000, "peak_gib": 20.0})
+    rows.append({"scenario": "S5", "variant": "fusetune_triton", "status": "failed", "reason": "probe at 8192: boom"})
+    path = tmp_path / "2026-01-01-h200-peers.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = bench.render(bench.read_rows([path]))
+    assert "| fusetune_triton | ok |  | 2,000 (adamw_8bit: 990) | 1.11x |" in md and "| 0.80x |" in md  # unsloth best
+    assert "(adamw_8bit: 990)" in md and "| unsloth | ok | 163,840 | 1.00x | 172,032 |" in md
+    assert "- fusetune_triton: failed: probe at 8192: boom" in md
+    table = bench.readme_table(tmp_path)
+    assert "| S3: llama3_8b QLoRA NF4, 4 x 2048 |" in table and "1.11x, 0.80x" in table
