@@ -4,14 +4,14 @@ import sys
 
 import hydra
 
-from fusetune.config import register_configs
+from fusetune.app.config import register_configs
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg) -> None:
-    from fusetune.cli import run_or_exit
+    from fusetune.app.cli import run_or_exit
 
     run_or_exit(cfg)
 

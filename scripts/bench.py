@@ -397,6 +397,16 @@ def timed_steps(model, optimizer, batches, warmup, torch, cuda, autocast) -> tup
     return times, [float(x) for x in torch.stack(losses).cpu().tolist()]
 
 
+def profile_steps(model, optimizer, batches, torch, autocast) -> None:
+    """Two more steps under torch.profiler; the CUDA kernels by total time go to this subprocess's log."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        timed_steps(model, optimizer, batches, 0, torch, True, autocast)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
+    print(f"== profile: {len(batches)} steps, kernels by self CUDA time\n{table}", flush=True)
+
+
 def is_oom(error: BaseException) -> bool:
     text = f"{type(error).__name__}: {error}"
     return "OutOfMemoryError" in text or "out of memory" in text.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in text
@@ -470,6 +480,8 @@ def run_worker(spec: dict) -> dict:
         if cuda:
             result["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
             result["reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+        if cuda and spec.get("profile"):
+            profile_steps(model, optimizer, batches[-2:], torch, spec["autocast"])
         alt = spec["scenario"].get("alt_optim")
         if alt and spec.get("alt_steps"):
             optimizer.zero_grad(set_to_none=True)
@@ -766,6 +778,7 @@ def worker_spec(scenario, variant, sc, folder, source, gpu, args, *, seq=None, m
         "autocast": not args.no_autocast,
         "peak_tflops": gpu.get("peak_tflops"),
         "max_seq_length": max(widest, 2048 if gpu["cuda"] else 0),
+        "profile": variant in args.profile,
     }
 
 
@@ -1193,12 +1206,14 @@ def parse_args(argv=None):
     p.add_argument("--s5-granularity", type=int, default=4096)
     p.add_argument("--s5-resolution", type=float, default=0.1, help="S5: stop when the bracket is this narrow")
     p.add_argument("--s5-probe-timeout", type=float, default=None, help="S5: seconds per probe (default --timeout)")
+    p.add_argument("--profile", default="", help="variants whose log gets a kernel table of two profiled steps")
     p.add_argument("--render", nargs="+", default=None, metavar="JSONL", help="merge .jsonl files into --out")
     p.add_argument("--readme-table", default=None, metavar="PATH", help="print the README table (file or folder)")
     for hidden in ("worker", "prepare", "gpu-info"):
         p.add_argument(f"--{hidden}", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.variants = split_list(args.variants)
+    args.profile = split_list(args.profile)
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
         p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")

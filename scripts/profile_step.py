@@ -43,7 +43,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from fusetune import patching, varlen
 from fusetune.graphs import CudaGraphs, Reruns, StepGraphs
-from fusetune.models import add_lora, load_model, resolve
+from fusetune.loading import add_lora, load_model, resolve
 from fusetune.patching import apply_kernels, remove_kernels
 
 # name -> (enable_varlen_attention backend or None for transformers' own, fused LoRA node, CUDA graphs)
@@ -359,7 +359,7 @@ def run_trainer(args, documents, device, dtype, variant: str) -> dict:
     """
     from datasets import Dataset
 
-    from fusetune.models import load_tokenizer
+    from fusetune.loading import load_tokenizer
     from fusetune.trainer import FastSFTConfig, FastSFTTrainer
 
     model, _, _ = build(args, "sdpa", device, dtype)  # the trainer switches it to varlen attention

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from fusetune.config import register_configs
+from fusetune.app.config import register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -31,6 +31,6 @@ def compose_cfg():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from fusetune.models import load_tokenizer
+    from fusetune.loading import load_tokenizer
 
     return load_tokenizer("fusetune:tiny_llama")

@@ -6,12 +6,11 @@ FastSFTTrainer and FastSFTConfig, so plain TRL code gets the kernels and default
 
 __version__ = "0.1.0"
 
+from .compat.trl import point_trl_at  # noqa: E402
 from .fast_model import FastModel  # noqa: E402
-
-FastLanguageModel = FastModel  # Unsloth's name; fusetune.compat.unsloth has the others
-from .patching import patch_trl  # noqa: E402
 from .trainer import FastSFTConfig, FastSFTTrainer  # noqa: E402
 
-patch_trl()
+FastLanguageModel = FastModel  # Unsloth's name; fusetune.compat.unsloth has the others
+point_trl_at(FastSFTTrainer, FastSFTConfig)
 
 __all__ = ["FastLanguageModel", "FastModel", "FastSFTConfig", "FastSFTTrainer", "__version__"]

@@ -15,24 +15,23 @@ import torch
 
 from fusetune_kernels.offloaded_checkpoint import enable_offloaded_checkpointing
 
-from . import models
-from .config import ALL_PROJECTIONS
+from . import loading
 from .errors import FusetuneError
-from .patching import apply_kernels
+from .modules import EMBEDDINGS, PROJECTIONS, base_model, is_quantized
+from .patching import apply_kernels, choose_backend
 
 log = logging.getLogger(__name__)
-EMBEDDINGS = ("embed_tokens", "lm_head")
 OFFLOADED = ("unsloth", "offload")  # checkpointing whose saved layer inputs wait in pinned CPU memory
 CHECKPOINTING = (True, False, *OFFLOADED)
 
 
 def _dtype(dtype) -> torch.dtype:
     if dtype is None:
-        return models.pick_dtype("auto")
+        return loading.pick_dtype("auto")
     if isinstance(dtype, str):
-        if dtype not in models.DTYPES and dtype != "auto":
-            raise FusetuneError(f"dtype: expected one of auto, {', '.join(models.DTYPES)}, got '{dtype}'")
-        return models.pick_dtype(dtype)
+        if dtype not in loading.DTYPES and dtype != "auto":
+            raise FusetuneError(f"dtype: expected one of auto, {', '.join(loading.DTYPES)}, got '{dtype}'")
+        return loading.pick_dtype(dtype)
     return dtype
 
 
@@ -50,10 +49,6 @@ def _clear_for_weights(folder: Path, overwrite: bool) -> None:
     for pattern in WEIGHT_FILES:
         for stale in folder.glob(pattern):
             stale.unlink()
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class FastModel:
@@ -100,11 +95,13 @@ class FastModel:
             raise FusetuneError("fast_inference (vLLM) is not supported; generate with model.generate()")
         dtype = _dtype(dtype)
         hub = {"token": token, "revision": revision, "trust_remote_code": trust_remote_code}
-        tokenizer = models.load_tokenizer(tokenizer_name or model_name, **hub)
+        model_type = loading.load_config(config or model_name, **hub).model_type
+        backend = choose_backend(kernels, model_type)  # an unsupported family fails here, before the weights load
+        tokenizer = loading.load_tokenizer(tokenizer_name or model_name, **hub)
         tokenizer.model_max_length = max_seq_length
         if quantized and device_map is None and torch.cuda.is_available():
             device_map = {"": torch.cuda.current_device()}
-        model = models.load_model(
+        model = loading.load_model(
             model_name,
             dtype,
             config=config,
@@ -117,7 +114,7 @@ class FastModel:
         )
         if not quantized and device_map is None and torch.cuda.is_available():
             model = model.to("cuda")
-        apply_kernels(model, kernels)  # records the backend as model.fusetune_kernels
+        apply_kernels(model, backend)  # records the backend as model.fusetune_kernels
         model.max_seq_length = max_seq_length
         model.fusetune_compute_dtype = dtype
         if use_gradient_checkpointing is not None:
@@ -157,7 +154,7 @@ class FastModel:
         if use_gradient_checkpointing is None:
             use_gradient_checkpointing = getattr(model, "fusetune_gradient_checkpointing", True)
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        targets = list(target_modules) if target_modules else [p for p in ALL_PROJECTIONS if p in present]
+        targets = list(target_modules) if target_modules else [p for p in PROJECTIONS if p in present]
         lora_on_embeddings = sorted(set(targets) & set(EMBEDDINGS))
         if lora_on_embeddings:
             warnings.warn(
@@ -171,12 +168,11 @@ class FastModel:
                 f"got {use_gradient_checkpointing!r}"
             )
         checkpointing = bool(use_gradient_checkpointing)
-        quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-        if checkpointing and not quantized:  # the quantized path enables it while preparing the model
+        if checkpointing and not is_quantized(model):  # the quantized path enables it while preparing the model
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         torch.manual_seed(random_state)
-        peft_model = models.add_lora(
+        peft_model = loading.add_lora(
             model,
             r=r,
             alpha=lora_alpha,
@@ -203,14 +199,14 @@ class FastModel:
     def for_inference(model):
         """Evaluation mode with the KV cache on, for ``generate()``."""
         model.eval()
-        _base(model).config.use_cache = True
+        base_model(model).config.use_cache = True
         return model
 
     @staticmethod
     def for_training(model, use_gradient_checkpointing: bool = True):
         """Back to training mode after ``for_inference``."""
         model.train()
-        _base(model).config.use_cache = not use_gradient_checkpointing
+        base_model(model).config.use_cache = not use_gradient_checkpointing
         return model
 
     @staticmethod
@@ -229,16 +225,14 @@ class FastModel:
         _clear_for_weights(Path(save_directory), overwrite)
 
         if dtype is None:  # the hardware's 16-bit type; bf16 on CPU
-            dtype = torch.float16 if models.pick_dtype("auto") == torch.float16 else torch.bfloat16
+            dtype = torch.float16 if loading.pick_dtype("auto") == torch.float16 else torch.bfloat16
         if not isinstance(model, PeftModel):
             merged = copy.deepcopy(model)
-        elif getattr(model.get_base_model(), "is_loaded_in_4bit", False) or getattr(
-            model.get_base_model(), "is_loaded_in_8bit", False
-        ):
+        elif is_quantized(model):
             base_path = model.peft_config[model.active_adapter].base_model_name_or_path
             with tempfile.TemporaryDirectory() as adapter_dir:
                 model.save_pretrained(adapter_dir)
-                base = models.load_model(base_path, dtype)
+                base = loading.load_model(base_path, dtype)
                 merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         else:
             merged = copy.deepcopy(model).merge_and_unload()

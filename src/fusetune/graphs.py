@@ -24,7 +24,7 @@ The loss is divided inside the graph by a denominator that is copied in before e
 (``num_items_in_batch``, or the batch's own label count).
 
 Inside the graphs the fused loss head scores every row, pad rows included
-(``patched.static_shapes``), since finding the labelled rows needs a host sync. With prompts that are
+(``forwards.static_shapes``), since finding the labelled rows needs a host sync. With prompts that are
 not trained on, that is extra lm_head work in proportion to the prompt tokens. At capture time no
 autograd graph through the trained parameters may be alive (a loss kept with its graph, say): the
 captured backward would have to wait on the stream that graph ran on, and the capture fails. A failed
@@ -40,8 +40,8 @@ import torch
 
 from fusetune_kernels.cross_entropy import loss_denominator
 
-from . import patched, varlen
-from .patched import IGNORE_INDEX
+from . import forwards, varlen
+from .forwards import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 TOKEN_STEPS_PER_OCTAVE = 8  # bucket spacing: padding stays under 1/8 of the tokens
@@ -294,7 +294,7 @@ class StepGraphs:
         loss = _Replay.apply(self, captured, *self.params)
         out = captured.state["outputs"]
         sums = torch.stack([out.entropy_sum.float(), out.num_correct.float(), out.num_valid.float()])
-        return patched.TokenStatsOutput(loss=loss, entropy_sum=sums[0], num_correct=sums[1], num_valid=sums[2])
+        return forwards.TokenStatsOutput(loss=loss, entropy_sum=sums[0], num_correct=sums[1], num_valid=sums[2])
 
     def _set_denominator(self, batch: dict, num_items_in_batch) -> None:
         """What the eager loss head divides by: ``num_items_in_batch``, else this batch's labelled tokens."""
@@ -315,7 +315,7 @@ class StepGraphs:
 
         def warm_up():
             varlen.forget_batches()
-            with patched.static_shapes():
+            with forwards.static_shapes():
                 loss = model(**inputs).loss
             self._make_grad_buffers(torch.autograd.grad(loss, self.params, allow_unused=True))
 
@@ -323,7 +323,7 @@ class StepGraphs:
             # Masks the attention caches per batch are built inside the graph, not reused from the warm-up.
             varlen.forget_batches()
             # here, not around capture(): Reruns run it again later, inside _Replay.forward (no grad)
-            with torch.enable_grad(), patched.static_shapes():
+            with torch.enable_grad(), forwards.static_shapes():
                 state["outputs"] = model(**inputs)
 
         def backward():

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 
 import torch
 
-from . import patched
+from . import forwards
 from .errors import FusetuneError
+from .modules import base_model
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "triton", "reference")
+KERNEL_BACKENDS = ("auto", "triton", "reference")  # what a user asks for; "none" is an unpatched model
+OPS = ("rms_norm", "rope", "glu", "loss", "lora")  # the switches of apply_kernels, one per op
 
 
 @dataclass(frozen=True)
@@ -70,30 +72,37 @@ PEFT_LORA_NF4 = ("peft.tuners.lora.bnb", "Linear4bit", "bitsandbytes.nn", "Linea
 
 # (owner object, attribute) -> the original value, for everything currently patched
 _originals: dict[tuple[object, str], object] = {}
-_active: dict[str, str] = {}  # family -> backend
+_active: dict[str, tuple[str, frozenset]] = {}  # family -> (backend, ops patched)
 
 
-def resolve_backend(name: str) -> str:
-    """``auto`` becomes ``triton`` on CUDA and ``reference`` elsewhere, and says so."""
-    if name not in BACKENDS:
-        raise FusetuneError(f"kernels: unknown backend '{name}'; choose one of {', '.join(BACKENDS)}")
-    if name == "auto":
-        name = "triton" if torch.cuda.is_available() else "reference"
-        log.info("kernels=auto chose %s (%s)", name, "CUDA is available" if name == "triton" else "no CUDA")
-    if name == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        raise FusetuneError("kernels=triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
-    return name
+def choose_backend(requested: str, model_type: str | None, on_cuda: bool | None = None) -> str:
+    """The whole backend policy: "triton", "reference", or "none" (train the model's own modules).
 
-
-def family_of(model) -> str:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    model_type = getattr(base.config, "model_type", None)
+    - ``auto``: triton on CUDA, reference elsewhere; a family outside the table trains unpatched,
+      with the reason logged.
+    - ``triton`` / ``reference``: a family outside the table is an error listing the supported
+      ones (callers ask before any weights load); triton off CUDA needs TRITON_INTERPRET=1.
+    """
+    if requested not in KERNEL_BACKENDS:
+        raise FusetuneError(f"kernels: unknown backend '{requested}'; choose one of {', '.join(KERNEL_BACKENDS)}")
+    on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
+    supported = ", ".join(sorted(FAMILIES))
     if model_type not in FAMILIES:
-        raise FusetuneError(
-            f"kernels: model type '{model_type}' is not supported; supported: {', '.join(sorted(FAMILIES))} "
-            "(or use kernels=reference with a supported family)"
+        if requested != "auto":
+            raise FusetuneError(
+                f"kernels={requested}: model type '{model_type}' is not in the patch table (supported: {supported}); "
+                "use kernels=auto to train it with its own modules"
+            )
+        log.warning(
+            "kernels=auto: model type '%s' is not in the patch table (%s): its own modules train", model_type, supported
         )
-    return model_type
+        return "none"
+    if requested == "auto":
+        requested = "triton" if on_cuda else "reference"
+        log.info("kernels=auto chose %s (%s)", requested, "CUDA" if on_cuda else "no CUDA")
+    if requested == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise FusetuneError("kernels=triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
+    return requested
 
 
 def _set(owner, name: str, value) -> None:
@@ -101,40 +110,80 @@ def _set(owner, name: str, value) -> None:
     setattr(owner, name, value)
 
 
-def patch_family(family_name: str, backend: str) -> None:
-    """Replace the family's classes' forwards and functions with ``backend``'s ops."""
-    if _active.get(family_name) == backend:
-        return
-    family, ops = FAMILIES[family_name], patched.OPS[backend]
+def _restore(owner, name: str) -> None:
+    if (owner, name) in _originals:
+        setattr(owner, name, _originals.pop((owner, name)))
+
+
+def _targets(family: Family):
+    """(op, owner, attribute, make(ops, original)) for every entry the family's row patches."""
     module = importlib.import_module(family.module)
     norm, mlp, causal_lm = (getattr(module, name) for name in (family.norm, family.mlp, family.causal_lm))
-    _set(norm, "forward", patched.norm_forward(ops, family.gemma_norm))
-    _set(mlp, "forward", patched.mlp_forward(ops, family.activation))
-    _set(module, "apply_rotary_pos_emb", patched.rope_function(ops))
-    original_lm_forward = _originals.get((causal_lm, "forward"), causal_lm.forward)
-    _set(causal_lm, "forward", patched.causal_lm_forward(ops, original_lm_forward))
-    trl_module = importlib.import_module(TRL_FUSED_HEAD[0])
-    original_head = _originals.get((trl_module, TRL_FUSED_HEAD[1]), getattr(trl_module, TRL_FUSED_HEAD[1]))
-    _set(trl_module, TRL_FUSED_HEAD[1], patched.skip_trl_fused_head(original_head))
-    lora_linear = getattr(importlib.import_module(PEFT_LORA_LINEAR[0]), PEFT_LORA_LINEAR[1])
-    original_lora = _originals.get((lora_linear, "forward"), lora_linear.forward)
-    _set(lora_linear, "forward", patched.lora_forward(ops, original_lora))
+    rows = [
+        ("rms_norm", norm, "forward", lambda ops, _: forwards.norm_forward(ops, family.gemma_norm)),
+        ("glu", mlp, "forward", lambda ops, _: forwards.mlp_forward(ops, family.activation)),
+        ("rope", module, "apply_rotary_pos_emb", lambda ops, _: forwards.rope_function(ops)),
+        ("loss", causal_lm, "forward", forwards.causal_lm_forward),
+        (
+            "loss",
+            importlib.import_module(TRL_FUSED_HEAD[0]),
+            TRL_FUSED_HEAD[1],
+            lambda _, o: forwards.skip_trl_fused_head(o),
+        ),
+        (
+            "lora",
+            getattr(importlib.import_module(PEFT_LORA_LINEAR[0]), PEFT_LORA_LINEAR[1]),
+            "forward",
+            forwards.lora_forward,
+        ),
+    ]
     lora_nf4 = getattr(importlib.import_module(PEFT_LORA_NF4[0]), PEFT_LORA_NF4[1], None)
     if lora_nf4 is not None:  # PEFT defines it where bitsandbytes imports
         linear4bit = getattr(importlib.import_module(PEFT_LORA_NF4[2]), PEFT_LORA_NF4[3])
-        original_nf4 = _originals.get((lora_nf4, "forward"), lora_nf4.forward)
-        _set(lora_nf4, "forward", patched.lora_nf4_forward(ops, original_nf4, linear4bit))
-    _active[family_name] = backend
+        rows.append(("lora", lora_nf4, "forward", lambda ops, o: forwards.lora_nf4_forward(ops, o, linear4bit)))
+    return rows
 
 
-def apply_kernels(model, backend: str) -> str:
-    """Patch ``model``'s family for ``backend`` (auto/triton/reference); returns the backend used."""
-    backend = resolve_backend(backend)
-    family = family_of(model)
-    patch_family(family, backend)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+def patch_family(family_name: str, backend: str, ops: frozenset = frozenset(OPS)) -> None:
+    """Replace the family's forwards and functions with ``backend``'s ops (those in ``ops``; the rest restored)."""
+    if _active.get(family_name) == (backend, ops):
+        return
+    kernels = forwards.OPS[backend]
+    for op, owner, name, make in _targets(FAMILIES[family_name]):
+        if op in ops:
+            _set(owner, name, make(kernels, _originals.get((owner, name), getattr(owner, name))))
+        else:
+            _restore(owner, name)
+    _active[family_name] = (backend, ops)
+
+
+def apply_kernels(
+    model,
+    backend: str = "auto",
+    *,
+    on_cuda: bool | None = None,
+    rms_norm=True,
+    rope=True,
+    glu=True,
+    loss=True,
+    lora=True,
+) -> str:
+    """Patch ``model``'s family for ``backend``; returns the backend used ("none": left unpatched).
+
+    The switches name the ops that are patched (``lora=False`` keeps PEFT's own LoRA forward, ...).
+    ``on_cuda``: where ``auto`` should assume the model trains (default: where CUDA is available).
+    """
+    base = base_model(model)
+    backend = backend if backend == "none" else choose_backend(backend, base.config.model_type, on_cuda)
     base.fusetune_kernels = backend  # the trainer leaves a model with this set as it is
-    log.info("kernels=%s patched the %s family", backend, family)
+    if backend == "none":
+        return backend
+    switches = dict(rms_norm=rms_norm, rope=rope, glu=glu, loss=loss, lora=lora)
+    ops = frozenset(op for op, on in switches.items() if on)
+    patch_family(base.config.model_type, backend, ops)
+    log.info(
+        "kernels=%s patched the %s family (%s)", backend, base.config.model_type, ", ".join(sorted(ops)) or "no ops"
+    )
     return backend
 
 
@@ -146,36 +195,15 @@ def remove_kernels() -> None:
     _active.clear()
 
 
-# TRL's public names that ``import fusetune`` points at fusetune's subclasses.
-TRL_CLASSES = [
-    ("trl", "SFTTrainer"),
-    ("trl.trainer", "SFTTrainer"),
-    ("trl.trainer.sft_trainer", "SFTTrainer"),
-    ("trl", "SFTConfig"),
-    ("trl.trainer", "SFTConfig"),
-    ("trl.trainer.sft_config", "SFTConfig"),
-]
-
-
-def patch_trl() -> None:
-    """Make ``from trl import SFTTrainer, SFTConfig`` give FastSFTTrainer and FastSFTConfig."""
-    from .trainer import FastSFTConfig, FastSFTTrainer
-
-    ours = {"SFTTrainer": FastSFTTrainer, "SFTConfig": FastSFTConfig}
-    for module_name, name in TRL_CLASSES:
-        module = importlib.import_module(module_name)
-        _trl_originals.setdefault((module, name), getattr(module, name))
-        setattr(module, name, ours[name])
-
-
-def unpatch_trl() -> None:
-    for (module, name), original in _trl_originals.items():
-        setattr(module, name, original)
-    _trl_originals.clear()
-
-
-_trl_originals: dict[tuple[object, str], object] = {}
+def is_applied(model) -> bool:
+    """Whether ``model`` was given a backend that is still in place (so the trainer leaves it as it is)."""
+    base = base_model(model)
+    applied = getattr(base, "fusetune_kernels", None)
+    if applied == "none":
+        return True
+    return applied is not None and _active.get(base.config.model_type, (None,))[0] == applied
 
 
 def active_backends() -> dict[str, str]:
-    return dict(_active)
+    """family -> the backend it is patched with."""
+    return {family: backend for family, (backend, _) in _active.items()}

@@ -23,22 +23,14 @@ import logging
 import torch
 from torch import nn
 
+from .modules import base_model
+
 log = logging.getLogger(__name__)
-
-
-def base_of(model) -> nn.Module:
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def is_quantized(model) -> bool:
-    base = base_of(model)
-    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
 
 
 def compute_dtype(model) -> torch.dtype:
     """The dtype the model computes in: as loaded by FastModel, else the quantization config's."""
-    base = base_of(model)
+    base = base_model(model)
     recorded = getattr(base, "fusetune_compute_dtype", None)
     if recorded is not None:
         return recorded
@@ -83,7 +75,7 @@ def _cast_output(dtype: torch.dtype):
 
 def hidden_states_in(model, dtype: torch.dtype) -> None:
     """Cast the input embedding's output to ``dtype`` (once per model), so layers compute in it."""
-    embedding = base_of(model).get_input_embeddings()
+    embedding = base_model(model).get_input_embeddings()
     if getattr(embedding, "_fusetune_cast_to", None) == dtype:
         return
     if getattr(embedding, "_fusetune_cast_hook", None) is not None:

@@ -37,12 +37,12 @@ from . import precision
 from .compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
 from .errors import FusetuneError
 from .graphs import StepGraphs
-from .models import pick_dtype
-from .patching import active_backends, apply_kernels, family_of
+from .loading import pick_dtype
+from .modules import EMBEDDINGS, base_model, is_quantized
+from .patching import apply_kernels, is_applied
 from .varlen import VARLEN, enable_varlen_attention, varlen_kernel_available
 
 log = logging.getLogger(__name__)
-EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 # Model types where padding-free batching is known to give wrong results.
 PADDING_FREE_BLOCKLIST = {"mllama", "gemma3n", "qwen2_vl", "qwen2_5_vl"}
 SFT_DEFAULT_MAX_LENGTH = SFTConfig.__dataclass_fields__["max_length"].default
@@ -98,7 +98,7 @@ class FastSFTConfig(SFTConfig):
 def is_embedding_parameter(name: str) -> bool:
     """A full embed_tokens/lm_head weight (or its PEFT modules_to_save copy), not a LoRA factor on it."""
     parts = name.split(".")
-    return any(module in parts for module in EMBEDDING_MODULES) and not any(p.startswith("lora_") for p in parts)
+    return any(module in parts for module in EMBEDDINGS) and not any(p.startswith("lora_") for p in parts)
 
 
 def parameter_groups(model: nn.Module, decay_names: set[str], weight_decay: float, embedding_lr: float | None):
@@ -164,9 +164,8 @@ class FastSFTTrainer(SFTTrainer):
         self._truncate_to = None
         self._pending_stats: dict[str, list[_StepStats]] = defaultdict(list)
         if not isinstance(model, str):
-            # auto means triton on CUDA; a run forced onto the CPU gets the reference twins
-            backend = "reference" if args.kernels == "auto" and args.use_cpu else args.kernels
-            self._apply_kernels(model, backend)
+            if not is_applied(model):  # by FastModel, run() or the user: left as it is
+                apply_kernels(model, args.kernels, on_cuda=torch.cuda.is_available() and not args.use_cpu)
             model_max = getattr(model, "max_seq_length", None)  # set by FastModel.from_pretrained
             if model_max and args.max_length == SFT_DEFAULT_MAX_LENGTH:
                 args.max_length = model_max
@@ -183,7 +182,7 @@ class FastSFTTrainer(SFTTrainer):
         finally:
             if self._truncate_to is not None:
                 args.max_length = self._truncate_to
-        if precision.is_quantized(self.model):  # TRL has cast the trainable weights to bf16
+        if is_quantized(self.model):  # TRL has cast the trainable weights to bf16
             precision.fp32_master_weights(self.model)
             precision.hidden_states_in(self.model, precision.compute_dtype(self.model))
         self.step_graphs: StepGraphs | None = None  # made at the first training step (after any resume)
@@ -216,7 +215,7 @@ class FastSFTTrainer(SFTTrainer):
     def cuda_graph_blocker(self) -> str | None:
         """Why padding-free steps cannot be replayed as CUDA graphs here, or None."""
         args, model = self.args, self.model
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         if args.use_cpu or not torch.cuda.is_available():
             return "no CUDA"
         if next(model.parameters()).device.type != "cuda":
@@ -229,7 +228,7 @@ class FastSFTTrainer(SFTTrainer):
             return "the CUDA varlen attention kernel is not in use"
         if not self._uses_token_stats(model):
             return "the loss is not fusetune's fused loss head"
-        if getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False):
+        if is_quantized(base):
             return "the base weights are quantized"
         if args.torch_compile or getattr(args, "activation_offloading", False):
             return "torch_compile or activation offloading is on"
@@ -262,7 +261,7 @@ class FastSFTTrainer(SFTTrainer):
     def _uses_token_stats(self, model) -> bool:
         """Whether compute_loss can take the fused loss and metric sums from our forward (else TRL's own)."""
         base = self.accelerator.unwrap_model(model)
-        base = base.get_base_model() if hasattr(base, "get_base_model") else base
+        base = base_model(base)
         parallelism = getattr(self.accelerator, "parallelism_config", None)
         return (
             getattr(type(base).forward, "_fusetune", False)
@@ -344,23 +343,6 @@ class FastSFTTrainer(SFTTrainer):
             return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         finally:
             args.max_length = None
-
-    @staticmethod
-    def _apply_kernels(model, backend: str) -> None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        applied = getattr(base, "fusetune_kernels", None)
-        if applied is not None and active_backends().get(base.config.model_type) == applied:
-            return  # already applied (by FastModel, run() or the user) and still in place
-        try:
-            family_of(base)
-        except FusetuneError:
-            if backend != "auto":
-                raise
-            log.warning(
-                "kernels=auto: %s is not a supported family; training with its own modules", base.config.model_type
-            )
-            return
-        apply_kernels(base, backend)
 
     @staticmethod
     def _decide_padding_free(model, args, data_collator, processing_class) -> bool:

@@ -41,6 +41,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .errors import FusetuneError
+from .modules import base_model
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -50,7 +51,7 @@ except ImportError:  # torch < 2.10
 log = logging.getLogger(__name__)
 VARLEN = "fusetune_varlen"
 MASKED = "fusetune_masked"
-BACKENDS = ("auto", "varlen", "masked")
+ATTENTION_PATHS = ("auto", "varlen", "masked")
 KERNEL_DEVICES = ("cuda",)  # where the varlen kernel runs (tests stand a CPU fake in for it)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 MAX_FLASH_HEAD_DIM = 256
@@ -514,15 +515,16 @@ def enable_varlen_attention(model, backend: str = "auto") -> str:
 
     ``auto``: ``fusetune_varlen`` where the CUDA varlen kernel exists, else ``fusetune_masked``.
     """
-    if backend not in BACKENDS:
-        raise FusetuneError(f"attention: unknown varlen backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend not in ATTENTION_PATHS:
+        choices = ", ".join(ATTENTION_PATHS)
+        raise FusetuneError(f"attention: unknown varlen backend '{backend}'; choose one of {choices}")
     if backend == "varlen" and varlen_attn is None:
         raise FusetuneError(f"attention: torch {torch.__version__} has no torch.nn.attention.varlen (needs >= 2.10)")
     register()
     if backend == "auto":
         backend = "varlen" if varlen_kernel_available() else "masked"
     name = VARLEN if backend == "varlen" else MASKED
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if not hasattr(base, "set_attn_implementation"):
         raise FusetuneError(f"attention: {type(base).__name__} is not a transformers model")
     base.set_attn_implementation(name)

@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from fusetune.config import validate
+from fusetune.app.config import validate
 from fusetune.errors import FusetuneError
 
 from ..conftest import CONF, ROOT

@@ -7,11 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from fusetune.config import DataConfig
+from fusetune.app.config import DataConfig
 from fusetune.data import build_splits, generation_pair
 from fusetune.data.formatters import ALPACA_PROMPT
 from fusetune.errors import FusetuneError
-from fusetune.models import load_model
+from fusetune.loading import load_model
 from fusetune.trainer import FastSFTConfig, FastSFTTrainer
 
 ROWS = {

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from fusetune.cli import run_or_exit
+from fusetune.app.cli import run_or_exit
 
 from ..conftest import ROOT
 

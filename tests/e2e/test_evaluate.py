@@ -5,7 +5,7 @@ import torch
 from tokenizers.processors import TemplateProcessing
 
 from fusetune.evaluate import exact_match
-from fusetune.models import load_model, load_tokenizer
+from fusetune.loading import load_model, load_tokenizer
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from fusetune.record import read_metrics
-from fusetune.run import run
+from fusetune.app.record import read_metrics
+from fusetune.app.run import run
 
 from ..conftest import ROOT
 
@@ -80,7 +80,7 @@ def test_loss_falls_on_the_embedded_default(compose_cfg, tmp_path):
 def test_lora_with_embedding_lr_saves_a_loadable_adapter(compose_cfg, tmp_path):
     from peft import PeftModel
 
-    from fusetune.models import load_model
+    from fusetune.loading import load_model
 
     cfg = compose_cfg(
         ["model=tiny_llama_lora", "trainer=embedding_lr", "trainer.max_steps=3", "logger=none", *FAST],

@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from fusetune import patched
+from fusetune import forwards
 from fusetune.patching import apply_kernels, remove_kernels
 
 from .conftest import DEVICE, needs_triton_backend
@@ -54,14 +54,14 @@ def nf4_lora_model(folder, quant_type="nf4", **lora):
 
 def count_fused(monkeypatch, backend):
     calls = []
-    ops = patched.OPS[backend]
+    ops = forwards.OPS[backend]
     original = ops.lora_nf4_linear
 
     def counted(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setitem(patched.OPS, backend, patched.Ops(**{**ops.__dict__, "lora_nf4_linear": counted}))
+    monkeypatch.setitem(forwards.OPS, backend, forwards.Ops(**{**ops.__dict__, "lora_nf4_linear": counted}))
     return calls
 
 

@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from fusetune import patched
+from fusetune import forwards
 from fusetune.patching import apply_kernels, remove_kernels
 
 from .conftest import DEVICE, needs_triton_backend
@@ -35,14 +35,14 @@ def lora_model(dtype=torch.float32, **lora):
 
 def count_fused(monkeypatch, backend):
     calls = []
-    ops = patched.OPS[backend]
+    ops = forwards.OPS[backend]
     original = ops.lora_linear
 
     def counted(*args):
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setitem(patched.OPS, backend, patched.Ops(**{**ops.__dict__, "lora_linear": counted}))
+    monkeypatch.setitem(forwards.OPS, backend, forwards.Ops(**{**ops.__dict__, "lora_linear": counted}))
     return calls
 
 

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fusetune.errors import FusetuneError
-from fusetune.patching import FAMILIES, apply_kernels, remove_kernels
+from fusetune.patching import FAMILIES, active_backends, apply_kernels, remove_kernels
 
 from .conftest import DEVICE, needs_triton_backend
 from .parity import assert_close
@@ -47,7 +47,7 @@ def test_patched_model_matches_the_original(family, backend):
 
     assert apply_kernels(model, backend) == backend
     module = importlib.import_module(FAMILIES[family].module)
-    assert getattr(module, FAMILIES[family].norm).forward.__module__ == "fusetune.patched"
+    assert getattr(module, FAMILIES[family].norm).forward.__module__ == "fusetune.forwards"
     loss, grads = loss_and_grads(model, inputs)
     assert_close(loss, ref_loss, torch.float32, "loss")
     for name, grad in grads.items():
@@ -80,11 +80,52 @@ def test_trl_fused_head_outputs_match_trls_own(tmp_path):
     assert_close(got.loss, expected.loss, torch.float32, "loss", tol=1e-5)
 
 
-def test_unsupported_family_fails_listing_the_supported():
+def tiny_gpt2():
     config = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=50)
-    model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(FusetuneError, match="'gpt2' is not supported; supported: gemma, gemma2, llama"):
-        apply_kernels(model, "reference")
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_an_unsupported_family_fails_a_named_backend_listing_the_supported(backend):
+    with pytest.raises(FusetuneError, match="'gpt2' is not in the patch table \\(supported: gemma, gemma2, llama"):
+        apply_kernels(tiny_gpt2(), backend)
+
+
+def test_an_unsupported_family_trains_unpatched_under_auto(caplog):
+    model = tiny_gpt2()
+    with caplog.at_level("WARNING", logger="fusetune.patching"):
+        assert apply_kernels(model, "auto") == "none"
+    assert "model type 'gpt2' is not in the patch table" in caplog.text
+    assert model.fusetune_kernels == "none" and not active_backends()
+
+
+def test_fast_model_refuses_an_unsupported_family_before_its_weights_load(tmp_path, monkeypatch):
+    import transformers
+
+    from fusetune import FastModel
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the backend was refused")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    with pytest.raises(FusetuneError, match="kernels=reference: model type 'gpt2'"):
+        FastModel.from_pretrained(str(tmp_path / "gpt2"), kernels="reference", tokenizer_name="fusetune:tiny_llama")
+
+
+def test_per_op_switches_patch_only_the_ops_asked_for():
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from transformers.models.llama import modeling_llama
+
+    originals = (modeling_llama.LlamaRMSNorm.forward, LoraLinear.forward, modeling_llama.LlamaMLP.forward)
+    apply_kernels(tiny_model("llama"), "reference", lora=False, glu=False)
+    assert modeling_llama.LlamaRMSNorm.forward is not originals[0]
+    assert (LoraLinear.forward, modeling_llama.LlamaMLP.forward) == originals[1:]
+    apply_kernels(tiny_model("llama"), "reference")  # the same family, all ops: the rest is patched now
+    assert LoraLinear.forward is not originals[1] and modeling_llama.LlamaMLP.forward is not originals[2]
+    remove_kernels()
+    assert (modeling_llama.LlamaRMSNorm.forward, LoraLinear.forward, modeling_llama.LlamaMLP.forward) == originals
 
 
 def test_bare_kernels_name_is_left_to_the_pypi_package():

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import TrainerCallback
 
 from fusetune.data.synthetic import synthetic_splits
-from fusetune.models import load_model
+from fusetune.loading import load_model
 from fusetune.patching import apply_kernels, remove_kernels
 from fusetune.trainer import FastSFTConfig, FastSFTTrainer
 

@@ -24,10 +24,10 @@ from peft import LoraConfig, get_peft_model
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 import fusetune.trainer
-from fusetune import graphs, patched
+from fusetune import forwards, graphs
 from fusetune.errors import FusetuneError
 from fusetune.graphs import CudaGraphs, Reruns, StaticBatch, StepGraphs, bucket_for, padded_batch
-from fusetune.models import load_model
+from fusetune.loading import load_model
 from fusetune.patching import apply_kernels, remove_kernels
 from fusetune.trainer import FastSFTConfig, FastSFTTrainer
 from fusetune.varlen import MASKED, enable_varlen_attention, varlen_attn
@@ -141,7 +141,7 @@ def test_padded_batch_gives_the_same_loss_metrics_and_gradients(backend, lengths
         want, want_grads = loss_stats_grads(model, batch, num_items)
         padded = padded_batch(batch, PAD)
         assert padded["input_ids"].shape[1] >= sum(lengths)
-        with patched.static_shapes():
+        with forwards.static_shapes():
             got, got_grads = loss_stats_grads(model, padded, num_items)
     finally:
         remove_kernels()
@@ -341,7 +341,7 @@ def test_resume_with_graphs_gives_the_same_losses(tiny_tokenizer, tmp_path, monk
 @needs_varlen
 def test_a_failed_capture_falls_back_to_eager_steps(tiny_tokenizer, tmp_path, monkeypatch, caplog):
     """Without static shapes the loss head syncs inside the capture: the capture fails, training goes on."""
-    monkeypatch.setattr(patched, "static_shapes", contextlib.nullcontext)
+    monkeypatch.setattr(forwards, "static_shapes", contextlib.nullcontext)
     try:
         trainer = trainer_for(tmp_path, tiny_tokenizer, use_cpu=False, cuda_graphs=True)
         with caplog.at_level(logging.WARNING, logger="fusetune.graphs"):

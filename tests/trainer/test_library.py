@@ -4,7 +4,6 @@ import pytest
 import torch
 from datasets import Dataset
 
-import fusetune
 from fusetune import FastModel, FastSFTConfig, FastSFTTrainer
 from fusetune.data.synthetic import synthetic_splits
 from fusetune.errors import FusetuneError
@@ -36,10 +35,17 @@ def test_import_points_trl_at_fusetune():
     import trl
     from trl import SFTConfig, SFTTrainer
 
+    from fusetune.compat.trl import original, point_trl_at, restore_trl
+
     assert SFTTrainer is FastSFTTrainer and SFTConfig is FastSFTConfig
-    assert trl.trainer.sft_trainer.SFTTrainer is FastSFTTrainer and issubclass(
-        FastSFTTrainer, fusetune.patching._trl_originals[(trl, "SFTTrainer")]
-    )
+    assert trl.trainer.sft_trainer.SFTTrainer is FastSFTTrainer and issubclass(FastSFTTrainer, original("SFTTrainer"))
+    restore_trl()
+    try:
+        assert trl.SFTTrainer is original("SFTTrainer") is not FastSFTTrainer
+        assert trl.trainer.sft_config.SFTConfig is original("SFTConfig") is not FastSFTConfig
+    finally:
+        point_trl_at(FastSFTTrainer, FastSFTConfig)
+    assert trl.SFTTrainer is FastSFTTrainer and trl.trainer.SFTConfig is FastSFTConfig
 
 
 def test_precision_comes_from_the_hardware(tmp_path):
@@ -70,7 +76,7 @@ def test_older_trl_names_still_work(tmp_path):
 def test_kernels_are_applied_by_the_trainer(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from fusetune.models import resolve
+    from fusetune.loading import resolve
 
     model = AutoModelForCausalLM.from_config(
         __import__("transformers").AutoConfig.from_pretrained(resolve("fusetune:tiny_llama"))

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fusetune import varlen
-from fusetune.models import load_model
+from fusetune.loading import load_model
 from fusetune.patching import apply_kernels, remove_kernels
 from fusetune.trainer import FastSFTConfig, FastSFTTrainer
 from fusetune.varlen import MASKED, VARLEN, enable_varlen_attention

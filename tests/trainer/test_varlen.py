@@ -382,7 +382,7 @@ def train_packed(tmp_path, tokenizer, attention: str, steps=3):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from fusetune.models import load_model
+    from fusetune.loading import load_model
     from fusetune.patching import remove_kernels
     from fusetune.trainer import FastSFTConfig, FastSFTTrainer
 

@@ -5,7 +5,7 @@ import os
 import sys
 import warnings
 
-from .errors import FusetuneError
+from ..errors import FusetuneError
 
 
 def quiet_third_party() -> None:

@@ -11,15 +11,15 @@ from transformers import set_seed
 
 from fusetune_kernels.offloaded_checkpoint import enable_offloaded_checkpointing
 
+from ..data import build_splits
+from ..errors import FusetuneError
+from ..evaluate import exact_match
+from ..fast_model import FastModel
+from ..loading import count_parameters, pick_dtype
+from ..patching import remove_kernels
+from ..trainer import FastSFTConfig, FastSFTTrainer
 from . import record
 from .config import checkpointing_mode, validate
-from .data import build_splits
-from .errors import FusetuneError
-from .evaluate import exact_match
-from .fast_model import FastModel
-from .models import count_parameters, pick_dtype
-from .patching import remove_kernels
-from .trainer import FastSFTConfig, FastSFTTrainer
 
 log = logging.getLogger(__name__)
 

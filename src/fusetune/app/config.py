@@ -13,9 +13,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from .errors import FusetuneError
-
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from ..errors import FusetuneError
+from ..modules import PROJECTIONS
 
 
 class Backend(str, Enum):
@@ -57,7 +56,7 @@ class LoraConfig:
     r: int = 16
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    target_modules: list[str] = field(default_factory=lambda: list(PROJECTIONS))
     modules_to_save: list[str] | None = None
 
 

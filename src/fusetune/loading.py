@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import precision
 from .errors import FusetuneError
+from .modules import is_quantized
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).parent / "assets"
@@ -45,6 +46,14 @@ def _hub_error(what: str, name: str, error: Exception) -> FusetuneError:
     )
 
 
+def load_config(name_or_path: str, **hub):
+    """The model's config (architecture, model_type), without its weights."""
+    try:
+        return AutoConfig.from_pretrained(resolve(name_or_path), **_given(hub))
+    except (OSError, ValueError) as error:
+        raise _hub_error("model.config", name_or_path, error) from None
+
+
 def load_tokenizer(name_or_path: str, **hub):
     """The tokenizer, with a pad token (its eos token where it has none). ``hub``: token, revision, ..."""
     path = resolve(name_or_path)
@@ -76,11 +85,7 @@ def load_model(
     hub = _given(hub)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if random_init:
-        source = resolve(config or name_or_path)
-        try:
-            model_config = AutoConfig.from_pretrained(source, **hub)
-        except (OSError, ValueError) as error:
-            raise _hub_error("model.config", config or name_or_path, error) from None
+        model_config = load_config(config or name_or_path, **hub)
         return AutoModelForCausalLM.from_config(model_config, dtype=dtype, **kwargs)
     if load_in_4bit or load_in_8bit:
         from transformers import BitsAndBytesConfig
@@ -114,7 +119,7 @@ def add_lora(
     """
     from peft import LoraConfig, get_peft_model
 
-    if precision.is_quantized(model):
+    if is_quantized(model):
         model = precision.prepare_quantized(model, precision.compute_dtype(model), gradient_checkpointing)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(target_modules) - present)

@@ -1,0 +1,59 @@
+"""TRL from fusetune's side, in one file, so that a TRL upgrade touches only this one.
+
+- ``point_trl_at(trainer_cls, config_cls)`` makes ``from trl import SFTTrainer, SFTConfig`` give
+  fusetune's classes (``import fusetune`` calls it); ``restore_trl()`` undoes it; ``original(name)``
+  is TRL's own class.
+- Accessors for TRL's private trainer state that fusetune reads or writes: the per-mode metric
+  lists behind TRL's logged ``entropy`` / ``mean_token_accuracy`` / ``num_tokens``, and the running
+  count of trained tokens.
+"""
+
+import importlib
+
+# TRL's public names that fusetune points at its subclasses.
+TRL_CLASSES = [
+    ("trl", "SFTTrainer"),
+    ("trl.trainer", "SFTTrainer"),
+    ("trl.trainer.sft_trainer", "SFTTrainer"),
+    ("trl", "SFTConfig"),
+    ("trl.trainer", "SFTConfig"),
+    ("trl.trainer.sft_config", "SFTConfig"),
+]
+_originals: dict[tuple[object, str], object] = {}
+
+
+def point_trl_at(trainer_cls: type, config_cls: type) -> None:
+    """``trl.SFTTrainer`` / ``trl.SFTConfig`` (and their submodule spellings) become the given classes."""
+    ours = {"SFTTrainer": trainer_cls, "SFTConfig": config_cls}
+    for module_name, name in TRL_CLASSES:
+        module = importlib.import_module(module_name)
+        _originals.setdefault((module, name), getattr(module, name))
+        setattr(module, name, ours[name])
+
+
+def restore_trl() -> None:
+    """TRL's own classes back under every name ``point_trl_at`` changed."""
+    for (module, name), cls in _originals.items():
+        setattr(module, name, cls)
+    _originals.clear()
+
+
+def original(name: str) -> type:
+    """TRL's own ``SFTTrainer`` or ``SFTConfig``, whatever the public name points at now."""
+    module = importlib.import_module("trl.trainer.sft_trainer" if name == "SFTTrainer" else "trl.trainer.sft_config")
+    return _originals.get((module, name), getattr(module, name))
+
+
+def metric_lists(trainer, mode: str) -> dict[str, list]:
+    """The lists TRL averages into its logged metrics for ``mode`` ("train" or "eval")."""
+    return trainer._metrics[mode]
+
+
+def trained_tokens(trainer) -> int:
+    """TRL's running count of trained (non-padding) tokens, as logged in ``num_tokens``."""
+    return trainer._total_train_tokens
+
+
+def add_trained_tokens(trainer, count: int) -> int:
+    trainer._total_train_tokens += count
+    return trainer._total_train_tokens
