@@ -129,3 +129,9 @@ def test_tables_of_gpu_rows(tmp_path):
     assert "- fusetune_triton: failed: probe at 8192: boom" in md
     table = bench.readme_table(tmp_path)
     assert "| S3: llama3_8b QLoRA NF4, 4 x 2048 |" in table and "1.11x, 0.80x" in table
+
+
+def test_the_readme_performance_table_is_the_generated_one():
+    """The README's table comes from the newest committed peers file, through --readme-table."""
+    generated = bench.readme_table(SCRIPTS.parent / "bench" / "results").strip()
+    assert generated and generated in (SCRIPTS.parent / "README.md").read_text()
