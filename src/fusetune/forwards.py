@@ -1,6 +1,5 @@
 """The forwards that the patch table installs, built for one backend's ops."""
 
-import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,26 +91,11 @@ class TokenStatsOutput(ModelOutput):
     loss: torch.Tensor | None = None
     entropy_sum: torch.Tensor | None = None
     num_correct: torch.Tensor | None = None
-    num_valid: int | torch.Tensor | None = None  # a tensor under static_shapes()
+    num_valid: int | torch.Tensor | None = None  # a tensor with static_shapes=True
 
 
-_static_shapes = False
-
-
-@contextlib.contextmanager
-def static_shapes():
-    """Inside, the fused loss head scores every row (unlabelled ones add nothing) instead of finding
-    the labelled rows first, which needs a host sync: so the forward can be captured in a CUDA graph."""
-    global _static_shapes
-    previous, _static_shapes = _static_shapes, True
-    try:
-        yield
-    finally:
-        _static_shapes = previous
-
-
-def _kept_rows(targets: torch.Tensor) -> torch.Tensor:
-    if _static_shapes:
+def _kept_rows(targets: torch.Tensor, static_shapes: bool) -> torch.Tensor:
+    if static_shapes:
         return torch.arange(targets.numel(), device=targets.device)
     return find_kept_rows(targets, IGNORE_INDEX)
 
@@ -126,7 +110,9 @@ def causal_lm_forward(ops: Ops, original_forward):
     ``token_stats=True`` (FastSFTTrainer) it returns the loss and the sums of those statistics.
 
     The rows that carry a label are found before the backbone is queued: that costs a host sync,
-    which here waits only for the inputs, not for the whole forward (none under ``static_shapes``).
+    which here waits only for the inputs, not for the whole forward. With ``static_shapes=True``
+    (CUDA graph captures, ``fusetune.graphs``) the loss head scores every row instead, unlabelled
+    ones adding nothing, so the forward has no host sync and no data-dependent shape.
     """
 
     @functools.wraps(original_forward)
@@ -137,6 +123,7 @@ def causal_lm_forward(ops: Ops, original_forward):
         shift_labels=None,
         fused_lm_head=False,
         token_stats=False,
+        static_shapes=False,
         num_items_in_batch=None,
         **kwargs,
     ):
@@ -146,7 +133,7 @@ def causal_lm_forward(ops: Ops, original_forward):
         kwargs["use_cache"] = False
         lm_head = self.get_output_embeddings()
         targets = (labels[:, 1:] if shift_labels is None else shift_labels).to(lm_head.weight.device)
-        kept = _kept_rows(targets)
+        kept = _kept_rows(targets, static_shapes)
         hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state
         if shift_labels is None:
             hidden = hidden[:, :-1]
@@ -173,7 +160,7 @@ def causal_lm_forward(ops: Ops, original_forward):
             if not token_stats:
                 return CausalLMOutputWithPast(loss=out, logits=None)
             loss, entropy, is_top1 = out
-            num_valid = (targets != IGNORE_INDEX).sum() if _static_shapes else kept.numel()
+            num_valid = (targets != IGNORE_INDEX).sum() if static_shapes else kept.numel()
             return TokenStatsOutput(
                 loss=loss, entropy_sum=entropy.sum(), num_correct=is_top1.sum(), num_valid=num_valid
             )

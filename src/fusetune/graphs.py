@@ -5,15 +5,8 @@ microseconds of host time on each (HF's modules, PEFT, autograd, Triton's launch
 few thousand tokens leaves the GPU waiting for the CPU. Captured as two CUDA graphs, forward and
 backward, the whole step costs the host two graph launches and a few small copies.
 
-A graph replays fixed shapes, so each batch is padded up to a bucket (``bucket_for``):
-
-- tokens: up to a multiple of 1/16 of the next power of two (less than 12.5% padding, at least
-  ``MIN_TOKENS``). The pad tokens form documents of their own, with their own positions and no labels,
-  so no real token attends to them and they add nothing to the loss or the metrics. Each pad document
-  is at most ``PAD_DOC_TOKENS`` long, so their attention costs next to nothing (one pad document of 2k
-  tokens would cost as much attention as 14 real documents of 544);
-- documents: the cumulative lengths are padded with empty documents, up to a power of two;
-- the longest document: up to a power of two (it sizes the attention kernel's grid only).
+A graph replays fixed shapes, so each batch is padded up to a bucket (``fusetune.buckets``: the
+shapes, and the static input buffers a batch is padded into).
 
 Each bucket gets a forward graph and a backward graph, all in one memory pool: a step replays one
 bucket's forward and then its backward before any other graph runs, so the buckets share their
@@ -23,12 +16,14 @@ accumulation, HF's division by the accumulation steps, and fp16 loss scaling wor
 The loss is divided inside the graph by a denominator that is copied in before each replay
 (``num_items_in_batch``, or the batch's own label count).
 
-Inside the graphs the fused loss head scores every row, pad rows included
-(``forwards.static_shapes``), since finding the labelled rows needs a host sync. With prompts that are
-not trained on, that is extra lm_head work in proportion to the prompt tokens. At capture time no
-autograd graph through the trained parameters may be alive (a loss kept with its graph, say): the
-captured backward would have to wait on the stream that graph ran on, and the capture fails. A failed
-capture turns graphs off, with the reason logged, and training goes on eagerly.
+Inside the graphs the fused loss head scores every row, pad rows included (the forward is called
+with ``static_shapes=True``, ``FORWARD_KEYWORDS``), since finding the labelled rows needs a host
+sync. With prompts that are not trained on, that is extra lm_head work in proportion to the prompt
+tokens. The attention layout cached on the static batch by the eager warm-up is dropped before each
+capture (``varlen.forget_layouts``), so the graph computes its own. At capture time no autograd graph
+through the trained parameters may be alive (a loss kept with its graph, say): the captured backward
+would have to wait on the stream that graph ran on, and the capture fails. A failed capture turns
+graphs off, with the reason logged, and training goes on eagerly.
 """
 
 import dataclasses
@@ -40,122 +35,16 @@ import torch
 
 from fusetune_kernels.cross_entropy import loss_denominator
 
-from . import forwards, varlen
-from .forwards import IGNORE_INDEX
+from . import varlen
+from .buckets import StaticBatch, batch_blocker, bucket_for
+from .forwards import IGNORE_INDEX, TokenStatsOutput
 
 log = logging.getLogger(__name__)
-TOKEN_STEPS_PER_OCTAVE = 8  # bucket spacing: padding stays under 1/8 of the tokens
-MIN_TOKENS = 128
-MIN_DOCS = 8
-PAD_DOC_TOKENS = 128  # the longest pad document
 MAX_GRAPHS = 64  # buckets captured at most; batches of a new bucket past this run eagerly
 WARMUP_STEPS = 1  # eager runs on the capture stream before capturing (compiles kernels, makes workspaces)
-BATCH_KEYS = frozenset(
-    {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"}
-)
-REQUIRED_KEYS = ("input_ids", "labels", "position_ids", "cu_seq_lens_q")
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-@dataclass(frozen=True)
-class Bucket:
-    tokens: int  # row length after padding
-    docs: int  # documents after padding (the pad documents and empty ones included)
-    longest: int  # the attention kernel's max_seqlen
-
-
-def pad_docs(pad: int) -> int:
-    """How many documents ``pad`` pad tokens form."""
-    return -(-pad // PAD_DOC_TOKENS)
-
-
-def bucket_for(tokens: int, docs: int, longest: int) -> Bucket:
-    """The padded shape for a padding-free row of ``tokens`` tokens in ``docs`` documents."""
-    step = max(MIN_TOKENS // TOKEN_STEPS_PER_OCTAVE, next_pow2(tokens) // (2 * TOKEN_STEPS_PER_OCTAVE))
-    padded = max(MIN_TOKENS, -(-tokens // step) * step)
-    pad = padded - tokens
-    return Bucket(
-        tokens=padded,
-        docs=max(MIN_DOCS, next_pow2(docs + pad_docs(pad))),
-        longest=min(padded, next_pow2(max(longest, min(pad, PAD_DOC_TOKENS), 1))),
-    )
-
-
-def batch_blocker(batch: dict, device_type: str = "cuda") -> str | None:
-    """Why this batch cannot be replayed by a graph, or None."""
-    extra = sorted(set(batch) - BATCH_KEYS)
-    if extra:
-        return f"the batch has inputs a padding-free graph does not take: {', '.join(extra)}"
-    missing = [k for k in REQUIRED_KEYS if batch.get(k) is None]
-    if missing:
-        return f"the batch is not padding-free (no {', '.join(missing)})"
-    if batch["input_ids"].shape[0] != 1 or batch["cu_seq_lens_q"].ndim != 1:
-        return "the batch is not one padding-free row"
-    if any(batch[k].device.type != device_type for k in REQUIRED_KEYS):
-        return f"the batch is not on {device_type}"
-    return None
-
-
-class StaticBatch:
-    """A bucket's input buffers, which its graphs read; ``fill`` pads a batch into them."""
-
-    def __init__(self, bucket: Bucket, device, pad_token_id: int, with_seq_idx: bool):
-        t, d = bucket.tokens, bucket.docs
-        self.bucket = bucket
-        self.pad_token_id = pad_token_id
-        self.input_ids = torch.full((1, t), pad_token_id, dtype=torch.long, device=device)
-        self.position_ids = torch.zeros(1, t, dtype=torch.long, device=device)
-        self.labels = torch.full((1, t), IGNORE_INDEX, dtype=torch.long, device=device)
-        self.cu_seq_lens = torch.full((d + 1,), t, dtype=torch.int32, device=device)
-        self.seq_idx = torch.zeros(1, t, dtype=torch.int32, device=device) if with_seq_idx else None
-        # for the pad tokens after the batch's n: positions, document numbers, document ends (less n)
-        self.pad_positions = torch.arange(t, dtype=torch.long, device=device) % PAD_DOC_TOKENS
-        self.pad_doc_index = torch.arange(t, dtype=torch.int32, device=device) // PAD_DOC_TOKENS
-        self.pad_doc_ends = torch.arange(1, d + 1, dtype=torch.int32, device=device) * PAD_DOC_TOKENS
-
-    def fill(self, batch: dict) -> None:
-        """Copy ``batch`` in, then the pad documents and the empty ones (all on the device, no sync)."""
-        n = batch["input_ids"].shape[1]
-        docs = batch["cu_seq_lens_q"].numel() - 1
-        t = self.bucket.tokens
-        self.input_ids[:, :n].copy_(batch["input_ids"])
-        self.input_ids[:, n:].fill_(self.pad_token_id)
-        self.position_ids[:, :n].copy_(batch["position_ids"])
-        self.position_ids[0, n:].copy_(self.pad_positions[: t - n])
-        self.labels[:, :n].copy_(batch["labels"])
-        self.labels[:, n:].fill_(IGNORE_INDEX)
-        self.cu_seq_lens[: docs + 1].copy_(batch["cu_seq_lens_q"])
-        tail = self.cu_seq_lens[docs + 1 :]  # pad documents end every PAD_DOC_TOKENS, then empty ones at t
-        tail.copy_(self.pad_doc_ends[: tail.numel()]).add_(n).clamp_(max=t)
-        if self.seq_idx is not None:
-            self.seq_idx[:, :n].copy_(batch["seq_idx"])
-            self.seq_idx[0, n:].copy_(self.pad_doc_index[: t - n]).add_(docs)
-
-    def model_inputs(self) -> dict:
-        inputs = {
-            "input_ids": self.input_ids,
-            "position_ids": self.position_ids,
-            "labels": self.labels,
-            "cu_seq_lens_q": self.cu_seq_lens,
-            "cu_seq_lens_k": self.cu_seq_lens,
-            "max_length_q": self.bucket.longest,
-            "max_length_k": self.bucket.longest,
-        }
-        if self.seq_idx is not None:
-            inputs["seq_idx"] = self.seq_idx
-        return inputs
-
-
-def padded_batch(batch: dict, pad_token_id: int) -> dict:
-    """``batch`` padded to its bucket, as new tensors: what the graphs see (for tests and checks)."""
-    cu = batch["cu_seq_lens_q"]
-    bucket = bucket_for(batch["input_ids"].shape[1], cu.numel() - 1, int(cu.diff().max()))
-    static = StaticBatch(bucket, batch["input_ids"].device, pad_token_id, batch.get("seq_idx") is not None)
-    static.fill(batch)
-    return static.model_inputs()
+# How the graphs call the model, besides the static batch and the loss denominator: the loss and metric
+# sums (TokenStatsOutput), every row scored by the loss head (no host sync to find the labelled ones).
+FORWARD_KEYWORDS = {"use_cache": False, "token_stats": True, "static_shapes": True}
 
 
 class CudaGraphs:
@@ -294,7 +183,7 @@ class StepGraphs:
         loss = _Replay.apply(self, captured, *self.params)
         out = captured.state["outputs"]
         sums = torch.stack([out.entropy_sum.float(), out.num_correct.float(), out.num_valid.float()])
-        return forwards.TokenStatsOutput(loss=loss, entropy_sum=sums[0], num_correct=sums[1], num_valid=sums[2])
+        return TokenStatsOutput(loss=loss, entropy_sum=sums[0], num_correct=sums[1], num_valid=sums[2])
 
     def _set_denominator(self, batch: dict, num_items_in_batch) -> None:
         """What the eager loss head divides by: ``num_items_in_batch``, else this batch's labelled tokens."""
@@ -305,25 +194,20 @@ class StepGraphs:
             self.denominator.fill_(value)
 
     def _capture(self, model, static: StaticBatch) -> _Captured | None:
-        inputs = {
-            **static.model_inputs(),
-            "use_cache": False,
-            "token_stats": True,
-            "num_items_in_batch": self.denominator,
-        }
+        inputs = {**static.model_inputs(), **FORWARD_KEYWORDS, "num_items_in_batch": self.denominator}
+        layout = (static.cu_seq_lens, static.position_ids)  # the tensors attention caches its masks on
         state = {}
 
         def warm_up():
-            varlen.forget_batches()
-            with forwards.static_shapes():
-                loss = model(**inputs).loss
+            varlen.forget_layouts(*layout)
+            loss = model(**inputs).loss
             self._make_grad_buffers(torch.autograd.grad(loss, self.params, allow_unused=True))
 
         def forward():
-            # Masks the attention caches per batch are built inside the graph, not reused from the warm-up.
-            varlen.forget_batches()
+            # The attention masks are built inside the graph, not reused from the warm-up.
+            varlen.forget_layouts(*layout)
             # here, not around capture(): Reruns run it again later, inside _Replay.forward (no grad)
-            with torch.enable_grad(), forwards.static_shapes():
+            with torch.enable_grad():
                 state["outputs"] = model(**inputs)
 
         def backward():

@@ -29,7 +29,6 @@ through transformers' own SDPA path with transformers' 4D mask, so evaluation an
 
 import inspect
 import logging
-import weakref
 from collections import Counter
 from dataclasses import dataclass
 
@@ -75,33 +74,33 @@ def varlen_kernel_available() -> bool:
     return varlen_attn is not None and torch.cuda.is_available()
 
 
-class _BatchCache:
+_LAYOUTS_ATTR = "_fusetune_layouts"  # the attribute of a layout tensor that holds its _Layouts
+
+
+class _Layouts:
     """What one batch's document layout yields (boundaries, masks), reused by every layer.
 
-    Keyed by the identity of the tensor that describes the layout (``cu_seq_lens_q`` or
-    ``position_ids``: the model hands the same object to each layer, and checkpointing hands it
-    again to the recompute). A weak reference drops the entries when that tensor dies, so no
-    mask outlives its batch.
+    It rides on the tensor that describes the layout (``cu_seq_lens_q`` or ``position_ids``), as an
+    attribute: the model hands that same object to each layer, and checkpointing hands it again to the
+    recompute, so they all share one; it dies with the tensor, so no mask outlives its batch; and an
+    in-place change of the tensor (its version counter) empties it.
     """
 
-    def __init__(self):
-        self._ref = None
-        self._version = None
-        self._values = {}
+    def __init__(self, version: int | None):
+        self.version = version
+        self.values = {}
 
-    def get(self, source: torch.Tensor, key: tuple, build):
-        version = _version_of(source)
-        if self._ref is None or self._ref() is not source or version != self._version:
-            self._values = {}
-            self._ref = weakref.ref(source, self._forget)
-            self._version = version
-        if key not in self._values:
-            self._values[key] = build()
-        return self._values[key]
 
-    def _forget(self, ref) -> None:
-        if ref is self._ref:
-            self._ref, self._values = None, {}
+def _cached(source: torch.Tensor, key: tuple, build):
+    """``build()``, once per layout of ``source`` and ``key``."""
+    version = _version_of(source)
+    layouts = getattr(source, _LAYOUTS_ATTR, None)
+    if layouts is None or layouts.version != version:
+        layouts = _Layouts(version)
+        setattr(source, _LAYOUTS_ATTR, layouts)
+    if key not in layouts.values:
+        layouts.values[key] = build()
+    return layouts.values[key]
 
 
 def _version_of(tensor: torch.Tensor) -> int | None:
@@ -111,13 +110,12 @@ def _version_of(tensor: torch.Tensor) -> int | None:
         return None
 
 
-_cache = _BatchCache()
-
-
-def forget_batches() -> None:
-    """Drop what was cached for the last batch (so a CUDA graph capture builds its own masks)."""
-    global _cache
-    _cache = _BatchCache()
+def forget_layouts(*sources: torch.Tensor) -> None:
+    """Drop what was cached for these layout tensors: the next forward builds it again (so that a CUDA
+    graph capture builds its masks inside the graph, not reusing an eager warm-up's)."""
+    for source in sources:
+        if hasattr(source, _LAYOUTS_ATTR):
+            delattr(source, _LAYOUTS_ATTR)
 
 
 # ---------------------------------------------------------------------------------- documents
@@ -166,7 +164,7 @@ def _one_document_per_row(source: torch.Tensor, batch: int, length: int) -> bool
     """Whether each row is a single document (then no mask is needed). Only asked on CPU, where it is free."""
     if source.is_cuda or source.ndim != 2:
         return False
-    return _cache.get(source, ("single", batch, length), lambda: not bool(_starts(source, batch, length)[:, 1:].any()))
+    return _cached(source, ("single", batch, length), lambda: not bool(_starts(source, batch, length)[:, 1:].any()))
 
 
 def _causal_mask(length: int, window: int | None, device) -> torch.Tensor:
@@ -430,7 +428,7 @@ def _attention(module, query, key, value, attention_mask, *, use_varlen, scaling
 
     device = query.device
     if use_varlen and device.type in KERNEL_DEVICES:
-        cu, longest = _cache.get(source, ("cu", b, s, device), lambda: _boundaries(source, kwargs, b, s, device))
+        cu, longest = _cached(source, ("cu", b, s, device), lambda: _boundaries(source, kwargs, b, s, device))
         dtype = _kernel_dtype(query, key, value)
         reason = _varlen_refusal(query, key, dtype, dropout, softcap, window, longest)
         if reason is None:
@@ -456,15 +454,15 @@ def _attention(module, query, key, value, attention_mask, *, use_varlen, scaling
         def build():
             return _block_diagonal_mask(_document_ids(source, b, s, device), window)
 
-        mask = _cache.get(source, ("mask", b, s, window, device), build)
+        mask = _cached(source, ("mask", b, s, window, device), build)
         return _masked(query, key, value, mask, scaling, dropout, softcap, module.training), None
 
-    docs = _cache.get(source, ("documents", b, s, device), lambda: _document_mask(source, b, s, device))
+    docs = _cached(source, ("documents", b, s, device), lambda: _document_mask(source, b, s, device))
 
     def mask_for(longest: int) -> torch.Tensor | None:
         if softcap is None and (window is None or window >= longest):
             return None  # causal SDPA, no mask
-        return _cache.get(source, ("causal", longest, window, device), lambda: _causal_mask(longest, window, device))
+        return _cached(source, ("causal", longest, window, device), lambda: _causal_mask(longest, window, device))
 
     return _grouped(query, key, value, docs, mask_for, scaling, dropout, softcap, module.training), None
 

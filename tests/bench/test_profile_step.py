@@ -1,22 +1,24 @@
-"""scripts/profile_step.py on CPU (the embedded tiny Llama): every backend and trainer variant it
-offers for CPU runs to the end, writes its report, and gives the same losses on the same batches."""
+"""fusetune.profiling on CPU (the embedded tiny Llama): every backend and trainer variant it offers for CPU
+runs to the end, writes its report, and gives the same losses on the same batches; scripts/profile_step.py
+is the command line over it."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import profile_step  # noqa: E402
+from fusetune.profiling import Setup, profile_steps, write_report
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "profile_step.py"
 
 
 @pytest.mark.slow
 def test_profile_step_smoke_on_cpu(tmp_path):
-    profile_step.main(
-        ["--out", str(tmp_path), "--tiny", "--steps", "2", "--warmup", "1", "--kernels", "reference"]
-        + ["--backends", "varlen,varlen_graphs", "--trainer", "fused,fused_async"]
-    )
+    setup = Setup(tiny=True, steps=2, warmup=1, kernels="reference")
+    report = profile_steps(setup, ["varlen", "varlen_graphs"], ["fused", "fused_async"])
+    write_report(report, tmp_path)
     report = json.loads((tmp_path / "profile.json").read_text())
     assert set(report["backends"]) == {"varlen", "varlen_graphs"}
     graphed = report["backends"]["varlen_graphs"]
@@ -26,3 +28,10 @@ def test_profile_step_smoke_on_cpu(tmp_path):
     assert graph_losses == pytest.approx(eager_losses, rel=1e-5)
     assert all(report["trainer"][v]["summary"]["step_ms"] > 0 for v in ("fused", "fused_async"))
     assert "varlen_graphs" in (tmp_path / "profile.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_script_is_a_command_line_over_the_module(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--backends", "varlen,nonsense"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown backends ['nonsense']" in proc.stderr, proc.stderr[-2000:]

@@ -10,6 +10,7 @@ import torch
 from datasets import Dataset
 
 from fusetune import FastModel, FastSFTConfig, FastSFTTrainer
+from fusetune.compat.trl import original
 from fusetune.data.synthetic import synthetic_splits
 
 
@@ -31,6 +32,7 @@ def main(out_json: str, variant: str) -> None:
         learning_rate=3e-3,
         seed=3,
         save_strategy="no",
+        fused_loss=None if variant == "fused" else False,  # None: the fused path wherever it applies
     )
     trainer = FastSFTTrainer(
         model=model,
@@ -39,14 +41,12 @@ def main(out_json: str, variant: str) -> None:
         eval_dataset=Dataset.from_list(eval_rows),
         args=args,
     )
-    if variant == "trl":
-        trainer._uses_token_stats = lambda model: False
-    else:  # the model reaches compute_loss wrapped in DDP: the fused path must still be taken, never TRL's
+    if variant == "fused":  # the model reaches compute_loss wrapped in DDP: the fused path must still be taken
 
         def trls_compute_loss(*args, **kwargs):
             raise SystemExit("TRL's compute_loss ran where the fused path applies")
 
-        FastSFTTrainer.__bases__[0].compute_loss = trls_compute_loss
+        original("SFTTrainer").compute_loss = trls_compute_loss
     trainer.train()
     trainer.evaluate()
     if trainer.is_world_process_zero():

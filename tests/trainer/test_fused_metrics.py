@@ -13,12 +13,16 @@ import torch
 from datasets import Dataset
 
 from fusetune import FastModel, FastSFTConfig, FastSFTTrainer
+from fusetune.compat.trl import metric_lists, original
 from fusetune.data.synthetic import synthetic_splits
+from fusetune.errors import FusetuneError
 from fusetune.patching import remove_kernels
+from fusetune.token_stats import TokenStats
+from fusetune.trainer import fused_loss_blocker
 
 METRICS = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
 EVAL_METRICS = ("eval_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_num_tokens")
-TRL_SFT_TRAINER = FastSFTTrainer.__bases__[0]  # trl.SFTTrainer names FastSFTTrainer once fusetune is imported
+TRL_SFT_TRAINER = original("SFTTrainer")  # trl.SFTTrainer names FastSFTTrainer once fusetune is imported
 TOLERANCE = {"reference": 1e-5, "triton": 1e-4}  # fp32 on CPU; the two runs only reorder float sums
 
 
@@ -38,7 +42,6 @@ def run(tmp_path, kernels: str, fused: bool, monkeypatch, **overrides):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(TRL_SFT_TRAINER, "compute_loss", counted)
-    monkeypatch.setattr(FastSFTTrainer, "_uses_token_stats", lambda self, model: fused)
     torch.manual_seed(0)
     model, tokenizer = FastModel.from_pretrained(
         "fusetune:tiny_llama", max_seq_length=64, random_init=True, kernels=kernels
@@ -55,6 +58,7 @@ def run(tmp_path, kernels: str, fused: bool, monkeypatch, **overrides):
         learning_rate=3e-3,
         seed=3,
         kernels=kernels,
+        fused_loss=fused,
         **overrides,
     )
     trainer = FastSFTTrainer(
@@ -100,19 +104,18 @@ def test_fused_loss_and_metrics_match_trls_compute_loss(tmp_path, monkeypatch, k
 
 def test_metrics_are_read_once_per_log(tmp_path, monkeypatch):
     """The sums wait on the device: three steps leave three pending entries and no host values until the log."""
-    monkeypatch.setattr(FastSFTTrainer, "_uses_token_stats", lambda self, model: True)
     model, tokenizer = FastModel.from_pretrained("fusetune:tiny_llama", max_seq_length=64, random_init=True)
-    args = FastSFTConfig(output_dir=str(tmp_path), report_to=[], max_steps=3, logging_steps=3, seed=3)
+    args = FastSFTConfig(output_dir=str(tmp_path), report_to=[], max_steps=3, logging_steps=3, seed=3, fused_loss=True)
     rows = Dataset.from_list(synthetic_splits(32, 0, seed=1)[0])
     trainer = FastSFTTrainer(model=model, processing_class=tokenizer, train_dataset=rows, args=args)
     seen = []
-    original_flush = FastSFTTrainer._flush_token_stats
+    original_flush = TokenStats.flush
 
-    def flush(self):
-        seen.append((len(self._pending_stats["train"]), len(self._metrics["train"].get("entropy", []))))
-        original_flush(self)
+    def flush(self, trainer):
+        seen.append((len(self.pending["train"]), len(metric_lists(trainer, "train").get("entropy", []))))
+        original_flush(self, trainer)
 
-    monkeypatch.setattr(FastSFTTrainer, "_flush_token_stats", flush)
+    monkeypatch.setattr(TokenStats, "flush", flush)
     trainer.train()
     assert seen[0] == (3, 0)  # at the step-3 log: three steps pending, nothing read yet
     assert 0.0 <= trainer.state.log_history[0]["mean_token_accuracy"] <= 1.0
@@ -130,6 +133,14 @@ def test_fused_path_only_where_it_computes_trls_loss(tmp_path, overrides, fused)
     args = FastSFTConfig(output_dir=str(tmp_path), report_to=[], max_steps=1, **overrides)
     rows = Dataset.from_list(synthetic_splits(8, 0, seed=1)[0])
     trainer = FastSFTTrainer(model=model, processing_class=tokenizer, train_dataset=rows, args=args)
-    assert bool(trainer._uses_token_stats(trainer.model)) is fused
+    assert (fused_loss_blocker(trainer, trainer.model) is None) is fused
     remove_kernels()  # a model whose forward is not ours any more
-    assert not trainer._uses_token_stats(trainer.model)
+    assert "not fusetune's" in fused_loss_blocker(trainer, trainer.model)
+
+
+def test_fused_loss_true_is_an_error_where_it_cannot_apply(tmp_path):
+    model, tokenizer = FastModel.from_pretrained("fusetune:tiny_llama", max_seq_length=64, random_init=True)
+    args = FastSFTConfig(output_dir=str(tmp_path), report_to=[], max_steps=1, fused_loss=True, loss_type="dft")
+    rows = Dataset.from_list(synthetic_splits(8, 0, seed=1)[0])
+    with pytest.raises(FusetuneError, match="fused_loss=True: not possible here: loss_type='dft'"):
+        FastSFTTrainer(model=model, processing_class=tokenizer, train_dataset=rows, args=args)

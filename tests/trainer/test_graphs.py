@@ -10,7 +10,6 @@
 - The fall-back when a capture fails (CUDA).
 """
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -23,10 +22,10 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-import fusetune.trainer
-from fusetune import forwards, graphs
+from fusetune import buckets, graphs
+from fusetune.buckets import StaticBatch, bucket_for, padded_batch
 from fusetune.errors import FusetuneError
-from fusetune.graphs import CudaGraphs, Reruns, StaticBatch, StepGraphs, bucket_for, padded_batch
+from fusetune.graphs import CudaGraphs, Reruns, StepGraphs
 from fusetune.loading import load_model
 from fusetune.patching import apply_kernels, remove_kernels
 from fusetune.trainer import FastSFTConfig, FastSFTTrainer
@@ -49,10 +48,10 @@ def test_bucket_shapes_bound_the_padding():
         longest = rng.randint(-(-tokens // docs), tokens)
         b = bucket_for(tokens, docs, longest)
         pad = b.tokens - tokens
-        assert b.tokens >= max(tokens, graphs.MIN_TOKENS)
-        assert pad < max(graphs.MIN_TOKENS, tokens / graphs.TOKEN_STEPS_PER_OCTAVE), (tokens, b)
-        assert b.docs >= docs + graphs.pad_docs(pad) and b.docs & (b.docs - 1) == 0
-        assert max(longest, min(pad, graphs.PAD_DOC_TOKENS)) <= b.longest <= b.tokens
+        assert b.tokens >= max(tokens, buckets.MIN_TOKENS)
+        assert pad < max(buckets.MIN_TOKENS, tokens / buckets.TOKEN_STEPS_PER_OCTAVE), (tokens, b)
+        assert b.docs >= docs + buckets.pad_docs(pad) and b.docs & (b.docs - 1) == 0
+        assert max(longest, min(pad, buckets.PAD_DOC_TOKENS)) <= b.longest <= b.tokens
         assert bucket_for(b.tokens, docs, longest).tokens == b.tokens  # a bucket's own size needs no padding
 
 
@@ -82,10 +81,10 @@ def test_fill_pads_every_element_and_forgets_the_last_batch():
 
 def test_long_padding_is_split_into_short_pad_documents():
     lengths = [500, 500, 500, 500, 49]  # 2049 tokens: padded to 2304, so 255 pad tokens
-    n, p = sum(lengths), graphs.PAD_DOC_TOKENS
+    n, p = sum(lengths), buckets.PAD_DOC_TOKENS
     batch = collate(lengths, 50, seed=3)
     bucket = bucket_for(n, len(lengths), 500)
-    assert (bucket.tokens, bucket.docs, bucket.longest) == (2304, 8, 512) and graphs.pad_docs(255) == 2
+    assert (bucket.tokens, bucket.docs, bucket.longest) == (2304, 8, 512) and buckets.pad_docs(255) == 2
     static = StaticBatch(bucket, "cpu", PAD, with_seq_idx=True)
     for tensor in (static.input_ids, static.position_ids, static.labels, static.cu_seq_lens, static.seq_idx):
         tensor.fill_(-7)
@@ -111,9 +110,9 @@ def lora_model(dtype=torch.float32, device="cpu", backend="reference", seed=0):
     return model
 
 
-def loss_stats_grads(model, inputs, num_items):
+def loss_stats_grads(model, inputs, num_items, static_shapes=False):
     """An eager step's outputs, detached (a live autograd graph would make a later capture fail), and grads."""
-    out = model(**inputs, use_cache=False, token_stats=True, num_items_in_batch=num_items)
+    out = model(**inputs, use_cache=False, token_stats=True, static_shapes=static_shapes, num_items_in_batch=num_items)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(out.loss, params)
     return dataclasses.replace(out, loss=out.loss.detach()), grads
@@ -141,8 +140,7 @@ def test_padded_batch_gives_the_same_loss_metrics_and_gradients(backend, lengths
         want, want_grads = loss_stats_grads(model, batch, num_items)
         padded = padded_batch(batch, PAD)
         assert padded["input_ids"].shape[1] >= sum(lengths)
-        with forwards.static_shapes():
-            got, got_grads = loss_stats_grads(model, padded, num_items)
+        got, got_grads = loss_stats_grads(model, padded, num_items, static_shapes=True)
     finally:
         remove_kernels()
     assert rel(got.loss, want.loss) <= tol
@@ -274,22 +272,20 @@ def test_a_backward_after_a_later_forward_is_refused():
         remove_kernels()
 
 
-def graphed_trainer(tmp_path, tokenizer, where, graphed, monkeypatch, **config):
+def graphed_trainer(tmp_path, tokenizer, where, graphed, **config):
     """A FastSFTTrainer with graphs on or off. On CPU "on" means the same code with Reruns for graphs:
     the trainer makes its StepGraphs at the first step, as on CUDA."""
     device, recorder, *_ = WHERE[where]
     on_cuda = device == "cuda"
     trainer = trainer_for(tmp_path, tokenizer, use_cpu=not on_cuda, cuda_graphs=graphed and on_cuda, **config)
     if graphed and not on_cuda:
-        monkeypatch.setattr(trainer, "_graphs_wanted", True)
-        monkeypatch.setattr(
-            fusetune.trainer, "StepGraphs", functools.partial(StepGraphs, recorder=recorder(), device="cpu")
-        )
+        assert trainer.step_graphs_factory is None  # off without CUDA: turned on by hand
+        trainer.step_graphs_factory = functools.partial(StepGraphs, recorder=recorder(), device="cpu")
     return trainer
 
 
-def run_trainer(tmp_path, tokenizer, where, graphed, monkeypatch, **config):
-    trainer = graphed_trainer(tmp_path, tokenizer, where, graphed, monkeypatch, **config)
+def run_trainer(tmp_path, tokenizer, where, graphed, **config):
+    trainer = graphed_trainer(tmp_path, tokenizer, where, graphed, **config)
     trainer.train()
     return trainer
 
@@ -300,12 +296,12 @@ def logged(trainer, key="loss"):
 
 @where
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_trainer_losses_with_and_without_graphs(tiny_tokenizer, tmp_path, monkeypatch, where, checkpointing):
+def test_trainer_losses_with_and_without_graphs(tiny_tokenizer, tmp_path, where, checkpointing):
     runs, tol = {}, WHERE[where][4]
     config = dict(gradient_accumulation_steps=2, gradient_checkpointing=checkpointing)
     try:
         for graphed in (False, True):
-            runs[graphed] = run_trainer(tmp_path / str(graphed), tiny_tokenizer, where, graphed, monkeypatch, **config)
+            runs[graphed] = run_trainer(tmp_path / str(graphed), tiny_tokenizer, where, graphed, **config)
             remove_kernels()
     finally:
         remove_kernels()
@@ -321,14 +317,14 @@ def test_trainer_losses_with_and_without_graphs(tiny_tokenizer, tmp_path, monkey
 
 
 @where
-def test_resume_with_graphs_gives_the_same_losses(tiny_tokenizer, tmp_path, monkeypatch, where):
+def test_resume_with_graphs_gives_the_same_losses(tiny_tokenizer, tmp_path, where):
     """Graphs are made at the first step, after the checkpoint is loaded: a resumed run trains the loaded weights."""
     tol = WHERE[where][4]
     config = dict(max_steps=6, save_strategy="steps", save_steps=3)
     try:
-        whole = run_trainer(tmp_path / "whole", tiny_tokenizer, where, True, monkeypatch, **config)
+        whole = run_trainer(tmp_path / "whole", tiny_tokenizer, where, True, **config)
         remove_kernels()
-        resumed = graphed_trainer(tmp_path / "resumed", tiny_tokenizer, where, True, monkeypatch, **config)
+        resumed = graphed_trainer(tmp_path / "resumed", tiny_tokenizer, where, True, **config)
         resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-3"))
     finally:
         remove_kernels()
@@ -341,7 +337,7 @@ def test_resume_with_graphs_gives_the_same_losses(tiny_tokenizer, tmp_path, monk
 @needs_varlen
 def test_a_failed_capture_falls_back_to_eager_steps(tiny_tokenizer, tmp_path, monkeypatch, caplog):
     """Without static shapes the loss head syncs inside the capture: the capture fails, training goes on."""
-    monkeypatch.setattr(forwards, "static_shapes", contextlib.nullcontext)
+    monkeypatch.setattr(graphs, "FORWARD_KEYWORDS", {**graphs.FORWARD_KEYWORDS, "static_shapes": False})
     try:
         trainer = trainer_for(tmp_path, tiny_tokenizer, use_cpu=False, cuda_graphs=True)
         with caplog.at_level(logging.WARNING, logger="fusetune.graphs"):

@@ -125,7 +125,6 @@ def grads(out, inputs, seed=1):
 @pytest.fixture(autouse=True)
 def fresh():
     varlen.reset_calls()
-    varlen.forget_batches()
 
 
 # ------------------------------------------------------------------ the same answer
@@ -461,7 +460,7 @@ def test_cuda_graph_capture_uses_the_block_diagonal_mask_and_replays_other_layou
     kwargs["max_length_q"] = kwargs["max_length_k"] = 32
 
     def forward():
-        varlen.forget_batches()
+        varlen.forget_layouts(kwargs["cu_seq_lens_q"])
         return varlen.masked_attention_forward(Attention(6, 2), q, k, v, None, scaling=0.25, sliding_window=9, **kwargs)
 
     stream = torch.cuda.Stream()

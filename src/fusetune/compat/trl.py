@@ -4,8 +4,10 @@
   fusetune's classes (``import fusetune`` calls it); ``restore_trl()`` undoes it; ``original(name)``
   is TRL's own class.
 - Accessors for TRL's private trainer state that fusetune reads or writes: the per-mode metric
-  lists behind TRL's logged ``entropy`` / ``mean_token_accuracy`` / ``num_tokens``, and the running
-  count of trained tokens.
+  lists behind TRL's logged ``entropy`` / ``mean_token_accuracy`` / ``num_tokens``, the running
+  count of trained tokens, and the tensor-parallel size TRL divides that count by.
+- ``PrepareDatasetHook``: a mixin that routes TRL's private ``_prepare_dataset`` to a public-named
+  ``prepare_dataset``, which a subclass overrides.
 """
 
 import importlib
@@ -57,3 +59,19 @@ def trained_tokens(trainer) -> int:
 def add_trained_tokens(trainer, count: int) -> int:
     trainer._total_train_tokens += count
     return trainer._total_train_tokens
+
+
+def tensor_parallel_size(trainer) -> int:
+    """The tensor-parallel group size TRL divides its token counts by (ranks of a group see one batch)."""
+    return trainer._tp_size
+
+
+class PrepareDatasetHook:
+    """Put first among a TRL SFTTrainer subclass's bases: TRL's ``_prepare_dataset`` (tokenizing,
+    packing, truncating one dataset) calls ``prepare_dataset``, whose default is TRL's own."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        return self.prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
+    def prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
