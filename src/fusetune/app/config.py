@@ -3,18 +3,28 @@
 YAML files hold values; these dataclasses hold types. A misspelled key or a
 wrong type fails when Hydra composes the config, before anything loads.
 Rules that span groups live in ``validate``.
+
+The trainer schema is not written out: ``TrainerConfig`` is generated from
+``FastSFTConfig``, every field OmegaConf can type with its default, so the two
+cannot drift apart. The app's own trainer keys are ``AppTrainerKeys``, the
+defaults it sets apart from FastSFTConfig's are ``OWN_TRAINER_DEFAULTS`` (values
+in conf/trainer/sft.yaml), and ``trainer.extra`` passes the untyped fields.
 """
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from ..compat.renames import CONFIG_RENAMES
 from ..errors import FusetuneError
 from ..modules import PROJECTIONS
+from ..trainer import FastSFTConfig
 
 
 class Backend(str, Enum):
@@ -102,33 +112,116 @@ class KernelsConfig:
     backend: Backend = Backend.auto
 
 
+# FastSFTConfig fields that the app fills in from elsewhere (run.sft_config), and from where: no trainer key holds them.
+SET_BY_THE_APP = {
+    "output_dir": "output_dir (hydra.run.dir)",
+    "run_name": "run_name",
+    "seed": "seed",
+    "data_seed": "seed",
+    "max_length": "model.max_seq_length",
+    "kernels": "kernels.backend",
+    "bf16": "model.dtype",
+    "fp16": "model.dtype",
+    "use_cpu": "the host (CPU where there is no CUDA)",
+    "report_to": "logger",
+    "gradient_checkpointing": "model.gradient_checkpointing",
+    "gradient_checkpointing_kwargs": "model.gradient_checkpointing",
+}
+
+
 @dataclass
-class TrainerConfig:
-    name: str = "sft"
-    max_steps: int = -1
-    num_train_epochs: float = 1.0
-    per_device_train_batch_size: int | None = None  # null: model.batch_size
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
+class AppTrainerKeys:
+    """Trainer keys that are the app's own, or that it types apart from FastSFTConfig."""
+
+    name: str = "sft"  # the trainer option, recorded in summary.json
     learning_rate: float | None = None  # null: model.learning_rate
-    embedding_learning_rate: float | None = None
-    lr_scheduler_type: str = "linear"
-    warmup_steps: float = 0.0  # a count, or a fraction of the run when below 1
-    weight_decay: float = 0.0
-    optim: str = "adamw_torch"
-    max_grad_norm: float = 1.0
-    packing: bool = False
-    padding_free: bool = False
-    cuda_graphs: bool | None = None  # padding-free steps as CUDA graph replays; null: on where safe
-    completion_only_loss: bool | None = None
-    assistant_only_loss: bool = False
-    logging_steps: int = 10
-    eval_strategy: str = "no"
-    eval_steps: int | None = None
-    save_strategy: str = "no"
-    save_steps: int = 500
-    dataloader_num_workers: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)  # any other SFTConfig field, passed through
+    per_device_train_batch_size: int | None = None  # null: model.batch_size
+    extra: dict[str, Any] = field(default_factory=dict)  # FastSFTConfig fields that no trainer key holds
+
+
+# The app's trainer defaults that differ from FastSFTConfig's on purpose. conf/trainer/sft.yaml (which every
+# trainer option builds on) sets each one and says why; every other trainer default is FastSFTConfig's.
+# tests/conf/test_trainer_schema.py holds the two to that.
+OWN_TRAINER_DEFAULTS = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "num_train_epochs",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "logging_steps",
+    "padding_free",
+    "save_strategy",
+    "optim",
+)
+
+PRIMITIVES = (int, float, bool, str)
+
+
+def _holds_plainly(tp) -> bool:
+    """OmegaConf types it as it is: a primitive, an Enum, or a list or str-keyed dict of primitives."""
+    if tp in PRIMITIVES or (isinstance(tp, type) and issubclass(tp, Enum)):
+        return True
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is list:
+        return len(args) == 1 and args[0] in PRIMITIVES
+    if origin is dict:
+        return len(args) == 2 and args[0] is str and (args[1] in PRIMITIVES or args[1] is Any)
+    return False
+
+
+def schema_type(tp):
+    """A FastSFTConfig field's type as an OmegaConf structured config holds it, or None where it cannot.
+
+    ``X | None`` stays optional; ``SomeStrEnum | str`` (TRL's scheduler, optimizer and strategy names) is a str.
+    Other unions (``dict | str``, ``str | list[str]``, ...) have no OmegaConf type: ``trainer.extra`` passes them.
+    """
+    if get_origin(tp) not in (Union, UnionType):
+        return tp if _holds_plainly(tp) else None
+    args = get_args(tp)
+    kinds = [a for a in args if a is not NoneType]
+    if len(kinds) == 2 and str in kinds:
+        other = kinds[0] if kinds[1] is str else kinds[1]
+        if isinstance(other, type) and issubclass(other, Enum) and issubclass(other, str):
+            kinds = [str]
+    if len(kinds) != 1 or not _holds_plainly(kinds[0]):
+        return None
+    return kinds[0] | None if len(kinds) < len(args) else kinds[0]
+
+
+def default_value(f: dataclasses.Field):
+    """A dataclass field's default value (an Enum member as its value)."""
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return value.value if isinstance(value, Enum) else value
+
+
+def _default(f: dataclasses.Field) -> dataclasses.Field:
+    if f.default_factory is not dataclasses.MISSING:
+        return field(default_factory=f.default_factory)
+    return field(default=default_value(f))
+
+
+def _trainer_schema() -> type:
+    """TrainerConfig: every FastSFTConfig field OmegaConf can type, with its default, and the app's own keys."""
+    own = {f.name: (f.type, _default(f)) for f in dataclasses.fields(AppTrainerKeys)}
+    hints = get_type_hints(FastSFTConfig)
+    spec = [("name", *own.pop("name"))]
+    for f in dataclasses.fields(FastSFTConfig):
+        if f.name in own:
+            spec.append((f.name, *own.pop(f.name)))
+        elif f.init and f.name not in SET_BY_THE_APP and (tp := schema_type(hints[f.name])) is not None:
+            spec.append((f.name, tp, _default(f)))
+    spec += [(name, *typed) for name, typed in own.items()]  # extra
+    schema = dataclasses.make_dataclass("TrainerConfig", spec)
+    schema.__module__ = __name__
+    schema.__doc__ = "The trainer group: FastSFTConfig's fields and defaults (generated), and the app's own keys."
+    return schema
+
+
+TrainerConfig = _trainer_schema()
+SFT_DEFAULTS = {f.name: default_value(f) for f in dataclasses.fields(FastSFTConfig)}
+SFT_FIELDS = frozenset(SFT_DEFAULTS)
+# FastSFTConfig fields that are trainer keys (the rest go through trainer.extra, or come from SET_BY_THE_APP).
+TRAINER_FIELDS = SFT_FIELDS & {f.name for f in dataclasses.fields(TrainerConfig)}
 
 
 @dataclass
@@ -162,7 +255,7 @@ def checkpointing_mode(value: str) -> bool | str:
 
 
 def register_configs() -> None:
-    """Attach the schemas to the YAML groups: each YAML lists its schema first in its defaults."""
+    """Store the schemas: train.yaml lists ``train_schema`` first, which types every group beneath it."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for group, node in [
@@ -173,6 +266,23 @@ def register_configs() -> None:
         ("logger", LoggerConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+def extra_key_problem(key: str) -> str | None:
+    """Why ``trainer.extra.<key>`` is refused, or None: extra holds FastSFTConfig fields that no trainer key holds
+    (or their older spellings, which FastSFTConfig translates), so the app's own reading of the trainer keys holds."""
+    rename = CONFIG_RENAMES.get(key)
+    if key in TRAINER_FIELDS:
+        return f"set trainer.{key} instead"
+    if key in SET_BY_THE_APP:
+        return f"fusetune sets {key} from {SET_BY_THE_APP[key]}"
+    if rename is not None and rename.new in TRAINER_FIELDS:
+        return f"an older spelling of {rename.new}: set trainer.{rename.new}"
+    if rename is not None and rename.new in SET_BY_THE_APP:
+        return f"an older spelling of {rename.new}, which fusetune sets from {SET_BY_THE_APP[rename.new]}"
+    if rename is None and key not in SFT_FIELDS:
+        return "not a field of FastSFTConfig (TRL's SFTConfig)"
+    return None
 
 
 def validate(cfg) -> None:
@@ -190,8 +300,11 @@ def validate(cfg) -> None:
         problems.append(f"model.max_seq_length must be positive, got {cfg.model.max_seq_length}")
     if cfg.trainer.packing and cfg.trainer.padding_free:
         problems.append("trainer.packing and trainer.padding_free: choose one (packing is already padding-free)")
-    if cfg.trainer.max_steps <= 0 and cfg.trainer.num_train_epochs <= 0:
+    if cfg.trainer.max_steps == 0:
+        problems.append("trainer.max_steps=0 trains nothing: give a positive number, or -1 to train by epochs")
+    elif cfg.trainer.max_steps < 0 and cfg.trainer.num_train_epochs <= 0:
         problems.append("trainer: set max_steps or num_train_epochs above zero")
+    problems += [f"trainer.extra.{key}: {why}" for key in cfg.trainer.extra if (why := extra_key_problem(key))]
     if cfg.data.formatter != Formatter.synthetic and (cfg.data.path is None) == (cfg.data.name is None):
         problems.append(f"data: formatter '{cfg.data.formatter.value}' needs exactly one of data.path or data.name")
     if (

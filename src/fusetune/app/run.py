@@ -19,7 +19,7 @@ from ..loading import count_parameters, pick_dtype
 from ..patching import remove_kernels
 from ..trainer import FastSFTConfig, FastSFTTrainer
 from . import record
-from .config import checkpointing_mode, validate
+from .config import SFT_DEFAULTS, TRAINER_FIELDS, checkpointing_mode, validate
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,16 @@ def close_logger(cfg, summary: dict | None) -> None:
 
 
 def sft_config(cfg, out: Path, dtype: torch.dtype, report_to: list[str], backend: str) -> FastSFTConfig:
+    """FastSFTConfig from the trainer keys that differ from its defaults, trainer.extra, and the fields the app
+    fills in from other groups (config.SET_BY_THE_APP)."""
     t = cfg.trainer
     checkpointing = checkpointing_mode(cfg.model.gradient_checkpointing)
-    known = {"name", "extra"}
-    values = {k: v for k, v in OmegaConf.to_container(t).items() if k not in known}
+    values = OmegaConf.to_container(t)
     values["learning_rate"] = t.learning_rate if t.learning_rate is not None else cfg.model.learning_rate
     if t.per_device_train_batch_size is None:
         values["per_device_train_batch_size"] = cfg.model.batch_size
-    if values["eval_steps"] is None:
-        values.pop("eval_steps")
+    # Only what differs: a default given again changes nothing, and FastSFTConfig warns about logging_dir if given.
+    changed = {k: v for k, v in values.items() if k in TRAINER_FIELDS and v != SFT_DEFAULTS[k]}
     on_gpu = torch.cuda.is_available()
     try:
         return FastSFTConfig(
@@ -89,8 +90,7 @@ def sft_config(cfg, out: Path, dtype: torch.dtype, report_to: list[str], backend
             report_to=report_to,
             gradient_checkpointing=bool(checkpointing),
             gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
-            dataset_num_proc=None,
-            **values,
+            **changed,
             **OmegaConf.to_container(t.extra),
         )
     except (TypeError, ValueError) as error:

@@ -1,0 +1,73 @@
+"""Hydra's own errors as the app's: a config that does not compose ends with exit code 2 and one line.
+
+A misspelled key, a wrong type, a missing group option or an override that does not parse is a user mistake
+like any other, so it ends as they do: ``fusetune: error: ...`` on stderr and exit code 2, instead of Hydra's
+five lines and exit code 1.
+
+Hydra prints these errors itself and exits, unless ``HYDRA_FULL_ERROR=1``: then it raises them. ``main_exits_2``
+sets that while Hydra parses and composes, and turns Hydra's compact errors (the ones it would print without a
+traceback) into the one line. ``job_started``, the task function's first call, takes the variable back, so an
+error inside the run is reported by Hydra exactly as before. A user who sets ``HYDRA_FULL_ERROR=1`` gets Hydra's
+full stack traces, as Hydra documents.
+"""
+
+import dataclasses
+import os
+import sys
+from collections.abc import Callable
+from difflib import get_close_matches
+
+from hydra.errors import CompactHydraException, InstantiationException, MissingConfigException, OverrideParseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+FULL_ERROR = "HYDRA_FULL_ERROR"
+_state = {"set_here": False, "job_started": False}
+
+
+def _first_line(text) -> str:
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def one_line(error: CompactHydraException) -> str:
+    """What Hydra could not do and OmegaConf's reason, without the key dump: one line."""
+    line = _first_line(error).rstrip(".")
+    if isinstance(error, OverrideParseException):
+        line = f"{error.override}: {line}"
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        line += f": {_first_line(cause)}"
+        if isinstance(cause, ConfigAttributeError | ConfigKeyError) and dataclasses.is_dataclass(cause.object_type):
+            keys = [f.name for f in dataclasses.fields(cause.object_type)]  # a key not in a schema: the nearest
+            line += "".join(f" (did you mean {near}?)" for near in get_close_matches(str(cause.key), keys, n=1))
+    if isinstance(error, MissingConfigException) and error.options:
+        options = [o for o in error.options if not o.endswith("_schema")]  # register_configs' typed bases
+        line += f" (options: {', '.join(options)})"
+    return line
+
+
+def job_started() -> None:
+    """The config composed and the run begins: Hydra reports what goes wrong from here, as it always has."""
+    _state["job_started"] = True
+    if _state["set_here"]:
+        os.environ.pop(FULL_ERROR, None)
+        _state["set_here"] = False
+
+
+def main_exits_2(main: Callable[[], object]) -> object:
+    """Call a ``@hydra.main`` function; a config that does not compose exits 2 with one line on stderr."""
+    _state["job_started"] = False
+    if FULL_ERROR in os.environ:  # the user's own choice
+        return main()
+    os.environ[FULL_ERROR] = "1"
+    _state["set_here"] = True
+    try:
+        return main()
+    except CompactHydraException as error:
+        if _state["job_started"] or isinstance(error, InstantiationException):  # not a config mistake
+            raise
+        print(f"fusetune: error: {one_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if _state["set_here"]:
+            os.environ.pop(FULL_ERROR, None)
+            _state["set_here"] = False
