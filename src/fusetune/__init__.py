@@ -6,6 +6,10 @@ FastSFTTrainer and FastSFTConfig, so plain TRL code gets the kernels and default
 
 __version__ = "0.1.0"
 
+from .noise import drop_known_noise  # noqa: E402
+
+drop_known_noise()  # before anything imports bitsandbytes
+
 from .compat.trl import point_trl_at  # noqa: E402
 from .fast_model import FastModel  # noqa: E402
 from .trainer import FastSFTConfig, FastSFTTrainer  # noqa: E402

@@ -1,0 +1,30 @@
+"""Third-party log lines that say nothing a user can act on, dropped by their exact text, never by level.
+
+bitsandbytes, on a CPU with AVX512-BF16, tries at import to fetch an optional CPU kernel from the Hugging
+Face hub through the `kernels` package, and logs a warning at every start when it cannot: `Failed to load
+CPU gemm_4bit_forward from kernels-community: ...`. Its own CPU path is used instead, as intended. Every
+other message of those loggers still shows.
+"""
+
+import logging
+
+KNOWN = {
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+}
+
+
+class DropKnownLines(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def drop_known_noise() -> None:
+    """Install the filters (once); call before the noisy package is imported."""
+    for name, prefixes in KNOWN.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropKnownLines) for f in logger.filters):
+            logger.addFilter(DropKnownLines(prefixes))
