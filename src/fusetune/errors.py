@@ -3,3 +3,11 @@
 
 class FusetuneError(Exception):
     """A mistake in the user's config or data. Printed as one line, without a traceback."""
+
+
+class Interrupted(Exception):
+    """The run stopped on a signal after saving a checkpoint: one line for the user, and the exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

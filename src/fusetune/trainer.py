@@ -35,9 +35,11 @@ from accelerate.utils import DistributedType
 from trl import SFTConfig, SFTTrainer
 
 from . import precision
+from .checkpoints import MarkComplete
 from .compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
-from .compat.trl import PrepareDatasetHook
+from .compat.trl import PrepareDatasetHook, ResumeTokenCount
 from .errors import FusetuneError
+from .faults import NAN_POLICIES, NonFiniteGuard
 from .graphs import StepGraphs
 from .loading import pick_dtype
 from .modules import base_model, is_quantized
@@ -84,6 +86,14 @@ class FastSFTConfig(SFTConfig):
             "None: on where it is safe, with the choice logged."
         },
     )
+    nan_policy: str = field(
+        default="stop",
+        metadata={
+            "help": "A non-finite loss or gradient: stop (checked at each log and save, no extra host reads; "
+            "the last good checkpoint stays the newest) or skip (that step changes nothing, counted in "
+            "skipped_steps; one host read a step)."
+        },
+    )
     fused_loss: bool | None = field(
         default=None,
         metadata={
@@ -106,6 +116,10 @@ class FastSFTConfig(SFTConfig):
         if self.accelerator_config is None and self.dataloader_pin_memory and on_gpu:
             # a blocking copy waits for the GPU to finish the previous step; this one does not
             self.accelerator_config = {"non_blocking": True}
+        if self.nan_policy not in NAN_POLICIES:
+            raise FusetuneError(f"nan_policy: expected one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}")
+        if self.nan_policy == "skip":  # a skipped step's NaN loss stays out of the logged mean
+            self.logging_nan_inf_filter = True
         super().__post_init__()
 
 
@@ -249,6 +263,12 @@ class FastSFTTrainer(PrepareDatasetHook, SFTTrainer):
         self.step_graphs_factory = StepGraphs if self._want_step_graphs() else None
         if args.logging_dir is not None:
             self._set_tensorboard_dir(args.logging_dir)
+        # every checkpoint gets a completeness marker; a non-finite loss, gradient or checkpoint stops training
+        self.checkpoint_marker = MarkComplete()
+        self.nonfinite_guard = NonFiniteGuard(args.nan_policy)
+        self.add_callback(self.checkpoint_marker)
+        self.add_callback(self.nonfinite_guard)
+        self.add_callback(ResumeTokenCount(self))
 
     def _set_tensorboard_dir(self, folder: str) -> None:
         """Point the TensorBoard callback at ``logging_dir`` (transformers 5 dropped that field)."""

@@ -81,6 +81,7 @@ class ModelConfig:
     lora: LoraConfig | None = None  # null: full fine-tuning
     random_init: bool = False  # build the architecture from its config alone, without weights
     attn_implementation: str | None = None
+    trust_remote_code: bool = False  # run the model repository's own Python code (only for a repository you trust)
     # true (non-reentrant) | false | offload: each layer's saved input waits in pinned CPU memory (Unsloth's "unsloth")
     gradient_checkpointing: str = "false"
     # Recommendations for this model, used where the trainer leaves them null.
@@ -244,6 +245,10 @@ class TrainConfig:
     run_name: str | None = None
     output_dir: str = MISSING
     save_model: bool = True
+    # null: a new run (its folder must hold no other run's record); auto: continue the run in this folder from its
+    # newest complete checkpoint; or the path of a checkpoint-N folder
+    resume: str | None = None
+    overwrite: bool = False  # replace another run's record in the run folder
 
 
 CHECKPOINTING = {"true": True, "false": False, "offload": "offload", "unsloth": "offload"}

@@ -4,10 +4,14 @@ import importlib.metadata
 import json
 import resource
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from ..checkpoints import write_json_atomically
+from ..report import STATUS, last_step, one_line
 
 VERSIONED = (
     "torch",
@@ -46,13 +50,20 @@ def peak_memory_gib() -> float:
 
 
 class MetricsRecorder(TrainerCallback):
-    """Appends one JSON line per logging step to ``metrics.jsonl`` (train lines carry ``loss``)."""
+    """Appends one JSON line per logging step to ``metrics.jsonl`` (train lines carry ``loss``).
 
-    def __init__(self, path: Path):
+    A new run starts the file empty. A resumed run keeps the lines up to its checkpoint's step and drops
+    the later ones (those steps run again), so every step stays in the file once.
+    """
+
+    def __init__(self, path: Path, resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
-        self.last_train: dict = {}
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            kept = [m for m in read_metrics(self.path) if m.get("step", 0) <= resume_step]
+        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        self.last_train: dict = next((m for m in reversed(kept) if m.get("split") == "train"), {})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or any(k in logs for k in SUMMARY_KEYS):
@@ -70,7 +81,38 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def write_summary(path: Path, summary: dict) -> None:
-    Path(path).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    """Written last, by a finished run only, and atomically: a summary.json on disk is a whole one."""
+    write_json_atomically(Path(path), summary)
+
+
+def write_status(out: Path, status: str, error: str | None = None, step: int | None = None, **extra) -> Path:
+    """status.json: {"status": running | finished | failed | interrupted, "error": one line, "last_step", "updated"};
+    last_step is read from metrics.jsonl unless given."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "status": status,
+        "error": one_line(error) if error else None,
+        "last_step": step if step is not None else last_step(out),
+        "updated": datetime.now().astimezone().isoformat(timespec="seconds"),
+        **extra,
+    }
+    path = out / STATUS
+    write_json_atomically(path, record)
+    return path
+
+
+def whole_run_loss(lines: list[dict]) -> float | None:
+    """The mean train loss over every step of the run, from metrics.jsonl: each logged loss is the mean over
+    the steps since the previous train line, so it counts for that many steps."""
+    total = count = 0.0
+    previous = 0
+    for line in lines:
+        if line.get("split") != "train" or "loss" not in line:
+            continue
+        steps = line["step"] - previous
+        total, count, previous = total + line["loss"] * steps, count + steps, line["step"]
+    return total / count if count else None
 
 
 def format_summary(summary: dict) -> str:

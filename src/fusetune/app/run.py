@@ -2,6 +2,7 @@
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -11,14 +12,17 @@ from transformers import set_seed
 
 from fusetune_kernels.offloaded_checkpoint import enable_offloaded_checkpointing
 
+from ..checkpoints import newest_complete, step_of
+from ..compat.trl import trained_tokens
 from ..data import build_splits
-from ..errors import FusetuneError
+from ..errors import FusetuneError, Interrupted
 from ..evaluate import exact_match
 from ..fast_model import FastModel
-from ..loading import count_parameters, pick_dtype
+from ..faults import StopOnSignal
+from ..loading import count_parameters, load_tokenizer, pick_dtype
 from ..patching import remove_kernels
 from ..trainer import FastSFTConfig, FastSFTTrainer
-from . import record
+from . import record, run_folder
 from .config import SFT_DEFAULTS, TRAINER_FIELDS, checkpointing_mode, validate
 
 log = logging.getLogger(__name__)
@@ -98,21 +102,28 @@ def sft_config(cfg, out: Path, dtype: torch.dtype, report_to: list[str], backend
 
 
 def run(cfg) -> dict:
-    """Train, save, evaluate and record. Returns the summary written to summary.json."""
+    """Train, save, evaluate and record. Returns the summary written to summary.json.
+
+    The run folder's record: status.json from the start ("running"), metrics.jsonl while training, the
+    model and summary.json (written last) at the end; "finished", "failed" (app.cli) or "interrupted".
+    SIGINT / SIGTERM save a checkpoint after the current step and raise ``Interrupted``.
+    """
     validate(cfg)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_folder.claim(out, cfg.resume, cfg.overwrite)
+    record.write_status(out, "running", step=step_of(checkpoint) if checkpoint else 0, resumed_from=checkpoint)
     report_to = setup_logger(cfg, out)
     summary = None
     try:
-        summary = _train(cfg, out, report_to)
+        with StopOnSignal() as stop:
+            summary = _train(cfg, out, report_to, checkpoint, stop)
         return summary
     finally:
         remove_kernels()
         close_logger(cfg, summary)
 
 
-def _train(cfg, out: Path, report_to: list[str]) -> dict:
+def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: StopOnSignal) -> dict:
     started = time.perf_counter()
     if cfg.cpu_threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.cpu_threads)  # small CPU models lose more to thread sync than they gain
@@ -120,6 +131,9 @@ def _train(cfg, out: Path, report_to: list[str]) -> dict:
     m = cfg.model
     dtype = pick_dtype(m.dtype.value)
     full_finetune = m.lora is None
+    hub = {"trust_remote_code": m.trust_remote_code}
+    # The data first: a mistake in it shows before the weights load.
+    splits = build_splits(cfg.data, load_tokenizer(m.tokenizer or m.name_or_path, **hub), cfg.seed)
     # Full fine-tuning in fp16 keeps fp32 master weights; autocast does the fp16 math.
     load_dtype = torch.float32 if full_finetune and dtype == torch.float16 else dtype
     model, tokenizer = FastModel.from_pretrained(
@@ -132,6 +146,7 @@ def _train(cfg, out: Path, report_to: list[str]) -> dict:
         config=m.config,
         tokenizer_name=m.tokenizer,
         attn_implementation=m.attn_implementation,
+        **hub,
     )
     backend = model.fusetune_kernels
     if not full_finetune:
@@ -148,22 +163,23 @@ def _train(cfg, out: Path, report_to: list[str]) -> dict:
     elif checkpointing_mode(m.gradient_checkpointing) == "offload":
         log.info("model.gradient_checkpointing=offload: %s", enable_offloaded_checkpointing(model))
     total_params, trainable_params = count_parameters(model)
-    splits = build_splits(cfg.data, tokenizer, cfg.seed)
     args = sft_config(cfg, out, dtype, report_to, backend)
-    recorder = record.MetricsRecorder(out / "metrics.jsonl")
+    recorder = record.MetricsRecorder(out / "metrics.jsonl", resume_step=step_of(checkpoint) if checkpoint else None)
     trainer = FastSFTTrainer(
         model=model,
         args=args,
         train_dataset=splits.train,
         eval_dataset=splits.eval if cfg.trainer.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=[recorder],
+        callbacks=[recorder, stop],
     )
     record.reset_peak_memory()
-    result = trainer.train()
+    tokens_before = recorder.last_train.get("num_tokens", 0)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if trainer.step_graphs is not None:
         trainer.step_graphs.release()  # evaluation and generation get the graphs' memory back
     peak = record.peak_memory_gib()
+    _stopped_early(trainer, stop, out)
 
     saved_to = None
     if cfg.save_model:
@@ -180,7 +196,8 @@ def _train(cfg, out: Path, report_to: list[str]) -> dict:
         evals["exact_match_n"] = len(splits.generation)
 
     metrics = result.metrics
-    tokens = recorder.last_train.get("num_tokens") or trainer._total_train_tokens
+    tokens = recorder.last_train.get("num_tokens") or trained_tokens(trainer)
+    session_tokens = tokens - tokens_before  # a resumed run's runtime covers only the steps it trained
     summary = {
         "model": m.name_or_path,
         "data": cfg.data.formatter.value
@@ -190,12 +207,13 @@ def _train(cfg, out: Path, report_to: list[str]) -> dict:
         "cuda_graphs": trainer.step_graphs.stats() if trainer.step_graphs is not None else None,
         "trainer": cfg.trainer.name,
         "global_step": result.global_step,
-        "train_loss": result.training_loss,
+        "train_loss": record.whole_run_loss(record.read_metrics(recorder.path)) if checkpoint else result.training_loss,
+        "resumed_from": str(checkpoint) if checkpoint else None,
         "final_loss": recorder.last_train.get("loss"),
         "eval": evals,
         "samples": samples,
         "train_tokens": tokens,
-        "train_tokens_per_second": tokens / metrics["train_runtime"] if metrics.get("train_runtime") else 0.0,
+        "train_tokens_per_second": session_tokens / metrics["train_runtime"] if metrics.get("train_runtime") else 0.0,
         "train_runtime_s": metrics.get("train_runtime"),
         "peak_memory_gib": peak,
         "runtime_s": time.perf_counter() - started,
@@ -209,5 +227,22 @@ def _train(cfg, out: Path, report_to: list[str]) -> dict:
         "versions": record.versions(),
     }
     record.write_summary(out / "summary.json", summary)
+    record.write_status(out, "finished", step=result.global_step)
     print(record.format_summary(summary), flush=True)
     return summary
+
+
+def _stopped_early(trainer: FastSFTTrainer, stop: StopOnSignal, out: Path) -> None:
+    """A signal or a non-finite value stopped training: record it, say where the last checkpoint is, and end."""
+    step = trainer.state.global_step
+    newest = newest_complete(out)
+    where = f"the last good checkpoint is {newest}" if newest else "there is no checkpoint to resume from"
+    if stop.received is not None:
+        line = f"interrupted at step {step}: checkpoint saved in {newest}; resume=auto continues"
+        record.write_status(out, "interrupted", f"{signal.Signals(stop.received).name} at step {step}", step)
+        raise Interrupted(line, stop.exit_code)
+    why = trainer.nonfinite_guard.stopped
+    if why is None and trainer.checkpoint_marker.bad_step is not None:
+        why = f"non-finite weights at the save of step {trainer.checkpoint_marker.bad_step}"
+    if why is not None:
+        raise FusetuneError(f"training stopped: {why}; {where} (resume=auto continues from it)")

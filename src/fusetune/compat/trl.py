@@ -8,9 +8,13 @@
   count of trained tokens, and the tensor-parallel size TRL divides that count by.
 - ``PrepareDatasetHook``: a mixin that routes TRL's private ``_prepare_dataset`` to a public-named
   ``prepare_dataset``, which a subclass overrides.
+- ``ResumeTokenCount``: TRL starts its count of trained tokens at 0 on a resumed run; this callback
+  continues it from the checkpoint's last logged ``num_tokens``.
 """
 
 import importlib
+
+from transformers import TrainerCallback
 
 # TRL's public names that fusetune points at its subclasses.
 TRL_CLASSES = [
@@ -75,3 +79,17 @@ class PrepareDatasetHook:
 
     def prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
+
+class ResumeTokenCount(TrainerCallback):
+    """On a resumed run, TRL's token count continues from the checkpoint instead of restarting at 0."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0 or trained_tokens(self.trainer) != 0:
+            return
+        logged = [row["num_tokens"] for row in state.log_history if "num_tokens" in row and "loss" in row]
+        if logged:
+            add_trained_tokens(self.trainer, int(logged[-1]))
