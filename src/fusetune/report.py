@@ -1,62 +1,493 @@
-"""The ablation report: after a multirun, one table over every job's summary.json."""
+"""The ablation report of a sweep folder: every job with its status, seeds aggregated, and plots.
 
+    python -m fusetune.report SWEEP_DIR    # (re)builds report.md, report.json, report_groups.json and the PNGs
+
+A job is any folder under the sweep folder that holds `.hydra/`, whatever it is called, ordered by Hydra's job
+number (`.hydra/hydra.yaml`). Its record gives one row: `summary.json` when it finished, `status.json` when it
+failed or was interrupted (its error line and last step), `metrics.jsonl` for the loss curve. Jobs whose overrides
+differ only in `seed` form a group, reported as mean ± std over its finished jobs.
+
+- report.md: the groups (when some group has more than one job), then every job, then the plots;
+- report.json: one row per job (overrides, status, error, last_step, the metrics);
+- report_groups.json: one entry per group: its jobs, n finished, and mean/std/n of each metric;
+- loss_curves.png: train loss by step of every job (eval loss as points); speed_memory.png: tok/s and peak
+  memory as bars per group (mean, with the std and each seed's value).
+
+This module only reads files (no Hydra); `fusetune.app.callbacks.AblationReport` runs it when a multirun ends.
+"""
+
+import argparse
+import functools
 import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from hydra.experimental.callback import Callback
 
-COLUMNS = ("final_loss", "train_loss", "exact_match", "tok/s", "tok/s ratio", "peak GiB", "runtime s")
+SUMMARY, STATUS, METRICS = "summary.json", "status.json", "metrics.jsonl"
+LOSS_PNG, SPEED_PNG = "loss_curves.png", "speed_memory.png"
+STATUSES = ("running", "finished", "failed", "interrupted")  # status.json's values
+INCOMPLETE = "incomplete"  # neither status.json nor summary.json: still running, or killed without a word
+SEED_KEYS = ("seed", "+seed", "++seed")
+
+# column -> how to read it from summary.json
+METRICS_OF = {
+    "final_loss": lambda s: s.get("final_loss"),
+    "train_loss": lambda s: s.get("train_loss"),
+    "eval_loss": lambda s: (s.get("eval") or {}).get("eval_loss"),
+    "exact_match": lambda s: (s.get("eval") or {}).get("exact_match"),
+    "tok/s": lambda s: s.get("train_tokens_per_second"),
+    "peak GiB": lambda s: s.get("peak_memory_gib"),
+    "runtime s": lambda s: s.get("runtime_s"),
+}
+CPU_MEMORY_NOTE = "On CPU, peak GiB is the process's max RSS: in a multirun (one process) it carries over earlier jobs."
+COLUMNS = ("final_loss", "train_loss", "eval_loss", "exact_match", "tok/s", "tok/s ratio", "peak GiB", "runtime s")
 
 
-def _row(job_dir: Path) -> dict | None:
-    summary_file = job_dir / "summary.json"
-    if not summary_file.is_file():
+@dataclass
+class Report:
+    sweep_dir: Path
+    rows: list[dict]  # one per job, in job order
+    groups: list[dict]  # jobs that differ only by seed, in order of first appearance
+    markdown: str
+    files: list[Path] = field(default_factory=list)  # what was written
+    plot_note: str | None = None  # why plots are missing, if they are
+
+    def counts(self) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for r in self.rows:
+            found[r["status"]] = found.get(r["status"], 0) + 1
+        return found
+
+    def headline(self) -> str:
+        counts = "".join(f", {n} {status}" for status, n in self.counts().items())
+        return f"ablation report ({_jobs(len(self.rows))}{counts}): {self.sweep_dir / 'report.md'}"
+
+    @property
+    def not_finished(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] != "finished"]
+
+
+def _jobs(n: int) -> str:
+    return f"{n} job" if n == 1 else f"{n} jobs"
+
+
+# ---- reading one job -------------------------------------------------------------------------------------------
+
+
+def _load_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
         return None
-    summary = json.loads(summary_file.read_text())
-    overrides_file = job_dir / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-    return {
-        "job": job_dir.name,
-        "overrides": " ".join(o for o in overrides if not o.startswith("experiment=")),
-        "kernels": summary["kernels"],
-        "final_loss": summary.get("final_loss"),
-        "train_loss": summary["train_loss"],
-        "exact_match": summary["eval"].get("exact_match"),
-        "tok/s": summary["train_tokens_per_second"],
-        "peak GiB": summary["peak_memory_gib"],
-        "runtime s": summary["runtime_s"],
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The lines of a JSONL file; a line cut short by a crash (or any unparsable line) is skipped."""
+    lines = []
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return lines
+    for line in text.splitlines():
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            lines.append(value)
+    return lines
+
+
+def last_step(job_dir: Path) -> int | None:
+    """The step of the last line of metrics.jsonl, or None when there is none."""
+    steps = [m["step"] for m in read_jsonl(Path(job_dir) / METRICS) if isinstance(m.get("step"), int)]
+    return steps[-1] if steps else None
+
+
+def one_line(text: str, limit: int = 500) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def find_jobs(sweep_dir: Path) -> list[Path]:
+    """Every folder under sweep_dir that holds .hydra/ (not looking inside one), in Hydra's job order."""
+    found = []
+    for here, dirs, _ in os.walk(sweep_dir):
+        if ".hydra" in dirs:
+            found.append(Path(here))
+            dirs[:] = []  # a job's own subfolders (checkpoints, model/) hold no jobs
+        else:
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    return sorted(found, key=lambda d: _order(d, Path(sweep_dir)))
+
+
+def _order(job_dir: Path, sweep_dir: Path) -> tuple:
+    num = job_number(job_dir)
+    leading = re.match(r"\d+", job_dir.name)
+    fallback = int(leading.group()) if leading else math.inf
+    return (num if num is not None else fallback, str(job_dir.relative_to(sweep_dir)))
+
+
+def job_number(job_dir: Path) -> int | None:
+    """hydra.job.num from .hydra/hydra.yaml (None without one)."""
+    path = Path(job_dir) / ".hydra" / "hydra.yaml"
+    try:
+        return _job_number(str(path), path.stat().st_mtime_ns)
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _job_number(path: str, mtime_ns: int) -> int | None:  # the report is rebuilt after every job: parse each once
+    try:
+        hydra_cfg = yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        num = hydra_cfg["hydra"]["job"]["num"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return num if isinstance(num, int) else None
+
+
+def job_overrides(job_dir: Path) -> list[str]:
+    try:
+        overrides = yaml.safe_load((Path(job_dir) / ".hydra" / "overrides.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    return [str(o) for o in overrides or []]
+
+
+def job_status(job_dir: Path, summary: dict | None) -> dict:
+    """status, error and last_step: status.json where there is one; else finished when summary.json exists."""
+    job_dir = Path(job_dir)
+    status = _load_json(job_dir / STATUS) or {}
+    state = status.get("status")
+    if state not in STATUSES:
+        state = "finished" if summary is not None else INCOMPLETE
+    elif state == "running" and summary is not None:
+        state = "finished"  # summary.json is written last: the run got there
+    step = status.get("last_step")
+    if not isinstance(step, int):
+        step = last_step(job_dir)
+    if step is None and summary is not None:
+        step = summary.get("global_step")
+    error = status.get("error") if state != "finished" else None
+    return {"status": state, "error": one_line(error) if error else None, "last_step": step}
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0]
+
+
+def _value(override: str):
+    try:
+        return yaml.safe_load(override.split("=", 1)[1])
+    except (IndexError, yaml.YAMLError):
+        return None
+
+
+def read_job(job_dir: Path, sweep_dir: Path) -> dict:
+    job_dir = Path(job_dir)
+    summary = _load_json(job_dir / SUMMARY)
+    overrides = [o for o in job_overrides(job_dir) if not o.startswith("experiment=")]
+    seed = next((_value(o) for o in overrides if _key(o) in SEED_KEYS), None)
+    num = job_number(job_dir)
+    row = {
+        "job": num if num is not None else job_dir.name,
+        "dir": str(job_dir.relative_to(sweep_dir)),
+        "overrides": " ".join(overrides),
+        "override_list": overrides,
+        "group": " ".join(o for o in overrides if _key(o) not in SEED_KEYS),
+        **job_status(job_dir, summary),
+        "seed": (summary or {}).get("seed", seed),
+        "kernels": (summary or {}).get("kernels"),
+        "device": (summary or {}).get("device"),
     }
+    for column, read in METRICS_OF.items():
+        value = read(summary) if summary else None
+        row[column] = value if isinstance(value, int | float) and not isinstance(value, bool) else None
+    return row
+
+
+# ---- the whole sweep -------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> dict:
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "std": None, "n": 0}
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n}
+
+
+def _groups(rows: list[dict]) -> list[dict]:
+    groups: dict[str, dict] = {}
+    for r in rows:
+        group = [o for o in r["override_list"] if _key(o) not in SEED_KEYS]
+        g = groups.setdefault(r["group"], {"overrides": r["group"], "override_list": group, "jobs": [], "statuses": {}})
+        g["jobs"].append(r["job"])
+        g["statuses"][r["status"]] = g["statuses"].get(r["status"], 0) + 1
+    for key, g in groups.items():
+        done = [r for r in rows if r["group"] == key and r["status"] == "finished"]
+        g["n"] = len(done)
+        g["seeds"] = [r["seed"] for r in done]
+        g["metrics"] = {c: _mean_std([r[c] for r in done if r[c] is not None]) for c in METRICS_OF}
+    return list(groups.values())
+
+
+def _add_ratios(rows: list[dict], groups: list[dict]) -> None:
+    """tok/s ratio: against the first finished job (rows) and the first group with a throughput (groups)."""
+    base = next((r["tok/s"] for r in rows if r["tok/s"]), None)
+    for r in rows:
+        r["tok/s ratio"] = r["tok/s"] / base if base and r["tok/s"] is not None else None
+    base = next((g["metrics"]["tok/s"]["mean"] for g in groups if g["metrics"]["tok/s"]["mean"]), None)
+    for g in groups:
+        mean = g["metrics"]["tok/s"]["mean"]
+        g["metrics"]["tok/s ratio"] = {"mean": mean / base if base and mean is not None else None, "std": None}
+
+
+def varying_keys(rows: list[dict]) -> set[str]:
+    """Override keys whose value is not the same in every job."""
+    seen: dict[str, set] = {}
+    for r in rows:
+        for o in r["override_list"]:
+            seen.setdefault(_key(o), set()).add(o)
+    return {k for k, values in seen.items() if len(values) > 1 or any(k not in _keys(r) for r in rows)}
+
+
+def _keys(row: dict) -> set[str]:
+    return {_key(o) for o in row["override_list"]}
+
+
+def _label(row_or_group: dict, keys: set[str]) -> str:
+    return " ".join(o for o in row_or_group["override_list"] if _key(o) in keys)
+
+
+def _number_text(value: float, digits: int) -> str:
+    """`digits` significant digits, but whole numbers rather than exponents: 3340, 51234, 0.8238."""
+    return f"{value:.0f}" if abs(value) >= 10 ** (digits - 1) else f"{value:.{digits}g}"
 
 
 def _cell(value) -> str:
     if value is None:
         return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    text = _number_text(value, 4) if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|")
 
 
-def build_report(sweep_dir: Path) -> tuple[list[dict], str]:
-    """Rows (one per finished job, in job order) and a markdown table; tok/s ratio is against the first job."""
-    jobs = sorted((d for d in Path(sweep_dir).iterdir() if d.is_dir()), key=lambda d: int(d.name.split("_")[0]))
-    rows = [r for r in map(_row, jobs) if r is not None]
-    if rows and rows[0]["tok/s"]:
-        for r in rows:
-            r["tok/s ratio"] = r["tok/s"] / rows[0]["tok/s"]
-    lines = ["| job | overrides | kernels | " + " | ".join(COLUMNS) + " |", "|" + "---|" * (3 + len(COLUMNS))]
-    for r in rows:
-        cells = [r["job"].split("_")[0], r["overrides"], r["kernels"]] + [_cell(r.get(c)) for c in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return rows, "\n".join(lines) + "\n"
+def _stat_cell(stat: dict) -> str:
+    if stat.get("mean") is None:
+        return "-"
+    return _cell(stat["mean"]) + (f" ± {_number_text(stat['std'], 2)}" if stat.get("std") is not None else "")
 
 
-class AblationReport(Callback):
-    """Writes report.md and report.json into the sweep folder when a multirun ends."""
+def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(x) + " |" for x in lines)]
 
-    def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir():
-            return
-        rows, table = build_report(sweep_dir)
-        (sweep_dir / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (sweep_dir / "report.md").write_text(f"# Ablation: {sweep_dir.name}\n\n{table}")
-        print(f"\nablation report ({len(rows)} runs): {sweep_dir / 'report.md'}\n{table}", flush=True)
+
+def jobs_table(rows: list[dict], keys: set[str] | None = None) -> str:
+    """Every job: its number, swept overrides, status, metrics and error line (markdown)."""
+    keys = varying_keys(rows) if keys is None else keys
+    lines = [
+        [_cell(r["job"]), _cell(_label(r, keys) or None), r["status"], _cell(r["kernels"])]
+        + [_cell(r.get(c)) for c in COLUMNS]
+        + [_cell(r["error"])]
+        for r in rows
+    ]
+    return "\n".join(_table(["job", "overrides", "status", "kernels", *COLUMNS, "error"], lines)) + "\n"
+
+
+def groups_table(groups: list[dict], keys: set[str]) -> str:
+    """Mean ± std over the finished jobs of each group (markdown)."""
+    lines = []
+    for g in groups:
+        total = len(g["jobs"])
+        n = f"{g['n']}" if g["n"] == total else f"{g['n']} of {total} finished"
+        lines.append(
+            [_cell(_label(g, keys) or None), n, _cell(" ".join(map(str, g["seeds"])) or None)]
+            + [_stat_cell(g["metrics"][c]) for c in COLUMNS]
+        )
+    return "\n".join(_table(["overrides", "n", "seeds", *COLUMNS], lines)) + "\n"
+
+
+def build_report(sweep_dir: Path) -> Report:
+    """Rows (one per job, in job order, whatever its status), seed groups and the markdown; writes nothing."""
+    sweep_dir = Path(sweep_dir)
+    rows = [read_job(d, sweep_dir) for d in find_jobs(sweep_dir)]
+    groups = _groups(rows)
+    _add_ratios(rows, groups)
+    keys = varying_keys(rows)
+    common = [o for o in rows[0]["override_list"] if _key(o) not in keys] if rows else []
+    report = Report(sweep_dir, rows, groups, "")
+    counts = ", ".join(f"{n} {status}" for status, n in report.counts().items()) or "none"
+    md = [f"# Ablation: {sweep_dir.name}", "", f"{_jobs(len(rows))} ({counts}) in `{sweep_dir}`."]
+    if common:
+        md += ["", "Every job: `" + " ".join(common) + "`."]
+    if any(len(g["jobs"]) > 1 for g in groups):
+        md += ["", "## Mean ± std over seeds", "", "Over the finished jobs of each group; std is the sample std."]
+        md += ["", groups_table(groups, keys - set(SEED_KEYS)).rstrip()]
+    md += ["", "## Jobs", "", jobs_table(rows, keys).rstrip()]
+    if any(r["device"] == "cpu" for r in rows):
+        md += ["", CPU_MEMORY_NOTE]
+    report.markdown = "\n".join(md) + "\n"
+    return report
+
+
+# ---- plots -----------------------------------------------------------------------------------------------------
+
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def plot_losses(sweep_dir: Path, report: Report, path: Path) -> bool:
+    """Train loss by step of every job on one chart, eval loss as points; a group shares a colour."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    keys = varying_keys(report.rows)
+    colours = colormaps["tab10"]
+    group_index = {g["overrides"]: i for i, g in enumerate(report.groups)}
+    seen_in_group: dict[str, int] = {}
+    fig = Figure(figsize=(7.5, 4.5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    plotted = 0
+    for r in report.rows:
+        lines = read_jsonl(sweep_dir / r["dir"] / METRICS)
+        train = [(m["step"], m["loss"]) for m in lines if m.get("split") == "train" and _number(m.get("loss"))]
+        evals = [(m["step"], m["eval_loss"]) for m in lines if m.get("split") == "eval" and _number(m.get("eval_loss"))]
+        if not train and not evals:
+            continue
+        k = seen_in_group.get(r["group"], 0)
+        seen_in_group[r["group"]] = k + 1
+        colour = colours(group_index[r["group"]] % 10)
+        label = f"{r['job']}: {_short(_label(r, keys) or 'run')}"
+        if r["status"] != "finished":
+            label += f" ({r['status']})"
+        if train:
+            style = {"linestyle": LINESTYLES[k % 4], "marker": "." if len(train) == 1 else None}
+            ax.plot(*zip(*train, strict=True), color=colour, linewidth=1.3, label=label, **style)
+            label = None
+        if evals:
+            points = {"marker": "o", "markersize": 6, "markeredgecolor": "white", "linestyle": "none", "zorder": 3}
+            ax.plot(*zip(*evals, strict=True), color=colour, label=label, **points)
+        plotted += 1
+    if not plotted:
+        return False
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (train: lines, eval: points)")
+    ax.set_title(f"{sweep_dir.name}: loss by step", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if plotted > 8 else 1)
+    fig.savefig(path)
+    return True
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def plot_speed_memory(sweep_dir: Path, report: Report, path: Path) -> bool:
+    """tok/s and peak memory as bars, one per group (the mean; error bar: std; dots: each finished job)."""
+    from matplotlib.figure import Figure
+
+    groups = [g for g in report.groups if g["n"]]
+    if not groups:
+        return False
+    keys = varying_keys(report.rows) - set(SEED_KEYS)
+    labels = [_wrap(_label(g, keys) or "all") for g in groups]
+    fig = Figure(figsize=(max(6.0, 1.6 * len(groups) + 2), 4.2), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, column, title in zip(axes, ("tok/s", "peak GiB"), ("train tokens / s", "peak memory (GiB)"), strict=True):
+        means = [g["metrics"][column]["mean"] or 0.0 for g in groups]
+        x = range(len(groups))
+        ax.bar(x, means, color="#4c72b0", alpha=0.8)
+        for i, g in enumerate(groups):
+            if g["metrics"][column]["std"]:
+                ax.errorbar(i, means[i], yerr=g["metrics"][column]["std"], color="black", capsize=4)
+            values = [r[column] for r in report.rows if r["group"] == g["overrides"] and r["status"] == "finished"]
+            values = [v for v in values if v is not None]
+            if len(values) > 1:
+                ax.plot([i] * len(values), values, "o", color="black", markersize=3)
+        ax.set_xticks(list(x), labels, fontsize=7, rotation=30 if len(groups) > 4 else 0)
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(sweep_dir.name, fontsize=10)
+    fig.savefig(path)
+    return True
+
+
+def _wrap(text: str, width: int = 18) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False)[:4]) or text
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+
+
+def _write(path: Path, text: str) -> Path:
+    """Write through a temporary file, so a reader (or a concurrent writer) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(sweep_dir: Path, plots: bool = True) -> Report:
+    """Build the report of sweep_dir and write report.md, report.json, report_groups.json and (plots) the PNGs."""
+    sweep_dir = Path(sweep_dir)
+    report = build_report(sweep_dir)
+    md = report.markdown
+    if plots:
+        made = []
+        for name, plot in ((LOSS_PNG, plot_losses), (SPEED_PNG, plot_speed_memory)):
+            tmp = sweep_dir / f".{name}.{os.getpid()}.tmp.png"
+            try:
+                if plot(sweep_dir, report, tmp):
+                    os.replace(tmp, sweep_dir / name)
+                    made.append(sweep_dir / name)
+            except Exception as error:  # a broken matplotlib, odd numbers: the tables matter more than the plots
+                report.plot_note = f"no {name}: {type(error).__name__}: {one_line(error)}"
+                tmp.unlink(missing_ok=True)
+        if made:
+            md += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in made) + "\n"
+        report.files += made
+        if report.plot_note:
+            md += f"\n({report.plot_note})\n"
+    report.markdown = md
+    report.files[:0] = [
+        _write(sweep_dir / "report.md", md),
+        _write(sweep_dir / "report.json", json.dumps(report.rows, indent=2) + "\n"),
+        _write(sweep_dir / "report_groups.json", json.dumps(report.groups, indent=2) + "\n"),
+    ]
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fusetune.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun folder (hydra.sweep.dir)")
+    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"fusetune: error: {args.sweep_dir}: no such folder", file=sys.stderr)
+        return 2
+    report = write_report(args.sweep_dir, plots=not args.no_plots)
+    print(report.headline())
+    print(jobs_table(report.rows), end="")
+    print("wrote: " + ", ".join(str(p) for p in report.files))
+    if report.plot_note:
+        print(report.plot_note)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

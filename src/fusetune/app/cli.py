@@ -1,11 +1,34 @@
-"""The boundary between the Hydra app and the library: user mistakes become one line, not a traceback."""
+"""The boundary between the Hydra app and the library: user mistakes become one line, not a traceback.
 
+How a run ends, and what its folder's status.json then says (run() writes "running" at its start, and
+"finished" or "interrupted" itself; this module writes "failed", and "interrupted" for a Ctrl-C outside training):
+
+- a user mistake (FusetuneError): `fusetune: error: ...` on stderr; "failed" with that line;
+- anything else: "failed" with the exception's last line (`ValueError: ...`) and the traceback;
+- a signal during training (Interrupted: run() saved a checkpoint): `fusetune: interrupted at step ...` and exit
+  128 + the signal (130 for SIGINT), in a single run and in a multirun alike: the sweep stops, as asked;
+- a KeyboardInterrupt elsewhere: "interrupted", and it goes on.
+
+A single run exits 2 for a user mistake; for anything else Hydra prints the traceback (exit 1). A job of a
+multirun returns instead, so the sweep goes on to its other jobs: the traceback goes into the job's log, and
+fusetune.app.callbacks.AblationReport lists the failure and ends the multirun with exit code 1.
+
+status.json is written only into a folder this run made its own: one whose status.json this run wrote, or a
+fresh one. A folder that holds another run's record, which run() refused, is left as it was.
+"""
+
+import json
 import logging
 import os
 import sys
+import traceback
 import warnings
+from pathlib import Path
 
-from ..errors import FusetuneError
+from ..errors import FusetuneError, Interrupted
+from ..report import METRICS, STATUS, SUMMARY, one_line
+
+log = logging.getLogger(__name__)
 
 
 def quiet_third_party() -> None:
@@ -16,12 +39,78 @@ def quiet_third_party() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def in_multirun() -> bool:
+    """Whether this is one job of a Hydra multirun (`-m`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def exception_line(error: BaseException) -> str:
+    """`ValueError: what went wrong`: the last line of the traceback."""
+    return one_line(traceback.format_exception_only(type(error), error)[-1])
+
+
+def _output_dir(cfg) -> Path | None:
+    try:
+        return Path(cfg.output_dir)
+    except Exception:  # no Hydra to resolve ${hydra:runtime.output_dir}, or no output_dir at all
+        return None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def record_end(out: Path | None, before: str | None, status: str, error: str) -> None:
+    """status.json says how the run ended, if the folder is this run's (see the module's docstring).
+
+    ``before``: status.json's text before the run began (None: there was none)."""
+    if out is None:
+        return
+    now = _read(out / STATUS)
+    if now != before:  # this run wrote it: it got past the folder check
+        try:
+            if json.loads(now or "{}").get("status") != "running":
+                return  # run() said how it ended (interrupted, finished) itself
+        except ValueError:
+            pass
+    elif before is not None or (out / SUMMARY).exists() or (out / METRICS).exists():
+        return  # another run's record: this run was refused, or never got to the folder
+    from .record import write_status
+
+    try:
+        write_status(out, status, error)
+    except OSError as failure:  # a read-only folder: the error itself matters more
+        log.warning("could not write %s: %s", out / STATUS, failure)
+
+
 def run_or_exit(cfg) -> None:
     quiet_third_party()
     from .run import run
 
+    multirun = in_multirun()
+    out = _output_dir(cfg)
+    before = _read(out / STATUS) if out is not None else None
     try:
         run(cfg)
     except FusetuneError as error:
-        print(f"fusetune: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        record_end(out, before, "failed", str(error))
+        print(f"fusetune: error: {error}", file=sys.stderr, flush=True)
+        if not multirun:
+            sys.exit(2)
+    except Interrupted as stop:
+        print(f"fusetune: {stop}", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:
+        record_end(out, before, "interrupted", "KeyboardInterrupt")
+        raise
+    except Exception as error:
+        record_end(out, before, "failed", exception_line(error))
+        if not multirun:
+            raise
+        log.exception("this job failed; the sweep goes on to the next")
