@@ -8,7 +8,7 @@
   kept, so the last good one is the newest. ``stopped`` says why.
 - ``"skip"``: before each optimizer step it checks the gradients (one host read a step) and, when any
   is not finite, drops them all, so that step changes no weight and no optimizer state; ``skipped``
-  counts them, and it is logged as ``skipped_steps``.
+  counts them, and the trainer logs the count as ``skipped_steps``.
 
 ``StopOnSignal`` turns SIGINT and SIGTERM into "save a checkpoint after this step, then stop": the
 handler only sets a flag, and the step in flight finishes. A second signal ends the process at once.
@@ -39,8 +39,6 @@ class NonFiniteGuard(TrainerCallback):
         self.stopped: str | None = None  # why training stopped, where it did
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.policy == "skip" and logs is not None and "loss" in logs:
-            logs["skipped_steps"] = self.skipped
         bad = [k for k in ("loss", "grad_norm") if logs and k in logs and not _finite(logs[k])]
         if bad and self.policy == "stop" and self.stopped is None:
             self.stopped = f"non-finite {' and '.join(bad)} at step {state.global_step}"

@@ -333,6 +333,8 @@ class FastSFTTrainer(PrepareDatasetHook, SFTTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self.token_stats.flush(self)
+        if self.args.nan_policy == "skip" and "loss" in logs:
+            logs["skipped_steps"] = self.nonfinite_guard.skipped
         super().log(logs, start_time)
 
     def prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):

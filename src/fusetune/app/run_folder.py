@@ -10,6 +10,7 @@ removes the old record first. ``GuardRunFolder`` asks the same question before H
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -81,7 +82,15 @@ def claim(folder: Path, resume: str | None, overwrite: bool) -> Path | None:
 
 
 class GuardRunFolder(Callback):
-    """Refuse a used run folder before Hydra writes the new run's .hydra/ into it (single runs)."""
+    """Refuse a used run folder before Hydra writes the new run's .hydra/ into it (single runs).
+
+    Hydra only warns about an exception raised in a callback, so a refusal ends the process here:
+    one line and exit code 2, as for any user mistake.
+    """
 
     def on_run_start(self, config, **kwargs) -> None:
-        check(Path(config.hydra.run.dir), config.get("resume"), bool(config.get("overwrite")))
+        try:
+            check(Path(config.hydra.run.dir), config.get("resume"), bool(config.get("overwrite")))
+        except FusetuneError as error:
+            print(f"fusetune: error: {error}", file=sys.stderr, flush=True)
+            sys.exit(2)
