@@ -123,6 +123,20 @@ class FastSFTConfig(SFTConfig):
         super().__post_init__()
 
 
+def check_sft_columns(dataset, text_field: str, dataset_name: str | None) -> None:
+    """One line naming the columns TRL can train on, where the dataset has none of them (TRL: KeyError)."""
+    columns = set(getattr(dataset, "column_names", None) or [])
+    if not columns:  # an IterableDataset without features: TRL finds out itself
+        return
+    usable = [{text_field}, {"messages"}, {"prompt", "completion"}, {"input_ids"}]
+    if not any(group <= columns for group in usable):
+        name = f"{dataset_name} dataset" if dataset_name else "dataset"
+        raise FusetuneError(
+            f"the {name} has columns {sorted(columns)}, none that SFT trains on: give '{text_field}' "
+            "(dataset_text_field), 'messages', 'prompt' and 'completion', or 'input_ids'; or a formatting_func"
+        )
+
+
 def as_fast_config(args) -> FastSFTConfig:
     """``args`` as a FastSFTConfig: a default one, or one built from plain TrainingArguments."""
     if args is None:
@@ -339,6 +353,8 @@ class FastSFTTrainer(PrepareDatasetHook, SFTTrainer):
 
     def prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """TRL's preparation of one dataset; padding-free rows are truncated here, as TRL's collator cannot."""
+        if formatting_func is None:
+            check_sft_columns(dataset, args.dataset_text_field, dataset_name)
         if self._truncate_to is None:
             return super().prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         args.max_length = self._truncate_to

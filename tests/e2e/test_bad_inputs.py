@@ -150,6 +150,40 @@ ROWS = [
         "data.eval_path {tmp}/e.jsonl: 1 bad record: line 1: 'output' must be a string, got a number",
         {"a.jsonl": jsonl(ALPACA), "e.jsonl": jsonl({"instruction": "x", "output": 4})},
     ),
+    Row(
+        "model-folder-without-a-model",
+        ("model.name_or_path={tmp}/empty", "model.random_init=false"),
+        "the folder {tmp}/empty holds no loadable model or tokenizer",
+        {"empty/": ""},
+    ),
+    Row(
+        "max-steps-zero",
+        ("trainer.max_steps=0",),
+        "trainer.max_steps=0 trains nothing: give a positive number, or -1 to train by epochs",
+    ),
+    Row(
+        "misspelled-key",
+        ("trainer.lerning_rate=1e-3",),
+        "Key 'lerning_rate' not in 'TrainerConfig' (did you mean learning_rate?)",
+        cli=True,
+    ),
+    Row(
+        "run-folder-of-another-run",
+        (),
+        "run folder {tmp}/run holds another run's record (summary.json)",
+        {"run/": "", "run/summary.json": "{}"},
+        cli=True,
+    ),
+    Row(
+        "resume-from-a-missing-checkpoint",
+        ("resume={tmp}/checkpoint-7",),
+        "resume: {tmp}/checkpoint-7 is not a checkpoint-N folder",
+    ),
+    Row(
+        "resume-and-overwrite",
+        ("resume=auto", "overwrite=true"),
+        "resume and overwrite=true: choose one",
+    ),
 ]
 
 

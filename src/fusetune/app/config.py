@@ -12,6 +12,7 @@ in conf/trainer/sft.yaml), and ``trainer.extra`` passes the untyped fields.
 """
 
 import dataclasses
+import re
 import warnings
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,7 +20,7 @@ from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 from ..compat.renames import CONFIG_RENAMES
 from ..errors import FusetuneError
@@ -290,8 +291,39 @@ def extra_key_problem(key: str) -> str | None:
     return None
 
 
+# Keys that hold credentials (not special tokens such as pad_token or eos_token).
+SECRET = re.compile(r"((^|_)(hub|hf|auth|access|api)_token|api_?key|password|secret)$", re.IGNORECASE)
+
+
+def secrets_in(cfg, prefix: str = "") -> list[str]:
+    """The keys of ``cfg`` that hold a secret (a token, an API key, a password) with a value set."""
+    found = []
+    for key, value in cfg.items_ex(resolve=False) if hasattr(cfg, "items_ex") else cfg.items():
+        path = f"{prefix}{key}"
+        if key == "hydra":
+            continue
+        if isinstance(value, DictConfig) and value._is_none():
+            continue
+        if isinstance(value, DictConfig | dict):
+            found += secrets_in(value, f"{path}.")
+        elif SECRET.search(str(key)) and value not in (None, "", "???"):
+            found.append(path)
+    return found
+
+
+def refuse_secrets(cfg) -> None:
+    """Hydra writes the whole config into .hydra/: a secret given there would be kept on disk."""
+    found = secrets_in(cfg)
+    if found:
+        raise FusetuneError(
+            f"{', '.join(found)}: secrets are not read from the config, which is written to .hydra/; "
+            "set them in the environment (HF_TOKEN, WANDB_API_KEY) instead"
+        )
+
+
 def validate(cfg) -> None:
     """Rules that span config groups. Raises FusetuneError with one line per mistake."""
+    refuse_secrets(cfg)
     problems = []
     if cfg.model.load_in_4bit and cfg.model.lora is None:
         problems.append("model.load_in_4bit needs model.lora: 4-bit weights cannot be trained directly (QLoRA)")

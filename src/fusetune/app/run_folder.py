@@ -4,7 +4,8 @@ The record of a run is what the app writes into its folder: status.json, summary
 trained model/ or adapter/, and checkpoint-N/ folders. A run may use a folder that holds one only when it
 resumes that run (``resume=auto`` or ``resume=PATH``) or is told to replace it (``overwrite=true``), which
 removes the old record first. ``GuardRunFolder`` asks the same question before Hydra writes the new run's
-.hydra/ into the folder, so a refused run leaves the other run's config as it was.
+.hydra/ into the folder, so a refused run leaves the other run's config as it was; it also refuses a secret
+(a token, an API key) given in the config, before Hydra writes it to disk.
 """
 
 import json
@@ -17,6 +18,7 @@ from hydra.experimental.callback import Callback
 
 from ..checkpoints import is_complete, newest_complete, step_of
 from ..errors import FusetuneError
+from .config import refuse_secrets
 
 log = logging.getLogger(__name__)
 STATUS = "status.json"
@@ -89,8 +91,16 @@ class GuardRunFolder(Callback):
     """
 
     def on_run_start(self, config, **kwargs) -> None:
+        self._refuse(lambda: check(Path(config.hydra.run.dir), config.get("resume"), bool(config.get("overwrite"))))
+        self._refuse(lambda: refuse_secrets(config))
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._refuse(lambda: refuse_secrets(config))
+
+    @staticmethod
+    def _refuse(check_it) -> None:
         try:
-            check(Path(config.hydra.run.dir), config.get("resume"), bool(config.get("overwrite")))
+            check_it()
         except FusetuneError as error:
             print(f"fusetune: error: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
