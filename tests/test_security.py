@@ -91,7 +91,13 @@ def test_nothing_instantiates_from_config_but_the_allowed_targets():
 def test_secrets_in_the_config_are_refused_before_they_reach_disk(tmp_path):
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "train.py", "logger=none", "trainer.hub_token=hf_not_a_real_token", f"hydra.run.dir={run_dir}"],
+        [
+            sys.executable,
+            "train.py",
+            "logger=none",
+            "trainer.hub_token=hf_not_a_real_token",
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -99,7 +105,8 @@ def test_secrets_in_the_config_are_refused_before_they_reach_disk(tmp_path):
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("fusetune: error: trainer.hub_token: secrets are not read")
-    assert not any("hf_not_a_real_token" in p.read_text(errors="ignore") for p in Path(tmp_path).rglob("*") if p.is_file())
+    written = [p for p in Path(tmp_path).rglob("*") if p.is_file()]
+    assert not any("hf_not_a_real_token" in p.read_text(errors="ignore") for p in written)
 
 
 def test_environment_secrets_stay_out_of_the_record(tmp_path):
@@ -107,7 +114,14 @@ def test_environment_secrets_stay_out_of_the_record(tmp_path):
     run_dir = tmp_path / "run"
     env = {**__import__("os").environ, **secrets, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "train.py", "logger=wandb", "logger.mode=offline", "trainer.max_steps=2", f"hydra.run.dir={run_dir}"],
+        [
+            sys.executable,
+            "train.py",
+            "logger=wandb",
+            "logger.mode=offline",
+            "trainer.max_steps=2",
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,

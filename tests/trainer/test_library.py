@@ -240,5 +240,6 @@ def test_installed_trl_is_in_the_declared_range():
 def test_a_dataset_without_a_column_sft_trains_on_is_one_line(tmp_path):
     model, tokenizer = tiny()
     data = Dataset.from_list([{"body": "add 1 1=2"}] * 4)
-    with pytest.raises(FusetuneError, match=r"the train dataset has columns \['body'\], none that SFT trains on: give 'text'"):
+    expected = r"the train dataset has columns \['body'\], none that SFT trains on: give 'text'"
+    with pytest.raises(FusetuneError, match=expected):
         FastSFTTrainer(model=model, processing_class=tokenizer, train_dataset=data, args=config(tmp_path))
