@@ -17,7 +17,7 @@ source "$(dirname "$0")/gpu_env.sh"
 triton.__version__, transformers.__version__, trl.__version__, peft.__version__)"
 } 2>&1 | tee "$OUT/tests.log"
 # TESTS: the tests (empty: none); TEST_WORKERS: pytest-xdist processes; RUNS: which profiles, in order
-TESTS=${TESTS-tests/trainer tests/e2e/test_examples.py}
+TESTS=${TESTS-tests/trainer tests/library tests/e2e/test_examples.py}
 if [ -n "$TESTS" ]; then
   # shellcheck disable=SC2086
   timeout "${TEST_TIMEOUT:-200}" python3 -m pytest $TESTS ${TEST_WORKERS:+-n $TEST_WORKERS} -q -rfs --tb=short \

@@ -16,7 +16,7 @@ print('torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton
 transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| liger', m.version('liger-kernel'))"
 } 2>&1 | tee "$OUT/env.txt"
 
-python3 -m pytest ${KERNEL_TESTS:-tests/kernels} -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/kernels.log" | tail -25
+python3 -m pytest ${KERNEL_TESTS:-tests/kernels tests/library} -q -rs -p no:cacheprovider 2>&1 | tee "$OUT/kernels.log" | tail -25
 python3 -m pytest tests/bench -q -p no:cacheprovider --benchmark-json="$OUT/bench.json" \
   --benchmark-columns=median,iqr,rounds 2>&1 | tee "$OUT/bench.log" | tail -8
 python3 scripts/bench_table.py "$OUT/bench.json" | tee "$OUT/bench.md"

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from fusetune import forwards
 from fusetune.patching import apply_kernels, remove_kernels
 
-from .conftest import DEVICE, needs_triton_backend
-from .parity import assert_close
-from .tiny_models import batch, tiny_model
+from ..kernels.conftest import DEVICE, needs_triton_backend
+from ..kernels.parity import assert_close
+from ..kernels.tiny_models import batch, tiny_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -10,10 +10,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from fusetune.errors import FusetuneError
 from fusetune.patching import FAMILIES, active_backends, apply_kernels, remove_kernels
 
-from .conftest import DEVICE, needs_triton_backend
-from .parity import assert_close
-from .tiny_models import FAMILIES as TINY_FAMILIES
-from .tiny_models import batch, tiny_model
+from ..kernels.conftest import DEVICE, needs_triton_backend
+from ..kernels.parity import assert_close
+from ..kernels.tiny_models import FAMILIES as TINY_FAMILIES
+from ..kernels.tiny_models import batch, tiny_model
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""Packed and padding-free batches: documents never see each other, through our attention and through TRL.
+"""fusetune.varlen, packed and padding-free batches: documents never see each other, through our attention and TRL.
 
 Isolation is checked against a reference that never packs: each document run alone through the
 model's own attention (SDPA, or eager for Gemma 2). ||a - b|| / ||b|| <= 1e-5 in fp32 on CPU,
