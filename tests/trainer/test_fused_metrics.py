@@ -32,8 +32,8 @@ def unpatch_kernels():
     remove_kernels()
 
 
-def run(tmp_path, kernels: str, fused: bool, monkeypatch, **overrides):
-    """Train 4 steps and evaluate; returns (trainer, how many times TRL's own compute_loss ran)."""
+def run(tmp_path, kernels: str, fused: bool, monkeypatch, steps=4, batch=4, **overrides):
+    """Train ``steps`` steps and evaluate; returns (trainer, how many times TRL's own compute_loss ran)."""
     calls = []
     original = TRL_SFT_TRAINER.compute_loss
 
@@ -47,14 +47,14 @@ def run(tmp_path, kernels: str, fused: bool, monkeypatch, **overrides):
         "fusetune:tiny_llama", max_seq_length=64, random_init=True, kernels=kernels
     )
     model = FastModel.get_peft_model(model, r=4, modules_to_save=["lm_head"], use_gradient_checkpointing=False)
-    rows, eval_rows = synthetic_splits(48, 12, seed=1)
+    rows, eval_rows = synthetic_splits(12 * batch, 3 * batch, seed=1)
     args = FastSFTConfig(
         output_dir=str(tmp_path / ("fused" if fused else "trl")),
         report_to=[],
-        max_steps=4,
-        logging_steps=2,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
+        max_steps=steps,
+        logging_steps=steps // 2,
+        per_device_train_batch_size=batch,
+        per_device_eval_batch_size=batch,
         learning_rate=3e-3,
         seed=3,
         kernels=kernels,
@@ -82,7 +82,8 @@ def logged(trainer, keys):
     [
         ("reference", {}),  # padding-free, completion-only loss (the prompt/completion data)
         ("reference", {"padding_free": False, "gradient_accumulation_steps": 2}),  # padded, num_items_in_batch
-        ("triton", {"completion_only_loss": False}),
+        # the Triton interpreter runs every program instance in Python: 2 steps of 2 rows keep it to seconds
+        ("triton", {"completion_only_loss": False, "steps": 2, "batch": 2}),
     ],
     ids=["padding-free", "padded-accumulated", "triton-all-tokens"],
 )
