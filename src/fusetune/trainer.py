@@ -38,6 +38,7 @@ from . import precision
 from .checkpoints import MarkComplete
 from .compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
 from .compat.trl import PrepareDatasetHook, ResumeTokenCount
+from .data.cache import DatasetCacheHook
 from .errors import FusetuneError
 from .faults import NAN_POLICIES, NonFiniteGuard
 from .graphs import StepGraphs
@@ -223,7 +224,7 @@ def cuda_graph_blocker(trainer) -> str | None:
     return None
 
 
-class FastSFTTrainer(PrepareDatasetHook, SFTTrainer):
+class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
     """TRL's SFTTrainer with fusetune's kernels, padding-free batches, fused loss and CUDA graphs.
 
     ``compute_loss`` takes TRL's loss and its entropy / mean_token_accuracy / num_tokens metrics from

@@ -151,6 +151,47 @@ ROWS = [
         {"a.jsonl": jsonl(ALPACA), "e.jsonl": jsonl({"instruction": "x", "output": 4})},
     ),
     Row(
+        "mixture-without-sources",
+        ("data=mixture",),
+        "data.sources is empty: data=mixture needs at least one source, e.g. data.sources='[{{path: a.jsonl, ",
+    ),
+    Row(
+        "mixture-negative-weight",
+        ("data=mixture", "data.sources=[{{path: '{tmp}/a.jsonl', formatter: alpaca, weight: -0.5}}]"),
+        "data.sources.0.weight must be a finite number >= 0 (weights are relative), got -0.5",
+        {"a.jsonl": jsonl(ALPACA)},
+    ),
+    Row(
+        "mixture-source-with-path-and-name",
+        ("data=mixture", "data.sources=[{{path: '{tmp}/a.jsonl', name: org/set, formatter: alpaca}}]"),
+        "data.sources.0: give exactly one of path (a local file) or name (a hub dataset), "
+        "got path='{tmp}/a.jsonl' name='org/set'",
+        {"a.jsonl": jsonl(ALPACA)},
+    ),
+    Row(
+        "mixture-bad-record-in-a-source",
+        (
+            "data=mixture",
+            "data.sources=[{{path: '{tmp}/a.jsonl', formatter: alpaca}}, "
+            "{{path: '{tmp}/b.jsonl', formatter: alpaca, weight: 0.1}}]",
+        ),
+        "data.sources.1.path {tmp}/b.jsonl: 1 bad record: line 2: 'output' is missing or null",
+        {"a.jsonl": jsonl(ALPACA), "b.jsonl": jsonl(ALPACA, {"instruction": "x"})},
+    ),
+    Row(
+        "unknown-chat-template",
+        ("data=alpaca", "data.path={tmp}/a.jsonl", "data.chat_template=vicuna"),
+        "data.chat_template: no shipped template 'vicuna'; shipped: chatml, gemma, llama3, mistral, phi3; "
+        "or give the path of a Jinja file",
+        {"a.jsonl": jsonl(ALPACA)},
+    ),
+    Row(
+        "missing-jinja-file",
+        ("data=alpaca", "data.path={tmp}/a.jsonl", "data.chat_template={tmp}/chat.jinja"),
+        "data.chat_template: no such file: {tmp}/chat.jinja",
+        {"a.jsonl": jsonl(ALPACA)},
+    ),
+    Row(
         "model-folder-without-a-model",
         ("model.name_or_path={tmp}/empty", "model.random_init=false"),
         "the folder {tmp}/empty holds no loadable model or tokenizer",

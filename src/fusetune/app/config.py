@@ -20,12 +20,14 @@ from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..compat.renames import CONFIG_RENAMES
+from ..data.rules import data_problems, has_eval_data, is_mixture
 from ..errors import FusetuneError
 from ..modules import PROJECTIONS
 from ..trainer import FastSFTConfig
+from . import distributed
 
 
 class Backend(str, Enum):
@@ -41,6 +43,7 @@ class Formatter(str, Enum):
     sharegpt = "sharegpt"
     text = "text"
     completion = "completion"
+    mixture = "mixture"  # the records come from data.sources, sampled by weight
 
 
 class EmptyContent(str, Enum):
@@ -49,10 +52,22 @@ class EmptyContent(str, Enum):
     drop = "drop"  # remove them, and log how many
 
 
+class Distributed(str, Enum):
+    none = "none"  # one process
+    ddp = "ddp"  # torchrun / accelerate launch: DistributedDataParallel through the HF Trainer
+    fsdp = "fsdp"  # the same launchers: FSDP2 over each decoder layer (CUDA)
+
+
 class LoggerKind(str, Enum):
     wandb = "wandb"
     tensorboard = "tensorboard"
     none = "none"
+
+
+class WandbMode(str, Enum):
+    online = "online"
+    offline = "offline"  # into <run>/wandb/; `wandb sync` uploads it later
+    disabled = "disabled"
 
 
 class DType(str, Enum):
@@ -91,22 +106,47 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (data=mixture): a dataset read as a single one is, and its weight."""
+
+    path: str | None = None  # local .jsonl/.json/.parquet/.csv
+    name: str | None = None  # hub dataset id (give exactly one of path and name)
+    subset: str | None = None
+    split: str = "train"
+    revision: str | None = None  # hub branch, tag or commit
+    formatter: Formatter | None = None  # chat, sharegpt, alpaca, text or completion
+    field: str | None = None  # the column for text/chat/sharegpt; the formatter's default when null
+    weight: float = 1.0  # relative: divided by the sum of the weights; 0 leaves the source out of training
+    eval_path: str | None = None  # held-out records of this source (else data.eval_fraction of it)
+    eval_split: str | None = None
+
+
+@dataclass
 class DataConfig:
     formatter: Formatter = Formatter.synthetic
     path: str | None = None  # local .jsonl/.json/.parquet/.csv
     name: str | None = None  # hub dataset id
     subset: str | None = None
     split: str = "train"
+    revision: str | None = None  # hub branch, tag or commit
     eval_path: str | None = None
     eval_split: str | None = None
-    eval_fraction: float = 0.0  # held out from train when there is no eval split or file
+    eval_fraction: float = 0.0  # held out from train (from each mixture source) when there is no eval split or file
     field: str | None = None  # the column for text/chat/sharegpt; the formatter's default when null
     use_chat_template: bool | None = None  # null: when the tokenizer has one
-    max_examples: int | None = None
+    # a template shipped in fusetune (chatml, llama3, mistral, gemma, phi3) or the path of a Jinja file; it replaces
+    # the tokenizer's own for training and is saved with the tokenizer; null: the tokenizer's own
+    chat_template: str | None = None
+    max_examples: int | None = None  # only the first N records of each file or split (before any hold-out)
     empty_content: EmptyContent = EmptyContent.warn  # records with an empty answer, prompt, text or user/assistant turn
     num_generate: int = 0  # held-out prompts answered greedily for exact-match accuracy
     num_train: int = 4000  # synthetic only
     num_eval: int = 200  # synthetic only
+    # data=mixture only (`field` above shadows dataclasses.field in this class body)
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
+    mixture_size: int | None = None  # training examples drawn from the sources; null: as many as they hold together
+    cache: bool = True  # keep each source's tokenized records, keyed by data, tokenizer and loss options, for reuse
+    cache_dir: str | None = None  # null: $XDG_CACHE_HOME/fusetune/datasets (~/.cache/fusetune/datasets)
 
 
 @dataclass
@@ -228,10 +268,24 @@ TRAINER_FIELDS = SFT_FIELDS & {f.name for f in dataclasses.fields(TrainerConfig)
 
 @dataclass
 class LoggerConfig:
+    """The logger group (app.loggers). The W&B keys matter only for kind=wandb."""
+
     kind: LoggerKind = LoggerKind.none
     project: str = "fusetune"
-    mode: str | None = None  # wandb: online | offline | disabled; null: online when an API key is configured
+    entity: str | None = None  # null: W&B's default (WANDB_ENTITY, or the account's)
+    # null: WANDB_MODE if set, else online when an API key is configured (WANDB_API_KEY or ~/.netrc), else offline
+    mode: WandbMode | None = None
+    group: str | None = None  # null: the sweep folder's name in a multirun, no group in a single run
     tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportConfig:
+    """What the run writes besides its model or adapter."""
+
+    # <run>/merged/: the LoRA adapters merged into 16-bit weights (FastModel.save_merged), which plain transformers
+    # loads; a full fine-tune has nothing to merge (its model/ is the whole model), which the run logs
+    merged: bool = False
 
 
 @dataclass
@@ -250,6 +304,8 @@ class TrainConfig:
     # newest complete checkpoint; or the path of a checkpoint-N folder
     resume: str | None = None
     overwrite: bool = False  # replace another run's record in the run folder
+    distributed: Distributed = Distributed.none  # how several processes (torchrun, accelerate launch) train
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 CHECKPOINTING = {"true": True, "false": False, "offload": "offload", "unsloth": "offload"}
@@ -261,7 +317,10 @@ def checkpointing_mode(value: str) -> bool | str:
 
 
 def register_configs() -> None:
-    """Store the schemas: train.yaml lists ``train_schema`` first, which types every group beneath it."""
+    """Store the schemas: train.yaml lists ``train_schema`` first, which types every group beneath it; and the
+    resolver that names a run folder every rank of a distributed launch agrees on."""
+    if not OmegaConf.has_resolver("fusetune.run_id"):
+        OmegaConf.register_new_resolver("fusetune.run_id", distributed.run_id)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for group, node in [
@@ -342,16 +401,12 @@ def validate(cfg) -> None:
     elif cfg.trainer.max_steps < 0 and cfg.trainer.num_train_epochs <= 0:
         problems.append("trainer: set max_steps or num_train_epochs above zero")
     problems += [f"trainer.extra.{key}: {why}" for key in cfg.trainer.extra if (why := extra_key_problem(key))]
-    if cfg.data.formatter != Formatter.synthetic and (cfg.data.path is None) == (cfg.data.name is None):
-        problems.append(f"data: formatter '{cfg.data.formatter.value}' needs exactly one of data.path or data.name")
-    if (
-        cfg.trainer.eval_strategy != "no"
-        and cfg.data.formatter != Formatter.synthetic
-        and not (cfg.data.eval_path or cfg.data.eval_split or cfg.data.eval_fraction > 0)
-    ):
-        problems.append(
-            "trainer.eval_strategy needs eval data: set data.eval_path, data.eval_split or data.eval_fraction"
-        )
+    problems += data_problems(cfg.data)
+    if cfg.trainer.eval_strategy != "no" and not has_eval_data(cfg.data):
+        where = "data.eval_path, data.eval_split or data.eval_fraction"
+        if is_mixture(cfg.data):
+            where = "data.eval_fraction, or a source's eval_path or eval_split"
+        problems.append(f"trainer.eval_strategy needs eval data: set {where}")
     if cfg.trainer.embedding_learning_rate is not None and cfg.model.lora is not None:
         saved = cfg.model.lora.modules_to_save or []
         if not any(name in saved for name in ("embed_tokens", "lm_head")):

@@ -56,13 +56,14 @@ class MetricsRecorder(TrainerCallback):
     the later ones (those steps run again), so every step stays in the file once.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, write: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and self.path.is_file():
             kept = [m for m in read_metrics(self.path) if m.get("step", 0) <= resume_step]
-        self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        if write:  # rank 0 of a distributed run; the others only read
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
         self.last_train: dict = next((m for m in reversed(kept) if m.get("split") == "train"), {})
 
     def on_log(self, args, state, control, logs=None, **kwargs):

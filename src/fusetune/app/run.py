@@ -1,7 +1,6 @@
 """run(cfg): one training run from a composed config, leaving a record in cfg.output_dir."""
 
 import logging
-import os
 import signal
 import time
 from pathlib import Path
@@ -22,53 +21,17 @@ from ..faults import StopOnSignal
 from ..loading import count_parameters, load_tokenizer, pick_dtype
 from ..patching import remove_kernels
 from ..trainer import FastSFTConfig, FastSFTTrainer
-from . import record, run_folder
+from . import distributed, record, run_folder
 from .config import SFT_DEFAULTS, TRAINER_FIELDS, checkpointing_mode, validate
+from .export import export_merged
+from .loggers import close_logger, logger_callbacks, setup_logger
 
 log = logging.getLogger(__name__)
 
 
-def _has_wandb_key() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    import netrc
-
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
-def setup_logger(cfg, out: Path) -> list[str]:
-    """Environment for the chosen logger; returns the Trainer's ``report_to``."""
-    kind = cfg.logger.kind.value
-    if kind == "wandb":
-        os.environ.setdefault("WANDB_PROJECT", cfg.logger.project)
-        os.environ["WANDB_DIR"] = str(out)
-        mode = cfg.logger.mode or ("online" if _has_wandb_key() else "offline")
-        os.environ["WANDB_MODE"] = mode
-        if cfg.logger.tags:
-            os.environ["WANDB_TAGS"] = ",".join(cfg.logger.tags)
-        log.info("W&B logging %s into %s", mode, out / "wandb")
-        return ["wandb"]
-    if kind == "tensorboard":
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-        return ["tensorboard"]
-    return []
-
-
-def close_logger(cfg, summary: dict | None) -> None:
-    if cfg.logger.kind.value != "wandb":
-        return
-    import wandb
-
-    if wandb.run is not None:
-        if summary:
-            wandb.run.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float | str)})
-        wandb.finish()
-
-
-def sft_config(cfg, out: Path, dtype: torch.dtype, report_to: list[str], backend: str) -> FastSFTConfig:
+def sft_config(
+    cfg, out: Path, dtype: torch.dtype, report_to: list[str], backend: str, strategy: dict | None = None
+) -> FastSFTConfig:
     """FastSFTConfig from the trainer keys that differ from its defaults, trainer.extra, and the fields the app
     fills in from other groups (config.SET_BY_THE_APP)."""
     t = cfg.trainer
@@ -95,6 +58,7 @@ def sft_config(cfg, out: Path, dtype: torch.dtype, report_to: list[str], backend
             gradient_checkpointing=bool(checkpointing),
             gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
             **changed,
+            **(strategy or {}),
             **OmegaConf.to_container(t.extra),
         )
     except (TypeError, ValueError) as error:
@@ -110,17 +74,22 @@ def run(cfg) -> dict:
     """
     validate(cfg)
     out = Path(cfg.output_dir)
-    checkpoint = run_folder.claim(out, cfg.resume, cfg.overwrite)
-    record.write_status(out, "running", step=step_of(checkpoint) if checkpoint else 0, resumed_from=checkpoint)
+    lead = distributed.is_rank_zero()  # every rank trains; rank 0 keeps the record
+    checkpoint = run_folder.claim(out, cfg.resume, cfg.overwrite) if lead else run_folder.follow(out, cfg.resume)
+    if lead:
+        record.write_status(out, "running", step=step_of(checkpoint) if checkpoint else 0, resumed_from=checkpoint)
     report_to = setup_logger(cfg, out)
-    summary = None
+    summary = error = None
     try:
         with StopOnSignal() as stop:
             summary = _train(cfg, out, report_to, checkpoint, stop)
         return summary
+    except BaseException as raised:  # the logger records how the run ended
+        error = raised
+        raise
     finally:
         remove_kernels()
-        close_logger(cfg, summary)
+        close_logger(cfg, summary, error)
 
 
 def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: StopOnSignal) -> dict:
@@ -133,7 +102,12 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     full_finetune = m.lora is None
     hub = {"trust_remote_code": m.trust_remote_code}
     # The data first: a mistake in it shows before the weights load.
-    splits = build_splits(cfg.data, load_tokenizer(m.tokenizer or m.name_or_path, **hub), cfg.seed)
+    splits = build_splits(
+        cfg.data,
+        load_tokenizer(m.tokenizer or m.name_or_path, **hub),
+        cfg.seed,
+        assistant_only_loss=cfg.trainer.assistant_only_loss,
+    )
     # Full fine-tuning in fp16 keeps fp32 master weights; autocast does the fp16 math.
     load_dtype = torch.float32 if full_finetune and dtype == torch.float16 else dtype
     model, tokenizer = FastModel.from_pretrained(
@@ -149,6 +123,9 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         **hub,
     )
     backend = model.fusetune_kernels
+    distributed.check(cfg.distributed.value, torch.cuda.is_available(), m.load_in_4bit)
+    if splits.chat_template is not None:
+        tokenizer.chat_template = splits.chat_template  # trained with, and saved with the tokenizer
     if not full_finetune:
         model = FastModel.get_peft_model(
             model,
@@ -163,15 +140,17 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     elif checkpointing_mode(m.gradient_checkpointing) == "offload":
         log.info("model.gradient_checkpointing=offload: %s", enable_offloaded_checkpointing(model))
     total_params, trainable_params = count_parameters(model)
-    args = sft_config(cfg, out, dtype, report_to, backend)
-    recorder = record.MetricsRecorder(out / "metrics.jsonl", resume_step=step_of(checkpoint) if checkpoint else None)
+    args = sft_config(cfg, out, dtype, report_to, backend, distributed.trainer_options(cfg.distributed.value, model))
+    resume_step = step_of(checkpoint) if checkpoint else None
+    recorder = record.MetricsRecorder(out / "metrics.jsonl", resume_step, write=distributed.is_rank_zero())
     trainer = FastSFTTrainer(
         model=model,
         args=args,
         train_dataset=splits.train,
         eval_dataset=splits.eval if cfg.trainer.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=[recorder, stop],
+        callbacks=[recorder, stop, *logger_callbacks()],
+        dataset_cache=splits.cache,
     )
     record.reset_peak_memory()
     tokens_before = recorder.last_train.get("num_tokens", 0)
@@ -182,15 +161,21 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     _stopped_early(trainer, stop, out)
 
     saved_to = None
-    if cfg.save_model:
+    if cfg.save_model:  # every rank calls it (FSDP gathers the shards); only rank 0 writes
         saved_to = out / ("model" if full_finetune else "adapter")
-        trainer.model.save_pretrained(saved_to)
-        tokenizer.save_pretrained(saved_to)
+        trainer.save_model(str(saved_to))
+        if trainer.is_world_process_zero():
+            tokenizer.save_pretrained(saved_to)
+    merged_to = None
+    if cfg.export.merged and trainer.is_world_process_zero():  # one process writes it
+        merged_to = export_merged(trainer.model, tokenizer, out)
 
     evals = {}
     if trainer.eval_dataset is not None:
         evals.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")})
-    accuracy, samples = exact_match(trainer.model, tokenizer, splits.generation)
+    # generation on rank 0 alone: a DDP model is whole on every rank (FSDP would need every rank: none there)
+    generation = splits.generation if trainer.is_world_process_zero() and cfg.distributed.value != "fsdp" else []
+    accuracy, samples = exact_match(trainer.model, tokenizer, generation)
     if accuracy is not None:
         evals["exact_match"] = accuracy
         evals["exact_match_n"] = len(splits.generation)
@@ -201,8 +186,13 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     summary = {
         "model": m.name_or_path,
         "data": cfg.data.formatter.value
-        if cfg.data.formatter.value == "synthetic"
+        if cfg.data.formatter.value in ("synthetic", "mixture")
         else (cfg.data.path or cfg.data.name),
+        "data_sources": splits.sources,
+        "mixture": splits.mixture,
+        "chat_template": cfg.data.chat_template,
+        "data_cache": splits.cache.summary() if splits.cache is not None else None,
+        "distributed": {"mode": cfg.distributed.value, "world_size": distributed.world_size()},
         "kernels": backend,
         "cuda_graphs": trainer.step_graphs.stats() if trainer.step_graphs is not None else None,
         "trainer": cfg.trainer.name,
@@ -223,12 +213,14 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         "parameters": total_params,
         "trainable_parameters": trainable_params,
         "saved_to": str(saved_to) if saved_to else None,
+        "merged_to": str(merged_to) if merged_to else None,
         "output_dir": str(out),
         "versions": record.versions(),
     }
-    record.write_summary(out / "summary.json", summary)
-    record.write_status(out, "finished", step=result.global_step)
-    print(record.format_summary(summary), flush=True)
+    if trainer.is_world_process_zero():
+        record.write_summary(out / "summary.json", summary)
+        record.write_status(out, "finished", step=result.global_step)
+        print(record.format_summary(summary), flush=True)
     return summary
 
 
@@ -239,7 +231,8 @@ def _stopped_early(trainer: FastSFTTrainer, stop: StopOnSignal, out: Path) -> No
     where = f"the last good checkpoint is {newest}" if newest else "there is no checkpoint to resume from"
     if stop.received is not None:
         line = f"interrupted at step {step}: checkpoint saved in {newest}; resume=auto continues"
-        record.write_status(out, "interrupted", f"{signal.Signals(stop.received).name} at step {step}", step)
+        if trainer.is_world_process_zero():
+            record.write_status(out, "interrupted", f"{signal.Signals(stop.received).name} at step {step}", step)
         raise Interrupted(line, stop.exit_code)
     why = trainer.nonfinite_guard.stopped
     if why is None and trainer.checkpoint_marker.bad_step is not None:

@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 
 from ..checkpoints import is_complete, newest_complete, step_of
 from ..errors import FusetuneError
+from . import distributed
 from .config import refuse_secrets
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,13 @@ def claim(folder: Path, resume: str | None, overwrite: bool) -> Path | None:
     return checkpoint
 
 
+def follow(folder: Path, resume: str | None) -> Path | None:
+    """Another rank of a distributed run: the checkpoint rank 0 resumes from, read without writing."""
+    if resume == "auto":
+        return newest_complete(folder)
+    return Path(resume).expanduser() if resume else None
+
+
 class GuardRunFolder(Callback):
     """Refuse a used run folder before Hydra writes the new run's .hydra/ into it (single runs).
 
@@ -91,6 +99,8 @@ class GuardRunFolder(Callback):
     """
 
     def on_run_start(self, config, **kwargs) -> None:
+        if not distributed.is_rank_zero():  # the others follow rank 0 into the folder it claims
+            return
         self._refuse(lambda: check(Path(config.hydra.run.dir), config.get("resume"), bool(config.get("overwrite"))))
         self._refuse(lambda: refuse_secrets(config))
 

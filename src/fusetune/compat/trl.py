@@ -93,3 +93,18 @@ class ResumeTokenCount(TrainerCallback):
         logged = [row["num_tokens"] for row in state.log_history if "num_tokens" in row and "loss" in row]
         if logged:
             add_trained_tokens(self.trainer, int(logged[-1]))
+
+
+def prepare_as_trl(trainer, dataset, processing_class, args, packing, formatting_func, dataset_name):
+    """TRL's own dataset preparation (tokens and labels), whatever the trainer's class overrides."""
+    return original("SFTTrainer")._prepare_dataset(
+        trainer, dataset, processing_class, args, packing, formatting_func, dataset_name
+    )
+
+
+def label_options(trainer) -> dict:
+    """What, on the trainer, decides TRL's labels: its training chat template and completion-only loss."""
+    return {
+        "chat_template": getattr(trainer, "chat_template", None),
+        "completion_only_loss": getattr(trainer, "completion_only_loss", None),
+    }

@@ -1,0 +1,200 @@
+"""The run's logger (the logger group): W&B, TensorBoard or none.
+
+W&B: ``setup_logger`` starts the W&B run itself, before the Trainer exists, with the whole resolved config, a name
+and a group. HF's WandbCallback (``report_to=["wandb"]``) then finds that run and logs every logging step into it;
+nothing here logs metrics by hand. ``WandbRunConfig`` puts the config back after the callback has merged the
+TrainingArguments into it (``kernels``, ``seed``, ``run_name`` and ``output_dir`` are names in both).
+``close_logger`` adds summary.json's scalars and finishes the run, on every way out of ``run()``: exit code 0
+when it finished, otherwise the code the app exits with (2 for a user mistake, 128 + the signal for an
+interruption, 1 for anything else), so that W&B marks it failed.
+
+- Name: ``run_name``, else the group choices ``model-data-kernels-trainer`` (Hydra's runtime.choices; without
+  Hydra, the same read from the config). In a multirun the job number is appended, and the group is the sweep
+  folder's name unless ``logger.group`` is set.
+- Mode: ``logger.mode``, else the environment's WANDB_MODE, else online where an API key is configured
+  (WANDB_API_KEY or ~/.netrc) and offline otherwise. The files go into ``<run>/wandb/``.
+- Only the process of rank 0 (RANK, else LOCAL_RANK, as torchrun sets them) starts a W&B run.
+- The API key is read by wandb from the environment or ~/.netrc; no config key holds it (config.refuse_secrets).
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from transformers import TrainerCallback
+
+from ..errors import FusetuneError, Interrupted
+from ..report import one_line
+from .distributed import rank
+
+log = logging.getLogger(__name__)
+NAMED_BY = ("model", "data", "kernels", "trainer")  # the groups whose choices name a W&B run
+
+
+@dataclass
+class _Started:
+    run: object  # the wandb Run that setup_logger started
+    config: dict  # the resolved config it was given
+
+
+_started: _Started | None = None  # one run at a time: run() is not reentrant
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(cfg) -> str:
+    if cfg.logger.mode is not None:
+        return cfg.logger.mode.value
+    return os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
+
+
+def _hydra():
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _choices_from(cfg) -> dict[str, str]:
+    """What the group choices would be, read from the config (a run composed without Hydra's app)."""
+    return {
+        "model": Path(cfg.model.name_or_path.removeprefix("fusetune:")).name,
+        "data": cfg.data.formatter.value,
+        "kernels": cfg.kernels.backend.value,
+        "trainer": cfg.trainer.name,
+    }
+
+
+def run_identity(cfg) -> tuple[str, str | None]:
+    """(name, group) of the W&B run."""
+    from hydra.types import RunMode
+
+    hydra = _hydra()
+    choices = dict(hydra.runtime.choices) if hydra is not None else _choices_from(cfg)
+    name = cfg.run_name or "-".join(str(choices[g]) for g in NAMED_BY if choices.get(g))
+    group = cfg.logger.group
+    if hydra is not None and hydra.mode == RunMode.MULTIRUN:
+        name = f"{name}-{hydra.job.num}"
+        group = group or Path(hydra.sweep.dir).name
+    return name, group
+
+
+def wandb_config(cfg) -> dict:
+    """The resolved config, and the group choices where Hydra made them (``choices``)."""
+    config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    hydra = _hydra()
+    if hydra is not None:
+        config["choices"] = {k: v for k, v in hydra.runtime.choices.items() if not k.startswith("hydra/")}
+    return config
+
+
+def setup_logger(cfg, out: Path) -> list[str]:
+    """Start the chosen logger; returns the Trainer's ``report_to``."""
+    kind = cfg.logger.kind.value
+    if kind == "wandb":
+        return _start_wandb(cfg, out)
+    if kind == "tensorboard":
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
+        return ["tensorboard"]
+    return []
+
+
+def _start_wandb(cfg, out: Path) -> list[str]:
+    global _started
+    if rank() != 0:
+        log.info("W&B: this process has rank %d; rank 0 logs the run", rank())
+        return []
+    try:
+        import wandb
+    except ImportError:
+        raise FusetuneError("logger=wandb needs the wandb package (pip install wandb), or choose logger=none") from None
+    mode = wandb_mode(cfg)
+    name, group = run_identity(cfg)
+    config = wandb_config(cfg)
+    try:
+        run = wandb.init(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            name=name,
+            group=group,
+            tags=list(cfg.logger.tags) or None,
+            config=config,
+            dir=str(out),
+            mode=mode,
+        )
+    except Exception as error:  # no network, a wrong key, a project one may not write to
+        raise FusetuneError(
+            f"logger=wandb: W&B could not start the run ({one_line(str(error))}); "
+            "logger.mode=offline keeps it in the run folder"
+        ) from None
+    _started = _Started(run, config)
+    log.info("W&B run '%s'%s, %s, into %s", name, f" in group '{group}'" if group else "", mode, out / "wandb")
+    return ["wandb"]
+
+
+class WandbRunConfig(TrainerCallback):
+    """Puts the run's config back into wandb.config once HF's WandbCallback has merged the TrainingArguments and the
+    model config into it (that callback comes first: the Trainer puts its reporting callbacks before those it is
+    given). Where a name is in both, the config's value is kept: ``kernels`` stays the group, not the backend."""
+
+    def __init__(self, run, config: dict):
+        self.run, self.config = run, config
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.run.config.update(self.config, allow_val_change=True)
+
+
+def logger_callbacks() -> list[TrainerCallback]:
+    """The Trainer callbacks the started logger needs besides ``report_to``."""
+    return [WandbRunConfig(_started.run, _started.config)] if _started is not None else []
+
+
+def summary_scalars(summary: dict) -> dict:
+    """summary.json's scalar values, and its eval values as ``eval/NAME`` (HF's spelling)."""
+    values = {k: v for k, v in summary.items() if isinstance(v, int | float | str)}
+    evals = summary.get("eval") or {}
+    values.update({f"eval/{k.removeprefix('eval_')}": v for k, v in evals.items() if isinstance(v, int | float)})
+    return values
+
+
+def exit_code(error: BaseException | None) -> int:
+    """The code the app exits with (app.cli): W&B marks a run with any other code than 0 failed."""
+    if error is None:
+        return 0
+    if isinstance(error, Interrupted):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, int) and error.code else 1
+    return 2 if isinstance(error, FusetuneError) else 1
+
+
+def close_logger(cfg, summary: dict | None, error: BaseException | None = None) -> None:
+    """Finish the W&B run that setup_logger started: summary.json's scalars, how it ended, and its exit code."""
+    global _started
+    started, _started = _started, None
+    if started is None:
+        return
+    status = "finished" if error is None else "failed"
+    if isinstance(error, Interrupted | KeyboardInterrupt):
+        status = "interrupted"
+    try:
+        if summary:
+            started.run.summary.update(summary_scalars(summary))
+        started.run.summary.update({"status": status})
+        if error is not None:
+            started.run.summary.update({"error": one_line(str(error) or type(error).__name__)})
+        started.run.finish(exit_code=exit_code(error))
+    except Exception as failure:  # the run's own error, if any, matters more
+        log.warning("W&B: could not finish the run: %s", failure)

@@ -1,0 +1,268 @@
+"""The tokenized-dataset cache: each source's records, as TRL tokenizes them, kept on disk and reused across runs.
+
+What is cached is one *unit*: the checked, formatted records of one file or hub split (a source, or its eval
+file), tokenized by TRL's own dataset preparation with its labels built (``input_ids``, ``labels``, and the
+formatted columns), before truncation, packing and shuffling. A split is then a selection of rows of its units:
+all of one file, the part an eval hold-out leaves, or the draws of a mixture. So runs that differ only in seed,
+mixture weights or size, eval hold-out, max length, packing or the model's other settings tokenize nothing again;
+TRL still truncates, packs and shuffles the selected rows itself, as it would have, so the loss masks are exactly
+TRL's (tests/data/test_cache.py compares them with an uncached build).
+
+The key of a unit (a SHA-256 of the JSON below, which is saved next to the records as ``fusetune-key.json``):
+
+- the records: a local file's absolute path, size and modification time; a hub dataset's name, subset, split,
+  revision and the fingerprint ``datasets`` gives its download; the synthetic set's sizes and seed;
+- how they were read: formatter, field, whether the chat template renders them, data.empty_content,
+  data.max_examples, and a hash of this package's code;
+- the tokenizer: its class, name, a hash of its full state (vocabulary, merges, normalizer, added tokens), its
+  special tokens and options, and its chat template (data.chat_template included);
+- TRL's options that shape the tokens and labels: the training chat template TRL may swap in for assistant-only
+  loss, completion_only_loss (as TRL resolved it), assistant_only_loss, dataset_text_field;
+- the versions of fusetune, TRL, transformers, tokenizers, datasets and jinja2.
+
+A unit is written into a temporary folder and renamed into place, so readers never see a partial one; a
+folder that cannot be read back is tokenized again. Nothing is ever evicted: delete the folder to reclaim it.
+
+``DatasetCacheHook`` is the trainer side: a mixin for a TRL SFTTrainer subclass that takes ``dataset_cache=``
+(``Splits.cache``) and routes TRL's dataset preparation through ``DatasetCache.prepare``.
+"""
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from datasets import Dataset, concatenate_datasets, load_from_disk
+
+from ..compat.trl import label_options, prepare_as_trl
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1  # bump when what a unit holds changes
+KEY_FILE = "fusetune-key.json"
+VERSIONED = ("fusetune", "trl", "transformers", "tokenizers", "datasets", "jinja2")
+_CODE = Path(__file__).parent
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fusetune" / "datasets"
+
+
+def digest(value) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def code_hash() -> str:
+    """A hash of the data package's code: a change to a formatter or the synthetic set makes new keys."""
+    return digest("".join(path.read_text(encoding="utf-8") for path in sorted(_CODE.glob("*.py"))))[:16]
+
+
+def versions() -> dict[str, str | None]:
+    found = {}
+    for name in VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+@dataclass
+class Unit:
+    """One file or hub split, checked and formatted: what the cache keeps tokenized."""
+
+    label: str  # how messages name it: "data.path a.jsonl", "data.sources.1.name org/set (split train)"
+    dataset: Dataset  # the formatted records
+    identity: dict  # where the records come from and how they were read: the data part of the key
+
+
+@dataclass
+class Plan:
+    """How a split's formatted dataset was made from units: rows of the units concatenated in order."""
+
+    units: list[Unit]
+    indices: np.ndarray | None  # None: every row of the one unit, in order
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    options = {
+        key: value
+        for key, value in sorted(getattr(tokenizer, "init_kwargs", {}).items())
+        if isinstance(value, str | int | float | bool) or value is None
+    }
+    return {
+        "class": type(tokenizer).__name__,
+        "name": getattr(tokenizer, "name_or_path", None),
+        "state": digest(state),
+        "special_tokens": {name: str(token) for name, token in sorted(tokenizer.special_tokens_map.items())},
+        "options": options,
+        "chat_template": digest(json.dumps(tokenizer.chat_template, sort_keys=True)),
+    }
+
+
+def trainer_identity(trainer, processing_class, args) -> dict:
+    """What, besides the records, decides TRL's tokens and labels."""
+    options = label_options(trainer)
+    training_template = options["chat_template"]  # TRL's training template (assistant-only loss)
+    return {
+        "tokenizer": tokenizer_identity(processing_class),
+        "training_chat_template": digest(training_template) if training_template else None,
+        "completion_only_loss": options["completion_only_loss"],
+        "assistant_only_loss": args.assistant_only_loss,
+        "dataset_text_field": args.dataset_text_field,
+        "versions": versions(),
+    }
+
+
+def tokenize_with_trl(trainer, dataset: Dataset, processing_class, args, dataset_name: str) -> Dataset:
+    """TRL's own preparation of ``dataset`` with the trainer's tokenizer, templates and loss options, stopped before
+    truncation, packing and shuffling: its tokens and labels, one row per record."""
+    kept = args.max_length, args.shuffle_dataset
+    args.max_length, args.shuffle_dataset = None, False
+    try:
+        return prepare_as_trl(trainer, dataset, processing_class, args, False, None, dataset_name)
+    finally:
+        args.max_length, args.shuffle_dataset = kept
+
+
+class DatasetCache:
+    """The cache of one build_splits call: where it lives, the plans of its splits, and what each run found."""
+
+    def __init__(self, folder: str | Path | None = None, enabled: bool = True):
+        self.folder = Path(folder).expanduser() if folder else default_cache_dir()
+        self.enabled = enabled
+        self.plans: dict[str, Plan] = {}  # a split's fingerprint -> how it was made
+        self.entries: dict[str, dict] = {}  # key -> source, key, path, hit (read from disk), saved
+        self._tokenized_here: dict[str, Dataset] = {}  # a unit in both splits (an eval hold-out) is looked up once
+
+    def register(self, dataset: Dataset, plan: Plan) -> None:
+        self.plans[dataset._fingerprint] = plan
+
+    def summary(self) -> dict:
+        """For summary.json: whether the cache was on and used, and each unit's key, folder and hit or miss."""
+        entries = list(self.entries.values())
+        hits = sum(entry["hit"] for entry in entries)
+        return {
+            "enabled": self.enabled,
+            "dir": str(self.folder),
+            "used": hits > 0,
+            "hits": hits,
+            "misses": len(entries) - hits,
+            "entries": entries,
+        }
+
+    def prepare(
+        self,
+        trainer,
+        dataset,
+        processing_class,
+        args,
+        packing: bool,
+        formatting_func: Callable | None,
+        dataset_name: str,
+        finish: Callable,
+    ):
+        """TRL's preparation of ``dataset``, from cached units where the dataset is a split of this build.
+
+        ``finish`` is the trainer's own preparation (same arguments as TRL's ``_prepare_dataset``). Given the
+        tokenized rows it truncates, packs and shuffles them as it would have the formatted ones."""
+        plan = self.plans.get(getattr(dataset, "_fingerprint", None)) if isinstance(dataset, Dataset) else None
+        if not self.enabled or plan is None or formatting_func is not None:
+            return finish(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        key_parts = trainer_identity(trainer, processing_class, args)
+        parts = [self._tokenized(unit, trainer, processing_class, args, dataset_name, key_parts) for unit in plan.units]
+        tokenized = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+        if plan.indices is not None:
+            tokenized = tokenized.select(plan.indices)
+        return finish(tokenized, processing_class, args, packing, None, dataset_name)
+
+    def _tokenized(self, unit: Unit, trainer, processing_class, args, dataset_name: str, key_parts: dict) -> Dataset:
+        key_json = {"format": CACHE_FORMAT, "records": unit.identity, "trainer": key_parts}
+        key = digest(key_json)[:32]
+        if key in self._tokenized_here:
+            return self._tokenized_here[key]
+        folder = self.folder / key
+        entry = self.entries[key] = {"source": unit.label, "key": key, "path": str(folder), "hit": False}
+        self._tokenized_here[key] = found = self._read_or_tokenize(
+            unit, folder, entry, key_json, trainer, processing_class, args, dataset_name
+        )
+        return found
+
+    def _read_or_tokenize(self, unit, folder, entry, key_json, trainer, processing_class, args, dataset_name):
+        if (folder / KEY_FILE).is_file():
+            try:
+                found = load_from_disk(str(folder))
+            except Exception as error:  # a damaged folder is tokenized again
+                log.warning("data cache: %s is unreadable (%s); tokenizing %s again", folder, error, unit.label)
+            else:
+                if len(found) == len(unit.dataset):
+                    entry["hit"] = True
+                    log.info("data cache: %s: tokenized records reused from %s", unit.label, folder)
+                    return found
+                log.warning(
+                    "data cache: %s holds %d rows, not %d; tokenizing again", folder, len(found), len(unit.dataset)
+                )
+            shutil.rmtree(folder, ignore_errors=True)
+        started = time.perf_counter()
+        tokenized = tokenize_with_trl(trainer, unit.dataset, processing_class, args, dataset_name)
+        if len(tokenized) != len(unit.dataset):  # TRL drops nothing before truncation; never cache if it did
+            log.warning(
+                "data cache: %s: TRL kept %d of %d rows; not cached", unit.label, len(tokenized), len(unit.dataset)
+            )
+            return tokenized
+        entry["saved"] = self._save(tokenized, folder, key_json)
+        log.info(
+            "data cache: %s tokenized in %.1f s%s",
+            unit.label,
+            time.perf_counter() - started,
+            f", saved to {folder}" if entry["saved"] else "",
+        )
+        return tokenized
+
+    def _save(self, dataset: Dataset, folder: Path, key_json: dict) -> bool:
+        """Write ``dataset`` to ``folder`` atomically (a temporary folder, then a rename). False where it cannot."""
+        temporary = None
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=self.folder))
+            dataset.save_to_disk(str(temporary))
+            (temporary / KEY_FILE).write_text(json.dumps(key_json, indent=2, sort_keys=True, default=str) + "\n")
+            if (folder / KEY_FILE).is_file():  # another job saved the same unit meanwhile: keep theirs
+                shutil.rmtree(temporary, ignore_errors=True)
+                return True
+            if folder.exists():  # a damaged copy
+                shutil.rmtree(folder, ignore_errors=True)
+            os.replace(temporary, folder)
+            return True
+        except Exception as error:  # a cache that cannot be written costs time, never the run
+            log.warning("data cache: cannot save into %s (%s); this run goes on without it", self.folder, error)
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
+            return False
+
+
+class DatasetCacheHook:
+    """Trainer mixin (before the class that defines ``prepare_dataset``, e.g. fusetune.compat.trl.PrepareDatasetHook,
+    in the bases): ``dataset_cache=`` takes a ``Splits.cache``; None prepares every dataset as TRL does."""
+
+    def __init__(self, *args, dataset_cache: DatasetCache | None = None, **kwargs):
+        self.dataset_cache = dataset_cache
+        super().__init__(*args, **kwargs)
+
+    def prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        finish = super().prepare_dataset
+        if self.dataset_cache is None:
+            return finish(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        return self.dataset_cache.prepare(
+            self, dataset, processing_class, args, packing, formatting_func, dataset_name, finish
+        )
