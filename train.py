@@ -5,17 +5,19 @@ import sys
 import hydra
 
 from fusetune.app.config import register_configs
+from fusetune.app.gpus import register_resolvers
 from fusetune.app.hydra_errors import job_started, main_exits_2
 
 register_configs()
+register_resolvers()  # conf/hydra/launcher/local.yaml: ${fusetune.visible_gpus:}, ${fusetune.parallel_jobs:}
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg) -> None:
+def main(cfg) -> float | None:
     job_started()  # the config composed: Hydra reports errors from here on, as it always has
     from fusetune.app.cli import run_or_exit
 
-    run_or_exit(cfg)
+    return run_or_exit(cfg)  # the objective (eval_loss by default): what a sweeper such as Optuna optimizes
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ SOURCES = [p for folder in ("src", "kernels", "scripts") for p in (ROOT / folder
 ALLOWED_TARGETS = {
     "fusetune.app.run_folder.GuardRunFolder",
     "fusetune.app.callbacks.AblationReport",
+    "fusetune.app.gpus.OneGPUPerWorker",  # hydra/launcher=local: each joblib worker takes one GPU
 }
 ALLOWED_PREFIXES = ("hydra_plugins.",)  # the launcher and sweeper plugins' own configs
 

@@ -8,8 +8,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from fusetune import report
-from fusetune.app import callbacks, cli
-from fusetune.app.callbacks import MAX_OVERRIDES_CHARS, job_dirname
+from fusetune.app import callbacks, cli, job_names
+from fusetune.app.job_names import MAX_OVERRIDES_CHARS, job_dirname
 from fusetune.errors import FusetuneError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -196,7 +196,7 @@ def test_job_folder_names_are_one_safe_path_component(num, overrides, expected):
 
 
 def test_swept_overrides_come_first_in_folder_names(monkeypatch):
-    monkeypatch.setattr(callbacks, "SWEPT", ["trainer", "seed"])
+    monkeypatch.setattr(job_names, "SWEPT", ["trainer", "seed"])
     overrides = ["logger=none", "seed=1", "kernels=reference", "trainer=packing"]
     assert job_dirname(2, overrides) == "2_trainer=packing,seed=1,logger=none,kernels=reference"
 

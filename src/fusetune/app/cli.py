@@ -11,7 +11,9 @@ How a run ends, and what its folder's status.json then says (run() writes "runni
 
 A single run exits 2 for a user mistake; for anything else Hydra prints the traceback (exit 1). A job of a
 multirun returns instead, so the sweep goes on to its other jobs: the traceback goes into the job's log, and
-fusetune.app.callbacks.AblationReport lists the failure and ends the multirun with exit code 1.
+fusetune.app.callbacks.AblationReport lists the failure and ends the multirun with exit code 1. In a multirun whose
+sweeper optimizes the returned objective (Optuna), a failed job raises instead, so the sweeper marks the trial
+failed (fusetune.app.objective).
 
 status.json is written only into a folder this run made its own: one whose status.json this run wrote, or a
 fresh one. A folder that holds another run's record, which run() refused, is left as it was.
@@ -89,20 +91,28 @@ def record_end(out: Path | None, before: str | None, status: str, error: str) ->
         log.warning("could not write %s: %s", out / STATUS, failure)
 
 
-def run_or_exit(cfg) -> None:
+def run_or_exit(cfg) -> float | None:
+    """Run; returns the objective (eval_loss unless ``objective`` names another) for a sweeper, or None."""
     quiet_third_party()
+    from . import objective
     from .run import run
 
     multirun = in_multirun()
+    optimizing = objective.optimizing()
     out = _output_dir(cfg)
     before = _read(out / STATUS) if out is not None else None
     try:
-        run(cfg)
+        if optimizing:
+            objective.check(cfg)
+        summary = run(cfg)
+        return objective.value_of(summary, objective.name_of(cfg), required=optimizing)
     except FusetuneError as error:
         record_end(out, before, "failed", str(error))
         print(f"fusetune: error: {error}", file=sys.stderr, flush=True)
         if not multirun:
             sys.exit(2)
+        if optimizing:
+            raise
     except Interrupted as stop:
         print(f"fusetune: {stop}", file=sys.stderr, flush=True)
         sys.exit(stop.exit_code)
@@ -113,4 +123,8 @@ def run_or_exit(cfg) -> None:
         record_end(out, before, "failed", exception_line(error))
         if not multirun:
             raise
+        if optimizing:
+            log.exception("this trial failed; the sweeper records it as failed")
+            raise objective.TrialFailed(exception_line(error)) from None
         log.exception("this job failed; the sweep goes on to the next")
+    return None

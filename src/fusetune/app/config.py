@@ -27,7 +27,7 @@ from ..data.rules import data_problems, has_eval_data, is_mixture
 from ..errors import FusetuneError
 from ..modules import PROJECTIONS
 from ..trainer import FastSFTConfig
-from . import distributed
+from . import distributed, job_names
 
 
 class Backend(str, Enum):
@@ -305,6 +305,7 @@ class TrainConfig:
     resume: str | None = None
     overwrite: bool = False  # replace another run's record in the run folder
     distributed: Distributed = Distributed.none  # how several processes (torchrun, accelerate launch) train
+    objective: str = "eval_loss"  # what a sweeper optimizes: a summary.json key or a key of its eval block
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
@@ -321,6 +322,7 @@ def register_configs() -> None:
     resolver that names a run folder every rank of a distributed launch agrees on."""
     if not OmegaConf.has_resolver("fusetune.run_id"):
         OmegaConf.register_new_resolver("fusetune.run_id", distributed.run_id)
+    job_names.register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     for group, node in [
