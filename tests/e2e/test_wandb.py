@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,10 @@ def offline_runs(run_dir: Path) -> list[Path]:
 
 def wandb_records(offline_run: Path) -> list[dict]:
     """The records of an offline run's .wandb file, as wandb's own reader prints them (`wandb leet inspect --json`)."""
+    # wandb's service process writes the file; under load it can land a moment after finish() returns
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size > 0 for p in offline_run.glob("*.wandb")) and time.monotonic() < deadline:
+        time.sleep(0.2)
     proc = subprocess.run(
         [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline_run)],
         capture_output=True,

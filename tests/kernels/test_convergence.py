@@ -1,6 +1,7 @@
 """Whole-model agreement: kernels=triton and kernels=reference train the same LoRA model.
 
-Tiny models of each family, the same seed and batches, 20 AdamW steps in fp32 (50 on GPU):
+Tiny models of each family, the same seed and batches, 10 AdamW steps in fp32 on the CPU interpreter (20, and
+50 in bf16, on a GPU):
 per-step losses and the final LoRA weights agree within tolerance.
 """
 
@@ -42,7 +43,8 @@ def assert_runs_agree(family, steps, dtype, tol):
     ref_losses, ref_lora = train(family, "reference", steps, dtype)
     losses, lora = train(family, "triton", steps, dtype)
     assert torch.isfinite(losses).all()
-    assert ref_losses[-5:].mean() < ref_losses[:5].mean(), "the reference run did not learn"
+    half = steps // 2
+    assert ref_losses[-half:].mean() < ref_losses[:half].mean(), "the reference run did not learn"
     diff = (losses - ref_losses).abs().max().item()
     assert diff <= tol, f"{family}: per-step losses differ by {diff:.2e} > {tol:.0e}"
     for name, weight in lora.items():
@@ -52,7 +54,8 @@ def assert_runs_agree(family, steps, dtype, tol):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fp32_losses_and_lora_weights_agree(family):
-    assert_runs_agree(family, steps=20, dtype=torch.float32, tol=1e-4)
+    # 10 steps on the CPU interpreter (each Triton program instance runs in Python), 20 on a GPU
+    assert_runs_agree(family, steps=20 if DEVICE == "cuda" else 10, dtype=torch.float32, tol=1e-4)
 
 
 @pytest.mark.gpu

@@ -32,7 +32,7 @@ def one_step(backend, batch_size, accumulation, tokenizer, tmp_path):
     model = get_peft_model(
         model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
     )  # B != 0: every factor has a gradient
-    train, _ = synthetic_splits(16, 0, seed=5)
+    train, _ = synthetic_splits(8, 0, seed=5)
     capture = CaptureGradients()
     args = FastSFTConfig(
         output_dir=str(tmp_path / f"{backend}-{batch_size}"),
@@ -64,8 +64,8 @@ def test_accumulated_micro_batches_equal_one_big_batch(backend, tiny_tokenizer, 
         from ..kernels.conftest import needs_triton_backend
 
         needs_triton_backend()
-    big_loss, big = one_step(backend, 16, 1, tiny_tokenizer, tmp_path)
-    small_loss, small = one_step(backend, 4, 4, tiny_tokenizer, tmp_path)
+    big_loss, big = one_step(backend, 8, 1, tiny_tokenizer, tmp_path)
+    small_loss, small = one_step(backend, 2, 4, tiny_tokenizer, tmp_path)
     assert abs(small_loss - big_loss) <= 1e-5 * abs(big_loss), (small_loss, big_loss)
     assert big.keys() == small.keys() and len(big) == 4 * 3 * 2  # 4 layers x 3 modules x (A, B)
     for name, grad in big.items():

@@ -198,3 +198,9 @@ def close_logger(cfg, summary: dict | None, error: BaseException | None = None) 
         started.run.finish(exit_code=exit_code(error))
     except Exception as failure:  # the run's own error, if any, matters more
         log.warning("W&B: could not finish the run: %s", failure)
+    finally:
+        # wandb keeps its settings (the run folder among them) process-wide from its first setup: a later run
+        # in this process (a library user's next trainer, a test) starts from its own environment again
+        import wandb
+
+        wandb.teardown()
