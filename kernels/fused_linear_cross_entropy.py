@@ -48,12 +48,10 @@ from fusetune_kernels.cross_entropy import (
     cross_entropy_reference,
     loss_denominator,
 )
-from fusetune_kernels.utils import new_empty
+from fusetune_kernels.utils import matmul, new_empty
 
 CHUNK_BYTES = 256 * 2**20
 CHUNK_BYTES_TRAINED_WEIGHT = 2**30
-
-_out_dtype_mm_ok: dict = {}
 
 
 def default_chunk_size(vocab: int, elem_size: int, weight_trains: bool = False) -> int:
@@ -71,18 +69,8 @@ def find_kept_rows(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tens
 
 
 def _add_matmul_fp32(acc, a, b):
-    """acc (fp32) += a @ b, accumulating in fp32 even when a and b are fp16/bf16."""
-    if a.dtype == torch.float32:
-        acc.addmm_(a, b)
-        return
-    key = acc.device.type
-    if _out_dtype_mm_ok.get(key, key == "cuda"):
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-            return
-        except (RuntimeError, NotImplementedError, TypeError):
-            _out_dtype_mm_ok[key] = False
-    acc.add_(torch.mm(a, b))  # the chunk's product rounds once to the input dtype
+    """acc (fp32) += a @ b, accumulating in fp32 even when a and b are fp16/bf16 (``utils.matmul``)."""
+    matmul(a, b, torch.float32, add_to=acc)
 
 
 def _chunked_pass(

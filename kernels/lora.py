@@ -20,19 +20,12 @@ only when the base layer trains, dx only when x needs it.
 import torch
 import torch.nn.functional as F
 
-_out_dtype_mm_ok: dict = {}
+from fusetune_kernels.utils import matmul
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, alpha: float = 1.0) -> torch.Tensor:
-    """alpha * a @ b in ``out_dtype``, accumulated in fp32 (straight from fp16/bf16 inputs on CUDA)."""
-    if a.dtype != out_dtype and _out_dtype_mm_ok.get(a.device.type, a.device.type == "cuda"):
-        try:
-            out = torch.mm(a, b, out_dtype=out_dtype)
-            return out.mul_(alpha) if alpha != 1.0 else out
-        except (RuntimeError, NotImplementedError, TypeError):
-            _out_dtype_mm_ok[a.device.type] = False
-    out = torch.mm(a, b).to(out_dtype)
-    return out.mul_(alpha) if alpha != 1.0 else out
+    """alpha * a @ b in ``out_dtype``, accumulated in fp32 (``fusetune_kernels.utils.matmul``)."""
+    return matmul(a, b, out_dtype, alpha)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

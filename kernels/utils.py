@@ -38,3 +38,25 @@ def num_warps_for(block: int) -> int:
 def interpreted() -> bool:
     """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_out_dtype_mm_ok: dict[str, bool] = {}  # device type -> whether its torch.mm takes out_dtype
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, alpha: float = 1.0, add_to=None) -> torch.Tensor:
+    """alpha * a @ b in ``out_dtype``, accumulated in fp32 straight from fp16/bf16 inputs where the device's
+    matmul writes ``out_dtype`` itself (CUDA); elsewhere the product rounds once to the inputs' dtype first.
+    With ``add_to`` (an ``out_dtype`` tensor): add_to += alpha * a @ b, in place."""
+    device = a.device.type
+    if a.dtype != out_dtype and _out_dtype_mm_ok.get(device, device == "cuda"):
+        try:
+            if add_to is not None:
+                return torch.addmm(add_to, a, b, alpha=alpha, out_dtype=out_dtype, out=add_to)
+            out = torch.mm(a, b, out_dtype=out_dtype)
+            return out.mul_(alpha) if alpha != 1.0 else out
+        except (RuntimeError, NotImplementedError, TypeError):
+            _out_dtype_mm_ok[device] = False
+    if add_to is not None:
+        return add_to.addmm_(a, b, alpha=alpha) if a.dtype == out_dtype else add_to.add_(torch.mm(a, b), alpha=alpha)
+    out = torch.mm(a, b).to(out_dtype)
+    return out.mul_(alpha) if alpha != 1.0 else out

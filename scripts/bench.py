@@ -76,6 +76,7 @@ TINY = ROOT / "src" / "fusetune" / "assets" / "tiny_llama"
 FORMAT = 1  # bump when a prepared scratch folder must be rebuilt
 PEERS = ("hf", "liger", "unsloth")
 VARIANTS = (*PEERS, "fusetune_reference", "fusetune_triton")
+# = fusetune.modules.PROJECTIONS (tested), not imported: the Unsloth process imports unsloth before fusetune
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "alpha": 16, "dropout": 0.0}
 LR = 1e-4

@@ -135,3 +135,10 @@ def test_the_readme_performance_table_is_the_generated_one():
     """The README's table comes from the newest committed peers file, through --readme-table."""
     generated = bench.readme_table(SCRIPTS.parent / "bench" / "results").strip()
     assert generated and generated in (SCRIPTS.parent / "README.md").read_text()
+
+
+def test_the_benchmark_targets_the_library_s_projections():
+    """bench.py keeps its own list (its Unsloth process must not import fusetune before unsloth): the same one."""
+    from fusetune.modules import PROJECTIONS
+
+    assert bench.TARGETS == list(PROJECTIONS)

@@ -238,7 +238,7 @@ def failing_run(monkeypatch, tmp_path):
     error, or what a given function returns (with started=False: raises at once, as validate() and the run folder
     check do); gives the call to make, and the run folder."""
     import fusetune.app.run
-    from fusetune.app.record import write_status
+    from fusetune.app.run_record import write_status
 
     def arrange(error, multirun, started=True):
         def run(cfg):
@@ -318,7 +318,7 @@ def test_a_crash_raises_in_a_single_run_and_returns_in_a_multirun(failing_run):
 
 @pytest.mark.parametrize("multirun", [False, True])
 def test_a_signal_ends_the_run_and_the_sweep_with_its_exit_code(failing_run, capsys, multirun):
-    from fusetune.app.record import write_status
+    from fusetune.app.run_record import write_status
     from fusetune.errors import Interrupted
 
     arrange, folder = failing_run

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from fusetune.app.record import read_metrics
 from fusetune.app.run import run
+from fusetune.app.run_record import read_metrics
 
 from ..conftest import ROOT
 

@@ -12,8 +12,8 @@ import pytest
 
 from fusetune.app import run as run_module
 from fusetune.app.distributed import rank
-from fusetune.app.record import read_metrics
 from fusetune.app.run import run
+from fusetune.app.run_record import read_metrics
 from fusetune.errors import FusetuneError, Interrupted
 
 from ..conftest import ROOT

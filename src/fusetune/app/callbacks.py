@@ -38,7 +38,7 @@ class AblationReport(Callback):
         if job_return.status == JobStatus.FAILED:  # an error that got past cli.run_or_exit (another task function)
             out = Path(config.hydra.runtime.output_dir)
             if not (out / STATUS).is_file():
-                from .record import write_status  # torch and transformers: only when needed
+                from .run_record import write_status  # torch and transformers: only when needed
 
                 write_status(out, "failed", exception_line(job_return._return_value))
         if self.sweep_dir is not None and self.sweep_dir.is_dir():  # a multirun (a single run has no sweep)

@@ -83,7 +83,7 @@ def record_end(out: Path | None, before: str | None, status: str, error: str) ->
             pass
     elif before is not None or (out / SUMMARY).exists() or (out / METRICS).exists():
         return  # another run's record: this run was refused, or never got to the folder
-    from .record import write_status
+    from .run_record import write_status
 
     try:
         write_status(out, status, error)

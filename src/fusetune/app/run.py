@@ -21,7 +21,8 @@ from ..faults import StopOnSignal
 from ..loading import count_parameters, load_tokenizer, pick_dtype
 from ..patching import remove_kernels
 from ..trainer import FastSFTConfig, FastSFTTrainer
-from . import distributed, record, run_folder
+from . import distributed, run_folder
+from . import run_record as record
 from .config import SFT_DEFAULTS, TRAINER_FIELDS, checkpointing_mode, validate
 from .export import export_merged
 from .loggers import close_logger, logger_callbacks, setup_logger
