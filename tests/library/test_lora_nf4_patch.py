@@ -7,14 +7,12 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from fusetune import forwards
 from fusetune.patching import apply_kernels, remove_kernels
 
 from ..kernels.conftest import DEVICE, needs_triton_backend
 from ..kernels.parity import assert_close
 from ..kernels.tiny_models import batch, tiny_model
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .lora_helpers import TARGETS, count_fused, loss_and_grads, randomize_lora_b
 
 
 @pytest.fixture(autouse=True)
@@ -45,31 +43,8 @@ def nf4_lora_model(folder, quant_type="nf4", **lora):
     # over frozen embeddings); the fused node then steps aside. Input grads, as checkpointing sets them, keep
     # every layer in the NF4 layout.
     model.enable_input_require_grads()
-    with torch.no_grad():  # B starts at zero: make the adapters matter
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    randomize_lora_b(model)
     return model
-
-
-def count_fused(monkeypatch, backend):
-    calls = []
-    ops = forwards.OPS[backend]
-    original = ops.lora_nf4_linear
-
-    def counted(*args):
-        calls.append(1)
-        return original(*args)
-
-    monkeypatch.setitem(forwards.OPS, backend, forwards.Ops(**{**ops.__dict__, "lora_nf4_linear": counted}))
-    return calls
-
-
-def loss_and_grads(model, inputs):
-    model.zero_grad()
-    loss = model(**inputs, use_cache=False).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -79,7 +54,7 @@ def test_fused_nf4_lora_trains_like_peft_over_bitsandbytes(backend, saved_tiny, 
     model = nf4_lora_model(saved_tiny)
     inputs = {k: v.to(DEVICE) for k, v in batch(model.config.vocab_size).items()}
     ref_loss, ref_grads = loss_and_grads(model, inputs)  # PEFT's forward over bitsandbytes' matmul
-    calls = count_fused(monkeypatch, backend)
+    calls = count_fused(monkeypatch, backend, "lora_nf4_linear")
     apply_kernels(model, backend)
     assert getattr(LoraLinear4bit.forward, "_fusetune", False)
     loss, grads = loss_and_grads(model, inputs)
@@ -108,7 +83,7 @@ def test_everything_else_keeps_peft_forward_over_4bit(case, saved_tiny, monkeypa
         return model(**inputs, use_cache=False).loss
 
     expected = forward()
-    calls = count_fused(monkeypatch, "reference")
+    calls = count_fused(monkeypatch, "reference", "lora_nf4_linear")
     apply_kernels(model, "reference")
     got = forward()
     assert calls == []

@@ -6,14 +6,12 @@ import torch
 from peft import LoraConfig, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 
-from fusetune import forwards
 from fusetune.patching import apply_kernels, remove_kernels
 
 from ..kernels.conftest import DEVICE, needs_triton_backend
 from ..kernels.parity import assert_close
 from ..kernels.tiny_models import batch, tiny_model
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from .lora_helpers import TARGETS, count_fused, loss_and_grads, randomize_lora_b
 
 
 @pytest.fixture(autouse=True)
@@ -26,31 +24,8 @@ def lora_model(dtype=torch.float32, **lora):
     model = tiny_model("llama", dtype=dtype).to(DEVICE)
     config = LoraConfig(**{"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": TARGETS, **lora})
     model = get_peft_model(model, config)
-    with torch.no_grad():  # B starts at zero: make the adapters matter
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    randomize_lora_b(model)
     return model
-
-
-def count_fused(monkeypatch, backend):
-    calls = []
-    ops = forwards.OPS[backend]
-    original = ops.lora_linear
-
-    def counted(*args):
-        calls.append(1)
-        return original(*args)
-
-    monkeypatch.setitem(forwards.OPS, backend, forwards.Ops(**{**ops.__dict__, "lora_linear": counted}))
-    return calls
-
-
-def loss_and_grads(model, inputs):
-    model.zero_grad()
-    loss = model(**inputs, use_cache=False).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

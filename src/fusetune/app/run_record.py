@@ -1,6 +1,5 @@
 """The run record: metrics.jsonl while training, summary.json at the end."""
 
-import importlib.metadata
 import json
 import resource
 import sys
@@ -12,6 +11,7 @@ from transformers import TrainerCallback
 
 from ..checkpoints import write_json_atomically
 from ..report import STATUS, last_step, one_line
+from ..versions import installed
 
 VERSIONED = (
     "torch",
@@ -28,13 +28,7 @@ SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_se
 
 
 def versions() -> dict[str, str | None]:
-    found = {"python": sys.version.split()[0]}
-    for name in VERSIONED:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    return {"python": sys.version.split()[0], **installed(VERSIONED)}
 
 
 def reset_peak_memory() -> None:

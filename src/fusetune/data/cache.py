@@ -28,7 +28,6 @@ folder that cannot be read back is tokenized again. Nothing is ever evicted: del
 """
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ import numpy as np
 from datasets import Dataset, concatenate_datasets, load_from_disk
 
 from ..compat.trl import label_options, prepare_as_trl
+from ..versions import installed
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when what a unit holds changes
@@ -66,13 +66,7 @@ def code_hash() -> str:
 
 
 def versions() -> dict[str, str | None]:
-    found = {}
-    for name in VERSIONED:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    return installed(VERSIONED)
 
 
 @dataclass
