@@ -121,6 +121,7 @@ def _start_wandb(cfg, out: Path) -> list[str]:
     mode = wandb_mode(cfg)
     name, group = run_identity(cfg)
     config = wandb_config(cfg)
+    wandb.teardown()  # settings left by an earlier run in this process (another trainer's callback) go first
     try:
         run = wandb.init(
             project=cfg.logger.project,
