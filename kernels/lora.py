@@ -15,6 +15,12 @@ All products run in the compute dtype (autocast's, else x's), with fp32 accumula
 come out in the adapters' dtype (fp32 for PEFT's default), computed by an out_dtype matmul on CUDA.
 Saved for backward: x, W, the cast adapters and xa [tokens, r]; no fp32 copy of x. dW and db
 only when the base layer trains, dx only when x needs it.
+
+``compute_output=False`` saves the same tensors but skips both products into y and returns y
+filled with NaN (so any use of it shows). Checkpointing's recompute runs a layer only for what it
+saves; where nothing reads the projection's output there (a decoder layer's down projection),
+this drops one matmul per recompute. The reference twin ignores it: its saved tensors are
+PyTorch's own, so it always computes y.
 """
 
 import torch
@@ -38,15 +44,18 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, compute_output):
         dtype = compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
         # Every operand is in the compute dtype already, so autocast (if on) has nothing to cast.
-        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         xa = torch.mm(x2, a.t())
-        y.addmm_(xa, b.t(), alpha=scaling)
+        if compute_output:
+            y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            y.addmm_(xa, b.t(), alpha=scaling)
+        else:
+            y = unused_output(x2, w.shape[0])
         ctx.scaling = scaling
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(x2, w, a, b, xa)
@@ -56,7 +65,7 @@ class _LoRALinear(torch.autograd.Function):
     def backward(ctx, dy):
         x2, w, a, b, xa = ctx.saved_tensors
         x_dtype, w_dtype, bias_dtype, a_dtype, b_dtype = ctx.dtypes
-        need_x, need_w, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         s = ctx.scaling
         shape = dy.shape
         dy2 = dy.reshape(-1, shape[-1]).to(w.dtype)
@@ -72,16 +81,23 @@ class _LoRALinear(torch.autograd.Function):
             dw = _mm(dy2.t(), x2, w_dtype)
         if need_bias:
             dbias = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
-        return dx, dw, dbias, da, db, None
+        return dx, dw, dbias, da, db, None, None
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
-    """x [..., in], weight [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r] -> [..., out]."""
-    return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, float(scaling))
+def unused_output(x2: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The [tokens, out] output of a node told not to compute it: NaN, so that any use of it shows."""
+    return torch.full((x2.shape[0], out_features), float("nan"), dtype=x2.dtype, device=x2.device)
 
 
-def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
-    """PEFT's own arithmetic: the base linear, then the adapter branch in the adapters' dtype, added."""
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, compute_output: bool = True) -> torch.Tensor:
+    """x [..., in], weight [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r] -> [..., out].
+    ``compute_output=False``: only what backward needs (the output is NaN; see the module docstring)."""
+    return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), compute_output)
+
+
+def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling: float, compute_output: bool = True) -> torch.Tensor:
+    """PEFT's own arithmetic: the base linear, then the adapter branch in the adapters' dtype, added.
+    ``compute_output`` is accepted and ignored (the output is always computed)."""
     result = F.linear(x, weight, bias)
     branch = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scaling
     return (result + branch).to(result.dtype)

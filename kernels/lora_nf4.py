@@ -17,6 +17,9 @@ aliases the workspace. A grown buffer's old storage goes back to the caching all
 reuses it on the same stream only after the work queued on it. (This holds as long as layers
 are not run concurrently on different streams.)
 
+``compute_output=False`` (a recompute whose output nobody reads; see ``fusetune_kernels.lora``)
+saves the same tensors and skips the dequantization and both products into y.
+
 Memory traffic per call beyond the matmuls: the dequantization writes out * in elements once in
 forward and once in backward, instead of keeping them alive from forward to backward.
 """
@@ -24,7 +27,7 @@ forward and once in backward, instead of keeping them alive from forward to back
 import torch
 import torch.nn.functional as F
 
-from fusetune_kernels.lora import _mm, compute_dtype
+from fusetune_kernels.lora import _mm, compute_dtype, unused_output
 from fusetune_kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
 from fusetune_kernels.utils import new_empty
 
@@ -43,16 +46,19 @@ def _dequantize_into_workspace(weight: NF4Weight, dtype: torch.dtype) -> torch.T
 
 class _LoRANF4Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, compute_output):
         dtype = compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        w = _dequantize_into_workspace(weight, dtype)
         # Every operand is in the compute dtype already, so autocast (if on) has nothing to cast.
-        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
         xa = torch.mm(x2, a.t())
-        y.addmm_(xa, b.t(), alpha=scaling)
+        if compute_output:
+            w = _dequantize_into_workspace(weight, dtype)
+            y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            y.addmm_(xa, b.t(), alpha=scaling)
+        else:
+            y = unused_output(x2, weight.shape[0])
         ctx.weight = weight  # the packed NF4 tensors, not the dequantized W
         ctx.scaling = scaling
         ctx.dtypes = (x.dtype, None if bias is None else bias.dtype, lora_a.dtype, lora_b.dtype)
@@ -63,7 +69,7 @@ class _LoRANF4Linear(torch.autograd.Function):
     def backward(ctx, dy):
         x2, a, b, xa = ctx.saved_tensors
         x_dtype, bias_dtype, a_dtype, b_dtype = ctx.dtypes
-        need_x, _, need_bias, need_a, need_b, _ = ctx.needs_input_grad
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         s = ctx.scaling
         shape = dy.shape
         dy2 = dy.reshape(-1, shape[-1]).to(x2.dtype)
@@ -78,7 +84,7 @@ class _LoRANF4Linear(torch.autograd.Function):
             db = _mm(dy2.t(), xa, b_dtype, alpha=s)
         if need_bias:
             dbias = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
-        return dx, None, dbias, da, db, None
+        return dx, None, dbias, da, db, None, None
 
 
 def _check(weight, lora_a, lora_b) -> None:
@@ -89,15 +95,20 @@ def _check(weight, lora_a, lora_b) -> None:
         raise ValueError(f"adapters {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not fit weight {weight.shape}")
 
 
-def lora_nf4_linear(x, weight: NF4Weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
-    """x [..., in], weight NF4 [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r] -> [..., out]."""
+def lora_nf4_linear(
+    x, weight: NF4Weight, bias, lora_a, lora_b, scaling: float, compute_output: bool = True
+) -> torch.Tensor:
+    """x [..., in], weight NF4 [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r] -> [..., out].
+    ``compute_output=False``: only what backward needs (the output is NaN)."""
     _check(weight, lora_a, lora_b)
-    return _LoRANF4Linear.apply(x, weight, bias, lora_a, lora_b, float(scaling))
+    return _LoRANF4Linear.apply(x, weight, bias, lora_a, lora_b, float(scaling), compute_output)
 
 
-def lora_nf4_linear_reference(x, weight: NF4Weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
+def lora_nf4_linear_reference(
+    x, weight: NF4Weight, bias, lora_a, lora_b, scaling: float, compute_output: bool = True
+) -> torch.Tensor:
     """PEFT over bitsandbytes' Linear4bit: W dequantized to its own dtype, cast to x's, the base linear,
-    then the adapter branch in the adapters' dtype, added."""
+    then the adapter branch in the adapters' dtype, added. ``compute_output`` is ignored."""
     _check(weight, lora_a, lora_b)
     w = dequantize_nf4_reference(weight).to(x.dtype)
     result = F.linear(x, w, None if bias is None else bias.to(x.dtype))

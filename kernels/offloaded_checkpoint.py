@@ -54,9 +54,15 @@ autograd's version check, so an in-place change of a layer's input after its for
 only while the original tensor is alive. Eager mode only; a layer called while a
 CUDA graph is being captured runs as plain checkpointing.
 
-Without CUDA, ``enable_offloaded_checkpointing`` installs plain non-reentrant checkpointing and
-logs why. ``set_cpu_simulation(True)`` (tests) makes CPU tensors take the offload path with
-synchronous CPU copies instead, so the same bookkeeping runs without a GPU.
+Without CUDA, ``enable_checkpointing(model, offload=True)`` installs plain non-reentrant
+checkpointing and logs why. ``set_cpu_simulation(True)`` (tests) makes CPU tensors take the offload
+path with synchronous CPU copies instead, so the same bookkeeping runs without a GPU.
+
+The recompute is marked. ``enable_checkpointing`` gives every checkpointed layer its own
+``LayerCheckpoint``, which runs the layer's forward as usual and its re-run for backward under
+``recomputing() is layer``. The recompute's outputs are thrown away; only the tensors it saves are
+used. A layer whose last op is ``residual + mlp(...)`` can therefore leave the MLP's down projection
+uncomputed there (``fusetune.forwards.mlp_forward``), which saves that matmul in every recompute.
 """
 
 import functools
@@ -73,6 +79,7 @@ log = logging.getLogger(__name__)
 _simulate_on_cpu = False
 _streams: dict[torch.device, "torch.cuda.Stream"] = {}
 _chain = threading.local()  # .last: weakref to the entry packed most recently in this thread
+_recompute = threading.local()  # .layer: the layer whose forward is being re-run for backward
 # Counts of offloads (D2H), fetches (unpacks) and prefetches issued, for tests and benchmarks.
 stats = {"offloaded": 0, "fetched": 0, "prefetched": 0}
 
@@ -204,6 +211,37 @@ def checkpoint_reference(function, *args, **kwargs):
     return checkpoint(function, *args, use_reentrant=False, **_non_reentrant(kwargs))
 
 
+def recomputing():
+    """The layer whose checkpointed forward this thread is re-running for backward, else None."""
+    return getattr(_recompute, "layer", None)
+
+
+class LayerCheckpoint:
+    """One layer's checkpointing function (what transformers calls as ``_gradient_checkpointing_func``):
+    ``offloaded_checkpoint`` or ``checkpoint_reference`` with the keywords it was given, the layer's
+    re-run for backward marked by ``recomputing()``."""
+
+    def __init__(self, layer, offload: bool, keywords: dict):
+        self.layer, self.offload, self.keywords = layer, offload, keywords
+
+    def __call__(self, function, *args, **kwargs):
+        checkpoint_fn = offloaded_checkpoint if self.offload else checkpoint_reference
+        calls = 0
+
+        def run(*inner_args, **inner_kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # the forward itself
+                return function(*inner_args, **inner_kwargs)
+            previous, _recompute.layer = recomputing(), self.layer
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                _recompute.layer = previous
+
+        return checkpoint_fn(run, *args, **{**self.keywords, **kwargs})
+
+
 # --- installing it on a Hugging Face model ---------------------------------------------------------
 
 
@@ -228,22 +266,21 @@ def _checkpointed_layers(root) -> list:
 
 
 def _install(root, gradient_checkpointing_func) -> None:
-    """Route every module that transformers gave a checkpointing function through offloaded_checkpoint,
+    """Give every module that transformers gave a checkpointing function its own ``LayerCheckpoint``,
     keeping the keyword arguments it was given (preserve_rng_state, context_fn, ...)."""
     keywords = {}
     if isinstance(gradient_checkpointing_func, functools.partial):
         keywords = dict(gradient_checkpointing_func.keywords)
     if keywords.pop("use_reentrant", False):
-        log.info("offloaded checkpointing is non-reentrant: use_reentrant=True is replaced")
-    func = functools.partial(offloaded_checkpoint, **keywords) if keywords else offloaded_checkpoint
+        log.info("fusetune's checkpointing is non-reentrant: use_reentrant=True is replaced")
     for module in root.modules():
         if hasattr(module, "gradient_checkpointing"):
-            module._gradient_checkpointing_func = func
+            module._gradient_checkpointing_func = LayerCheckpoint(module, root._fusetune_offload, keywords)
 
 
 def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, *args, **kwargs):
     """Bound on a model instance over transformers' own: whoever enables checkpointing later (the
-    Trainer, PEFT's preparation, TRL's generation helpers) still gets the offloaded function."""
+    Trainer, PEFT's preparation, TRL's generation helpers) still gets fusetune's function."""
     type(self)._set_gradient_checkpointing(self, enable, gradient_checkpointing_func, *args, **kwargs)
     if enable:
         _install(self, gradient_checkpointing_func)
@@ -270,30 +307,35 @@ def _model_device(model) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def enable_offloaded_checkpointing(model) -> str:
-    """Turn on offloaded checkpointing for a transformers causal LM or a PEFT model wrapping one.
+def enable_checkpointing(model, offload: bool = True) -> str:
+    """Turn on fusetune's activation checkpointing for a transformers causal LM or a PEFT model wrapping one.
 
     Calls the model's own checkpointing enable (non-reentrant; it also makes the input embeddings
-    require grad, as transformers does) and routes every checkpointed layer through
-    ``offloaded_checkpoint``; later enables by the Trainer keep it. Returns what it did, in words.
-    Off CUDA it enables plain non-reentrant checkpointing and logs why.
+    require grad, as transformers does) and gives every checkpointed layer a ``LayerCheckpoint``:
+    offloaded (``offload=True``, on CUDA) or plain; later enables by the Trainer keep it. Returns what
+    it did, in words. Off CUDA, ``offload=True`` falls back to plain checkpointing and logs why.
     """
     base = _pretrained_root(model)
     device = _model_device(base)
-    if device.type != "cuda" and not (_simulate_on_cpu and device.type == "cpu"):
+    why = None
+    if offload and device.type != "cuda" and not (_simulate_on_cpu and device.type == "cpu"):
         why = "CUDA is not available" if not torch.cuda.is_available() else f"the model is on {device.type}"
-        _enable_checkpointing(base)
-        log.info("offloaded checkpointing: %s, using plain non-reentrant checkpointing", why)
-        return f"plain non-reentrant checkpointing on {len(_checkpointed_layers(base))} layers ({why})"
+        offload = False
+    for module in base.modules():  # every transformers model inside (a composite model has several)
+        if hasattr(type(module), "_set_gradient_checkpointing"):
+            module._fusetune_offload = offload
     sticky = _make_sticky(base)
     _enable_checkpointing(base)
     if not sticky:  # the old-format setter did not call ours
         _install(base, None)
     layers = len(_checkpointed_layers(base))
-    where = "a CPU copy (simulation)" if device.type == "cpu" else "pinned CPU memory on a side stream"
-    description = (
-        f"offloaded checkpointing on {layers} layers: each layer's input goes to {where} "
-        "and is prefetched one layer ahead in the backward"
-    )
+    if offload:
+        where = "a CPU copy (simulation)" if device.type == "cpu" else "pinned CPU memory on a side stream"
+        description = (
+            f"offloaded checkpointing on {layers} layers: each layer's input goes to {where} "
+            "and is prefetched one layer ahead in the backward"
+        )
+    else:
+        description = f"plain non-reentrant checkpointing on {layers} layers" + (f" ({why})" if why else "")
     log.info(description)
     return description

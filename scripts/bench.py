@@ -343,7 +343,7 @@ def build_fusetune(spec: dict, torch, dtype):
         lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"],
         target_modules=TARGETS,
-        use_gradient_checkpointing="unsloth",
+        use_gradient_checkpointing="unsloth" if spec.get("fusetune_checkpointing", "offload") == "offload" else True,
         random_state=spec["seed"],
     )
     if spec["mode"] == "padding_free":
@@ -732,6 +732,12 @@ def s4_mode(variant: str, args) -> str:
     return "padded" if args.s4_mode == "padded" else "padding_free"
 
 
+def checkpointing(variant: str, fusetune_choice: str) -> str:
+    if variant.startswith("fusetune") and fusetune_choice == "plain":
+        return "use_gradient_checkpointing=True (plain, fusetune's)"
+    return CHECKPOINTING[variant]
+
+
 def base_row(scenario: str, variant: str, sc: dict, gpu: dict, args) -> dict:
     cfg = arch_config(sc["arch"])
     return {
@@ -746,7 +752,7 @@ def base_row(scenario: str, variant: str, sc: dict, gpu: dict, args) -> dict:
         "seq": sc.get("seq"),
         "lora": {**LORA, "targets": TARGETS},
         "optimizer": "torch AdamW (fused)" if gpu["cuda"] else "torch AdamW",
-        "gradient_checkpointing": CHECKPOINTING[variant],
+        "gradient_checkpointing": checkpointing(variant, args.fusetune_checkpointing),
         "autocast": bool(gpu["cuda"] and not args.no_autocast),
         "matmul_params": matmul_params(cfg),
         "flops_convention": "4N per token (N: all matmul params incl. lm_head, excl. embeddings) "
@@ -780,6 +786,7 @@ def worker_spec(scenario, variant, sc, folder, source, gpu, args, *, seq=None, m
         "peak_tflops": gpu.get("peak_tflops"),
         "max_seq_length": max(widest, 2048 if gpu["cuda"] else 0),
         "profile": variant in args.profile,
+        "fusetune_checkpointing": args.fusetune_checkpointing,
     }
 
 
@@ -1201,6 +1208,12 @@ def parse_args(argv=None):
     p.add_argument("--s4-mode", choices=["auto", "padded"], default="auto", help="auto: padding-free where supported")
     p.add_argument("--alt-steps", type=int, default=5, help="S3: steps timed again with adamw_8bit (0: off)")
     p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast around the forward")
+    p.add_argument(
+        "--fusetune-checkpointing",
+        choices=["offload", "plain"],
+        default="offload",
+        help='fusetune variants: use_gradient_checkpointing="unsloth" (offload, as the seeds) or True (plain)',
+    )
     p.add_argument("--s5-min", type=int, default=8192)
     p.add_argument("--s5-max", type=int, default=262144)
     p.add_argument("--s5-probes", type=int, default=6, help="S5: most probes per variant")

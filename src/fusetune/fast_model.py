@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fusetune_kernels.offloaded_checkpoint import enable_offloaded_checkpointing
+from fusetune_kernels.offloaded_checkpoint import enable_checkpointing
 
 from . import loading
 from .errors import FusetuneError
@@ -187,11 +187,11 @@ class FastModel:
             layers_pattern=layers_pattern,
         )
         peft_model.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
-        if use_gradient_checkpointing in OFFLOADED:
+        if checkpointing:  # fusetune's own: offloaded or not, with the recompute marked (see enable_checkpointing)
             log.info(
                 "use_gradient_checkpointing=%r: %s",
                 use_gradient_checkpointing,
-                enable_offloaded_checkpointing(peft_model),
+                enable_checkpointing(peft_model, offload=use_gradient_checkpointing in OFFLOADED),
             )
         return peft_model
 

@@ -1,5 +1,6 @@
 """The forwards that the patch table installs, built for one backend's ops."""
 
+import contextvars
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 from fusetune_kernels import fused_linear_cross_entropy, glu, lora, lora_nf4, rms_norm, rope
 from fusetune_kernels.fused_linear_cross_entropy import find_kept_rows
 from fusetune_kernels.nf4 import NF4Weight
+from fusetune_kernels.offloaded_checkpoint import recomputing
 
 from .errors import FusetuneError
 
@@ -48,6 +50,8 @@ OPS = {
     ),
 }
 IGNORE_INDEX = -100
+# Set while a checkpointed layer's recompute calls its MLP's down projection, whose output nobody reads there.
+_output_unused = contextvars.ContextVar("fusetune_output_unused", default=False)
 GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh", "gelu_tanh"}
 
 
@@ -69,10 +73,22 @@ def gated_activation(ops: Ops, name: str):
     raise FusetuneError(f"kernels: no fused gated activation for '{name}'; supported: silu, gelu, gelu_pytorch_tanh")
 
 
-def mlp_forward(ops: Ops, activation_attr: str):
+def mlp_forward(ops: Ops, activation_attr: str, output_feeds_residual_only: bool):
+    """The gated MLP through ``ops``. When the decoder layer only adds the MLP's output to the residual
+    (``output_feeds_residual_only``), its recompute under fusetune's checkpointing tells a fused LoRA down
+    projection that its output is unused: that projection then saves its tensors without the matmul."""
+
     def forward(self, x):
         act = gated_activation(ops, getattr(self.config, activation_attr))
-        return self.down_proj(act(self.gate_proj(x), self.up_proj(x)))
+        hidden = act(self.gate_proj(x), self.up_proj(x))
+        layer = recomputing()
+        if output_feeds_residual_only and layer is not None and getattr(layer, "mlp", None) is self:
+            token = _output_unused.set(True)
+            try:
+                return self.down_proj(hidden)
+            finally:
+                _output_unused.reset(token)
+        return self.down_proj(hidden)
 
     return forward
 
@@ -221,7 +237,13 @@ def lora_forward(ops: Ops, original_forward):
             return original_forward(self, x, *args, **kwargs)
         base = self.base_layer
         return ops.lora_linear(
-            x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+            x,
+            base.weight,
+            base.bias,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+            compute_output=not _output_unused.get(),
         )
 
     forward._fusetune = True
@@ -255,7 +277,13 @@ def lora_nf4_forward(ops: Ops, original_forward, linear4bit: type):
         if weight is None:
             return original_forward(self, x, *args, **kwargs)
         return ops.lora_nf4_linear(
-            x, weight, self.base_layer.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+            x,
+            weight,
+            self.base_layer.bias,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.scaling[name],
+            compute_output=not _output_unused.get(),
         )
 
     forward._fusetune = True

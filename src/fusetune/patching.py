@@ -40,6 +40,9 @@ class Family:
     causal_lm: str  # *ForCausalLM class
     gemma_norm: bool = False  # scale by (1 + weight), all in fp32
     activation: str = "hidden_act"  # config attribute naming the MLP activation
+    # The decoder layer only adds the MLP's output to the residual (no norm after the MLP), so the
+    # checkpointing recompute may leave the down projection's output uncomputed.
+    mlp_output_feeds_residual_only: bool = True
 
 
 M = "transformers.models"
@@ -63,6 +66,7 @@ FAMILIES = {
         "Gemma2ForCausalLM",
         gemma_norm=True,
         activation="hidden_activation",
+        mlp_output_feeds_residual_only=False,  # post_feedforward_layernorm saves the MLP's output
     ),
 }
 TRL_FUSED_HEAD = ("trl.trainer.sft_trainer", "add_fused_lm_head")
@@ -121,7 +125,12 @@ def _targets(family: Family):
     norm, mlp, causal_lm = (getattr(module, name) for name in (family.norm, family.mlp, family.causal_lm))
     rows = [
         ("rms_norm", norm, "forward", lambda ops, _: forwards.norm_forward(ops, family.gemma_norm)),
-        ("glu", mlp, "forward", lambda ops, _: forwards.mlp_forward(ops, family.activation)),
+        (
+            "glu",
+            mlp,
+            "forward",
+            lambda ops, _: forwards.mlp_forward(ops, family.activation, family.mlp_output_feeds_residual_only),
+        ),
         ("rope", module, "apply_rotary_pos_emb", lambda ops, _: forwards.rope_function(ops)),
         ("loss", causal_lm, "forward", forwards.causal_lm_forward),
         (

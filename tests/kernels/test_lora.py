@@ -68,3 +68,18 @@ def test_autocast_computes_in_the_autocast_dtype():
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32 and lora_a.grad.dtype == torch.float32
     assert torch.isfinite(x.grad).all() and torch.isfinite(lora_a.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unused_output_saves_what_backward_needs(dtype):
+    """compute_output=False in a checkpoint's recompute: the same gradients, no product into y."""
+    from .parity import assert_unused_output_recompute
+
+    x, weight, bias, lora_a, lora_b = make(dtype, torch.float32)
+    lora_a.requires_grad_()
+    lora_b.requires_grad_()
+
+    def node(inp, **kw):
+        return lora_linear(inp, weight, bias, lora_a, lora_b, 1.75, **kw)
+
+    assert_unused_output_recompute(node, x, [lora_a, lora_b], torch.randn(3, 7, 40, device=DEVICE))

@@ -149,3 +149,22 @@ def test_rejects_mismatched_adapters():
     bias, lora_a, lora_b = adapters(40, 64, 8, torch.float32)
     with pytest.raises(ValueError, match="do not fit"):
         lora_nf4_linear(torch.randn(2, 64, device=DEVICE), weight, bias, lora_a, lora_b, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unused_output_saves_what_backward_needs(dtype):
+    """compute_output=False in a checkpoint's recompute: the same gradients, no dequantization or product
+    into y (the workspace is not even created)."""
+    from .parity import assert_unused_output_recompute
+
+    out_f, in_f, r = 80, 96, 8
+    weight = nf4_weight(out_f, in_f)
+    bias, lora_a, lora_b = (t.requires_grad_() for t in adapters(out_f, in_f, r, torch.float32))
+    x = torch.randn(2, 5, in_f, device=DEVICE).to(dtype)
+    lora_nf4_linear(x, weight, bias, lora_a, lora_b, SCALING, compute_output=False)
+    assert lora_nf4._workspaces == {}
+
+    def node(inp, **kw):
+        return lora_nf4_linear(inp, weight, bias, lora_a, lora_b, SCALING, **kw)
+
+    assert_unused_output_recompute(node, x, [bias, lora_a, lora_b], torch.randn(2, 5, out_f, device=DEVICE))

@@ -7,7 +7,6 @@ memory they save.
 """
 
 import copy
-import functools
 import logging
 
 import pytest
@@ -17,8 +16,9 @@ from fusetune import FastModel
 from fusetune.patching import remove_kernels
 from fusetune_kernels import offloaded_checkpoint as oc
 from fusetune_kernels.offloaded_checkpoint import (
+    LayerCheckpoint,
     checkpoint_reference,
-    enable_offloaded_checkpointing,
+    enable_checkpointing,
     offloaded_checkpoint,
 )
 
@@ -79,7 +79,7 @@ def loss_and_grads(model, batch: dict, embeds: torch.Tensor | None = None):
 
 def routed(module) -> bool:
     func = module._gradient_checkpointing_func
-    return (func.func if isinstance(func, functools.partial) else func) is offloaded_checkpoint
+    return isinstance(func, LayerCheckpoint) and func.offload
 
 
 def decoder_layers(model) -> list:
@@ -90,7 +90,7 @@ def compare(model, batch, embeds=None):
     """Loss and gradients under plain checkpointing, then under the offload path: they must be equal."""
     ref_loss, ref_grads = loss_and_grads(model, batch, embeds)
     assert oc.stats["offloaded"] == 0
-    description = enable_offloaded_checkpointing(model)
+    description = enable_checkpointing(model)
     assert description.startswith("offloaded checkpointing") and all(map(routed, decoder_layers(model)))
     loss, grads = loss_and_grads(model, batch, embeds)
     # every checkpointed layer's input went out, came back once, and all but the first fetched were prefetched
@@ -125,7 +125,7 @@ def test_offloaded_inputs_leave_the_device_after_the_forward(simulate):
     import weakref
 
     model = tiny_lora("cpu")
-    enable_offloaded_checkpointing(model)
+    enable_checkpointing(model)
     inputs = []
     for layer in decoder_layers(model):
         layer.register_forward_pre_hook(
@@ -172,12 +172,13 @@ def test_function_level_twin(simulate):
 def test_cpu_falls_back_and_logs_why(caplog):
     model = tiny_lora("cpu")
     with caplog.at_level(logging.INFO, logger=LOGGER):
-        description = enable_offloaded_checkpointing(model)
+        description = enable_checkpointing(model)
     lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len(lines) == 1 and "plain non-reentrant" in lines[0]
     assert "CUDA is not available" in lines[0] or "the model is on cpu" in lines[0]
     assert description.startswith("plain non-reentrant checkpointing on 4 layers")
     assert not any(map(routed, decoder_layers(model)))
+    assert all(isinstance(layer._gradient_checkpointing_func, LayerCheckpoint) for layer in decoder_layers(model))
     assert all(layer.gradient_checkpointing for layer in decoder_layers(model))
     loss_and_grads(model, random_batch(model, "cpu"))
     assert oc.stats["offloaded"] == 0
@@ -195,7 +196,7 @@ def test_enable_routes_every_layer(simulate, monkeypatch):
 
     monkeypatch.setattr(oc, "checkpoint", counted)
     batch = random_batch(model, "cpu")
-    assert "offloaded checkpointing on 4 layers" in enable_offloaded_checkpointing(model)
+    assert "offloaded checkpointing on 4 layers" in enable_checkpointing(model)
     loss_and_grads(model, batch)
     assert len(calls) == TINY_LAYERS and oc.stats["offloaded"] == oc.stats["fetched"] == TINY_LAYERS
 
@@ -278,7 +279,7 @@ def test_cuda_offload_lowers_peak_memory():
 
     peak()  # warm-up: cuBLAS workspaces and the like, outside the measurement
     plain = peak()
-    enable_offloaded_checkpointing(model)
+    enable_checkpointing(model)
     peak()
     offloaded = peak()
     assert oc.stats["offloaded"] == 2 * layers

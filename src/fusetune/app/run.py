@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import set_seed
 
-from fusetune_kernels.offloaded_checkpoint import enable_offloaded_checkpointing
+from fusetune_kernels.offloaded_checkpoint import enable_checkpointing
 
 from ..checkpoints import newest_complete, step_of
 from ..compat.trl import trained_tokens
@@ -139,7 +139,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
             random_state=cfg.seed,
         )
     elif checkpointing_mode(m.gradient_checkpointing) == "offload":
-        log.info("model.gradient_checkpointing=offload: %s", enable_offloaded_checkpointing(model))
+        log.info("model.gradient_checkpointing=offload: %s", enable_checkpointing(model, offload=True))
     total_params, trainable_params = count_parameters(model)
     args = sft_config(cfg, out, dtype, report_to, backend, distributed.trainer_options(cfg.distributed.value, model))
     resume_step = step_of(checkpoint) if checkpoint else None

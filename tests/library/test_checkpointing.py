@@ -1,0 +1,107 @@
+"""fusetune's checkpointing on patched models: where a decoder layer only adds its MLP's output to the
+residual, the recompute leaves the fused LoRA down projection's product out, and every gradient equals
+that of an uncheckpointed step."""
+
+import dataclasses
+import importlib
+import inspect
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.utils.flop_counter import FlopCounterMode
+
+from fusetune import forwards
+from fusetune.modules import PROJECTIONS
+from fusetune.patching import FAMILIES, apply_kernels, remove_kernels
+from fusetune_kernels import offloaded_checkpoint as oc
+from fusetune_kernels.offloaded_checkpoint import LayerCheckpoint, enable_checkpointing
+
+from ..kernels.conftest import needs_triton_backend
+from ..kernels.tiny_models import COMMON, batch, tiny_model
+
+RANK = 4
+
+
+@pytest.fixture(autouse=True)
+def clean_state():
+    needs_triton_backend()
+    yield
+    oc.set_cpu_simulation(False)
+    remove_kernels()
+
+
+def lora_model(family: str):
+    model = get_peft_model(
+        tiny_model(family), LoraConfig(r=RANK, lora_alpha=8, lora_dropout=0.0, target_modules=list(PROJECTIONS))
+    )
+    with torch.no_grad():  # B starts at zero: make the adapters matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    apply_kernels(model, "triton", rms_norm=False, rope=False, loss=False)  # the MLP and LoRA ops matter here
+    return model.train()
+
+
+def step(model, inputs) -> tuple[torch.Tensor, dict, int]:
+    """Loss, LoRA gradients, and the FLOPs of the backward (the recompute included)."""
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs, use_cache=False).loss
+    with FlopCounterMode(display=False) as flops:
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return loss.detach(), grads, flops.get_total_flops()
+
+
+def down_projection_flops(tokens: int) -> int:
+    """The down projection's base product x W^T, per layer (the counter skips the in-place xa B^T)."""
+    hidden, intermediate = COMMON["hidden_size"], COMMON["intermediate_size"]
+    return COMMON["num_hidden_layers"] * 2 * tokens * hidden * intermediate
+
+
+@pytest.mark.parametrize(
+    "family, offload", [(family, False) for family in FAMILIES] + [("llama", True), ("gemma2", True)]
+)
+def test_recompute_skips_only_what_nobody_reads(family, offload, monkeypatch):
+    oc.set_cpu_simulation(offload)
+    model = lora_model(family)
+    inputs = batch(model.config.vocab_size)
+    tokens = inputs["input_ids"].numel()
+    loss, grads, flops = step(model, inputs)  # no checkpointing
+
+    assert enable_checkpointing(model, offload=offload).startswith("offloaded" if offload else "plain")
+    layers = model.get_base_model().model.layers
+    assert all(isinstance(layer._gradient_checkpointing_func, LayerCheckpoint) for layer in layers)
+    ckpt_loss, ckpt_grads, ckpt_flops = step(model, inputs)
+    assert torch.equal(ckpt_loss, loss) and set(ckpt_grads) == set(grads)
+    for name, grad in ckpt_grads.items():
+        assert torch.isfinite(grad).all() and torch.equal(grad, grads[name]), f"{family}: grad {name} differs"
+
+    monkeypatch.setattr(forwards, "recomputing", lambda: None)  # the recompute computes everything
+    full_recompute_flops = step(model, inputs)[2]
+    skipped = down_projection_flops(tokens) if FAMILIES[family].mlp_output_feeds_residual_only else 0
+    assert full_recompute_flops - ckpt_flops == skipped
+    assert full_recompute_flops > flops  # the recompute is counted at all
+
+
+def test_a_norm_after_the_mlp_would_read_the_skipped_output(monkeypatch):
+    """Gemma-2 normalises the MLP's output before the residual add: skipping its product there would
+    train on NaN. Its row says so, and the test above would see it."""
+    wrong = dataclasses.replace(FAMILIES["gemma2"], mlp_output_feeds_residual_only=True)
+    monkeypatch.setitem(FAMILIES, "gemma2", wrong)
+    model = lora_model("gemma2")
+    enable_checkpointing(model, offload=False)
+    _, grads, _ = step(model, batch(model.config.vocab_size))
+    assert not all(torch.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_flag_matches_the_decoder_layer(family):
+    """The row's flag is read off transformers' decoder layer: the MLP's output goes straight into the
+    residual add and nowhere else."""
+    module = importlib.import_module(FAMILIES[family].module)
+    layer = next(c for name, c in vars(module).items() if name.endswith("DecoderLayer"))
+    lines = [line.strip() for line in inspect.getsource(layer.forward).splitlines() if line.strip()]
+    after_mlp = lines[lines.index("hidden_states = self.mlp(hidden_states)") + 1]
+    feeds_residual_only = after_mlp == "hidden_states = residual + hidden_states"
+    assert FAMILIES[family].mlp_output_feeds_residual_only == feeds_residual_only
