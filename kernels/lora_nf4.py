@@ -1,7 +1,9 @@
 """QLoRA linear: y = x @ W^T + b + scaling * (x @ A^T) @ B^T over a frozen NF4 weight W, one autograd node.
 
-    forward:   W = dequant(Wq);  y = x W^T (+ b);  xa = x A^T;  y += s * xa B^T
-    backward:  W = dequant(Wq);  g = dy B;  dx = dy W + s * g A;  dA = s * g^T x;  dB = s * dy^T xa
+    forward:   W = dequant(Wq);  xa = x A^T;  y = s * xa B^T (+ b);  y += x W^T
+    backward:  W = dequant(Wq);  g = dy B;  dx = s * g A;  dx += dy W;  dA = s * g^T x;  dB = s * dy^T xa
+
+(the order of the products as in ``fusetune_kernels.lora``, whose helpers run them)
 
 W is dequantized (``fusetune_kernels.nf4``) straight into the compute dtype (autocast's, else
 x's) with one rounding from fp32, into a workspace shared by every layer: one buffer per device
@@ -27,7 +29,7 @@ forward and once in backward, instead of keeping them alive from forward to back
 import torch
 import torch.nn.functional as F
 
-from fusetune_kernels.lora import _mm, compute_dtype, unused_output
+from fusetune_kernels.lora import _mm, base_plus_lora, compute_dtype, input_grad, unused_output
 from fusetune_kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
 from fusetune_kernels.utils import new_empty
 
@@ -55,8 +57,7 @@ class _LoRANF4Linear(torch.autograd.Function):
         xa = torch.mm(x2, a.t())
         if compute_output:
             w = _dequantize_into_workspace(weight, dtype)
-            y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
-            y.addmm_(xa, b.t(), alpha=scaling)
+            y = base_plus_lora(x2, w, None if bias is None else bias.to(dtype), xa, b, scaling)
         else:
             y = unused_output(x2, weight.shape[0])
         ctx.weight = weight  # the packed NF4 tensors, not the dequantized W
@@ -77,7 +78,7 @@ class _LoRANF4Linear(torch.autograd.Function):
         g = torch.mm(dy2, b) if (need_x or need_a) else None  # [tokens, r]
         if need_x:
             w = _dequantize_into_workspace(ctx.weight, x2.dtype)
-            dx = torch.mm(dy2, w).addmm_(g, a, alpha=s).to(x_dtype).view(*shape[:-1], w.shape[1])
+            dx = input_grad(dy2, w, g, a, s).to(x_dtype).view(*shape[:-1], w.shape[1])
         if need_a:
             da = _mm(g.t(), x2, a_dtype, alpha=s)
         if need_b:
