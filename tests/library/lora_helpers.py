@@ -21,9 +21,9 @@ def count_fused(monkeypatch, backend: str, op: str = "lora_linear") -> list:
     ops = forwards.OPS[backend]
     original = getattr(ops, op)
 
-    def counted(*args):
+    def counted(*args, **kwargs):
         calls.append(1)
-        return original(*args)
+        return original(*args, **kwargs)
 
     monkeypatch.setitem(forwards.OPS, backend, forwards.Ops(**{**ops.__dict__, op: counted}))
     return calls
