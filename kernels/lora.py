@@ -8,8 +8,12 @@ whose host time exceeds the GPU time of a few thousand tokens.
 
 Here the branch is folded into the base product and nothing else is launched:
 
-    forward:   y = x W^T (+ b);  xa = x A^T;  y += s * xa B^T          (mm, mm, addmm_)
-    backward:  g = dy B;  dx = dy W + s * g A;  dA = s * g^T x;  dB = s * dy^T xa
+    forward:   xa = x A^T;  y = s * xa B^T (+ b);  y += x W^T            (mm, addmm, addmm_)
+    backward:  g = dy B;  dx = s * g A;  dx += dy W;  dA = s * g^T x;  dB = s * dy^T xa
+
+The rank-r product is written first and the large product accumulates onto it (beta=1: the GEMM's
+epilogue reads it while the GEMM is bound by its arithmetic). Adding the rank-r term after the large
+product instead would read and write all of y once more, a pass bound by memory bandwidth.
 
 All products run in the compute dtype (autocast's, else x's), with fp32 accumulation; dA and dB
 come out in the adapters' dtype (fp32 for PEFT's default), computed by an out_dtype matmul on CUDA.
@@ -35,14 +39,17 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, alpha: float =
 
 
 def base_plus_lora(x2, w, bias, xa, b, scaling: float) -> torch.Tensor:
-    """y = x W^T (+ bias) + s * xa B^T [tokens, out]."""
-    y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-    return y.addmm_(xa, b.t(), alpha=scaling)
+    """y = x W^T (+ bias) + s * xa B^T [tokens, out]: the rank-r product first, then x W^T onto it."""
+    if bias is None:
+        y = xa.new_empty(xa.shape[0], b.shape[0]).addmm_(xa, b.t(), beta=0, alpha=scaling)
+    else:
+        y = torch.addmm(bias, xa, b.t(), alpha=scaling)
+    return y.addmm_(x2, w.t())
 
 
 def input_grad(dy2, w, g, a, scaling: float) -> torch.Tensor:
-    """dx = dy W + s * g A [tokens, in]."""
-    return torch.mm(dy2, w).addmm_(g, a, alpha=scaling)
+    """dx = dy W + s * g A [tokens, in], in the same order: the rank-r product first."""
+    return g.new_empty(g.shape[0], a.shape[1]).addmm_(g, a, beta=0, alpha=scaling).addmm_(dy2, w)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

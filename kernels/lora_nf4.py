@@ -1,9 +1,9 @@
 """QLoRA linear: y = x @ W^T + b + scaling * (x @ A^T) @ B^T over a frozen NF4 weight W, one autograd node.
 
-    forward:   W = dequant(Wq);  y = x W^T (+ b);  xa = x A^T;  y += s * xa B^T
-    backward:  W = dequant(Wq);  g = dy B;  dx = dy W + s * g A;  dA = s * g^T x;  dB = s * dy^T xa
+    forward:   W = dequant(Wq);  xa = x A^T;  y = s * xa B^T (+ b);  y += x W^T
+    backward:  W = dequant(Wq);  g = dy B;  dx = s * g A;  dx += dy W;  dA = s * g^T x;  dB = s * dy^T xa
 
-(the products run by ``fusetune_kernels.lora``'s helpers, as in the bf16 node)
+(the order of the products as in ``fusetune_kernels.lora``, whose helpers run them)
 
 W is dequantized (``fusetune_kernels.nf4``) straight into the compute dtype (autocast's, else
 x's) with one rounding from fp32, into a workspace shared by every layer: one buffer per device
