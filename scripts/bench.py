@@ -432,6 +432,9 @@ def run_worker(spec: dict) -> dict:
         import torch
 
         torch.manual_seed(spec["seed"])
+        if cuda and spec.get("memory_cap_gib"):  # S5 on a smaller GPU's memory: the allocator refuses beyond it
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_cap_gib"] * GIB / total), 0)
         dtype = torch.bfloat16 if cuda else torch.float32
         stage = "load"
         start = time.perf_counter()
@@ -817,12 +820,12 @@ def max_context(runner, scenario, variant, sc, folder, source, gpu, args) -> dic
     (next_probe picks each next length; capacity: the GPU's memory less 5%). A timed-out probe counts
     as a failure at that length, and is listed as such."""
     gran, top = args.s5_granularity, args.s5_max
-    capacity = gpu.get("total_gib", 0) * 0.95
+    capacity = min(gpu.get("total_gib", 0), args.s5_memory_gib or math.inf) * 0.95
     probes, fits, ok, bad = [], [], None, None
 
     def probe(length: int) -> dict:
         spec = worker_spec(scenario, variant, sc, folder, source, gpu, args, seq=length)
-        spec.update(warmup=0, steps=1, alt_steps=0)
+        spec.update(warmup=0, steps=1, alt_steps=0, memory_cap_gib=args.s5_memory_gib)
         r = runner.call("worker", spec, f"{scenario}-{variant}-{length}", variant, timeout=args.s5_probe_timeout)
         status = "ok" if r["status"] == "ok" else ("oom" if r.get("oom") else r.get("reason") or r["status"])
         if r["status"] == "skipped":
@@ -850,12 +853,19 @@ def max_context(runner, scenario, variant, sc, folder, source, gpu, args) -> dic
         if length is None:
             break
     if ok is None:
-        return {"status": "ok", "max_context": 0, "first_failure": bad, "probes": probes}
+        return {
+            "status": "ok",
+            "max_context": 0,
+            "first_failure": bad,
+            "memory_cap_gib": args.s5_memory_gib,
+            "probes": probes,
+        }
     best = next(p for p in probes if p["seq"] == ok)
     return {
         "status": "ok",
         "max_context": ok,
         "first_failure": bad,
+        "memory_cap_gib": args.s5_memory_gib,
         "at_limit": ok >= top,
         "peak_gib": best["peak_gib"],
         "tokens_per_step": ok,
@@ -1086,7 +1096,8 @@ def describe(row: dict) -> str:
     if row.get("docs_per_step") or row.get("mode") in ("padded", "padding_free"):
         return f"{row.get('model')} {quant}, {row.get('docs_per_step') or 'variable-length'} documents a step"
     if row["scenario"] == "S5":
-        return f"{row.get('model')} {quant}, longest batch-1 context that trains a step"
+        cap = f" in {row['memory_cap_gib']:g} GiB" if row.get("memory_cap_gib") else ""
+        return f"{row.get('model')} {quant}, longest batch-1 context that trains a step{cap}"
     return f"{row.get('model')} {quant}, {row.get('batch')} x {row.get('seq')}"
 
 
@@ -1220,6 +1231,12 @@ def parse_args(argv=None):
     p.add_argument("--s5-granularity", type=int, default=4096)
     p.add_argument("--s5-resolution", type=float, default=0.1, help="S5: stop when the bracket is this narrow")
     p.add_argument("--s5-probe-timeout", type=float, default=None, help="S5: seconds per probe (default --timeout)")
+    p.add_argument(
+        "--s5-memory-gib",
+        type=float,
+        default=None,
+        help="S5: cap each probe's GPU memory (torch's per-process fraction), e.g. 24 for a 24 GiB card",
+    )
     p.add_argument("--profile", default="", help="variants whose log gets a kernel table of two profiled steps")
     p.add_argument("--render", nargs="+", default=None, metavar="JSONL", help="merge .jsonl files into --out")
     p.add_argument("--readme-table", default=None, metavar="PATH", help="print the README table (file or folder)")

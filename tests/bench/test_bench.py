@@ -118,6 +118,7 @@ def test_tables_of_gpu_rows(tmp_path):
         )
         probes = [{"seq": 8192, "status": "ok"}, {"seq": context + 8192, "status": "oom"}]
         rows.append({**common, "scenario": "S5", "max_context": context, "first_failure": context + 8192})
+        rows[-1]["memory_cap_gib"] = 24.0
         rows[-1].update(peak_gib=130.0, probes=probes)
     rows.append({**rows[0], "variant": "fusetune_triton", "tok_s": 2000, "peak_gib": 20.0})
     rows.append({"scenario": "S5", "variant": "fusetune_triton", "status": "failed", "reason": "probe at 8192: boom"})
@@ -127,6 +128,7 @@ def test_tables_of_gpu_rows(tmp_path):
     assert "| fusetune_triton | ok |  | 2,000 (adamw_8bit: 990) | 1.11x |" in md and "| 0.80x |" in md  # unsloth best
     assert "(adamw_8bit: 990)" in md and "| unsloth | ok | 163,840 | 1.00x | 172,032 |" in md
     assert "- fusetune_triton: failed: probe at 8192: boom" in md
+    assert "## S5: llama3_8b QLoRA NF4, longest batch-1 context that trains a step in 24 GiB" in md
     table = bench.readme_table(tmp_path)
     assert "| S3: llama3_8b QLoRA NF4, 4 x 2048 |" in table and "1.11x, 0.80x" in table
 
