@@ -117,6 +117,7 @@ class FastModel:
         apply_kernels(model, backend)  # records the backend as model.fusetune_kernels
         model.max_seq_length = max_seq_length
         model.fusetune_compute_dtype = dtype
+        model.fusetune_hub = {"revision": revision, "trust_remote_code": trust_remote_code}  # no token kept
         if use_gradient_checkpointing is not None:
             model.fusetune_gradient_checkpointing = use_gradient_checkpointing
         return model, tokenizer
@@ -211,14 +212,21 @@ class FastModel:
 
     @staticmethod
     def save_merged(
-        model, tokenizer, save_directory: str, dtype: torch.dtype | None = None, overwrite: bool = False
+        model,
+        tokenizer,
+        save_directory: str,
+        dtype: torch.dtype | None = None,
+        overwrite: bool = False,
+        token: str | None = None,
     ) -> str:
         """Merge the LoRA adapters into 16-bit weights that plain transformers loads.
 
         A quantized base is reloaded in 16 bits from its original weights first, so the merge
-        is exact rather than into 4-bit blocks. The model passed in is left unchanged.
-        A folder that holds anything is refused unless ``overwrite``; then every weight, index
-        and adapter file in it is removed first, so none of them can load beside the merge.
+        is exact rather than into 4-bit blocks; with the revision and remote-code choice it was
+        loaded with, and ``token`` (not kept from ``from_pretrained``) for a gated repository.
+        The model passed in is left unchanged, and the saved config has ``use_cache`` on (training
+        turns it off). A folder that holds anything is refused unless ``overwrite``; then every
+        weight, index and adapter file in it is removed first, so none of them can load beside the merge.
         """
         from peft import PeftModel
 
@@ -232,11 +240,13 @@ class FastModel:
             base_path = model.peft_config[model.active_adapter].base_model_name_or_path
             with tempfile.TemporaryDirectory() as adapter_dir:
                 model.save_pretrained(adapter_dir)
-                base = loading.load_model(base_path, dtype)
+                hub = getattr(base_model(model), "fusetune_hub", {})
+                base = loading.load_model(base_path, dtype, token=token, **hub)
                 merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         else:
             merged = copy.deepcopy(model).merge_and_unload()
         merged = merged.to(dtype)
+        merged.config.use_cache = True
         merged.save_pretrained(save_directory, safe_serialization=True)
         tokenizer.save_pretrained(save_directory)
         return save_directory

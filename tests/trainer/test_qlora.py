@@ -68,14 +68,24 @@ def test_8bit_loading(tiny_folder):
         assert torch.isfinite(model(input_ids=torch.randint(0, 100, (1, 9), device=model.device)).logits).all()
 
 
-def test_save_merged_from_a_4bit_base_reloads_16bit_weights(tiny_folder, tmp_path):
+def test_save_merged_from_a_4bit_base_reloads_16bit_weights(tiny_folder, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    model, tokenizer = FastModel.from_pretrained(tiny_folder, load_in_4bit=True)
-    model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
-    FastModel.save_merged(model, tokenizer, str(tmp_path / "merged"))
+    from fusetune import loading
+
+    model, tokenizer = FastModel.from_pretrained(tiny_folder, load_in_4bit=True, revision="main")
+    model = FastModel.get_peft_model(model, r=4, use_gradient_checkpointing=True)
+    model.config.use_cache = False  # as the Trainer leaves it after training with checkpointing
+    reloads = []
+    load_model = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda *a, **kw: reloads.append(kw) or load_model(*a, **kw))
+    FastModel.save_merged(model, tokenizer, str(tmp_path / "merged"), token="hf_secret")
+    # the 16-bit base comes with the revision and remote-code choice of the 4-bit one, and the token given here
+    assert reloads == [{"token": "hf_secret", "revision": "main", "trust_remote_code": False}]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.dtype == torch.bfloat16 and not hasattr(merged.model.layers[0].mlp.down_proj.weight, "quant_state")
+    assert merged.config.use_cache is True
+    assert "hf_secret" not in "".join(f.read_text(errors="ignore") for f in (tmp_path / "merged").glob("*.json"))
 
 
 def test_qlora_computes_in_the_compute_dtype_with_fp32_master_weights(tiny_folder, tmp_path):
