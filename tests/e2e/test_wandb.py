@@ -151,6 +151,31 @@ def test_a_run_that_does_not_finish_is_marked_failed_in_wandb(compose_cfg, tmp_p
     assert "global_step" not in w.summary  # there is no summary.json to add
 
 
+def test_a_resumed_run_continues_its_wandb_run(compose_cfg, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    class StopAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    callbacks = run_module.logger_callbacks
+    monkeypatch.setattr(run_module, "logger_callbacks", lambda: [*callbacks(), StopAtStep3()])
+    steps = ["trainer.max_steps=4", "trainer.save_strategy=steps", "trainer.save_steps=2"]
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_cfg([*OFFLINE, *FAST, *steps], output_dir=tmp_path))
+    monkeypatch.setattr(run_module, "logger_callbacks", callbacks)
+    summary = run(compose_cfg([*OFFLINE, *FAST, *steps, "resume=auto"], output_dir=tmp_path))
+    assert summary["global_step"] == 4 and summary["resumed_from"].endswith("checkpoint-2")
+
+    first, second = (Recorded(wandb_records(path)) for path in offline_runs(tmp_path))
+    assert first.run["run_id"] == second.run["run_id"]  # one W&B run, continued
+    assert first.summary["status"] == "interrupted" and second.summary["status"] == "finished"
+    # the interrupt comes before step 3 is logged; the second run repeats step 3 from checkpoint-2
+    assert [h["train/global_step"] for h in first.history if "train/loss" in h] == [1, 2]
+    assert [h["train/global_step"] for h in second.history if "train/loss" in h] == [3, 4]
+
+
 @pytest.mark.parametrize("env", [{"RANK": "1"}, {"WANDB_MODE": "disabled"}], ids=["rank-1", "disabled"])
 def test_no_wandb_files_from_another_rank_or_when_disabled(compose_cfg, tmp_path, monkeypatch, env):
     for name, value in env.items():

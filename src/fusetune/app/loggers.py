@@ -14,6 +14,8 @@ interruption, 1 for anything else), so that W&B marks it failed.
 - Mode: ``logger.mode``, else the environment's WANDB_MODE, else online where an API key is configured
   (WANDB_API_KEY or ~/.netrc) and offline otherwise. The files go into ``<run>/wandb/``.
 - Only the process of rank 0 (RANK, else LOCAL_RANK, as torchrun sets them) starts a W&B run.
+- A resumed run (``resume=auto|PATH`` from a checkpoint) continues the W&B run of the first, whose id is kept in
+  ``<run>/wandb/fusetune-run-id``; its steps continue from the checkpoint's.
 - The API key is read by wandb from the environment or ~/.netrc; no config key holds it (config.refuse_secrets).
 """
 
@@ -40,6 +42,9 @@ class _Started:
 
 
 _started: _Started | None = None  # one run at a time: run() is not reentrant
+
+
+RUN_ID_FILE = "fusetune-run-id"  # in <run>/wandb/: the W&B run a resumed run continues
 
 
 def _has_wandb_key() -> bool:
@@ -98,18 +103,18 @@ def wandb_config(cfg) -> dict:
     return config
 
 
-def setup_logger(cfg, out: Path) -> list[str]:
-    """Start the chosen logger; returns the Trainer's ``report_to``."""
+def setup_logger(cfg, out: Path, resuming: bool = False) -> list[str]:
+    """Start the chosen logger; returns the Trainer's ``report_to``. A resumed run continues its W&B run."""
     kind = cfg.logger.kind.value
     if kind == "wandb":
-        return _start_wandb(cfg, out)
+        return _start_wandb(cfg, out, resuming)
     if kind == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
         return ["tensorboard"]
     return []
 
 
-def _start_wandb(cfg, out: Path) -> list[str]:
+def _start_wandb(cfg, out: Path, resuming: bool) -> list[str]:
     global _started
     if rank() != 0:
         log.info("W&B: this process has rank %d; rank 0 logs the run", rank())
@@ -122,6 +127,8 @@ def _start_wandb(cfg, out: Path) -> list[str]:
     name, group = run_identity(cfg)
     config = wandb_config(cfg)
     wandb.teardown()  # settings left by an earlier run in this process (another trainer's callback) go first
+    id_file = out / "wandb" / RUN_ID_FILE
+    run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
     try:
         run = wandb.init(
             project=cfg.logger.project,
@@ -132,6 +139,8 @@ def _start_wandb(cfg, out: Path) -> list[str]:
             config=config,
             dir=str(out),
             mode=mode,
+            id=run_id,
+            resume="allow" if run_id else None,
         )
     except Exception as error:  # no network, a wrong key, a project one may not write to
         raise FusetuneError(
@@ -139,6 +148,10 @@ def _start_wandb(cfg, out: Path) -> list[str]:
             "logger.mode=offline keeps it in the run folder"
         ) from None
     _started = _Started(run, config)
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.id)
+    if run_id:
+        log.info("W&B: resumed run %s", run_id)
     log.info("W&B run '%s'%s, %s, into %s", name, f" in group '{group}'" if group else "", mode, out / "wandb")
     return ["wandb"]
 

@@ -79,7 +79,7 @@ def run(cfg) -> dict:
     checkpoint = run_folder.claim(out, cfg.resume, cfg.overwrite) if lead else run_folder.follow(out, cfg.resume)
     if lead:
         record.write_status(out, "running", step=step_of(checkpoint) if checkpoint else 0, resumed_from=checkpoint)
-    report_to = setup_logger(cfg, out)
+    report_to = setup_logger(cfg, out, resuming=checkpoint is not None)
     summary = error = None
     try:
         with StopOnSignal() as stop:
