@@ -52,6 +52,11 @@ def input_grad(dy2, w, g, a, scaling: float) -> torch.Tensor:
     return g.new_empty(g.shape[0], a.shape[1]).addmm_(g, a, beta=0, alpha=scaling).addmm_(dy2, w)
 
 
+def unused_output(x2: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The [tokens, out] output of a node told not to compute it: NaN, so that any use of it shows."""
+    return torch.full((x2.shape[0], out_features), float("nan"), dtype=x2.dtype, device=x2.device)
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the products run in: autocast's (as F.linear would use), else x's."""
     device = x.device.type
@@ -99,11 +104,6 @@ class _LoRALinear(torch.autograd.Function):
         if need_bias:
             dbias = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
         return dx, dw, dbias, da, db, None, None
-
-
-def unused_output(x2: torch.Tensor, out_features: int) -> torch.Tensor:
-    """The [tokens, out] output of a node told not to compute it: NaN, so that any use of it shows."""
-    return torch.full((x2.shape[0], out_features), float("nan"), dtype=x2.dtype, device=x2.device)
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, compute_output: bool = True) -> torch.Tensor:

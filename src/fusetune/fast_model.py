@@ -169,9 +169,8 @@ class FastModel:
                 f"got {use_gradient_checkpointing!r}"
             )
         checkpointing = bool(use_gradient_checkpointing)
-        if checkpointing and not is_quantized(model):  # the quantized path enables it while preparing the model
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
+        if checkpointing and not is_quantized(model):  # the quantized path does this while preparing the model
+            model.enable_input_require_grads()  # checkpointing itself is enabled once, after the adapters
         torch.manual_seed(random_state)
         peft_model = loading.add_lora(
             model,
