@@ -49,6 +49,7 @@ and tests/kernels covers them); unsloth, where installed, runs its own CPU fallb
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import datetime
 import gc
@@ -672,7 +673,8 @@ class Runner:
 
     def call(self, mode: str, spec: dict, name: str, variant: str | None = None, timeout: float | None = None) -> dict:
         """Run ``bench.py --<mode> spec.json`` in a new session; its JSON result, or a failure row."""
-        timeout = min(timeout or self.args.timeout, self.left())
+        wanted = timeout or self.args.timeout
+        timeout = min(wanted, self.left())
         if timeout <= 5:
             return {"status": "skipped", "reason": "out of --budget time"}
         with tempfile.TemporaryDirectory(dir=self.scratch) as tmp:
@@ -704,6 +706,8 @@ class Runner:
                 result = json.loads(result_path.read_text())
             elif rc is None:
                 result = {"status": "failed", "reason": f"timeout after {timeout:.0f} s", "timeout": True}
+                if timeout < wanted:  # cut short by --budget: says nothing about the job
+                    result.update(status="skipped", reason=f"out of --budget time after {timeout:.0f} s")
             else:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
                 why = "killed (host out of memory?)" if rc == -9 else f"exit code {rc}"
@@ -843,10 +847,10 @@ def max_context(runner, scenario, variant, sc, folder, source, gpu, args) -> dic
         if r["probe_status"] == "ok":
             ok = length
             fits.append((length, r["peak_gib"]))
-        elif r["probe_status"] == "oom" or r.get("timeout"):
-            bad = length
         elif r["probe_status"] == "skipped":  # out of --budget: report what is known
             break
+        elif r["probe_status"] == "oom" or r.get("timeout"):
+            bad = length
         else:
             return {"status": "failed", "reason": f"probe at {length}: {r['probe_status']}", "probes": probes}
         length = next_probe(ok, bad, fits, capacity, top, gran, args.s5_resolution)
@@ -873,6 +877,22 @@ def max_context(runner, scenario, variant, sc, folder, source, gpu, args) -> dic
         "probes": probes,
         "wall_s": sum(p["wall_s"] for p in probes),
     }
+
+
+def start_together(runner, scenario, sc, folder, source, gpu, args) -> dict:
+    """S5 for every available variant at once, one thread each (``--s5-together``). Each probe caps its
+    allocator at ``--s5-memory-gib``, so the lengths found are those of a GPU of that size; the one-step
+    times overlap and are marked as such."""
+    ready = [v for v in args.variants if availability(v, sc, gpu, args) is None]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(ready))
+
+    def run(variant: str) -> dict:
+        result = max_context(runner, scenario, variant, sc, folder, source, gpu, args)
+        return {**result, "concurrent_with": [v for v in ready if v != variant]}
+
+    futures = {v: pool.submit(run, v) for v in ready}
+    pool.shutdown(wait=False)
+    return futures
 
 
 def prepare_folder(runner, sc: dict, gpu: dict, args) -> tuple[Path | None, str, dict]:
@@ -964,6 +984,7 @@ def orchestrate(args) -> Path:
                 append(jsonl, md, row)
             continue
         folder, source, setup = None, "bf16", {}
+        together = {}  # S5 with --s5-together: each variant's probes, started at once
         for variant in args.variants:
             row = base_row(scenario, variant, sc, gpu, args)
             reason = availability(variant, sc, gpu, args)
@@ -983,7 +1004,11 @@ def orchestrate(args) -> Path:
             row["setup"] = {"source": source, **setup}
             mode = s4_mode(variant, args) if sc["kind"] == "docs" else None
             log(f"{scenario} {variant} ...")
-            if sc["kind"] == "max_context":
+            if sc["kind"] == "max_context" and args.s5_together:
+                if not together:
+                    together = start_together(runner, scenario, sc, folder, source, gpu, args)
+                result = together[variant].result()
+            elif sc["kind"] == "max_context":
                 result = max_context(runner, scenario, variant, sc, folder, source, gpu, args)
             else:
                 spec = worker_spec(scenario, variant, sc, folder, source, gpu, args, mode=mode)
@@ -1237,6 +1262,11 @@ def parse_args(argv=None):
         default=None,
         help="S5: cap each probe's GPU memory (torch's per-process fraction), e.g. 24 for a 24 GiB card",
     )
+    p.add_argument(
+        "--s5-together",
+        action="store_true",
+        help="S5: probe all variants at once (needs --s5-memory-gib; their one-step times then overlap)",
+    )
     p.add_argument("--profile", default="", help="variants whose log gets a kernel table of two profiled steps")
     p.add_argument("--render", nargs="+", default=None, metavar="JSONL", help="merge .jsonl files into --out")
     p.add_argument("--readme-table", default=None, metavar="PATH", help="print the README table (file or folder)")
@@ -1254,6 +1284,8 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
     args.s5_probe_timeout = args.s5_probe_timeout or args.timeout
+    if args.s5_together and not args.s5_memory_gib:
+        p.error("--s5-together needs --s5-memory-gib: without a cap, probes that share a GPU share its memory")
     return args
 
 

@@ -3,8 +3,16 @@
 OUT=${OUT:-outputs/gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 WANDB_MODE=disabled
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-rm -rf /tmp/site/fusetune /tmp/site/fusetune_kernels
-ln -s "$PWD/src/fusetune" /tmp/site/fusetune
-ln -s "$PWD/kernels" /tmp/site/fusetune_kernels
+# Once per set of wheels: a second script of the same call (run beside the first) finds them installed.
+WHEELS_STAMP=$(ls -l .whl/*.whl | md5sum)
+if [ "$(cat /tmp/site/.wheels-stamp 2>/dev/null)" != "$WHEELS_STAMP" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  echo "$WHEELS_STAMP" >/tmp/site/.wheels-stamp
+fi
+# Linked once: a script started beside another must not pull the link from under it.
+[ "$(readlink /tmp/site/fusetune)" = "$PWD/src/fusetune" ] \
+  || { rm -rf /tmp/site/fusetune && ln -s "$PWD/src/fusetune" /tmp/site/fusetune; }
+[ "$(readlink /tmp/site/fusetune_kernels)" = "$PWD/kernels" ] \
+  || { rm -rf /tmp/site/fusetune_kernels && ln -s "$PWD/kernels" /tmp/site/fusetune_kernels; }
 export PYTHONPATH=/tmp/site

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -105,6 +106,42 @@ def test_s5_probe_schedule():
     assert run(lambda n: 10 + n / 4000)[:2] == (262144, None)  # everything fits: stops at the top
     ok, bad, _ = run(lambda n: 10 + n / 50)  # even 8k is tight
     assert ok is None or ok < bad
+
+
+def test_s5_together_probes_the_variants_at_once(monkeypatch, tmp_path):
+    """--s5-together: each variant bisects in its own thread, so their probes overlap (the barrier would
+    time out if they ran one after the other), and each row says whom it shared the GPU with."""
+    args = bench.parse_args(
+        ["--scenarios", "S5", "--variants", "unsloth fusetune_triton", "--s5-together", "--s5-memory-gib", "24"]
+        + ["--s5-min", "32768", "--s5-probes", "4"]
+    )
+    limits = {"unsloth": 70000, "fusetune_triton": 90000}
+    met = threading.Barrier(2, timeout=20)
+
+    class FakeRunner:
+        def call(self, mode, spec, name, variant=None, timeout=None):
+            seq = spec["scenario"]["seq"]
+            if seq == args.s5_min:
+                met.wait()
+            peak = 2 + 22.8 * seq / limits[variant]
+            if seq > limits[variant]:
+                return {"status": "failed", "oom": True, "peak_gib": None, "wall_s": 1.0}
+            return {"status": "ok", "peak_gib": peak, "step_ms": seq / 10, "wall_s": 1.0}
+
+    monkeypatch.setattr(bench, "availability", lambda *a: None)
+    gpu = {"cuda": True, "total_gib": 139.0}
+    futures = bench.start_together(FakeRunner(), "S5", bench.SCENARIOS["S5"], tmp_path, "nf4", gpu, args)
+    rows = {v: f.result(timeout=60) for v, f in futures.items()}
+    for variant, row in rows.items():
+        assert row["status"] == "ok" and row["concurrent_with"] == [v for v in limits if v != variant]
+        assert row["max_context"] <= limits[variant] < row["first_failure"], row["probes"]
+    assert rows["fusetune_triton"]["max_context"] > rows["unsloth"]["max_context"]
+
+
+def test_s5_together_needs_a_memory_cap(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--scenarios", "S5", "--s5-together"])
+    assert "--s5-together needs --s5-memory-gib" in capsys.readouterr().err
 
 
 def test_tables_of_gpu_rows(tmp_path):
