@@ -210,7 +210,7 @@ def cuda_graph_blocker(trainer) -> str | None:
         return "distributed training (its gradient hooks run in an eager backward)"
     if not (args.padding_free or args.packing):
         return "batches are padded, not padding-free"
-    if base.config._attn_implementation != VARLEN or not varlen_kernel_available():
+    if base.config._attn_implementation != VARLEN or not varlen_kernel_available(args.device):
         return "the CUDA varlen attention kernel is not in use"
     if args.fused_loss is False:
         return "the loss is not fusetune's fused loss head (fused_loss=False)"
@@ -261,7 +261,7 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
                 # while preparing the dataset instead (see prepare_dataset).
                 self._truncate_to, args.max_length = args.max_length, None
             if args.padding_free or args.packing:
-                log.info("attention for packed rows: %s", enable_varlen_attention(model))
+                log.info("attention for packed rows: %s", enable_varlen_attention(model, device=args.device))
         try:
             super().__init__(model, args, data_collator, *pos, processing_class=processing_class, **kwargs)
         finally:

@@ -69,9 +69,11 @@ CALL_COST = 64 * 64
 calls: Counter = Counter()
 
 
-def varlen_kernel_available() -> bool:
-    """True where the CUDA variable-length kernel can run: torch has it and a GPU is present."""
-    return varlen_attn is not None and torch.cuda.is_available()
+def varlen_kernel_available(device: torch.device | str | None = None) -> bool:
+    """True where the CUDA variable-length kernel can run: torch has it, a GPU is present, and
+    ``device`` (where training runs, if known) is a GPU."""
+    on_gpu = device is None or torch.device(device).type in KERNEL_DEVICES
+    return varlen_attn is not None and torch.cuda.is_available() and on_gpu
 
 
 _LAYOUTS_ATTR = "_fusetune_layouts"  # the attribute of a layout tensor that holds its _Layouts
@@ -508,10 +510,11 @@ def register() -> None:
         AttentionMaskInterface.register(name, varlen_mask)
 
 
-def enable_varlen_attention(model, backend: str = "auto") -> str:
+def enable_varlen_attention(model, backend: str = "auto", device: torch.device | str | None = None) -> str:
     """Set variable-length attention on ``model`` (a transformers model, or PEFT-wrapped); returns its name.
 
-    ``auto``: ``fusetune_varlen`` where the CUDA varlen kernel exists, else ``fusetune_masked``.
+    ``auto``: ``fusetune_varlen`` where the CUDA varlen kernel exists and ``device`` (where training
+    runs; None: wherever CUDA is) is a GPU, else ``fusetune_masked``.
     """
     if backend not in ATTENTION_PATHS:
         choices = ", ".join(ATTENTION_PATHS)
@@ -520,7 +523,7 @@ def enable_varlen_attention(model, backend: str = "auto") -> str:
         raise FusetuneError(f"attention: torch {torch.__version__} has no torch.nn.attention.varlen (needs >= 2.10)")
     register()
     if backend == "auto":
-        backend = "varlen" if varlen_kernel_available() else "masked"
+        backend = "varlen" if varlen_kernel_available(device) else "masked"
     name = VARLEN if backend == "varlen" else MASKED
     base = base_model(model)
     if not hasattr(base, "set_attn_implementation"):
@@ -531,7 +534,7 @@ def enable_varlen_attention(model, backend: str = "auto") -> str:
     if name == VARLEN:
         log.info("attention=%s: CUDA varlen kernel (torch.nn.attention.varlen), masked SDPA where it cannot", name)
     else:
-        log.info("attention=%s: documents in padded groups through causal SDPA (%s)", name, _why_masked())
+        log.info("attention=%s: documents in padded groups through causal SDPA (%s)", name, _why_masked(device))
     softcap = getattr(base.config.get_text_config(), "attn_logit_softcapping", None)
     if softcap is not None:
         log.warning(
@@ -544,11 +547,13 @@ def enable_varlen_attention(model, backend: str = "auto") -> str:
     return name
 
 
-def _why_masked() -> str:
+def _why_masked(device) -> str:
     if varlen_attn is None:
         return f"torch {torch.__version__} has no varlen kernel"
     if not torch.cuda.is_available():
         return "no CUDA"
+    if not varlen_kernel_available(device):
+        return f"training runs on {device}"
     return "chosen"
 
 

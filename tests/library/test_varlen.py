@@ -265,6 +265,17 @@ def test_packed_documents_match_separate_forwards(family):
     assert_isolated(reference, ours, documents(COMMON["vocab_size"]), FP32_TOL, use_cache=True)
 
 
+def test_auto_follows_the_training_device(monkeypatch):
+    """On a CUDA host, a run on the CPU (use_cpu=True) gets the masked path, and says why."""
+    monkeypatch.setattr(varlen, "varlen_attn", fake_varlen_kernel("2.12"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _, ours = model_pair("llama")
+    assert enable_varlen_attention(ours, device=torch.device("cpu")) == MASKED
+    assert varlen._why_masked("cpu") == "training runs on cpu"
+    for device in (None, "cuda", torch.device("cuda", 1)):
+        assert enable_varlen_attention(ours, device=device) == VARLEN
+
+
 def test_varlen_kernel_under_autocast(monkeypatch):
     """With fp32 weights under autocast, RoPE leaves q and k in fp32 and v in bf16: the kernel gets bf16."""
     use_fake_kernel(monkeypatch, "2.12")
