@@ -22,7 +22,8 @@ Scenarios (``--scenarios``, default all): S1 Llama-3.2-1B 8x2048; S2 Llama-3.1-8
 QLoRA (NF4, double quantization, bf16 compute) 4x2048, also timed with bitsandbytes' 8-bit AdamW; S4
 the 1B on 8 documents a step of seeded lognormal lengths (mean ~600, cap 2048), padding-free where the
 variant can; long1b / long8b 1x65,536; S5 the longest batch-1 context that trains one 8B QLoRA step,
-found by probes (one subprocess each) between ``--s5-min`` and ``--s5-max``.
+found by probes (one subprocess each) between ``--s5-min`` and ``--s5-max``; ``--s5-memory-gib`` caps each
+probe at a smaller card's memory, and then ``--s5-together`` probes all variants at once.
 
 Measures: CUDA events around every step; ``step_ms`` the median of the measured steps after warm-up;
 ``tok_s`` tokens per step over the median step (S4: real tokens over the summed step time, since its

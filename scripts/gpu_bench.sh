@@ -3,7 +3,8 @@
 # same LoRA/QLoRA steps, each variant in its own subprocess. A call has 10 minutes, so pick scenarios:
 #   SCENARIOS="S1 S4" bash scripts/gpu_bench.sh
 #   SCENARIOS=S3 VARIANTS="hf unsloth fusetune_triton" bash scripts/gpu_bench.sh
-#   SCENARIOS=S5 VARIANTS="unsloth fusetune_triton" BENCH_ARGS="--s5-memory-gib 24 --s5-probes 4" bash scripts/gpu_bench.sh
+#   SCENARIOS=S5 VARIANTS="unsloth fusetune_triton" \
+#     BENCH_ARGS="--s5-memory-gib 24 --s5-min 32768 --s5-probes 4 --s5-together" bash scripts/gpu_bench.sh
 # Environment: SCENARIOS (default all: far more than one call), VARIANTS (default hf liger unsloth fusetune_triton),
 # STEPS / WARMUP (default: per scenario), BUDGET (seconds for bench.py, default 500: a subprocess gets at most what
 # is left, later ones are skipped), TIMEOUT (per subprocess), BENCH_ARGS (more bench.py flags).
