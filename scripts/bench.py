@@ -1164,6 +1164,12 @@ def max_context_table(group: list[dict]) -> list[str]:
             f"| {r['variant']} | {r['status']} | {fmt(r.get('max_context'), ',')}{top} | {ratio} | "
             f"{fmt(r.get('first_failure'), ',')} | {fmt(r.get('peak_gib'))} | {probes} |"
         )
+    together = sorted({r["variant"] for r in group if r.get("concurrent_with")})
+    if together:
+        cap = next(r.get("memory_cap_gib") for r in group if r.get("concurrent_with"))
+        lines.append(
+            f"\n{', '.join(together)}: probed at once on one GPU (`--s5-together`), each process capped at {cap:g} GiB."
+        )
     return lines
 
 

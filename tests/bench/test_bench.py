@@ -136,6 +136,8 @@ def test_s5_together_probes_the_variants_at_once(monkeypatch, tmp_path):
         assert row["status"] == "ok" and row["concurrent_with"] == [v for v in limits if v != variant]
         assert row["max_context"] <= limits[variant] < row["first_failure"], row["probes"]
     assert rows["fusetune_triton"]["max_context"] > rows["unsloth"]["max_context"]
+    md = bench.render([{"scenario": "S5", "variant": v, **row} for v, row in rows.items()])
+    assert "fusetune_triton, unsloth: probed at once on one GPU (`--s5-together`), each process capped at 24 GiB" in md
 
 
 def test_s5_together_needs_a_memory_cap(capsys):
