@@ -56,7 +56,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_each_worker_on_its_own_gpu(tmp_path)
         "PYTHONPATH": os.pathsep.join(filter(None, [str(probe_dir), os.environ.get("PYTHONPATH")])),
     }
     proc = subprocess.run(
-        [sys.executable, "train.py", "-m", "hydra/launcher=local", "seed=1,2", *TINY, f"hydra.sweep.dir={sweep}"],
+        [sys.executable, "train.py", "-m", "hydra/launcher=local", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -67,7 +67,10 @@ def test_joblib_sweep_runs_jobs_in_parallel_each_worker_on_its_own_gpu(tmp_path)
     assert "Joblib.Parallel(n_jobs=2,initializer=OneGPUPerWorker(gpus='3,5'" in proc.stdout  # n_jobs: one per GPU
 
     rows = json.loads((sweep / "report.json").read_text())
-    assert [(r["overrides"].split()[0], r["status"]) for r in rows] == [("seed=1", "finished"), ("seed=2", "finished")]
+    seeds = [(next(o for o in r["overrides"].split() if o.startswith("seed=")), r["status"]) for r in rows]
+    assert seeds == [("seed=1", "finished"), ("seed=2", "finished")]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert [name.split(",")[0] for name in jobs] == ["0_seed=1", "1_seed=2"], jobs  # named in the workers, swept first
 
     workers = dict(re.findall(r"fusetune: worker (\d+) runs its jobs on GPU (\d+) \(slot \d\)", proc.stderr))
     assert sorted(workers.values()) == ["3", "5"], proc.stderr[-3000:]  # two workers, one GPU each

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from ..report import STATUS, jobs_table, write_report
 from .cli import exception_line
-from .job_names import SWEPT, swept_keys
+from .job_names import set_swept, swept_keys
 
 
 class AblationReport(Callback):
@@ -29,7 +29,7 @@ class AblationReport(Callback):
         self.done = False
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        SWEPT[:] = swept_keys(config)
+        set_swept(swept_keys(config))
         self.sweep_dir = Path(config.hydra.sweep.dir)
         self.done = False
         atexit.register(self._at_exit)

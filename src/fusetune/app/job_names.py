@@ -6,6 +6,7 @@ so ``--cfg hydra --resolve`` works too.
 """
 
 import hashlib
+import os
 import re
 
 from omegaconf import DictConfig, OmegaConf
@@ -13,10 +14,20 @@ from omegaconf import DictConfig, OmegaConf
 MAX_OVERRIDES_CHARS = 150  # folder names stay well under the 255 bytes of a path component
 UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@%~-]+")  # path separators, spaces, quotes, brackets, globs, non-ASCII
 SWEPT: list[str] = []  # the keys this multirun sweeps, set by AblationReport.on_multirun_start: named first
+SWEPT_ENV = "FUSETUNE_SWEPT_KEYS"  # the same keys for the launcher's worker processes (joblib), which inherit it
 
 
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("~+")
+
+
+def set_swept(keys: list[str]) -> None:
+    SWEPT[:] = keys
+    os.environ[SWEPT_ENV] = ",".join(keys)
+
+
+def _swept() -> list[str]:
+    return SWEPT or [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
 
 
 def job_dirname(num, overrides, exclude_keys=()) -> str:
@@ -25,7 +36,8 @@ def job_dirname(num, overrides, exclude_keys=()) -> str:
     one `_`. Past MAX_OVERRIDES_CHARS it keeps the whole overrides that fit, then `~` and a hash of them all.
     The number makes it unique within the sweep; the report orders jobs by it."""
     items = [str(o) for o in overrides or () if _key(str(o)) not in set(exclude_keys or ())]
-    items.sort(key=lambda o: SWEPT.index(_key(o)) if _key(o) in SWEPT else len(SWEPT))  # stable: the rest keep order
+    swept = _swept()
+    items.sort(key=lambda o: swept.index(_key(o)) if _key(o) in swept else len(swept))  # stable: the rest keep order
     safe = ",".join(filter(None, (UNSAFE.sub("_", o).strip("_") for o in items)))
     if len(safe) > MAX_OVERRIDES_CHARS:
         digest = hashlib.sha1(",".join(items).encode()).hexdigest()[:8]
