@@ -11,8 +11,7 @@ if [ "$(cat /tmp/site/.wheels-stamp 2>/dev/null)" != "$WHEELS_STAMP" ]; then
   echo "$WHEELS_STAMP" >/tmp/site/.wheels-stamp
 fi
 # Linked once: a script started beside another must not pull the link from under it.
-[ "$(readlink /tmp/site/fusetune)" = "$PWD/src/fusetune" ] \
-  || { rm -rf /tmp/site/fusetune && ln -s "$PWD/src/fusetune" /tmp/site/fusetune; }
-[ "$(readlink /tmp/site/fusetune_kernels)" = "$PWD/kernels" ] \
-  || { rm -rf /tmp/site/fusetune_kernels && ln -s "$PWD/kernels" /tmp/site/fusetune_kernels; }
+link_once() { [ "$(readlink "/tmp/site/$1")" = "$2" ] || { rm -rf "/tmp/site/$1" && ln -s "$2" "/tmp/site/$1"; }; }
+link_once fusetune "$PWD/src/fusetune"
+link_once fusetune_kernels "$PWD/kernels"
 export PYTHONPATH=/tmp/site

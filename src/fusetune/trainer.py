@@ -210,7 +210,7 @@ def cuda_graph_blocker(trainer) -> str | None:
         return "distributed training (its gradient hooks run in an eager backward)"
     if not (args.padding_free or args.packing):
         return "batches are padded, not padding-free"
-    if base.config._attn_implementation != VARLEN or not varlen_kernel_available(args.device):
+    if base.config._attn_implementation != VARLEN or not varlen_kernel_available():
         return "the CUDA varlen attention kernel is not in use"
     if args.fused_loss is False:
         return "the loss is not fusetune's fused loss head (fused_loss=False)"

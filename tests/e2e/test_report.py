@@ -196,7 +196,7 @@ def test_job_folder_names_are_one_safe_path_component(num, overrides, expected):
 
 
 def test_swept_overrides_come_first_in_folder_names(monkeypatch):
-    monkeypatch.setattr(job_names, "SWEPT", ["trainer", "seed"])
+    monkeypatch.setenv(job_names.SWEPT_ENV, "trainer,seed")
     overrides = ["logger=none", "seed=1", "kernels=reference", "trainer=packing"]
     assert job_dirname(2, overrides) == "2_trainer=packing,seed=1,logger=none,kernels=reference"
 

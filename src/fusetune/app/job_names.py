@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 MAX_OVERRIDES_CHARS = 150  # folder names stay well under the 255 bytes of a path component
 UNSAFE = re.compile(r"[^A-Za-z0-9._=,+@%~-]+")  # path separators, spaces, quotes, brackets, globs, non-ASCII
-SWEPT: list[str] = []  # the keys this multirun sweeps, set by AblationReport.on_multirun_start: named first
-SWEPT_ENV = "FUSETUNE_SWEPT_KEYS"  # the same keys for the launcher's worker processes (joblib), which inherit it
+# The keys this multirun sweeps, named first; set by AblationReport.on_multirun_start. An environment variable,
+# so that the launcher's worker processes (joblib), which name their own job folders, inherit them.
+SWEPT_ENV = "FUSETUNE_SWEPT_KEYS"
 
 
 def _key(override: str) -> str:
@@ -22,12 +23,11 @@ def _key(override: str) -> str:
 
 
 def set_swept(keys: list[str]) -> None:
-    SWEPT[:] = keys
     os.environ[SWEPT_ENV] = ",".join(keys)
 
 
 def _swept() -> list[str]:
-    return SWEPT or [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
+    return [k for k in os.environ.get(SWEPT_ENV, "").split(",") if k]
 
 
 def job_dirname(num, overrides, exclude_keys=()) -> str:
