@@ -3,13 +3,17 @@
 bitsandbytes, on a CPU with AVX512-BF16, tries at import to fetch an optional CPU kernel from the Hugging
 Face hub through the `kernels` package, and logs a warning at every start when it cannot: `Failed to load
 CPU gemm_4bit_forward from kernels-community: ...`. Its own CPU path is used instead, as intended. Every
-other message of those loggers still shows.
+other message of those loggers still shows. In offline mode, the `kernels` package (0.19 on) first logs that
+it skips its publisher check for that same repository; that line goes too.
 """
 
 import logging
 
 KNOWN = {
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    "kernels._internals.hf_hub": (
+        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+    ),
 }
 
 
@@ -19,7 +23,7 @@ class DropKnownLines(logging.Filter):
         self.prefixes = prefixes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
+        return not record.getMessage().startswith(self.prefixes)
 
 
 def drop_known_noise() -> None:
