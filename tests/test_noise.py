@@ -34,6 +34,8 @@ def test_importing_fusetune_then_bitsandbytes_prints_no_hub_kernel_lines():
     code = "import fusetune, bitsandbytes, logging; logging.getLogger('bitsandbytes.backends.cpu.ops').warning('real')"
     for offline in ("0", "1"):
         env = {**os.environ, "HF_HUB_OFFLINE": offline}
-        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         assert "kernels-community" not in done.stderr and "real" in done.stderr, (offline, done.stderr[-2000:])

@@ -11,9 +11,7 @@ import logging
 
 KNOWN = {
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
-    "kernels._internals.hf_hub": (
-        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
-    ),
+    "kernels._internals.hf_hub": ("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",),
 }
 
 
