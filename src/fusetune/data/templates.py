@@ -52,12 +52,12 @@ class RenderTimeout(FusetuneError):
 
 
 def template_problem(text: str) -> str | None:
-    """Why transformers cannot render ``text``, seen without rendering it: a tag that loads another template, or
-    text that is not Jinja. None where it can be tried."""
+    """Why transformers cannot render ``text``, seen without rendering it: a tag that loads another template. None
+    where it can be tried (text that is not Jinja fails its first render, with jinja's own words)."""
     try:
         tokens = [(line, kind, value) for line, kind, value in Environment().lex(text) if kind != "whitespace"]
-    except TemplateSyntaxError as error:
-        return f"it is not a Jinja template: {error.message} (line {error.lineno})"
+    except TemplateSyntaxError:
+        return None
     for (_, kind, _), (line, _, value) in zip(tokens, tokens[1:]):
         if kind == "block_begin" and value in LOADS:
             return (
