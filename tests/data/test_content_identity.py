@@ -9,8 +9,8 @@ import pytest
 
 from fusetune.data import build_splits
 from fusetune.data.files import content_hash
-from fusetune.trainer import FastSFTConfig, FastSFTTrainer
 
+from .conftest import trainer_on
 from .test_formatters import data_cfg
 
 
@@ -43,11 +43,7 @@ def csv_rows(word: str) -> str:
 def tokenized_text(cfg, model, tokenizer, tmp_path) -> tuple[str, dict]:
     """What the trainer would train on, decoded, and the cache's record."""
     splits = build_splits(cfg, tokenizer, 0)
-    config = FastSFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True)
-    trainer = FastSFTTrainer(
-        model=model, args=config, train_dataset=splits.train, processing_class=tokenizer,
-        dataset_cache=splits.cache,
-    )
+    trainer = trainer_on(splits, model, tokenizer, tmp_path)
     text = " ".join(tokenizer.decode(ids) for ids in trainer.train_dataset["input_ids"])
     return text, splits.cache.summary()
 
@@ -64,8 +60,9 @@ CASES = [  # (formatter, file name, writer, cache on)
 @pytest.mark.parametrize(
     "formatter, name, write, cached", CASES, ids=[f"{c[0]}-{c[1]}-cache-{'on' if c[3] else 'off'}" for c in CASES]
 )
-def test_an_edit_that_keeps_size_and_mtime_is_read_anew(formatter, name, write, cached, tiny_model, tiny_tokenizer,
-                                                        tmp_path):
+def test_an_edit_that_keeps_size_and_mtime_is_read_anew(
+    formatter, name, write, cached, tiny_model, tiny_tokenizer, tmp_path
+):
     path = tmp_path / name
     path.write_text(write("cat"))
     cfg = data_cfg(formatter=formatter, path=str(path), cache=cached, cache_dir=str(tmp_path / "cache"))

@@ -13,9 +13,9 @@ import pytest
 from fusetune.app.cli import run_or_exit
 from fusetune.data import build_splits
 from fusetune.errors import FusetuneError
-from fusetune.trainer import FastSFTConfig, FastSFTTrainer
 
 from ..conftest import ROOT
+from .conftest import trainer_on
 from .test_formatters import data_cfg
 
 LIMIT = 64
@@ -220,20 +220,10 @@ def test_too_long_records_are_counted_and_named(case, tiny_model, tiny_tokenizer
     _write(tmp_path, case.files)
     cfg = data_cfg(**_fill(case.data, tmp_path), cache=False)
     splits = build_splits(cfg, tiny_tokenizer, 0, assistant_only_loss=case.args.get("assistant_only_loss", False))
-    config = FastSFTConfig(
-        output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True, max_length=LIMIT, **case.args
-    )
     caplog.set_level(logging.WARNING, logger="fusetune.data.lengths")
 
     def prepare():
-        return FastSFTTrainer(
-            model=tiny_model,
-            args=config,
-            train_dataset=splits.train,
-            eval_dataset=splits.eval,
-            processing_class=tiny_tokenizer,
-            dataset_cache=splits.cache,
-        )
+        return trainer_on(splits, tiny_model, tiny_tokenizer, tmp_path, max_length=LIMIT, **case.args)
 
     if case.error:
         with pytest.raises(FusetuneError) as raised:
@@ -260,13 +250,10 @@ def test_a_mixture_counts_each_source(tiny_model, tiny_tokenizer, tmp_path):
     """Per source: only the source with long records loses any, and the draws add up."""
     _write(tmp_path, {"a.jsonl": completions(8, long_every=2), "b.jsonl": completions(8, long_every=0)})
     sources = [{"path": str(tmp_path / n), "formatter": "completion"} for n in ("a.jsonl", "b.jsonl")]
-    splits = build_splits(data_cfg(formatter="mixture", sources=sources, mixture_size=40, cache=False),
-                          tiny_tokenizer, 0)
-    config = FastSFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True, max_length=LIMIT)
-    trainer = FastSFTTrainer(
-        model=tiny_model, args=config, train_dataset=splits.train, processing_class=tiny_tokenizer,
-        dataset_cache=splits.cache,
+    splits = build_splits(
+        data_cfg(formatter="mixture", sources=sources, mixture_size=40, cache=False), tiny_tokenizer, 0
     )
+    trainer = trainer_on(splits, tiny_model, tiny_tokenizer, tmp_path, max_length=LIMIT)
     train = splits.cache.lengths["train"]
     a, b = (train["sources"][f"data.sources.{n}.path {s['path']}"] for n, s in enumerate(sources))
     assert a["records"] + b["records"] == train["records"] == 40

@@ -16,9 +16,9 @@ from fusetune.data import build_splits, templates
 from fusetune.data.rules import data_problems
 from fusetune.errors import FusetuneError
 from fusetune.loading import load_model, load_tokenizer
-from fusetune.trainer import FastSFTConfig, FastSFTTrainer
 
 from ..conftest import ROOT
+from .conftest import trainer_on
 from .test_formatters import data_cfg
 
 BOUND = 0.5  # seconds, in-process
@@ -103,11 +103,7 @@ def test_a_looping_template_is_one_line_within_the_bound(case, own, data, messag
     with pytest.raises(FusetuneError) as raised:
         splits = build_splits(cfg, tokenizer, 0)
         assert where == "trainer", "build_splits should have refused it"
-        config = FastSFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True)
-        FastSFTTrainer(
-            model=tiny_model, args=config, train_dataset=splits.train, processing_class=tokenizer,
-            dataset_cache=splits.cache,
-        )
+        trainer_on(splits, tiny_model, tokenizer, tmp_path)
     assert str(raised.value) == message.format(tmp=tmp_path)
     assert time.perf_counter() - started < BOUND + 10  # the bound, plus the data's own preparation
 
@@ -205,7 +201,10 @@ def test_python_m_fusetune_chat_exits_2_within_the_default_bound(looping_model):
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "fusetune.chat", str(looping_model), "--prompt", "loop"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[-1] == (

@@ -4,13 +4,17 @@ What is cached is one *unit*: the checked, formatted records of one file or hub 
 file), tokenized by TRL's own dataset preparation with its labels built (``input_ids``, ``labels``, and the
 formatted columns), before truncation, packing and shuffling. A split is then a selection of rows of its units:
 all of one file, the part an eval hold-out leaves, or the draws of a mixture. So runs that differ only in seed,
-mixture weights or size, eval hold-out, max length, packing or the model's other settings tokenize nothing again;
-TRL still truncates, packs and shuffles the selected rows itself, as it would have, so the loss masks are exactly
-TRL's (tests/data/test_cache.py compares them with an uncached build).
+mixture weights or size, eval hold-out, max length, packing or the model's other settings tokenize nothing again.
+data.too_long then decides the records longer than the max length (``lengths.py``: counted, named, dropped,
+truncated or refused), and TRL truncates, packs and shuffles the selected rows itself, as it would have, so the
+loss masks are exactly TRL's (tests/data/test_cache.py compares them with an uncached build). With data.cache=false
+the units are tokenized the same way, and nothing is read or written.
 
 The key of a unit (a SHA-256 of the JSON below, which is saved next to the records as ``fusetune-key.json``):
 
-- the records: a local file's absolute path, size and modification time; a hub dataset's name, subset, split,
+- the records: a local file's absolute path and a SHA-256 of its bytes (never its modification time: an edit that
+  keeps it is still seen; the datasets library's own cache of the file is named by the same hash); a hub dataset's
+  name, subset, split,
   revision and the fingerprint ``datasets`` gives its download; the synthetic set's sizes and seed;
 - how they were read: formatter, field, whether the chat template renders them, data.empty_content,
   data.max_examples, and a hash of this package's code;
@@ -244,8 +248,7 @@ class DatasetCache:
         if key in self._tokenized_here:
             return self._tokenized_here[key]
         if not self.enabled:
-            self._tokenized_here[key] = found = tokenize_with_trl(trainer, unit, processing_class, args,
-                                                                  dataset_name)
+            self._tokenized_here[key] = found = tokenize_with_trl(trainer, unit, processing_class, args, dataset_name)
             return found
         folder = self.folder / key
         entry = self.entries[key] = {"source": unit.label, "key": key, "path": str(folder), "hit": False}

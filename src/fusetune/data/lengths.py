@@ -67,8 +67,13 @@ class LengthRule:
         counts["longer"] = len(longer)
         if not len(longer) or self.splits_long:
             if len(longer):
-                log.info("data: %d of %d %s records are longer than max_seq_length=%d; packing splits them over "
-                         "rows", len(longer), records, split, self.max_length)
+                log.info(
+                    "data: %d of %d %s records are longer than max_seq_length=%d; packing splits them over rows",
+                    len(longer),
+                    records,
+                    split,
+                    self.max_length,
+                )
             return dataset, self._per_source(counts, sources, longer, longer[:0], longer[:0])
         limit = self.max_length
         if self.policy == "error":
@@ -100,13 +105,26 @@ class LengthRule:
             log.warning(
                 "data: %d of %d %s records are longer than max_seq_length=%d and were truncated to their %s %d "
                 "tokens (%s)%s",
-                len(truncated), records, split, limit, end, limit, where(truncated), also,
+                len(truncated),
+                records,
+                split,
+                limit,
+                end,
+                limit,
+                where(truncated),
+                also,
             )
         elif len(dropped):
             why = f"data.too_long=truncate keeps their {end} {limit} tokens" if self.policy == "drop" else untrained
             log.warning(
                 "data: %d of %d %s records are longer than max_seq_length=%d and were dropped (%s)%s %s",
-                len(dropped), records, split, limit, where(dropped), ";" if self.policy == "drop" else ":", why,
+                len(dropped),
+                records,
+                split,
+                limit,
+                where(dropped),
+                ";" if self.policy == "drop" else ":",
+                why,
             )
 
     def _emptied(self, split: str, records: int) -> str:

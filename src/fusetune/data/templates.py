@@ -58,7 +58,7 @@ def template_problem(text: str) -> str | None:
         tokens = [(line, kind, value) for line, kind, value in Environment().lex(text) if kind != "whitespace"]
     except TemplateSyntaxError:
         return None
-    for (_, kind, _), (line, _, value) in zip(tokens, tokens[1:]):
+    for (_, kind, _), (line, _, value) in zip(tokens, tokens[1:], strict=False):
         if kind == "block_begin" and value in LOADS:
             return (
                 f"{{% {value} %}} on line {line} loads another template, which transformers cannot do (it renders "
@@ -69,7 +69,7 @@ def template_problem(text: str) -> str | None:
 
 def check_template(text, label: str) -> None:
     """Refuse (one line) a chat template transformers cannot render; ``text`` may be a dict of named ones."""
-    for name, one in (text.items() if isinstance(text, dict) else [(None, text)]):
+    for name, one in text.items() if isinstance(text, dict) else [(None, text)]:
         problem = template_problem(one) if isinstance(one, str) else None
         if problem:
             raise FusetuneError(f"{label}{f' ({name})' if name else ''}: {problem}")
