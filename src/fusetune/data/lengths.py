@@ -87,10 +87,10 @@ class LengthRule:
             dropped, truncated = longer[empty], longer[~empty]
         else:
             dropped, truncated = longer, longer[:0]
-        counts.update(dropped=len(dropped), truncated=len(truncated))
-        self._warn(split, records, where, dropped, truncated)
         if len(dropped) == records:
             raise FusetuneError(self._emptied(split, records))
+        counts.update(dropped=len(dropped), truncated=len(truncated))
+        self._warn(split, records, where, dropped, truncated)
         if len(dropped):
             keep = np.ones(records, dtype=bool)
             keep[dropped] = False
