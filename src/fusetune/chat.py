@@ -6,7 +6,8 @@ run folder the first of these is loaded: ``merged/`` (written by ``FastModel.sav
 A LoRA adapter trained on a ``random_init`` base (such as ``model=tiny_llama_lora``) cannot be
 reloaded: the base weights were never saved. Full fine-tuning, the default, saves ``model/``.
 
-Turns are rendered by the tokenizer's chat template; ``--raw`` sends the text as typed instead,
+Turns are rendered by the tokenizer's chat template, each render bounded in time (a template that loops ends
+the chat with one line, as one that loads other templates does); ``--raw`` sends the text as typed instead,
 for models trained on plain prompts (the embedded default's synthetic data). Answers stream to
 stdout as they are generated; everything else goes to stderr. Without ``--prompt`` it reads
 turns from stdin until EOF or ``/exit``, keeping the conversation; ``/reset`` clears it.
@@ -31,6 +32,7 @@ from safetensors import SafetensorError
 from transformers import TextStreamer
 
 from . import loading
+from .data.templates import check_template, render_within
 from .errors import FusetuneError
 from .evaluate import _adds_specials
 
@@ -262,6 +264,7 @@ class Chat:
         self.notes = notes or sys.stderr  # where history trimming is reported
         self.history: list[dict] = []  # user and assistant turns, without the system message
         if not raw:
+            check_template(tokenizer.chat_template, "the chat template")
             self._render([{"role": "user", "content": "hi"}])  # a template that refuses the system role fails now
 
     def reset(self) -> None:
@@ -272,7 +275,10 @@ class Chat:
 
         messages = ([{"role": "system", "content": self.system}] if self.system else []) + turns
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return render_within(
+                lambda: self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                "the conversation",
+            )
         except TemplateError as error:
             raise FusetuneError(f"the chat template refused the conversation: {error}") from None
 

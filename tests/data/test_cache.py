@@ -1,6 +1,7 @@
 """The tokenized cache: a second run with the same key reads what the first tokenized, and gets exactly the tokens,
 labels and packed rows an uncached run gets from TRL; a change in any part of the key tokenizes again."""
 
+import hashlib
 import json
 import logging
 import os
@@ -63,7 +64,11 @@ def prepared(cfg, model, tokenizer, tmp_path, *, cached=True, seed=0, assistant_
 CASES = {
     "chat-assistant-only": ({"formatter": "chat"}, {"assistant_only_loss": True}),
     "alpaca-turns-packed": ({"formatter": "alpaca"}, {"packing": True, "max_length": 48}),
-    "alpaca-text-truncated": ({"formatter": "alpaca", "use_chat_template": False}, {"max_length": 40}),
+    # too_long=truncate is TRL's own truncation (the default, drop, removes the records that TRL would cut)
+    "alpaca-text-truncated": (
+        {"formatter": "alpaca", "use_chat_template": False, "too_long": "truncate"},
+        {"max_length": 150},  # drops the records with an input (no answer token fits), truncates some others
+    ),
     "alpaca-text-padded": ({"formatter": "alpaca", "use_chat_template": False}, {"padding_free": False}),
     "mixture-weighted": (
         {
@@ -150,8 +155,8 @@ def test_a_change_in_any_part_of_the_key_tokenizes_again(tiny_model, tmp_path):
     other = load_tokenizer("fusetune:tiny_llama")
     other.add_tokens(["<extra>"])
     changed["tokenizer vocabulary"] = key(tok=other)
-    os.utime(path, ns=(1, 1))  # the same bytes, another modification time
-    changed["file mtime"] = key()
+    os.utime(path, ns=(1, 1))  # the same bytes, another modification time: the same records
+    assert key() == (first, True)
     alpaca(tmp_path / "a.jsonl", 7)
     changed["file content"] = key()
     for part, (found, hit) in changed.items():
@@ -179,6 +184,7 @@ def test_the_key_is_kept_next_to_the_records_and_a_damaged_entry_is_rebuilt(
     key = json.loads((folder / KEY_FILE).read_text())
     assert key["records"]["path"] == str((tmp_path / "a.jsonl").resolve())
     assert key["records"]["size"] == os.path.getsize(path) and key["records"]["formatter"] == "alpaca"
+    assert key["records"]["sha256"] == hashlib.sha256((tmp_path / "a.jsonl").read_bytes()).hexdigest()
     assert key["trainer"]["tokenizer"]["name"] == tiny_tokenizer.name_or_path
     assert {"trl", "transformers", "datasets"} <= set(key["trainer"]["versions"])
     for arrow in folder.glob("*.arrow"):
@@ -194,6 +200,8 @@ def test_off_or_not_a_split_of_the_build_means_trls_own_preparation(tiny_model, 
     path = alpaca(tmp_path / "a.jsonl", 6)
     cfg = data_cfg(formatter="alpaca", path=path, cache_dir=str(tmp_path / "cache"), cache=False)
     _, record = prepared(cfg, tiny_model, tiny_tokenizer, tmp_path)
+    [hashed] = record.pop("files")
+    assert hashed["source"] == f"data.path {path}" and hashed["bytes"] == os.path.getsize(path)
     assert record == {
         "enabled": False,
         "dir": str(tmp_path / "cache"),

@@ -52,6 +52,12 @@ class EmptyContent(str, Enum):
     drop = "drop"  # remove them, and log how many
 
 
+class TooLong(str, Enum):
+    drop = "drop"  # remove records longer than model.max_seq_length, and log how many and which
+    truncate = "truncate"  # keep their first max_seq_length tokens (dropped if none of those is trained)
+    error = "error"  # refuse them: the run ends naming the first
+
+
 class Distributed(str, Enum):
     none = "none"  # one process
     ddp = "ddp"  # torchrun / accelerate launch: DistributedDataParallel through the HF Trainer
@@ -139,6 +145,7 @@ class DataConfig:
     chat_template: str | None = None
     max_examples: int | None = None  # only the first N records of each file or split (before any hold-out)
     empty_content: EmptyContent = EmptyContent.warn  # records with an empty answer, prompt, text or user/assistant turn
+    too_long: TooLong = TooLong.drop  # records longer than model.max_seq_length tokens: drop, truncate or error
     num_generate: int = 0  # held-out prompts answered greedily for exact-match accuracy
     num_train: int = 4000  # synthetic only
     num_eval: int = 200  # synthetic only

@@ -193,6 +193,8 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         "mixture": splits.mixture,
         "chat_template": cfg.data.chat_template,
         "data_cache": splits.cache.summary() if splits.cache is not None else None,
+        # per split: records, those longer than max_seq_length, and how many data.too_long dropped or truncated
+        "data_length": splits.cache.lengths if splits.cache is not None else None,
         "distributed": {"mode": cfg.distributed.value, "world_size": distributed.world_size()},
         "kernels": backend,
         "cuda_graphs": trainer.step_graphs.stats() if trainer.step_graphs is not None else None,

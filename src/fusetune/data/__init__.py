@@ -21,15 +21,16 @@ from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, concatenate_datasets, interleave_datasets, load_dataset
+from jinja2 import TemplateError
 
 from ..errors import FusetuneError
 from .cache import DatasetCache, DatasetCacheHook, Plan, Unit, code_hash
 from .checks import Source, checked
-from .files import LOCAL_BUILDERS, load_local, one_line
+from .files import LOCAL_BUILDERS, content_hash, load_local, one_line
 from .formatters import FORMATTERS
 from .rules import data_problems, is_mixture, value
 from .synthetic import synthetic_splits
-from .templates import use_chat_template
+from .templates import bounded_renders, check_template, render_within, use_chat_template
 
 __all__ = [
     "LOCAL_BUILDERS",
@@ -126,11 +127,19 @@ def _hub(read: Read, split: str) -> tuple[Dataset, Source, dict]:
 
 
 def _local(path: str, key: str) -> tuple[Dataset, Source, dict]:
+    """The file's records, keyed by its content: a SHA-256 of its bytes names every cache entry of it."""
     file = Path(path).expanduser()
-    stat = file.stat() if file.is_file() else None  # before reading: a file changed meanwhile gets a new key later
-    dataset = load_local(path, key)
-    identity = {"kind": "file", "path": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return dataset, Source(f"{key} {path}", file), identity
+    if not file.is_file():
+        return load_local(path, key), Source(f"{key} {path}", file), {}  # raises the one line that says why
+    before = file.stat()
+    hashed = content_hash(file)
+    log.debug("data: %s hashed (%d bytes) in %.3f s", path, hashed["bytes"], hashed["seconds"])
+    dataset = load_local(path, key, sha256=hashed["sha256"])
+    after = file.stat()
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+        raise FusetuneError(f"{key} {path}: the file changed while it was read; run again once it is written")
+    identity = {"kind": "file", "path": str(file.resolve()), "sha256": hashed["sha256"], "size": hashed["bytes"]}
+    return dataset, Source(f"{key} {path}", file, hashed), identity
 
 
 def _format(dataset: Dataset, formatter_name: str, field: str | None, chat_template: bool, as_messages: bool):
@@ -160,9 +169,11 @@ class Reading:
 
 def _unit(loaded: tuple[Dataset, Source, dict], read: Read, how: Reading) -> Unit:
     dataset, source, identity = loaded
-    dataset = checked(dataset, source, formatter_name=read.formatter, field=read.field, empty_content=how.empty_content)
+    read_count = len(dataset)
+    dataset, rows = checked(dataset, source, read.formatter, read.field, how.empty_content)
     if how.max_examples is not None:
         dataset = dataset.select(range(min(how.max_examples, len(dataset))))
+        rows = rows[: len(dataset)] if rows is not None else None
     as_messages = how.as_messages and read.formatter == "alpaca"
     formatted = _format(dataset, read.formatter, read.field, how.chat_template, as_messages)
     identity = {
@@ -175,7 +186,23 @@ def _unit(loaded: tuple[Dataset, Source, dict], read: Read, how: Reading) -> Uni
         "max_examples": how.max_examples,
         "code": code_hash(),
     }
-    return Unit(source.label, formatted, identity)
+    return Unit(source.label, formatted, identity, source=source, rows=rows, read=read_count)
+
+
+def _render_first(unit: Unit, tokenizer, label: str) -> None:
+    """Render the unit's first record with the chat template, bounded, before any weights load: a template that
+    fails or never ends shows here, in one line naming the record."""
+    record = unit.dataset[0]
+    messages = record.get("messages")
+    if messages is None and isinstance(record.get("prompt"), list):
+        messages = record["prompt"] + record["completion"]
+    if messages is None:
+        return
+    (where,) = unit.where([0])
+    try:
+        render_within(lambda: tokenizer.apply_chat_template(messages, tokenize=False), where)
+    except TemplateError as error:
+        raise FusetuneError(f"{label}: the template does not render {where}: {one_line(error)}") from error
 
 
 def _hold_out(count: int, fraction: float, seed: int, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -418,9 +445,16 @@ def build_splits(cfg, tokenizer, seed: int, *, assistant_only_loss: bool = False
     as_messages = _check_forms(reads, chat_template, mixture, assistant_only_loss)
     if assistant_only_loss:
         _check_training_template(tokenizer)
+    template_label = f"data.chat_template={cfg.chat_template}" if cfg.chat_template else "the tokenizer's chat template"
+    if has_template and (chat_template or any(read.formatter in ("chat", "sharegpt") for read in reads)):
+        check_template(tokenizer.chat_template, template_label)
     how = Reading(chat_template, as_messages, value(cfg.empty_content), cfg.max_examples)
     parts = [_part(read, cfg, seed, how) for read in reads]
-    cache = DatasetCache(cfg.cache_dir, enabled=cfg.cache)
+    for part in parts:
+        for unit in (part.unit, part.eval_unit):
+            if unit is not None:
+                _render_first(unit, tokenizer, template_label)
+    cache = DatasetCache(cfg.cache_dir, enabled=cfg.cache, too_long=value(cfg.too_long))
 
     if mixture:
         train, counts, size = _mix(parts, cfg.mixture_size, seed, cache)
@@ -443,9 +477,10 @@ def build_splits(cfg, tokenizer, seed: int, *, assistant_only_loss: bool = False
         sources, mix = [_record(part, 1.0, len(train))], None
     held = [segment for part in parts if (segment := part.held_out()) is not None]
     held_out = _combine(held, cache) if held else None
-    pairs = _generation_pairs(
-        [unit.dataset if rows is None else unit.dataset.select(rows) for unit, rows in held],
-        tokenizer,
-        cfg.num_generate,
-    )
+    with bounded_renders([tokenizer.chat_template], "a held-out prompt"):
+        pairs = _generation_pairs(
+            [unit.dataset if rows is None else unit.dataset.select(rows) for unit, rows in held],
+            tokenizer,
+            cfg.num_generate,
+        )
     return Splits(train, held_out, pairs, sources=sources, mixture=mix, chat_template=template, cache=cache)

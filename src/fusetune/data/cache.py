@@ -4,13 +4,17 @@ What is cached is one *unit*: the checked, formatted records of one file or hub 
 file), tokenized by TRL's own dataset preparation with its labels built (``input_ids``, ``labels``, and the
 formatted columns), before truncation, packing and shuffling. A split is then a selection of rows of its units:
 all of one file, the part an eval hold-out leaves, or the draws of a mixture. So runs that differ only in seed,
-mixture weights or size, eval hold-out, max length, packing or the model's other settings tokenize nothing again;
-TRL still truncates, packs and shuffles the selected rows itself, as it would have, so the loss masks are exactly
-TRL's (tests/data/test_cache.py compares them with an uncached build).
+mixture weights or size, eval hold-out, max length, packing or the model's other settings tokenize nothing again.
+data.too_long then decides the records longer than the max length (``lengths.py``: counted, named, dropped,
+truncated or refused), and TRL truncates, packs and shuffles the selected rows itself, as it would have, so the
+loss masks are exactly TRL's (tests/data/test_cache.py compares them with an uncached build). With data.cache=false
+the units are tokenized the same way, and nothing is read or written.
 
 The key of a unit (a SHA-256 of the JSON below, which is saved next to the records as ``fusetune-key.json``):
 
-- the records: a local file's absolute path, size and modification time; a hub dataset's name, subset, split,
+- the records: a local file's absolute path and a SHA-256 of its bytes (never its modification time: an edit that
+  keeps it is still seen; the datasets library's own cache of the file is named by the same hash); a hub dataset's
+  name, subset, split,
   revision and the fingerprint ``datasets`` gives its download; the synthetic set's sizes and seed;
 - how they were read: formatter, field, whether the chat template renders them, data.empty_content,
   data.max_examples, and a hash of this package's code;
@@ -42,7 +46,12 @@ import numpy as np
 from datasets import Dataset, concatenate_datasets, load_from_disk
 
 from ..compat.trl import label_options, prepare_as_trl
+from ..errors import FusetuneError
 from ..versions import installed
+from .checks import Source
+from .files import MAX_SHOWN
+from .lengths import POLICIES, SPLITTING_PACKERS, LengthRule, shown
+from .templates import bounded_renders
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when what a unit holds changes
@@ -76,6 +85,16 @@ class Unit:
     label: str  # how messages name it: "data.path a.jsonl", "data.sources.1.name org/set (split train)"
     dataset: Dataset  # the formatted records
     identity: dict  # where the records come from and how they were read: the data part of the key
+    source: Source | None = None  # for line numbers, and a local file's content hash
+    rows: np.ndarray | None = None  # each row's index among the records read (None: the same)
+    read: int = 0  # how many records were read
+
+    def where(self, rows: list[int]) -> list[str]:
+        """How a user finds each of ``rows``: 'data.path a.jsonl: line 7' (or 'record 7')."""
+        read = [int(self.rows[r]) if self.rows is not None else int(r) for r in rows]
+        if self.source is None:
+            return [f"{self.label}: record {r + 1}" for r in read]
+        return [f"{self.label}: {place}" for place in self.source.where(read, self.read or len(self.dataset))]
 
 
 @dataclass
@@ -84,6 +103,28 @@ class Plan:
 
     units: list[Unit]
     indices: np.ndarray | None  # None: every row of the one unit, in order
+
+    def origins(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(unit, row of that unit) of each of the split's ``rows``."""
+        offsets = np.cumsum([0] + [len(unit.dataset) for unit in self.units])
+        rows = np.asarray(rows, dtype=np.int64)
+        picked = rows if self.indices is None else np.asarray(self.indices)[rows]
+        units = np.searchsorted(offsets, picked, side="right") - 1
+        return units, picked - offsets[units]
+
+    def where(self, rows: np.ndarray) -> str:
+        """The first few of the split's ``rows`` as a user finds them, and how many more."""
+        units, within = self.origins(rows)
+        first = sorted(set(zip(units.tolist(), within.tolist(), strict=True)))[:MAX_SHOWN]  # in file order
+        return shown([self.units[u].where([r])[0] for u, r in first], len(rows))
+
+    def sources(self) -> list[str] | None:
+        """Each row's unit label, where the split has several units (a mixture, several eval files); else None."""
+        if len(self.units) == 1:
+            return None
+        count = len(self.units[0].dataset) if self.indices is None else len(self.indices)
+        units, _ = self.origins(np.arange(count))
+        return [self.units[u].label for u in units.tolist()]
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -118,13 +159,16 @@ def trainer_identity(trainer, processing_class, args) -> dict:
     }
 
 
-def tokenize_with_trl(trainer, dataset: Dataset, processing_class, args, dataset_name: str) -> Dataset:
-    """TRL's own preparation of ``dataset`` with the trainer's tokenizer, templates and loss options, stopped before
-    truncation, packing and shuffling: its tokens and labels, one row per record."""
+def tokenize_with_trl(trainer, unit: Unit, processing_class, args, dataset_name: str) -> Dataset:
+    """TRL's own preparation of ``unit``'s records with the trainer's tokenizer, templates and loss options, stopped
+    before truncation, packing and shuffling: its tokens and labels, one row per record. Each chat template render
+    is bounded (``templates.bounded_renders``)."""
     kept = args.max_length, args.shuffle_dataset
     args.max_length, args.shuffle_dataset = None, False
+    templates = [getattr(processing_class, "chat_template", None), label_options(trainer)["chat_template"]]
     try:
-        return prepare_as_trl(trainer, dataset, processing_class, args, False, None, dataset_name)
+        with bounded_renders(templates, f"a {dataset_name} record of {unit.label}"):
+            return prepare_as_trl(trainer, unit.dataset, processing_class, args, False, None, dataset_name)
     finally:
         args.max_length, args.shuffle_dataset = kept
 
@@ -132,11 +176,15 @@ def tokenize_with_trl(trainer, dataset: Dataset, processing_class, args, dataset
 class DatasetCache:
     """The cache of one build_splits call: where it lives, the plans of its splits, and what each run found."""
 
-    def __init__(self, folder: str | Path | None = None, enabled: bool = True):
+    def __init__(self, folder: str | Path | None = None, enabled: bool = True, too_long: str = "drop"):
+        if too_long not in POLICIES:
+            raise FusetuneError(f"data.too_long must be one of {', '.join(POLICIES)}, got {too_long!r}")
         self.folder = Path(folder).expanduser() if folder else default_cache_dir()
         self.enabled = enabled
+        self.too_long = too_long  # data.too_long, applied to every split of this build (fusetune.data.lengths)
         self.plans: dict[str, Plan] = {}  # a split's fingerprint -> how it was made
         self.entries: dict[str, dict] = {}  # key -> source, key, path, hit (read from disk), saved
+        self.lengths: dict[str, dict] = {}  # split ("train", "eval") -> records, longer, dropped, truncated
         self._tokenized_here: dict[str, Dataset] = {}  # a unit in both splits (an eval hold-out) is looked up once
 
     def register(self, dataset: Dataset, plan: Plan) -> None:
@@ -146,6 +194,12 @@ class DatasetCache:
         """For summary.json: whether the cache was on and used, and each unit's key, folder and hit or miss."""
         entries = list(self.entries.values())
         hits = sum(entry["hit"] for entry in entries)
+        files = {
+            unit.label: {"source": unit.label, **unit.source.hashed}
+            for plan in self.plans.values()
+            for unit in plan.units
+            if unit.source is not None and unit.source.hashed
+        }
         return {
             "enabled": self.enabled,
             "dir": str(self.folder),
@@ -153,6 +207,7 @@ class DatasetCache:
             "hits": hits,
             "misses": len(entries) - hits,
             "entries": entries,
+            "files": list(files.values()),  # each local file's content hash, size and the seconds hashing took
         }
 
     def prepare(
@@ -171,13 +226,20 @@ class DatasetCache:
         ``finish`` is the trainer's own preparation (same arguments as TRL's ``_prepare_dataset``). Given the
         tokenized rows it truncates, packs and shuffles them as it would have the formatted ones."""
         plan = self.plans.get(getattr(dataset, "_fingerprint", None)) if isinstance(dataset, Dataset) else None
-        if not self.enabled or plan is None or formatting_func is not None:
+        if plan is None or formatting_func is not None:
             return finish(dataset, processing_class, args, packing, formatting_func, dataset_name)
         key_parts = trainer_identity(trainer, processing_class, args)
         parts = [self._tokenized(unit, trainer, processing_class, args, dataset_name, key_parts) for unit in plan.units]
         tokenized = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
         if plan.indices is not None:
             tokenized = tokenized.select(plan.indices)
+        rule = LengthRule(
+            self.too_long,
+            args.max_length,
+            keep_end=args.truncation_mode == "keep_end",
+            splits_long=packing and args.packing_strategy in SPLITTING_PACKERS,
+        )
+        tokenized, self.lengths[dataset_name] = rule.apply(tokenized, dataset_name, plan.where, plan.sources())
         return finish(tokenized, processing_class, args, packing, None, dataset_name)
 
     def _tokenized(self, unit: Unit, trainer, processing_class, args, dataset_name: str, key_parts: dict) -> Dataset:
@@ -185,6 +247,9 @@ class DatasetCache:
         key = digest(key_json)[:32]
         if key in self._tokenized_here:
             return self._tokenized_here[key]
+        if not self.enabled:
+            self._tokenized_here[key] = found = tokenize_with_trl(trainer, unit, processing_class, args, dataset_name)
+            return found
         folder = self.folder / key
         entry = self.entries[key] = {"source": unit.label, "key": key, "path": str(folder), "hit": False}
         self._tokenized_here[key] = found = self._read_or_tokenize(
@@ -208,7 +273,7 @@ class DatasetCache:
                 )
             shutil.rmtree(folder, ignore_errors=True)
         started = time.perf_counter()
-        tokenized = tokenize_with_trl(trainer, unit.dataset, processing_class, args, dataset_name)
+        tokenized = tokenize_with_trl(trainer, unit, processing_class, args, dataset_name)
         if len(tokenized) != len(unit.dataset):  # TRL drops nothing before truncation; never cache if it did
             log.warning(
                 "data cache: %s: TRL kept %d of %d rows; not cached", unit.label, len(tokenized), len(unit.dataset)

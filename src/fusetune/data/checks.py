@@ -29,6 +29,7 @@ class Source:
 
     label: str  # "data.path train.jsonl", "data.eval_path eval.jsonl", "data.name org/set (split train)"
     file: Path | None = None  # the local file, for line numbers
+    hashed: dict | None = None  # a local file's content hash: sha256, bytes, seconds
 
     def where(self, indices: list[int], total: int) -> list[str]:
         """How a user finds each record (by 0-based index of ``total``): 'line 7' in a JSON Lines file, else
@@ -123,8 +124,11 @@ def _listed(problems: list[tuple[int, str]], count: int, source: Source, total: 
     return listing(list(zip(source.where([i for i, _ in shown], total), [p for _, p in shown], strict=True)), count)
 
 
-def checked(dataset: Dataset, source: Source, formatter_name: str, field: str | None, empty_content) -> Dataset:
-    """The dataset once every record is checked: raises on bad records, and warns on, refuses or drops empty ones."""
+def checked(
+    dataset: Dataset, source: Source, formatter_name: str, field: str | None, empty_content
+) -> tuple[Dataset, np.ndarray | None]:
+    """The dataset once every record is checked, and the index of each kept record among those read (None: all).
+    Raises on bad records, and warns on, refuses or drops empty ones."""
     empty_content = getattr(empty_content, "value", empty_content)
     if empty_content not in EMPTY_CONTENT:
         raise FusetuneError(f"data.empty_content must be one of {', '.join(EMPTY_CONTENT)}, got {empty_content!r}")
@@ -136,7 +140,7 @@ def checked(dataset: Dataset, source: Source, formatter_name: str, field: str | 
         )
     count = len(findings.empty)
     if not count:
-        return dataset
+        return dataset, None
     shown = _listed(findings.empty, count, source, len(dataset))
     if empty_content == "error":
         raise FusetuneError(
@@ -150,7 +154,7 @@ def checked(dataset: Dataset, source: Source, formatter_name: str, field: str | 
             plural(count, "record"),
             shown,
         )
-        return dataset
+        return dataset, None
     if count == len(dataset):
         raise FusetuneError(
             f"{source.label}: all {count} records have empty content, none is left to train on: {shown}"
@@ -164,4 +168,5 @@ def checked(dataset: Dataset, source: Source, formatter_name: str, field: str | 
         len(dataset),
         shown,
     )
-    return dataset.select(np.flatnonzero(keep))
+    kept = np.flatnonzero(keep)
+    return dataset.select(kept), kept

@@ -6,8 +6,10 @@ other files number them from 1 in file order. The slow work here (reading a file
 """
 
 import csv
+import hashlib
 import json
 import logging
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from .formatters import kind
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 BLANK = b" \t\r\n"
 MAX_SHOWN = 5  # bad records (or lines) shown in one message; the rest are counted
+HASH_CHUNK = 1 << 20  # bytes read at a time while hashing a file
 
 
 def listing(items: list[tuple[str, str]], count: int) -> str:
@@ -70,8 +73,23 @@ def _quiet_datasets():
         logger.setLevel(level)
 
 
-def load_local(path: str, key: str = "data.path") -> Dataset:
-    """Load a local .jsonl/.json/.parquet/.csv file; ``key`` is the config field that named it."""
+def content_hash(file: Path) -> dict:
+    """The file's SHA-256, read in chunks, with its size and the seconds hashing took."""
+    started = time.perf_counter()
+    sha = hashlib.sha256()
+    size = 0
+    with file.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"sha256": sha.hexdigest(), "bytes": size, "seconds": round(time.perf_counter() - started, 4)}
+
+
+def load_local(path: str, key: str = "data.path", sha256: str | None = None) -> Dataset:
+    """Load a local .jsonl/.json/.parquet/.csv file; ``key`` is the config field that named it.
+
+    ``sha256`` (the file's content hash) names the datasets library's cache entry, which otherwise keys on the
+    path and modification time alone: a file edited in place with its mtime kept never reads back stale rows."""
     file = Path(path).expanduser()
     if file.is_dir():
         raise FusetuneError(f"{key}: {path} is a directory; give one {'/'.join(LOCAL_BUILDERS)} file")
@@ -82,11 +100,11 @@ def load_local(path: str, key: str = "data.path") -> Dataset:
         raise FusetuneError(f"{key}: no such file: {file}")
     if not _start(file):
         raise FusetuneError(f"{key} {path}: the file is empty (0 records)")
-    options = {}
+    options = {"name": f"fusetune-{sha256[:32]}"} if sha256 else {}
     if builder == "csv":
         # CSV has no types: every cell is text, as written ("007" stays "007", "3" does not become 3.0,
         # "NA" stays "NA"), and an empty cell is an empty string.
-        options = {"features": Features(dict.fromkeys(_csv_header(file, key, path), Value("string")))}
+        options["features"] = Features(dict.fromkeys(_csv_header(file, key, path), Value("string")))
         options["keep_default_na"] = False
     try:
         with _quiet_datasets():

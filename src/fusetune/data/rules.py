@@ -8,7 +8,7 @@ import math
 
 from ..errors import FusetuneError
 from .formatters import FORMATTERS
-from .templates import find_chat_template
+from .templates import check_template, find_chat_template
 
 SOURCE_FORMATTERS = ("chat", "sharegpt", "alpaca", "text", "completion")
 # Top-level keys that name one dataset; a mixture reads each source's own instead.
@@ -133,7 +133,8 @@ def data_problems(cfg) -> list[str]:
                 "drop one of them"
             )
         try:
-            find_chat_template(cfg.chat_template)
+            text, _ = find_chat_template(cfg.chat_template)
+            check_template(text, f"data.chat_template={cfg.chat_template}")
         except FusetuneError as error:
             problems.append(str(error))
     return [p for p in problems if p]
