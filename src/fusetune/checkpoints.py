@@ -14,7 +14,7 @@ before hashes were recorded is accepted with a warning (its sizes checked only):
 
 A checkpoint whose weights are not finite gets no marker: it is renamed ``checkpoint-N.nonfinite`` and
 training stops, so the last good checkpoint stays the newest. ``saving(path)`` turns a full disk during
-a save into one line; the half-written checkpoint then gets no marker.
+a save into one line; the half-written checkpoint then gets no marker, and is removed.
 """
 
 import errno
@@ -176,8 +176,9 @@ def free_mib(path: Path) -> float:
 
 
 @contextmanager
-def saving(path):
-    """Around a save to ``path``: a full disk becomes one line (FusetuneError) naming the path and the space left."""
+def saving(path, remove_partial: bool = False):
+    """Around a save to ``path``: a full disk becomes one line (FusetuneError) naming the path and the space
+    left; ``remove_partial``: the half-written folder is removed then, which frees the space it took."""
     try:
         yield
     except FusetuneError:
@@ -185,8 +186,11 @@ def saving(path):
     except Exception as error:
         if not is_disk_full(error):
             raise
+        free = free_mib(path)
+        if remove_partial:
+            shutil.rmtree(path, ignore_errors=True)
         detail = " ".join(str(error).split())[:200]
-        raise FusetuneError(f"disk full while saving {path} (free: {free_mib(path):.1f} MiB): {detail}") from None
+        raise FusetuneError(f"disk full while saving {path} (free: {free:.1f} MiB): {detail}") from None
 
 
 def trainable_weights_finite(model) -> bool:

@@ -381,10 +381,12 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
         logs["skipped_steps"] = guard.skipped
 
     def _save_checkpoint(self, model, trial):
-        with saving(f"{self.args.output_dir}/checkpoint-{self.state.global_step}"):
+        with saving(f"{self.args.output_dir}/checkpoint-{self.state.global_step}", remove_partial=True):
             super()._save_checkpoint(model, trial)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        if _internal_call:  # within _save_checkpoint, which says it
+            return super().save_model(output_dir, _internal_call)
         with saving(output_dir or self.args.output_dir):
             super().save_model(output_dir, _internal_call)
 
