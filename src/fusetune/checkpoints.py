@@ -104,7 +104,8 @@ def mark(folder: Path, step: int) -> dict:
 
 def problem(folder: Path, verify: bool = True) -> str | None:
     """Why ``folder`` is not a whole checkpoint (naming the file), or None. ``verify``: compare the hashes
-    too (reads every file); else sizes only. A marker without hashes passes on its sizes (unverified)."""
+    too (reads every file); else sizes only. A marker without hashes passes on its sizes, with a warning
+    when ``verify`` asked for more."""
     folder = Path(folder)
     try:
         marker = json.loads((folder / MARKER).read_text())
@@ -118,7 +119,10 @@ def problem(folder: Path, verify: bool = True) -> str | None:
         if present[name] != size:
             return f"{name} has {present[name]} bytes, the marker says {size}"
     hashes = marker.get("sha256")
-    if not verify or hashes is None:
+    if not verify:
+        return None
+    if hashes is None:
+        log.warning("%s: its marker holds no hashes; resumed unverified (sizes checked)", folder)
         return None
     started = time.perf_counter()
     for name, expected in hashes.items():
@@ -139,7 +143,7 @@ def step_of(folder: Path) -> int | None:
 
 def newest_complete(folder: Path, verify: bool = True, warn: bool = True) -> Path | None:
     """The whole ``checkpoint-N`` in ``folder`` with the largest N, or None. Tried newest first; one warning
-    (``warn``) for each marked checkpoint passed over, naming it and its file, and for an unverified one."""
+    (``warn``) for each marked checkpoint passed over, naming it and its file."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -147,8 +151,6 @@ def newest_complete(folder: Path, verify: bool = True, warn: bool = True) -> Pat
     for checkpoint in found:
         why = problem(checkpoint, verify)
         if why is None:
-            if warn and verify and "sha256" not in json.loads((checkpoint / MARKER).read_text()):
-                log.warning("%s: its marker holds no hashes; resumed unverified (sizes checked)", checkpoint)
             return checkpoint
         if warn and (checkpoint / MARKER).exists():  # an unmarked one was never finished: nothing to say
             log.warning("%s skipped: %s; trying the next older checkpoint", checkpoint, why)

@@ -152,13 +152,18 @@ def test_the_marker_holds_each_files_hash_and_the_hashing_time(trained):
     assert marker["step"] == 4 and isinstance(marker["hash_seconds"], float) and marker["hash_seconds"] >= 0
 
 
-def test_a_marker_without_hashes_is_resumed_unverified_with_a_warning(trained, tmp_path, caplog):
+@pytest.mark.parametrize("how", ["resume=auto", "resume=PATH"])
+def test_a_marker_without_hashes_is_resumed_unverified_with_a_warning(trained, tmp_path, caplog, how):
     out = killed_copy(trained, "full", tmp_path)
     path = out / "checkpoint-4" / MARKER
     marker = json.loads(path.read_text())
     path.write_text(json.dumps({"step": marker["step"], "files": marker["files"]}))  # as older versions wrote it
     with caplog.at_level(logging.WARNING, logger="fusetune.checkpoints"):
-        assert newest_complete(out) == out / "checkpoint-4"
+        if how == "resume=auto":
+            assert newest_complete(out) == out / "checkpoint-4"
+        else:  # what run_folder.claim asks of a resume=PATH
+            assert problem(out / "checkpoint-4") is None
+    assert problem(out / "checkpoint-4", verify=False) is None
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         f"{out / 'checkpoint-4'}: its marker holds no hashes; resumed unverified (sizes checked)"
     ]
