@@ -105,7 +105,9 @@ class FastSFTConfig(SFTConfig):
     )
     max_skipped_in_a_row: int = field(
         default=3,
-        metadata={"help": "nan_policy=skip: the run has diverged, and stops as failed, at this many skipped steps in a row."},
+        metadata={
+            "help": "nan_policy=skip: the run has diverged, and stops as failed, at this many skipped steps in a row."
+        },
     )
     fused_loss: bool | None = field(
         default=None,

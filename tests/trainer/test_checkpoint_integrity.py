@@ -72,7 +72,7 @@ CORRUPTED = [
 
 
 @pytest.mark.parametrize(("kind", "name"), CORRUPTED)
-def test_a_corrupted_file_of_the_same_size_is_skipped_for_the_previous_checkpoint(trained, tmp_path, caplog, kind, name):
+def test_a_same_size_corrupted_file_is_skipped_for_the_previous_checkpoint(trained, tmp_path, caplog, kind, name):
     out = killed_copy(trained, kind, tmp_path)
     newest = out / "checkpoint-4"
     size = (newest / name).stat().st_size

@@ -58,7 +58,14 @@ BOUND = [
     # (id, steps with NaN gradients, max_steps, config, the step it stops at or None, part of why)
     ("three-in-a-row", {4, 5, 6}, 12, {}, 6, "3 steps in a row (max_skipped_in_a_row=3), at steps 4, 5, 6"),
     ("two-in-a-row-when-bound-is-2", {3, 4}, 12, {"max_skipped_in_a_row": 2}, 4, "2 steps in a row"),
-    ("scattered-over-10-percent", {2, 5, 8}, 16, {}, 10, "3 of 10 steps (over max_skipped_fraction=0.1), at steps 2, 5, 8"),
+    (
+        "scattered-over-10-percent",
+        {2, 5, 8},
+        16,
+        {},
+        10,
+        "3 of 10 steps (over max_skipped_fraction=0.1), at steps 2, 5, 8",
+    ),
     ("two-of-ten-judged-at-ten", {2, 5}, 16, {}, 10, "2 of 10 steps"),
     ("share-judged-later", {11, 13}, 16, {}, 13, "2 of 13 steps"),
     ("two-apart-within-a-looser-share", {2, 5}, 12, {"max_skipped_fraction": 0.25}, None, None),
