@@ -27,6 +27,7 @@
 """
 
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -35,7 +36,7 @@ from accelerate.utils import DistributedType
 from trl import SFTConfig, SFTTrainer
 
 from . import precision
-from .checkpoints import MarkComplete
+from .checkpoints import MarkComplete, saving
 from .compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
 from .compat.trl import PrepareDatasetHook, ResumeTokenCount
 from .data.cache import DatasetCacheHook
@@ -95,6 +96,19 @@ class FastSFTConfig(SFTConfig):
             "skipped_steps; one host read a step)."
         },
     )
+    max_skipped_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "nan_policy=skip: the run has diverged, and stops as failed, when more than this share of its "
+            "steps were skipped (judged once 10 steps have run)."
+        },
+    )
+    max_skipped_in_a_row: int = field(
+        default=3,
+        metadata={
+            "help": "nan_policy=skip: the run has diverged, and stops as failed, at this many skipped steps in a row."
+        },
+    )
     fused_loss: bool | None = field(
         default=None,
         metadata={
@@ -119,6 +133,10 @@ class FastSFTConfig(SFTConfig):
             self.accelerator_config = {"non_blocking": True}
         if self.nan_policy not in NAN_POLICIES:
             raise FusetuneError(f"nan_policy: expected one of {', '.join(NAN_POLICIES)}, got {self.nan_policy!r}")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise FusetuneError(f"max_skipped_fraction: expected a number in [0, 1], got {self.max_skipped_fraction}")
+        if self.max_skipped_in_a_row < 1:
+            raise FusetuneError(f"max_skipped_in_a_row: expected at least 1, got {self.max_skipped_in_a_row}")
         if self.nan_policy == "skip":  # a skipped step's NaN loss stays out of the logged mean
             self.logging_nan_inf_filter = True
         super().__post_init__()
@@ -280,7 +298,7 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
             self._set_tensorboard_dir(args.logging_dir)
         # every checkpoint gets a completeness marker; a non-finite loss, gradient or checkpoint stops training
         self.checkpoint_marker = MarkComplete()
-        self.nonfinite_guard = NonFiniteGuard(args.nan_policy)
+        self.nonfinite_guard = NonFiniteGuard(args.nan_policy, args.max_skipped_fraction, args.max_skipped_in_a_row)
         self.add_callback(self.checkpoint_marker)
         self.add_callback(self.nonfinite_guard)
         self.add_callback(ResumeTokenCount(self))
@@ -349,8 +367,30 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self.token_stats.flush(self)
         if self.args.nan_policy == "skip" and "loss" in logs:
-            logs["skipped_steps"] = self.nonfinite_guard.skipped
+            self._without_skipped_losses(logs)
         super().log(logs, start_time)
+
+    def _without_skipped_losses(self, logs: dict) -> None:
+        """A log window of skipped steps only has no loss (None), never the 0.0 HF's NaN filter leaves; a
+        non-finite value of a skipped step (grad_norm, entropy) is None too."""
+        guard, step = self.nonfinite_guard, self.state.global_step
+        skipped, window = set(guard.skipped_at), range(guard.logged_through + 1, step + 1)
+        if window and all(s in skipped for s in window):
+            logs["loss"] = None
+        if step in skipped:
+            logs.update({k: None for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)})
+        guard.logged_through = step
+        logs["skipped_steps"] = guard.skipped
+
+    def _save_checkpoint(self, model, trial):
+        with saving(f"{self.args.output_dir}/checkpoint-{self.state.global_step}", remove_partial=True):
+            super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        if _internal_call:  # within _save_checkpoint, which says it
+            return super().save_model(output_dir, _internal_call)
+        with saving(output_dir or self.args.output_dir):
+            super().save_model(output_dir, _internal_call)
 
     def prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """TRL's preparation of one dataset; padding-free rows are truncated here, as TRL's collator cannot."""

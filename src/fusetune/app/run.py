@@ -11,7 +11,7 @@ from transformers import set_seed
 
 from fusetune_kernels.offloaded_checkpoint import enable_checkpointing
 
-from ..checkpoints import newest_complete, step_of
+from ..checkpoints import newest_complete, saving, step_of, trainable_weights_finite
 from ..compat.trl import trained_tokens
 from ..data import build_splits
 from ..errors import FusetuneError, Interrupted
@@ -166,7 +166,8 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         saved_to = out / ("model" if full_finetune else "adapter")
         trainer.save_model(str(saved_to))
         if trainer.is_world_process_zero():
-            tokenizer.save_pretrained(saved_to)
+            with saving(saved_to):
+                tokenizer.save_pretrained(saved_to)
     merged_to = None
     if cfg.export.merged and trainer.is_world_process_zero():  # one process writes it
         merged_to = export_merged(trainer.model, tokenizer, out)
@@ -182,6 +183,8 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         evals["exact_match_n"] = len(splits.generation)
 
     metrics = result.metrics
+    skipped = recorder.skipped_before + trainer.nonfinite_guard.skipped
+    final_step, final_loss = recorder.final_loss or (None, None)
     tokens = recorder.last_train.get("num_tokens") or trained_tokens(trainer)
     session_tokens = tokens - tokens_before  # a resumed run's runtime covers only the steps it trained
     summary = {
@@ -200,9 +203,14 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         "cuda_graphs": trainer.step_graphs.stats() if trainer.step_graphs is not None else None,
         "trainer": cfg.trainer.name,
         "global_step": result.global_step,
-        "train_loss": record.whole_run_loss(record.read_metrics(recorder.path)) if checkpoint else result.training_loss,
+        # HF's training_loss counts a skipped step's loss as 0.0
+        "train_loss": record.whole_run_loss(record.read_metrics(recorder.path))
+        if checkpoint or skipped
+        else result.training_loss,
         "resumed_from": str(checkpoint) if checkpoint else None,
-        "final_loss": recorder.last_train.get("loss"),
+        "final_loss": final_loss,
+        "final_loss_step": final_step,
+        "skipped_steps": skipped,
         "eval": evals,
         "samples": samples,
         "train_tokens": tokens,
@@ -228,10 +236,15 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
 
 
 def _stopped_early(trainer: FastSFTTrainer, stop: StopOnSignal, out: Path) -> None:
-    """A signal or a non-finite value stopped training: record it, say where the last checkpoint is, and end."""
+    """A signal, a non-finite value or divergence stopped training (or left non-finite weights): record it, say
+    where the last checkpoint is, and end."""
     step = trainer.state.global_step
-    newest = newest_complete(out)
-    where = f"the last good checkpoint is {newest}" if newest else "there is no checkpoint to resume from"
+    newest = newest_complete(out, verify=False)  # only named here: sizes are enough
+    where = (
+        f"the last good checkpoint is {newest} (resume=auto continues from it)"
+        if newest
+        else "there is no checkpoint to resume from"
+    )
     if stop.received is not None:
         line = f"interrupted at step {step}: checkpoint saved in {newest}; resume=auto continues"
         if trainer.is_world_process_zero():
@@ -240,5 +253,16 @@ def _stopped_early(trainer: FastSFTTrainer, stop: StopOnSignal, out: Path) -> No
     why = trainer.nonfinite_guard.stopped
     if why is None and trainer.checkpoint_marker.bad_step is not None:
         why = f"non-finite weights at the save of step {trainer.checkpoint_marker.bad_step}"
+    if why is None and not _all_ranks_agree(trainable_weights_finite(trainer.model), trainer):
+        why = f"non-finite weights at the end of step {step}; they are not saved"
     if why is not None:
-        raise FusetuneError(f"training stopped: {why}; {where} (resume=auto continues from it)")
+        raise FusetuneError(f"training stopped: {why}; {where}")
+
+
+def _all_ranks_agree(flag: bool, trainer: FastSFTTrainer) -> bool:
+    """``flag`` and'ed over the ranks (each may hold a shard of the weights)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    value = torch.tensor([int(flag)], device=trainer.args.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from ..checkpoints import is_complete, newest_complete, step_of
+from ..checkpoints import newest_complete, problem, step_of
 from ..errors import FusetuneError
 from . import distributed
 from .config import refuse_secrets
@@ -79,15 +79,17 @@ def claim(folder: Path, resume: str | None, overwrite: bool) -> Path | None:
     checkpoint = Path(resume).expanduser()
     if not checkpoint.is_dir() or step_of(checkpoint) is None:
         raise FusetuneError(f"resume: {resume} is not a checkpoint-N folder")
-    if not is_complete(checkpoint):
-        raise FusetuneError(f"resume: {resume} is incomplete (no fusetune_checkpoint.json, or files changed since)")
+    why = problem(checkpoint)
+    if why is not None:
+        raise FusetuneError(f"resume: {resume} cannot be resumed: {why}")
     return checkpoint
 
 
 def follow(folder: Path, resume: str | None) -> Path | None:
-    """Another rank of a distributed run: the checkpoint rank 0 resumes from, read without writing."""
+    """Another rank of a distributed run: the checkpoint rank 0 resumes from, read without writing. The same
+    verification on the same files gives the same answer; only rank 0 warns about the ones passed over."""
     if resume == "auto":
-        return newest_complete(folder)
+        return newest_complete(folder, warn=False)
     return Path(resume).expanduser() if resume else None
 
 

@@ -1,6 +1,7 @@
 """The run record: metrics.jsonl while training, summary.json at the end."""
 
 import json
+import math
 import resource
 import sys
 from datetime import datetime
@@ -47,7 +48,8 @@ class MetricsRecorder(TrainerCallback):
     """Appends one JSON line per logging step to ``metrics.jsonl`` (train lines carry ``loss``).
 
     A new run starts the file empty. A resumed run keeps the lines up to its checkpoint's step and drops
-    the later ones (those steps run again), so every step stays in the file once.
+    the later ones (those steps run again), so every step stays in the file once. A window of skipped
+    steps (nan_policy=skip) has a loss of null. ``final_loss`` is the last finite logged loss and its step.
     """
 
     def __init__(self, path: Path, resume_step: int | None = None, write: bool = True):
@@ -59,6 +61,8 @@ class MetricsRecorder(TrainerCallback):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
         self.last_train: dict = next((m for m in reversed(kept) if m.get("split") == "train"), {})
+        self.final_loss: tuple[int, float] | None = last_finite_loss(kept)
+        self.skipped_before = self.last_train.get("skipped_steps", 0)  # counted before a resume
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or any(k in logs for k in SUMMARY_KEYS):
@@ -67,8 +71,18 @@ class MetricsRecorder(TrainerCallback):
         line = {"step": state.global_step, "split": split, **logs}
         if split == "train":
             self.last_train = line
+            self.final_loss = last_finite_loss([line]) or self.final_loss
         with self.path.open("a") as f:
             f.write(json.dumps(line) + "\n")
+
+
+def last_finite_loss(lines: list[dict]) -> tuple[int, float] | None:
+    """(step, loss) of the last train line with a finite loss, or None."""
+    for line in reversed(lines):
+        loss = line.get("loss") if line.get("split") == "train" else None
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            return line["step"], loss
+    return None
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -99,14 +113,16 @@ def write_status(out: Path, status: str, error: str | None = None, step: int | N
 
 def whole_run_loss(lines: list[dict]) -> float | None:
     """The mean train loss over every step of the run, from metrics.jsonl: each logged loss is the mean over
-    the steps since the previous train line, so it counts for that many steps."""
+    the steps since the previous train line, so it counts for that many steps; a null loss (skipped steps)
+    counts for none."""
     total = count = 0.0
     previous = 0
     for line in lines:
         if line.get("split") != "train" or "loss" not in line:
             continue
-        steps = line["step"] - previous
-        total, count, previous = total + line["loss"] * steps, count + steps, line["step"]
+        steps, previous = line["step"] - previous, line["step"]
+        if line["loss"] is not None:
+            total, count = total + line["loss"] * steps, count + steps
     return total / count if count else None
 
 
@@ -118,7 +134,8 @@ def format_summary(summary: dict) -> str:
             f"fusetune run: {summary['model']} on {summary['data']} | kernels={summary['kernels']} "
             f"trainer={summary['trainer']} seed={summary['seed']}",
             f"  steps {summary['global_step']}  train_loss {summary['train_loss']:.4f}  "
-            f"final_loss {summary['final_loss']}",
+            f"final_loss {summary['final_loss']} (step {summary.get('final_loss_step')})"
+            + (f"  skipped_steps {summary['skipped_steps']}" if summary.get("skipped_steps") else ""),
             f"  {summary['train_tokens_per_second']:.0f} tok/s  peak {summary['peak_memory_gib']:.2f} GiB  "
             f"runtime {summary['runtime_s']:.1f} s",
             f"  eval: {evals or 'none'}",
