@@ -4,7 +4,10 @@
 
 A job is any folder under the sweep folder that holds `.hydra/`, whatever it is called, ordered by Hydra's job
 number (`.hydra/hydra.yaml`). Its record gives one row: `summary.json` when it finished, `status.json` when it
-failed or was interrupted (its error line and last step), `metrics.jsonl` for the loss curve. Jobs whose overrides
+failed or was interrupted (its error line and last step), `metrics.jsonl` for the loss curve. A job whose
+status.json says "running" while its process (pid, host) is gone is "died"; on another host, "running?". A record
+that cannot be read (cut short, not JSON, not UTF-8, the wrong shape) is a problem of its job, listed in the
+report, which is written all the same. Jobs whose overrides
 differ only in `seed` form a group, reported as mean ± std over its finished jobs.
 
 - report.md: the groups (when some group has more than one job), then every job, then the plots;
@@ -22,6 +25,7 @@ import json
 import math
 import os
 import re
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +36,26 @@ SUMMARY, STATUS, METRICS = "summary.json", "status.json", "metrics.jsonl"
 LOSS_PNG, SPEED_PNG = "loss_curves.png", "speed_memory.png"
 STATUSES = ("running", "finished", "failed", "interrupted")  # status.json's values
 INCOMPLETE = "incomplete"  # neither status.json nor summary.json: still running, or killed without a word
+DIED, ELSEWHERE = "died", "running?"  # "running", and its process is gone; "running" on a host not checked from here
 SEED_KEYS = ("seed", "+seed", "++seed")
 
 # column -> how to read it from summary.json
 METRICS_OF = {
     "final_loss": lambda s: s.get("final_loss"),
     "train_loss": lambda s: s.get("train_loss"),
-    "eval_loss": lambda s: (s.get("eval") or {}).get("eval_loss"),
-    "exact_match": lambda s: (s.get("eval") or {}).get("exact_match"),
+    "eval_loss": lambda s: _eval(s).get("eval_loss"),
+    "exact_match": lambda s: _eval(s).get("exact_match"),
     "tok/s": lambda s: s.get("train_tokens_per_second"),
     "peak GiB": lambda s: s.get("peak_memory_gib"),
     "runtime s": lambda s: s.get("runtime_s"),
 }
+
+
+def _eval(summary: dict) -> dict:
+    evals = summary.get("eval")
+    return evals if isinstance(evals, dict) else {}
+
+
 CPU_MEMORY_NOTE = "On CPU, peak GiB is the process's max RSS: in a multirun (one process) it carries over earlier jobs."
 COLUMNS = ("final_loss", "train_loss", "eval_loss", "exact_match", "tok/s", "tok/s ratio", "peak GiB", "runtime s")
 
@@ -79,33 +91,79 @@ def _jobs(n: int) -> str:
 # ---- reading one job -------------------------------------------------------------------------------------------
 
 
-def _load_json(path: Path) -> dict | None:
+class RecordProblem(ValueError):
+    """A record file that exists but cannot be read as what it should be: its one line says why."""
+
+
+def read_record(path: Path) -> dict | None:
+    """A JSON object file: None when there is none; RecordProblem when it is not a readable JSON object."""
+    path = Path(path)
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
         return None
+    except OSError as error:
+        raise RecordProblem(f"{path.name}: unreadable ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise RecordProblem(f"{path.name}: not UTF-8 (byte {error.start})") from None
+    if not text.strip():
+        raise RecordProblem(f"{path.name}: empty")
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        where = f"line {error.lineno}, column {error.colno}"
+        raise RecordProblem(f"{path.name}: not valid JSON, cut short? ({where}: {error.msg})") from None
+    if not isinstance(value, dict):
+        raise RecordProblem(f"{path.name}: holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _load_json(path: Path, problems: list[str] | None = None) -> dict | None:
+    """read_record, with its problem (if any) added to ``problems`` and None returned."""
+    try:
+        return read_record(path)
+    except RecordProblem as problem:
+        if problems is not None:
+            problems.append(str(problem))
+        return None
+
+
+def _read_lines(path: Path, problems: list[str] | None = None) -> list[dict]:
+    lines = []
+    try:
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return lines
+    bad = []
+    rows = text.splitlines()
+    for number, line in enumerate(rows, 1):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            value = None
+        if isinstance(value, dict):
+            lines.append(value)
+        elif line.strip():
+            bad.append(number)
+    if bad and problems is not None:
+        last = " (the last, cut short?)" if bad[-1] == len(rows) else ""
+        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        problems.append(f"{Path(path).name}: line {shown} of {len(rows)} skipped, not a JSON object{last}")
+    return lines
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """The lines of a JSONL file; a line cut short by a crash (or any unparsable line) is skipped."""
-    lines = []
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return lines
-    for line in text.splitlines():
-        try:
-            value = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(value, dict):
-            lines.append(value)
-    return lines
+    return _read_lines(path)
 
 
 def last_step(job_dir: Path) -> int | None:
     """The step of the last line of metrics.jsonl, or None when there is none."""
-    steps = [m["step"] for m in read_jsonl(Path(job_dir) / METRICS) if isinstance(m.get("step"), int)]
+    return _last_step(read_jsonl(Path(job_dir) / METRICS))
+
+
+def _last_step(lines: list[dict]) -> int | None:
+    steps = [m["step"] for m in lines if isinstance(m.get("step"), int) and not isinstance(m["step"], bool)]
     return steps[-1] if steps else None
 
 
@@ -147,34 +205,72 @@ def _job_number(path: str, mtime_ns: int) -> int | None:  # the report is rebuil
     try:
         hydra_cfg = yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
         num = hydra_cfg["hydra"]["job"]["num"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):  # ValueError: not UTF-8
         return None
-    return num if isinstance(num, int) else None
+    return num if isinstance(num, int) and not isinstance(num, bool) else None
 
 
-def job_overrides(job_dir: Path) -> list[str]:
+def job_overrides(job_dir: Path, problems: list[str] | None = None) -> list[str]:
     try:
         overrides = yaml.safe_load((Path(job_dir) / ".hydra" / "overrides.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+    except FileNotFoundError:
         return []
-    return [str(o) for o in overrides or []]
+    except (OSError, ValueError, yaml.YAMLError) as error:  # ValueError: not UTF-8
+        overrides = error
+    if isinstance(overrides, list):
+        return [str(o) for o in overrides]
+    if overrides is not None and problems is not None:
+        problems.append(f".hydra/overrides.yaml: not a list of overrides ({one_line(overrides, 80)})")
+    return []
 
 
-def job_status(job_dir: Path, summary: dict | None) -> dict:
-    """status, error and last_step: status.json where there is one; else finished when summary.json exists."""
+def process_state(pid, host) -> str:
+    """ "running" while process ``pid`` lives on this host, DIED when it does not, ELSEWHERE for another host."""
+    if host is not None and host != socket.gethostname():
+        return ELSEWHERE
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return ELSEWHERE  # a record without a pid: nothing to check
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return DIED
+    except PermissionError:  # another user's process
+        return "running"
+    try:  # a zombie has died too: it only waits for its parent to read its exit code
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "running"
+    return DIED if state in ("Z", "X") else "running"
+
+
+def job_status(job_dir: Path, summary: dict | None, problems: list[str] | None = None, lines=None) -> dict:
+    """status, error and last_step: status.json where there is one; else finished when summary.json exists.
+    A "running" record whose process is gone is DIED ("running?" on another host, or without a pid)."""
     job_dir = Path(job_dir)
-    status = _load_json(job_dir / STATUS) or {}
+    status = _load_json(job_dir / STATUS, problems) or {}
     state = status.get("status")
+    error = status.get("error")
     if state not in STATUSES:
+        if state is not None and problems is not None:
+            problems.append(f"{STATUS}: unknown status {one_line(state, 40)!r}")
         state = "finished" if summary is not None else INCOMPLETE
+        if state == INCOMPLETE and problems is not None and not (job_dir / STATUS).exists():
+            problems.append(f"no {STATUS}: the job stopped before its run began (or has not begun)")
     elif state == "running" and summary is not None:
         state = "finished"  # summary.json is written last: the run got there
+    elif state == "running":
+        pid, host = status.get("pid"), status.get("host")
+        state = process_state(pid, host)
+        if state == DIED:
+            error = f"pid {pid} no longer running: killed (out of memory?) or its machine stopped"
+        elif state == ELSEWHERE:
+            error = f"pid {pid} on {host}: not checked from here" if host else "no pid recorded: cannot tell"
     step = status.get("last_step")
-    if not isinstance(step, int):
-        step = last_step(job_dir)
-    if step is None and summary is not None:
-        step = summary.get("global_step")
-    error = status.get("error") if state != "finished" else None
+    if not isinstance(step, int) or isinstance(step, bool):
+        step = _last_step(lines) if lines is not None else last_step(job_dir)
+    if step is None and summary is not None and isinstance(summary.get("global_step"), int):
+        step = summary["global_step"]
+    error = error if state != "finished" else None
     return {"status": state, "error": one_line(error) if error else None, "last_step": step}
 
 
@@ -190,9 +286,12 @@ def _value(override: str):
 
 
 def read_job(job_dir: Path, sweep_dir: Path) -> dict:
+    """One row of the report; what cannot be read goes into its "problems" (one line each), never raised."""
     job_dir = Path(job_dir)
-    summary = _load_json(job_dir / SUMMARY)
-    overrides = [o for o in job_overrides(job_dir) if not o.startswith("experiment=")]
+    problems: list[str] = []
+    summary = _load_json(job_dir / SUMMARY, problems)
+    lines = _read_lines(job_dir / METRICS, problems)
+    overrides = [o for o in job_overrides(job_dir, problems) if not o.startswith("experiment=")]
     seed = next((_value(o) for o in overrides if _key(o) in SEED_KEYS), None)
     num = job_number(job_dir)
     row = {
@@ -201,7 +300,8 @@ def read_job(job_dir: Path, sweep_dir: Path) -> dict:
         "overrides": " ".join(overrides),
         "override_list": overrides,
         "group": " ".join(o for o in overrides if _key(o) not in SEED_KEYS),
-        **job_status(job_dir, summary),
+        **job_status(job_dir, summary, problems, lines),
+        "problems": problems,
         "seed": (summary or {}).get("seed", seed),
         "kernels": (summary or {}).get("kernels"),
         "device": (summary or {}).get("device"),
@@ -331,6 +431,9 @@ def build_report(sweep_dir: Path) -> Report:
         md += ["", "## Mean ± std over seeds", "", "Over the finished jobs of each group; std is the sample std."]
         md += ["", groups_table(groups, keys - set(SEED_KEYS)).rstrip()]
     md += ["", "## Jobs", "", jobs_table(rows, keys).rstrip()]
+    if any(r["problems"] for r in rows):
+        md += ["", "## Unreadable records", ""]
+        md += [f"- job {r['job']} (`{r['dir']}`): " + "; ".join(r["problems"]) for r in rows if r["problems"]]
     if any(r["device"] == "cpu" for r in rows):
         md += ["", CPU_MEMORY_NOTE]
     report.markdown = "\n".join(md) + "\n"
@@ -361,6 +464,7 @@ def plot_losses(sweep_dir: Path, report: Report, path: Path) -> bool:
     plotted = 0
     for r in report.rows:
         lines = read_jsonl(sweep_dir / r["dir"] / METRICS)
+        lines = [m for m in lines if _number(m.get("step"))]
         train = [(m["step"], m["loss"]) for m in lines if m.get("split") == "train" and _number(m.get("loss"))]
         evals = [(m["step"], m["eval_loss"]) for m in lines if m.get("split") == "eval" and _number(m.get("eval_loss"))]
         if not train and not evals:
@@ -480,12 +584,28 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweep_dir.is_dir():
         print(f"fusetune: error: {args.sweep_dir}: no such folder", file=sys.stderr)
         return 2
-    report = write_report(args.sweep_dir, plots=not args.no_plots)
+    if not find_jobs(args.sweep_dir) and not (args.sweep_dir / "multirun.yaml").is_file():
+        print(
+            f"fusetune: error: {args.sweep_dir}: not a sweep folder (no multirun.yaml, no job with .hydra/)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        report = write_report(args.sweep_dir, plots=not args.no_plots)
+    except OSError as error:  # a read-only or full disk: the jobs' records were read, the report not written
+        print(
+            f"fusetune: error: cannot write the report into {args.sweep_dir}: {error.strerror or error}",
+            file=sys.stderr,
+        )
+        return 2
     print(report.headline())
     print(jobs_table(report.rows), end="")
     print("wrote: " + ", ".join(str(p) for p in report.files))
     if report.plot_note:
         print(report.plot_note)
+    for row in report.rows:
+        if row["problems"]:
+            print(f"job {row['job']}: " + "; ".join(row["problems"]))
     return 0
 
 

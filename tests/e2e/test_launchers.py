@@ -121,13 +121,14 @@ def test_local_launcher_composes_and_instantiates(monkeypatch, tmp_path):
     gpus.register_resolvers()  # train.py does this
     cfg = compose_hydra(["hydra/launcher=local", f"hydra.sweep.dir={tmp_path}"])
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert launcher._target_ == "hydra_plugins.fusetune_launcher.JoblibLauncher"  # Hydra's, surviving a dead worker
     assert launcher.n_jobs == 3 and launcher.initializer.gpus == "GPU-a,GPU-b,GPU-c"
     from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
 
     plugin_keys = set(OmegaConf.structured(JobLibLauncherConf).keys())
     assert set(launcher.keys()) == plugin_keys | {"initializer"}  # the plugin's keys, all of them
     built = instantiate(launcher)
+    assert type(built).__mro__[1].__module__ == "hydra_plugins.hydra_joblib_launcher.joblib_launcher"  # a subclass
     assert built.joblib["n_jobs"] == 3 and isinstance(built.joblib["initializer"], gpus.OneGPUPerWorker)
     assert built.joblib["initializer"].slots_dir == f"{tmp_path}/.gpu_slots"
 

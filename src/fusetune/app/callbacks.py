@@ -2,7 +2,7 @@
 
 - AblationReport: keeps report.md / report.json current after every job, and at the end of the multirun writes
   the full report with its plots (fusetune.report), whatever became of the jobs. Then the multirun exits 1 if a
-  job failed, was interrupted or left no record. On Ctrl-C (or a crash of Hydra itself) the report is written
+  job failed, was interrupted, died or left no record. On Ctrl-C (or a crash of Hydra itself) the report is written
   at exit. It also tells job_names which keys the multirun sweeps, so they come first in folder names.
 """
 

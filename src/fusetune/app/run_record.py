@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import resource
+import socket
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -96,7 +98,8 @@ def write_summary(path: Path, summary: dict) -> None:
 
 def write_status(out: Path, status: str, error: str | None = None, step: int | None = None, **extra) -> Path:
     """status.json: {"status": running | finished | failed | interrupted, "error": one line, "last_step", "updated"};
-    last_step is read from metrics.jsonl unless given."""
+    last_step is read from metrics.jsonl unless given. "running" also names its process ("pid", "host"), so a
+    reader can tell a run that died from one that runs (fusetune.report)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -104,6 +107,7 @@ def write_status(out: Path, status: str, error: str | None = None, step: int | N
         "error": one_line(error) if error else None,
         "last_step": step if step is not None else last_step(out),
         "updated": datetime.now().astimezone().isoformat(timespec="seconds"),
+        **({"pid": os.getpid(), "host": socket.gethostname()} if status == "running" else {}),
         **extra,
     }
     path = out / STATUS
