@@ -34,7 +34,7 @@ import torch
 from accelerate.utils import DistributedType
 from trl import SFTConfig, SFTTrainer
 
-from . import precision
+from . import limits, precision
 from .checkpoints import MarkComplete
 from .compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
 from .compat.trl import PrepareDatasetHook, ResumeTokenCount
@@ -107,6 +107,7 @@ class FastSFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        limits.refuse(self, limits.TRAINER)  # one line, not a ZeroDivisionError mid-run
         half = [name for name in ("bf16", "fp16") if getattr(self, name)]
         if half and not torch.cuda.is_available():
             warnings.warn(f"{half[0]}=True, but there is no CUDA GPU: training in fp32 on the CPU", stacklevel=4)
