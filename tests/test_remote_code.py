@@ -51,7 +51,9 @@ def code_folder(tmp_path: Path, config: dict | None = None) -> tuple[Path, Path]
     settings.update(config or {})
     (folder / "config.json").write_text(json.dumps(settings))
     (folder / "configuration_marker.py").write_text(
-        CODE.format(marker=str(marker), base="LlamaConfig", extra="", name="MarkerConfig", body="model_type = 'fusetune_marker'")
+        CODE.format(
+            marker=str(marker), base="LlamaConfig", extra="", name="MarkerConfig", body="model_type = 'fusetune_marker'"
+        )
     )
     (folder / "modeling_marker.py").write_text(
         CODE.format(
@@ -68,7 +70,9 @@ def code_folder(tmp_path: Path, config: dict | None = None) -> tuple[Path, Path]
 
 LIBRARY_CALLS = {
     "FastModel.from_pretrained": lambda folder, **hub: FastModel.from_pretrained(str(folder), **hub),
-    "FastModel.from_pretrained(random_init)": lambda f, **hub: FastModel.from_pretrained(str(f), random_init=True, **hub),
+    "FastModel.from_pretrained(random_init)": lambda f, **hub: FastModel.from_pretrained(
+        str(f), random_init=True, **hub
+    ),
     "loading.load_config": lambda folder, **hub: loading.load_config(str(folder), **hub),
     "loading.load_tokenizer": lambda folder, **hub: loading.load_tokenizer(str(folder), **hub),
     "loading.load_model": lambda folder, **hub: loading.load_model(str(folder), loading.pick_dtype("float32"), **hub),

@@ -382,7 +382,7 @@ def secrets_in(cfg, prefix: str = "") -> list[str]:
         if isinstance(value, DictConfig | ListConfig) and value._is_none():
             continue
         if path in ("hydra.overrides.task", "hydra.overrides.hydra"):
-            found += [key for override in value if _looks_secret(key := _override_key(str(override)))]
+            found += [key for key, given in map(_override, value) if given and _looks_secret(key)]
         elif isinstance(value, DictConfig | ListConfig | dict | list):
             found += secrets_in(value, f"{path}.")
         elif _looks_secret(path) and value not in (None, "", "???"):
@@ -390,9 +390,10 @@ def secrets_in(cfg, prefix: str = "") -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _override_key(override: str) -> str:
-    """``+hydra.job.env_set.HF_TOKEN=x`` -> ``hydra.job.env_set.HF_TOKEN``."""
-    return override.split("=", 1)[0].lstrip("~+").strip()
+def _override(override) -> tuple[str, bool]:
+    """``+hydra.job.env_set.HF_TOKEN=x`` -> (``hydra.job.env_set.HF_TOKEN``, whether it gives a value)."""
+    key, _, value = str(override).partition("=")
+    return key.lstrip("~+").strip(), value.strip() not in ("", "null", "???")
 
 
 def refuse_secrets(cfg) -> None:
@@ -418,7 +419,9 @@ def unknown_keys(cfg, prefix: str = "") -> list[str]:
             continue
         if known is not None and key not in known:
             near = "".join(f" (did you mean {near}?)" for near in get_close_matches(str(key), sorted(known), n=1))
-            extra = "; trainer.extra holds FastSFTConfig fields that no trainer key holds" if prefix == "trainer." else ""
+            extra = (
+                "; trainer.extra holds FastSFTConfig fields that no trainer key holds" if prefix == "trainer." else ""
+            )
             found.append(f"{path}: not a key of {schema.__name__}{near}{extra}")
         elif isinstance(value, DictConfig | ListConfig) and not value._is_none():
             found += unknown_keys(value, f"{path}.")
