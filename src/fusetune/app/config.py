@@ -428,20 +428,20 @@ def unknown_keys(cfg, prefix: str = "") -> list[str]:
     return found
 
 
+# The app's own keys; the trainer and model keys are the library's (fusetune.limits), under the app's names.
+LORA_LIMITS = {"r": limits.LORA["r"], "alpha": limits.LORA["lora_alpha"], "dropout": limits.LORA["lora_dropout"]}
+RUN_LIMITS = {"seed": limits.SEED, "cpu_threads": limits.Range(1, note="null: torch's default")}
+DATA_LIMITS = {"num_train": limits.Range(1), "num_eval": limits.Range(0), "num_generate": limits.Range(0)}
+
+
 def range_problems(cfg) -> list[str]:
     """The numeric keys out of their range (fusetune.limits), one line each."""
     problems = limits.problems(cfg.trainer, limits.TRAINER, "trainer.")
     problems += limits.problems(cfg.model, limits.MODEL, "model.")
     if cfg.model.lora is not None:
-        lora = {"r": cfg.model.lora.r, "alpha": cfg.model.lora.alpha, "dropout": cfg.model.lora.dropout}
-        problems += limits.problems(lora, LORA_LIMITS, "model.lora.")
+        problems += limits.problems(cfg.model.lora, LORA_LIMITS, "model.lora.")
     problems += limits.problems(cfg, RUN_LIMITS)
     return problems + limits.problems(cfg.data, DATA_LIMITS, "data.")
-
-
-LORA_LIMITS = {"r": limits.LORA["r"], "alpha": limits.LORA["lora_alpha"], "dropout": limits.LORA["lora_dropout"]}
-RUN_LIMITS = {"seed": limits.SEED, "cpu_threads": limits.Range(1, note="null: torch's default")}
-DATA_LIMITS = {"num_train": limits.Range(1), "num_eval": limits.Range(0), "num_generate": limits.Range(0)}
 
 
 def check_composed(cfg) -> None:
