@@ -51,6 +51,7 @@ class Loaded:
     kind: str  # "merged", "adapter" or "model"
     base: str | None = None  # the base model of an adapter
     run_config: dict = field(default_factory=dict)  # the run's .hydra/config.yaml, when there is one
+    trust_remote_code: bool = False  # run the model folder's own Python code (--trust-remote-code)
 
     def describe(self) -> str:
         what = {"merged": "merged model", "model": "model"}.get(self.kind, f"adapter on {self.base}")
@@ -137,11 +138,11 @@ def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return loading.DTYPES[name]
 
 
-def _load_tokenizer(folder: Path, fallback: str | None = None):
+def _load_tokenizer(folder: Path, fallback: str | None = None, trust_remote_code: bool = False):
     if any((folder / name).is_file() for name in TOKENIZER_FILES) or fallback is None:
-        return loading.load_tokenizer(str(folder))
+        return loading.load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
     try:  # an adapter saved without its tokenizer: the base's
-        return loading.load_tokenizer(fallback)
+        return loading.load_tokenizer(fallback, trust_remote_code=trust_remote_code)
     except FusetuneError as error:
         raise FusetuneError(f"{folder}: no tokenizer here, nor from the base model: {error}") from None
 
@@ -172,12 +173,14 @@ def _adapter_base(folder: Path, run_config: dict) -> str:
     return base
 
 
-def open_folder(path: str | Path) -> Loaded:
-    """What ``path`` holds (see ``locate``), with its tokenizer; the weights are loaded by ``load_weights``."""
+def open_folder(path: str | Path, trust_remote_code: bool = False) -> Loaded:
+    """What ``path`` holds (see ``locate``), with its tokenizer; the weights are loaded by ``load_weights``.
+    A model that needs its own Python code is refused with one line unless ``trust_remote_code``."""
     kind, folder = locate(path)
     run_config = _run_config(folder)
     base = _adapter_base(folder, run_config) if kind == "adapter" else None
-    return Loaded(None, _load_tokenizer(folder, base), folder, kind, base, run_config)
+    tokenizer = _load_tokenizer(folder, base, trust_remote_code)
+    return Loaded(None, tokenizer, folder, kind, base, run_config, trust_remote_code)
 
 
 # What a damaged or mismatched weight file raises (loading.load_model turns OSError and ValueError into one line)
@@ -195,7 +198,7 @@ def load_weights(loaded: Loaded, device: str = "auto", dtype: str = "auto") -> L
     torch_dtype = _pick_dtype(dtype, torch_device)
     weights = loaded.base if loaded.kind == "adapter" else str(loaded.folder)
     try:
-        model = loading.load_model(weights, torch_dtype)
+        model = loading.load_model(weights, torch_dtype, trust_remote_code=loaded.trust_remote_code)
     except FusetuneError as error:
         where = "the adapter's base model: " if loaded.kind == "adapter" else ""
         raise FusetuneError(f"{loaded.folder}: {where}{error}") from None
@@ -214,9 +217,9 @@ def load_weights(loaded: Loaded, device: str = "auto", dtype: str = "auto") -> L
     return loaded
 
 
-def load(path: str | Path, device: str = "auto", dtype: str = "auto") -> Loaded:
+def load(path: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False) -> Loaded:
     """The model and tokenizer that ``path`` holds, ready to generate."""
-    return load_weights(open_folder(path), device, dtype)
+    return load_weights(open_folder(path, trust_remote_code), device, dtype)
 
 
 def trained_on_plain_prompts(run_config: dict) -> str | None:
@@ -376,6 +379,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (default: cuda if available, else cpu), cpu, cuda:1")
     parser.add_argument("--dtype", default="auto", choices=["auto", *loading.DTYPES], help="auto: fp32 on CPU")
     parser.add_argument("--raw", action="store_true", help="no chat template and no history: the text as typed")
+    parser.add_argument(
+        "--trust-remote-code", action="store_true", help="run the model folder's own Python code (auto_map)"
+    )
     args = parser.parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():
         parser.error("--prompt is empty")
@@ -440,7 +446,7 @@ def main(argv=None, stdin=None, out=None, notes=None) -> int:
     stdin, out, notes = stdin or sys.stdin, out or sys.stdout, notes or sys.stderr
     try:
         args = parse_args(argv)
-        loaded = open_folder(args.run_dir)
+        loaded = open_folder(args.run_dir, args.trust_remote_code)
         Chat(None, loaded.tokenizer, args.system, args.raw)  # the chat template is checked before the weights load
         load_weights(loaded, args.device, args.dtype)
         chat = Chat(loaded.model, loaded.tokenizer, args.system, args.raw, args.max_new_tokens, args.temperature, notes)

@@ -15,7 +15,7 @@ import torch
 
 from fusetune_kernels.offloaded_checkpoint import enable_checkpointing
 
-from . import loading
+from . import limits, loading
 from .errors import FusetuneError
 from .modules import EMBEDDINGS, PROJECTIONS, base_model, is_quantized
 from .patching import apply_kernels, choose_backend
@@ -49,6 +49,17 @@ def _clear_for_weights(folder: Path, overwrite: bool) -> None:
     for pattern in WEIGHT_FILES:
         for stale in folder.glob(pattern):
             stale.unlink()
+
+
+def _refuse_ids_beyond_embeddings(tokenizer, tokenizer_name: str, model_config, model_name: str) -> None:
+    """A token id past the embedding's last row fails deep inside the first forward: one line here instead."""
+    rows = getattr(model_config.get_text_config(), "vocab_size", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise FusetuneError(
+            f"tokenizer {tokenizer_name} has {len(tokenizer)} ids but model {model_name} embeds {rows} "
+            "(vocab_size): use the model's own tokenizer, or resize the embeddings (model.resize_token_embeddings) "
+            "and train them (modules_to_save=[embed_tokens, lm_head])"
+        )
 
 
 class FastModel:
@@ -95,9 +106,11 @@ class FastModel:
             raise FusetuneError("fast_inference (vLLM) is not supported; generate with model.generate()")
         dtype = _dtype(dtype)
         hub = {"token": token, "revision": revision, "trust_remote_code": trust_remote_code}
-        model_type = loading.load_config(config or model_name, **hub).model_type
-        backend = choose_backend(kernels, model_type)  # an unsupported family fails here, before the weights load
+        limits.refuse({"max_seq_length": max_seq_length}, limits.MODEL)
+        model_config = loading.load_config(config or model_name, **hub)
+        backend = choose_backend(kernels, model_config.model_type)  # an unsupported family fails before the weights
         tokenizer = loading.load_tokenizer(tokenizer_name or model_name, **hub)
+        _refuse_ids_beyond_embeddings(tokenizer, tokenizer_name or model_name, model_config, config or model_name)
         tokenizer.model_max_length = max_seq_length
         if quantized and device_map is None and torch.cuda.is_available():
             device_map = {"": torch.cuda.current_device()}
@@ -148,6 +161,7 @@ class FastModel:
         what ``from_pretrained`` was given, else True. ``bias``, ``use_rslora``, ``init_lora_weights``,
         ``layers_to_transform`` and ``layers_pattern`` are PEFT's LoraConfig fields.
         """
+        limits.refuse({"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}, limits.LORA)
         for name in unused:
             warnings.warn(f"FastModel.get_peft_model: '{name}' is not supported and is ignored", stacklevel=2)
         if loftq_config:

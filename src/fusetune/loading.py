@@ -1,10 +1,13 @@
 """Load a tokenizer and a causal LM (hub, local folder, or random init), and add LoRA."""
 
+import json
 import logging
+import pickle
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from . import precision
 from .errors import FusetuneError
@@ -38,6 +41,8 @@ def pick_dtype(name: str) -> torch.dtype:
 
 def _hub_error(what: str, name: str, error: Exception) -> FusetuneError:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if "trust_remote_code=True" in str(error):  # transformers refused to run the repository's own code
+        return _needs_code(name, "auto_map")
     folder = Path(resolve(name)).expanduser()
     if folder.is_dir():
         return FusetuneError(f"{what}: the folder {folder} holds no loadable model or tokenizer: {first_line}")
@@ -46,10 +51,51 @@ def _hub_error(what: str, name: str, error: Exception) -> FusetuneError:
     )
 
 
+def _needs_code(name: str, where: str) -> FusetuneError:
+    return FusetuneError(
+        f"model {name} needs its own Python code ({where}); trust_remote_code=true (fusetune.chat: "
+        "--trust-remote-code) runs it, only for code you trust"
+    )
+
+
+def refuse_remote_code(name_or_path: str, trust_remote_code: bool) -> None:
+    """Without ``trust_remote_code``, one line for a local folder whose config.json names a model type transformers
+    does not know: with ``auto_map`` (its own Python classes) or without. Reads JSON only; runs nothing.
+
+    Anything else (a hub repository, a tokenizer's own code) transformers checks itself: it refuses, never asks,
+    since False is passed on, and ``_hub_error`` makes that the same line."""
+    config = Path(resolve(name_or_path)).expanduser() / "config.json"
+    if trust_remote_code or not config.is_file():
+        return
+    try:
+        content = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return  # transformers names what is wrong with it
+    if not isinstance(content, dict) or content.get("model_type") in CONFIG_MAPPING:
+        return
+    model_type = content.get("model_type")
+    if content.get("auto_map"):
+        raise _needs_code(name_or_path, "auto_map in config.json")
+    if model_type is not None:
+        raise FusetuneError(
+            f"model {name_or_path}: config.json has model_type '{model_type}', which this transformers does not "
+            "know, and no auto_map: a newer transformers may know it"
+        )
+
+
+def _hub(options: dict) -> dict:
+    """The hub options that were set; ``trust_remote_code`` always, as a bool (None would let transformers ask)."""
+    hub = {k: v for k, v in options.items() if v is not None}
+    hub["trust_remote_code"] = hub.get("trust_remote_code") is True
+    return hub
+
+
 def load_config(name_or_path: str, **hub):
     """The model's config (architecture, model_type), without its weights."""
+    hub = _hub(hub)
+    refuse_remote_code(name_or_path, hub["trust_remote_code"])
     try:
-        return AutoConfig.from_pretrained(resolve(name_or_path), **_given(hub))
+        return AutoConfig.from_pretrained(resolve(name_or_path), **hub)
     except (OSError, ValueError) as error:
         raise _hub_error("model.config", name_or_path, error) from None
 
@@ -57,8 +103,10 @@ def load_config(name_or_path: str, **hub):
 def load_tokenizer(name_or_path: str, **hub):
     """The tokenizer, with a pad token (its eos token where it has none). ``hub``: token, revision, ..."""
     path = resolve(name_or_path)
+    hub = _hub(hub)
+    refuse_remote_code(name_or_path, hub["trust_remote_code"])
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_given(hub))
+        tokenizer = AutoTokenizer.from_pretrained(path, **hub)
     except (OSError, ValueError) as error:
         raise _hub_error("model.tokenizer", name_or_path, error) from None
     if tokenizer.pad_token is None:
@@ -80,9 +128,10 @@ def load_model(
 ):
     """A causal LM in ``dtype``. ``random_init`` builds it from ``config`` (or the model's) without weights.
 
-    ``hub``: token, revision, trust_remote_code (off unless given), passed to transformers' loaders.
+    ``hub``: token, revision, trust_remote_code (off unless True), passed to transformers' loaders. A weights
+    file that torch's ``weights_only`` unpickler refuses (it holds pickled code) is one line, never run.
     """
-    hub = _given(hub)
+    hub = _hub(hub)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if random_init:
         model_config = load_config(config or name_or_path, **hub)
@@ -97,17 +146,27 @@ def load_model(
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
+    refuse_remote_code(name_or_path, hub["trust_remote_code"])
     try:
         return AutoModelForCausalLM.from_pretrained(
             resolve(name_or_path), dtype=dtype, device_map=device_map, **kwargs, **hub
         )
     except (OSError, ValueError) as error:
         raise _hub_error("model.name_or_path", name_or_path, error) from None
+    except pickle.UnpicklingError:
+        raise FusetuneError(
+            f"model {name_or_path}: {_pickled_weights(name_or_path)} holds pickled code besides tensors, which is "
+            "not run (torch weights_only); use a safetensors copy from a source you trust"
+        ) from None
 
 
-def _given(options: dict) -> dict:
-    """The options that were set (None and False mean: transformers' default)."""
-    return {k: v for k, v in options.items() if v is not None and v is not False}
+def _pickled_weights(name_or_path: str) -> str:
+    """The pickled weight file(s) of a local folder, named for the one-line error."""
+    folder = Path(resolve(name_or_path)).expanduser()
+    files = sorted(p for pattern in ("*.bin", "*.pt", "*.pth") for p in folder.glob(pattern)) if folder.is_dir() else []
+    if len(files) == 1:
+        return f"the weights file {files[0]}"
+    return f"a weights file ({', '.join(p.name for p in files)})" if files else "a pickled weights file"
 
 
 def add_lora(

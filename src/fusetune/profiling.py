@@ -39,12 +39,12 @@ import torch
 from datasets import Dataset
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
-from transformers import AutoConfig, TrainerCallback
+from transformers import TrainerCallback
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from . import varlen
 from .graphs import CudaGraphs, Reruns, StepGraphs
-from .loading import add_lora, load_model, load_tokenizer, resolve
+from .loading import add_lora, load_config, load_model, load_tokenizer
 from .patching import apply_kernels, remove_kernels
 from .trainer import FastSFTConfig, FastSFTTrainer
 
@@ -544,7 +544,7 @@ def profile_steps(setup: Setup, backends: list[str], trainer_variants: list[str]
         raise ValueError(f"unknown backends or trainer variants {unknown}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    vocab = AutoConfig.from_pretrained(resolve(setup.model)).vocab_size
+    vocab = load_config(setup.model).vocab_size
     documents = make_documents(setup.warmup + setup.steps, setup.docs, setup.min_len, setup.max_len, vocab, setup.seed)
     batches = make_batches(documents)
     config = {**asdict(setup), "backends": list(backends), "trainer": list(trainer_variants)}

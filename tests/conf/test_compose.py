@@ -83,7 +83,8 @@ def test_cross_group_rules(compose_cfg, overrides, message):
 
 def test_negative_max_steps_trains_by_epochs(compose_cfg):
     validate(compose_cfg(["trainer.max_steps=-1", "trainer.num_train_epochs=2"]))
-    validate(compose_cfg(["trainer.max_steps=-5"]))  # HF's meaning: any negative value trains by epochs
+    with pytest.raises(FusetuneError, match=r"trainer.max_steps must be >= -1 \(-1: train by num_train_epochs\)"):
+        validate(compose_cfg(["trainer.max_steps=-5"]))  # HF reads any negative as -1; -1 is the one that says so
 
 
 DEFAULT_LORA = {

@@ -9,15 +9,11 @@ run_or_exit: give such a row cli=True and Hydra's exit code.
 """
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass, field
 
 import pytest
 
-from fusetune.app.cli import run_or_exit
-
-from ..conftest import ROOT
+from .app_runs import error_line, exit_and_stderr
 
 BASE = ("logger=none", "trainer.max_steps=1")  # every row's overrides start with these
 
@@ -244,23 +240,7 @@ def test_bad_input_exits_2_with_one_line(row, tmp_path, compose_cfg, capsys):
     _write(tmp_path, row.files)
     overrides = [override.format(tmp=tmp_path) for override in (*BASE, *row.overrides)]
     run_dir = tmp_path / "run"
-    if row.cli:
-        proc = subprocess.run(
-            [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        code, stderr = proc.returncode, proc.stderr
-    else:
-        with pytest.raises(SystemExit) as exited:
-            run_or_exit(compose_cfg(overrides, output_dir=run_dir))
-        code, stderr = exited.value.code, capsys.readouterr().err
-    lines = stderr.splitlines()
+    code, stderr = exit_and_stderr(overrides, run_dir, row.cli, compose_cfg, capsys)
     assert code == row.code, stderr[-3000:]
-    assert lines and lines[-1].startswith("fusetune: error: "), stderr[-3000:]
-    assert row.message.format(tmp=tmp_path) in lines[-1]
-    assert sum(line.startswith("fusetune: error:") for line in lines) == 1
-    assert "Traceback" not in stderr
+    assert row.message.format(tmp=tmp_path) in error_line(stderr)
     assert row.leaves_metrics or not (run_dir / "metrics.jsonl").exists()

@@ -1,13 +1,13 @@
 """export.merged=true: a LoRA run leaves <run>/merged/, which plain transformers loads and which answers as the trained
-adapter model does (to bf16 rounding); a full fine-tune has nothing to merge and says so."""
+adapter model does (to bf16 rounding); a full fine-tune leaves its whole model there, in 16 bits."""
 
 import json
-import logging
 import os
 import subprocess
 import sys
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from fusetune import FastModel
 from fusetune.app.run import run
@@ -74,9 +74,11 @@ def test_lora_run_exports_a_merged_model_that_plain_transformers_loads(compose_c
     assert adapter_effect > 10 * merge_error, (adapter_effect, merge_error)  # the merge carries what training did
 
 
-def test_full_finetune_has_nothing_to_merge(compose_cfg, tmp_path, caplog):
-    with caplog.at_level(logging.INFO, logger="fusetune.app.export"):
-        summary = run(compose_cfg(["trainer.max_steps=1", *FAST], output_dir=tmp_path))
-    assert summary["merged_to"] is None and not (tmp_path / "merged").exists()
-    assert any("full fine-tune has no adapter to merge" in r.getMessage() for r in caplog.records), caplog.text
-    assert (tmp_path / "model" / "model.safetensors").is_file()
+def test_full_finetune_exports_its_whole_model_in_16_bits(compose_cfg, tmp_path):
+    """Never silently ignored: merged/ holds the fully fine-tuned model, as it holds a merged adapter."""
+    summary = run(compose_cfg(["trainer.max_steps=1", "save_model=false", *FAST], output_dir=tmp_path))
+    merged = tmp_path / "merged"
+    assert summary["merged_to"] == str(merged) and not (tmp_path / "model").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(merged, dtype="auto")
+    assert reloaded.dtype == torch.bfloat16  # 16-bit weights (bf16 on CPU), like a merge
+    assert (merged / "tokenizer.json").is_file() and not (merged / "adapter_config.json").exists()

@@ -95,9 +95,9 @@ def test_the_skipped_steps_bound(tmp_path, skip_at, max_steps, config, stops_at,
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("max_skipped_fraction", 1.5, "max_skipped_fraction: expected a number in [0, 1], got 1.5"),
-        ("max_skipped_fraction", -0.1, "max_skipped_fraction: expected a number in [0, 1], got -0.1"),
-        ("max_skipped_in_a_row", 0, "max_skipped_in_a_row: expected at least 1, got 0"),
+        ("max_skipped_fraction", 1.5, "max_skipped_fraction must be in [0, 1], got 1.5"),
+        ("max_skipped_fraction", -0.1, "max_skipped_fraction must be in [0, 1], got -0.1"),
+        ("max_skipped_in_a_row", 0, "max_skipped_in_a_row must be >= 1, got 0"),
     ],
 )
 def test_a_bound_out_of_range_is_an_error(tmp_path, field, value, message):

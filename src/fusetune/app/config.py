@@ -15,13 +15,15 @@ import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
+from difflib import get_close_matches
 from enum import Enum
 from types import NoneType, UnionType
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from .. import limits
 from ..compat.renames import CONFIG_RENAMES
 from ..data.rules import data_problems, has_eval_data, is_mixture
 from ..errors import FusetuneError
@@ -290,8 +292,8 @@ class LoggerConfig:
 class ExportConfig:
     """What the run writes besides its model or adapter."""
 
-    # <run>/merged/: the LoRA adapters merged into 16-bit weights (FastModel.save_merged), which plain transformers
-    # loads; a full fine-tune has nothing to merge (its model/ is the whole model), which the run logs
+    # <run>/merged/: 16-bit weights that plain transformers loads (FastModel.save_merged): the LoRA adapters merged
+    # into the base, or a full fine-tune's whole model (a 16-bit copy of model/, also without save_model)
     merged: bool = False
 
 
@@ -361,26 +363,49 @@ def extra_key_problem(key: str) -> str | None:
 
 # Keys that hold credentials (not special tokens such as pad_token or eos_token).
 SECRET = re.compile(r"((^|_)(hub|hf|auth|access|api)_token|api_?key|password|secret)$", re.IGNORECASE)
+# Environment variables that hold credentials (HF_TOKEN, WANDB_API_KEY, DB_PASSWORD, ...), set by hydra.job.env_set.
+SECRET_VARIABLE = re.compile(r"((^|_)(token|api_?key)$|password|secret)", re.IGNORECASE)
+
+
+def _looks_secret(path: str) -> bool:
+    parent, _, key = path.rpartition(".")
+    if parent.endswith("env_set"):
+        return bool(SECRET_VARIABLE.search(key))
+    return bool(SECRET.search(key))
+
+
+def _children(cfg):
+    if isinstance(cfg, ListConfig | list):
+        return enumerate(cfg)
+    return cfg.items_ex(resolve=False) if hasattr(cfg, "items_ex") else cfg.items()
 
 
 def secrets_in(cfg, prefix: str = "") -> list[str]:
-    """The keys of ``cfg`` that hold a secret (a token, an API key, a password) with a value set."""
+    """The keys of ``cfg`` that hold a secret (a token, an API key, a password) with a value set, hydra.* included:
+    a secret-looking variable of ``hydra.job.env_set``, and an override of such a key (hydra.overrides lists it)."""
     found = []
-    for key, value in cfg.items_ex(resolve=False) if hasattr(cfg, "items_ex") else cfg.items():
+    for key, value in _children(cfg):
         path = f"{prefix}{key}"
-        if key == "hydra":
+        if isinstance(value, DictConfig | ListConfig) and value._is_none():
             continue
-        if isinstance(value, DictConfig) and value._is_none():
-            continue
-        if isinstance(value, DictConfig | dict):
+        if path in ("hydra.overrides.task", "hydra.overrides.hydra"):
+            found += [key for key, given in map(_override, value) if given and _looks_secret(key)]
+        elif isinstance(value, DictConfig | ListConfig | dict | list):
             found += secrets_in(value, f"{path}.")
-        elif SECRET.search(str(key)) and value not in (None, "", "???"):
+        elif _looks_secret(path) and value not in (None, "", "???"):
             found.append(path)
-    return found
+    return list(dict.fromkeys(found))
+
+
+def _override(override) -> tuple[str, bool]:
+    """``+hydra.job.env_set.HF_TOKEN=x`` -> (``hydra.job.env_set.HF_TOKEN``, whether it gives a value)."""
+    key, _, value = str(override).partition("=")
+    return key.lstrip("~+").strip(), value.strip() not in ("", "null", "???")
 
 
 def refuse_secrets(cfg) -> None:
-    """Hydra writes the whole config into .hydra/: a secret given there would be kept on disk."""
+    """Hydra writes the whole config (hydra.* and the overrides too) into .hydra/: a secret given there would be
+    kept on disk."""
     found = secrets_in(cfg)
     if found:
         raise FusetuneError(
@@ -389,9 +414,55 @@ def refuse_secrets(cfg) -> None:
         )
 
 
-def validate(cfg) -> None:
-    """Rules that span config groups. Raises FusetuneError with one line per mistake."""
+def unknown_keys(cfg, prefix: str = "") -> list[str]:
+    """Keys that a ``+key=value`` override added to a typed node whose schema has no such key: one line each, with
+    the nearest key. ``trainer.extra`` (untyped) and ``hydra`` take any key."""
+    found = []
+    schema = cfg._metadata.object_type if isinstance(cfg, DictConfig) else None
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key, value in _children(cfg):
+        path = f"{prefix}{key}"
+        if path == "hydra":
+            continue
+        if known is not None and key not in known:
+            near = "".join(f" (did you mean {near}?)" for near in get_close_matches(str(key), sorted(known), n=1))
+            extra = (
+                "; trainer.extra holds FastSFTConfig fields that no trainer key holds" if prefix == "trainer." else ""
+            )
+            found.append(f"{path}: not a key of {schema.__name__}{near}{extra}")
+        elif isinstance(value, DictConfig | ListConfig) and not value._is_none():
+            found += unknown_keys(value, f"{path}.")
+    return found
+
+
+# The app's own keys; the trainer and model keys are the library's (fusetune.limits), under the app's names.
+LORA_LIMITS = {"r": limits.LORA["r"], "alpha": limits.LORA["lora_alpha"], "dropout": limits.LORA["lora_dropout"]}
+RUN_LIMITS = {"seed": limits.SEED, "cpu_threads": limits.Range(1, note="null: torch's default")}
+DATA_LIMITS = {"num_train": limits.Range(1), "num_eval": limits.Range(0), "num_generate": limits.Range(0)}
+
+
+def range_problems(cfg) -> list[str]:
+    """The numeric keys out of their range (fusetune.limits), one line each."""
+    problems = limits.problems(cfg.trainer, limits.TRAINER, "trainer.")
+    problems += limits.problems(cfg.model, limits.MODEL, "model.")
+    if cfg.model.lora is not None:
+        problems += limits.problems(cfg.model.lora, LORA_LIMITS, "model.lora.")
+    problems += limits.problems(cfg, RUN_LIMITS)
+    return problems + limits.problems(cfg.data, DATA_LIMITS, "data.")
+
+
+def check_composed(cfg) -> None:
+    """What the composed config alone shows, checked before Hydra writes it (run_folder.GuardRunFolder) and again
+    by ``validate``: a secret, a key added with ``+`` that its group does not have, a number out of range."""
     refuse_secrets(cfg)
+    problems = unknown_keys(cfg) + range_problems(cfg)
+    if problems:
+        raise FusetuneError("; ".join(problems))
+
+
+def validate(cfg) -> None:
+    """Rules that span config groups, after ``check_composed``. Raises FusetuneError, one line for every mistake."""
+    check_composed(cfg)
     problems = []
     if cfg.model.load_in_4bit and cfg.model.lora is None:
         problems.append("model.load_in_4bit needs model.lora: 4-bit weights cannot be trained directly (QLoRA)")
@@ -401,8 +472,11 @@ def validate(cfg) -> None:
         problems.append(
             f"model.gradient_checkpointing: expected true, false or offload, got '{cfg.model.gradient_checkpointing}'"
         )
-    if cfg.model.max_seq_length <= 0:
-        problems.append(f"model.max_seq_length must be positive, got {cfg.model.max_seq_length}")
+    if cfg.export.merged and cfg.model.lora is None and cfg.distributed == Distributed.fsdp:
+        problems.append(
+            "export.merged with distributed=fsdp and no LoRA: rank 0 holds only its shard of the model; "
+            "use the run's model/ (saved whole), or convert it to 16 bits afterwards"
+        )
     if cfg.trainer.packing and cfg.trainer.padding_free:
         problems.append("trainer.packing and trainer.padding_free: choose one (packing is already padding-free)")
     if cfg.trainer.max_steps == 0:

@@ -5,7 +5,8 @@ trained model/ or adapter/, and checkpoint-N/ folders. A run may use a folder th
 resumes that run (``resume=auto`` or ``resume=PATH``) or is told to replace it (``overwrite=true``), which
 removes the old record first. ``GuardRunFolder`` asks the same question before Hydra writes the new run's
 .hydra/ into the folder, so a refused run leaves the other run's config as it was; it also refuses a secret
-(a token, an API key) given in the config, before Hydra writes it to disk.
+(a token, an API key) given in the config, a key added with ``+`` that the schema lacks, and a number out of its
+range (config.check_composed), before Hydra writes anything to disk.
 """
 
 import json
@@ -19,7 +20,7 @@ from hydra.experimental.callback import Callback
 from ..checkpoints import newest_complete, problem, step_of
 from ..errors import FusetuneError
 from . import distributed
-from .config import refuse_secrets
+from .config import check_composed
 
 log = logging.getLogger(__name__)
 STATUS = "status.json"
@@ -104,10 +105,10 @@ class GuardRunFolder(Callback):
         if not distributed.is_rank_zero():  # the others follow rank 0 into the folder it claims
             return
         self._refuse(lambda: check(Path(config.hydra.run.dir), config.get("resume"), bool(config.get("overwrite"))))
-        self._refuse(lambda: refuse_secrets(config))
+        self._refuse(lambda: check_composed(config))
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        self._refuse(lambda: refuse_secrets(config))
+        self._refuse(lambda: check_composed(config))
 
     @staticmethod
     def _refuse(check_it) -> None:
