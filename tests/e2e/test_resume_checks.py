@@ -70,25 +70,36 @@ REFUSED = [
     ("schedule", ("trainer.lr_scheduler_type=linear",), "trainer.lr_scheduler_type changed cosine -> linear"),
     ("seed", ("seed=6",), "seed changed 5 -> 6"),
     ("data-size", ("data.num_train=128",), "data.num_train changed 64 -> 128"),
-    ("model", ("model.name_or_path=/elsewhere/model",),
-     "model.name_or_path changed fusetune:tiny_llama -> /elsewhere/model"),
+    (
+        "model",
+        ("model.name_or_path=/elsewhere/model",),
+        "model.name_or_path changed fusetune:tiny_llama -> /elsewhere/model",
+    ),
     ("lora-rank", ("model.lora.r=4",), "model.lora.r changed 8 -> 4"),
     ("full-fine-tune", ("model.lora=null",), "model.lora changed {{"),
     ("kernels", ("kernels=triton",), "kernels.backend changed auto -> triton"),
-    ("batch-size", ("trainer.per_device_train_batch_size=4",),
-     "trainer.per_device_train_batch_size changed 8 -> 4"),
+    ("batch-size", ("trainer.per_device_train_batch_size=4",), "trainer.per_device_train_batch_size changed 8 -> 4"),
     ("accumulation", ("trainer.gradient_accumulation_steps=2",), "trainer.gradient_accumulation_steps changed 1 -> 2"),
     ("sequence-length", ("model.max_seq_length=64",), "model.max_seq_length changed 128 -> 64"),
     ("precision", ("model.dtype=bfloat16",), "model.dtype changed auto -> bfloat16"),
     ("packing", ("trainer=packing",), "trainer.packing changed false -> true"),
     ("fewer-steps", ("trainer.max_steps=1",), "trainer.max_steps changed 2 -> 1"),
-    ("two-at-once", ("seed=6", "data.num_train=128"),
-     "resume: data.num_train changed 64 -> 128; seed changed 5 -> 6 (since {run}/checkpoint-2 was saved); "
-     "resume.allow_changes=[data.num_train,seed] accepts them"),
-    ("allowed-one-not-the-other", ("seed=6", "data.num_train=128", "resume.allow_changes=[seed]"),
-     "resume: data.num_train changed 64 -> 128 (since"),
-    ("allowed-a-longer-prefix", ("data.num_train=128", "resume.allow_changes=[data.num_train_x]"),
-     "data.num_train changed 64 -> 128"),
+    (
+        "two-at-once",
+        ("seed=6", "data.num_train=128"),
+        "resume: data.num_train changed 64 -> 128; seed changed 5 -> 6 (since {run}/checkpoint-2 was saved); "
+        "resume.allow_changes=[data.num_train,seed] accepts them",
+    ),
+    (
+        "allowed-one-not-the-other",
+        ("seed=6", "data.num_train=128", "resume.allow_changes=[seed]"),
+        "resume: data.num_train changed 64 -> 128 (since",
+    ),
+    (
+        "allowed-a-longer-prefix",
+        ("data.num_train=128", "resume.allow_changes=[data.num_train_x]"),
+        "data.num_train changed 64 -> 128",
+    ),
 ]
 
 
@@ -108,14 +119,26 @@ ALLOWED = [
     ("nothing-changed", (), None),
     ("logger", ("logger=tensorboard",), "logger.kind changed none -> tensorboard"),
     ("longer", ("trainer.max_steps=4",), "trainer.max_steps changed 2 -> 4"),
-    ("eval-cadence", ("trainer.eval_strategy=steps", "trainer.eval_steps=1"),
-     "trainer.eval_strategy changed no -> steps; trainer.eval_steps changed null -> 1"),
-    ("logging-and-saving", ("trainer.logging_steps=2", "trainer.save_steps=2", "run_name=again"),
-     "trainer.logging_steps changed 1 -> 2; trainer.save_steps changed 1 -> 2; run_name changed null -> again"),
-    ("allowed-learning-rate", ("trainer.learning_rate=1e-3", "resume.allow_changes=[trainer.learning_rate]"),
-     "trainer.learning_rate changed null -> 0.001"),
-    ("allowed-by-prefix", ("data.num_train=128", "seed=6", "resume.allow_changes=[data,seed]"),
-     "data.num_train changed 64 -> 128; seed changed 5 -> 6"),
+    (
+        "eval-cadence",
+        ("trainer.eval_strategy=steps", "trainer.eval_steps=1"),
+        "trainer.eval_strategy changed no -> steps; trainer.eval_steps changed null -> 1",
+    ),
+    (
+        "logging-and-saving",
+        ("trainer.logging_steps=2", "trainer.save_steps=2", "run_name=again"),
+        "trainer.logging_steps changed 1 -> 2; trainer.save_steps changed 1 -> 2; run_name changed null -> again",
+    ),
+    (
+        "allowed-learning-rate",
+        ("trainer.learning_rate=1e-3", "resume.allow_changes=[trainer.learning_rate]"),
+        "trainer.learning_rate changed null -> 0.001",
+    ),
+    (
+        "allowed-by-prefix",
+        ("data.num_train=128", "seed=6", "resume.allow_changes=[data,seed]"),
+        "data.num_train changed 64 -> 128; seed changed 5 -> 6",
+    ),
 ]
 
 
@@ -172,3 +195,24 @@ def test_the_app_refuses_a_changed_resume_and_leaves_the_folder(run_dir):
         "was saved); resume.allow_changes=[trainer.learning_rate] accepts it"
     ]
     assert snapshot(run_dir) == before
+
+
+def test_another_number_of_processes_changes_the_math(run_dir, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # rank 0 of two: the global batch doubles
+    before = snapshot(run_dir)
+    with pytest.raises(SystemExit):
+        guard(run_dir, "resume=auto", "distributed=ddp")
+    assert "distributed changed none -> ddp; world_size changed 1 -> 2" in capsys.readouterr().err
+    assert snapshot(run_dir) == before
+    guard(run_dir, "resume=auto", "distributed=ddp", "resume.allow_changes=[distributed,world_size]")
+    assert json.loads((run_dir / MANIFEST).read_text())["config"]["world_size"] == 2
+
+
+@pytest.mark.parametrize(
+    ("given", "read"),
+    [("resume=auto", "resume.checkpoint=auto"), ("+resume=/r/checkpoint-2", "+resume.checkpoint=/r/checkpoint-2"),
+     ("++resume=null", "++resume.checkpoint=null"), ("resume.allow_changes=[seed]", "resume.allow_changes=[seed]"),
+     ("resume={checkpoint: auto}", "resume={checkpoint: auto}"), ("resumed=1", "resumed=1")],
+)  # fmt: skip
+def test_the_command_lines_short_form(given, read):
+    assert expand_resume_shorthand([given]) == [read]

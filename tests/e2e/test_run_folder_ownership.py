@@ -60,7 +60,10 @@ def snapshot(folder: Path) -> dict[str, object]:
         for name in dirs + files:
             path = Path(root) / name
             rel = str(path.relative_to(folder))
-            seen[rel] = f"-> {os.readlink(path)}" if path.is_symlink() else (None if path.is_dir() else path.read_bytes())
+            if path.is_symlink():
+                seen[rel] = f"-> {os.readlink(path)}"
+            else:
+                seen[rel] = None if path.is_dir() else path.read_bytes()
     return seen
 
 
@@ -144,45 +147,114 @@ OWN_RECORD = {MANIFEST: manifest(*RECORD), "status.json": '{"status": "failed"}'
 USERS_OWN = {"model/": "", "model/model.safetensors": "mine", "checkpoint-final/": "", "checkpoint-final/w": "mine"}
 
 ROWS = [
-    Row("live-owner-overwrite", OWN_RECORD, ("overwrite=true",), "run folder {run} is in use by pid {pid} on host",
-        live_owner=True),
+    Row(
+        "live-owner-overwrite",
+        OWN_RECORD,
+        ("overwrite=true",),
+        "run folder {run} is in use by pid {pid} on host",
+        live_owner=True,
+    ),
     Row("live-owner-new-run", {}, (), "run folder {run} is in use by pid {pid} on host " + HOST, live_owner=True),
     Row("live-owner-resume", OWN_RECORD, ("resume=auto",), "is in use by pid {pid}", live_owner=True),
-    Row("stale-lock-of-a-dead-pid", {}, (), None, lock_owner={"pid": "dead", "host": HOST, "started": "then"},
-        warning="took over the stale lock of pid {dead}"),
-    Row("stale-lock-beside-a-record-resumed", {k: v for k, v in OWN_RECORD.items() if k != "summary.json"},
-        ("resume=auto",), None, lock_owner={"pid": "dead", "host": HOST, "started": "then"},
+    Row(
+        "stale-lock-of-a-dead-pid",
+        {},
+        (),
+        None,
+        lock_owner={"pid": "dead", "host": HOST, "started": "then"},
         warning="took over the stale lock of pid {dead}",
-        kept=tuple(k.rstrip("/").split("/")[0] for k in OWN_RECORD if k != "summary.json" and k != MANIFEST)),
-    Row("lock-of-another-host", {}, (), "its lock names pid 7 on host elsewhere, which this host cannot check",
-        lock_owner={"pid": 7, "host": "elsewhere", "started": "then"}),
-    Row("overwrite-replaces-its-own-record", OWN_RECORD, ("overwrite=true",), None,
-        warning="overwrite=true: removed the previous run's record"),
-    Row("overwrite-refuses-a-foreign-file", {**OWN_RECORD, "notes.txt": "mine"}, ("overwrite=true",),
-        "run folder {run} holds notes.txt, which no fusetune run recorded writing"),
-    Row("overwrite-refuses-a-users-checkpoint-beside-a-record", {**OWN_RECORD, **USERS_OWN},
-        ("overwrite=true",), "holds checkpoint-final, which no fusetune run recorded writing"),  # model: listed
-    Row("overwrite-a-users-model-and-checkpoint", USERS_OWN, ("overwrite=true",),
+    ),
+    Row(
+        "stale-lock-beside-a-record-resumed",
+        {k: v for k, v in OWN_RECORD.items() if k != "summary.json"},
+        ("resume=auto",),
+        None,
+        lock_owner={"pid": "dead", "host": HOST, "started": "then"},
+        warning="took over the stale lock of pid {dead}",
+        kept=tuple(k.rstrip("/").split("/")[0] for k in OWN_RECORD if k != "summary.json" and k != MANIFEST),
+    ),
+    Row(
+        "lock-of-another-host",
+        {},
+        (),
+        "its lock names pid 7 on host elsewhere, which this host cannot check",
+        lock_owner={"pid": 7, "host": "elsewhere", "started": "then"},
+    ),
+    Row(
+        "overwrite-replaces-its-own-record",
+        OWN_RECORD,
+        ("overwrite=true",),
+        None,
+        warning="overwrite=true: removed the previous run's record",
+    ),
+    Row(
+        "overwrite-refuses-a-foreign-file",
+        {**OWN_RECORD, "notes.txt": "mine"},
+        ("overwrite=true",),
+        "run folder {run} holds notes.txt, which no fusetune run recorded writing",
+    ),
+    Row(
+        "overwrite-refuses-a-users-checkpoint-beside-a-record",
+        {**OWN_RECORD, **USERS_OWN},
+        ("overwrite=true",),
+        "holds checkpoint-final, which no fusetune run recorded writing",
+    ),  # model: listed
+    Row(
+        "overwrite-a-users-model-and-checkpoint",
+        USERS_OWN,
+        ("overwrite=true",),
         "run folder {run} holds checkpoint-final, model, which no fusetune run recorded writing",
-        not_in_message="overwrite=true"),
-    Row("a-users-model-and-checkpoint", USERS_OWN, (), "holds checkpoint-final, model, which no fusetune run",
-        not_in_message="overwrite=true"),
-    Row("resume-a-users-model-and-checkpoint", USERS_OWN, ("resume=auto",), "fusetune neither resumes nor deletes",
-        not_in_message="overwrite=true"),
-    Row("overwrite-an-adapter-symlink", {MANIFEST: manifest("status.json", "adapter"), "status.json": "{}"},
-        ("overwrite=true",), "holds adapter (a symbolic link), which no fusetune run recorded writing",
-        extra={"elsewhere/": "", "elsewhere/adapter_model.safetensors": "precious"}),
-    Row("record-without-leave", {MANIFEST: manifest("status.json"), "status.json": "{}"}, (),
+        not_in_message="overwrite=true",
+    ),
+    Row(
+        "a-users-model-and-checkpoint",
+        USERS_OWN,
+        (),
+        "holds checkpoint-final, model, which no fusetune run",
+        not_in_message="overwrite=true",
+    ),
+    Row(
+        "resume-a-users-model-and-checkpoint",
+        USERS_OWN,
+        ("resume=auto",),
+        "fusetune neither resumes nor deletes",
+        not_in_message="overwrite=true",
+    ),
+    Row(
+        "overwrite-an-adapter-symlink",
+        {MANIFEST: manifest("status.json", "adapter"), "status.json": "{}"},
+        ("overwrite=true",),
+        "holds adapter (a symbolic link), which no fusetune run recorded writing",
+        extra={"elsewhere/": "", "elsewhere/adapter_model.safetensors": "precious"},
+    ),
+    Row(
+        "record-without-leave",
+        {MANIFEST: manifest("status.json"), "status.json": "{}"},
+        (),
         "run folder {run} holds another run's record (status.json): resume=auto continues that run, "
-        "overwrite=true replaces it, or choose another hydra.run.dir"),
-    Row("a-record-and-a-foreign-file", {MANIFEST: manifest("status.json"), "status.json": "{}", "n.txt": ""}, (),
+        "overwrite=true replaces it, or choose another hydra.run.dir",
+    ),
+    Row(
+        "a-record-and-a-foreign-file",
+        {MANIFEST: manifest("status.json"), "status.json": "{}", "n.txt": ""},
+        (),
         "resume=auto continues that run, or choose another hydra.run.dir; it also holds n.txt",
-        not_in_message="overwrite=true replaces"),
+        not_in_message="overwrite=true replaces",
+    ),
     Row("new-run-beside-an-unrelated-file", {"notes.txt": "mine"}, (), None, kept=("notes.txt",)),
-    Row("manifest-unreadable", {MANIFEST: "{not json", "status.json": "{}"}, ("overwrite=true",),
-        f"{MANIFEST} cannot be read"),
-    Row("under-a-regular-file", {}, (), "run folder {run}/sub cannot be written: a part of its path is a file",
-        extra={"run": "a file"}),
+    Row(
+        "manifest-unreadable",
+        {MANIFEST: "{not json", "status.json": "{}"},
+        ("overwrite=true",),
+        f"{MANIFEST} cannot be read",
+    ),
+    Row(
+        "under-a-regular-file",
+        {},
+        (),
+        "run folder {run}/sub cannot be written: a part of its path is a file",
+        extra={"run": "a file"},
+    ),
 ]
 
 
@@ -219,7 +291,8 @@ def test_the_claim_of_a_run_folder(row, tmp_path, capsys, caplog):
     if row.message is not None:
         lines = capsys.readouterr().err.splitlines()
         assert exited.value.code == 2 and len(lines) == 1, lines
-        fill = {"run": run_dir.parent if row.id == "under-a-regular-file" else run_dir, "pid": getattr(holder, "pid", "")}
+        run = run_dir.parent if row.id == "under-a-regular-file" else run_dir
+        fill = {"run": run, "pid": getattr(holder, "pid", "")}
         assert lines[0].startswith("fusetune: error: ") and row.message.format(**fill) in lines[0], lines[0]
         assert row.not_in_message is None or row.not_in_message not in lines[0]
         assert snapshot(run_dir) == before  # refused: not a byte changed
@@ -281,8 +354,14 @@ def test_two_runs_started_at_once_into_one_new_folder(tmp_path):
     for attempt in range(3):
         run_dir = tmp_path / f"new{attempt}"
         procs = [
-            subprocess.Popen(train_py(run_dir, f"seed={seed}", "save_model=false"), cwd=ROOT, env=env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            subprocess.Popen(
+                train_py(run_dir, f"seed={seed}", "save_model=false"),
+                cwd=ROOT,
+                env=env(),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
             for seed in (1, 2)
         ]
         errs = [proc.communicate(timeout=400)[1] for proc in procs]
@@ -331,5 +410,18 @@ def test_the_app_names_an_unwritable_folder(tmp_path):
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == [
         f"fusetune: error: run folder {tmp_path / 'file' / 'run'} cannot be written: "
+        "a part of its path is a file, not a folder"
+    ]
+
+
+def test_a_sweep_folder_that_cannot_be_written_is_named(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra.sweep.dir={tmp_path / 'file' / 'sweep'}"], return_hydra_config=True)
+    with pytest.raises(SystemExit) as exited:
+        GuardRunFolder().on_multirun_start(config=cfg)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"fusetune: error: sweep folder {tmp_path / 'file' / 'sweep'} cannot be written: "
         "a part of its path is a file, not a folder"
     ]

@@ -6,8 +6,8 @@
   replaces it (``overwrite=true``);
 - files that no fusetune run recorded writing. ``fusetune_run.json``, the run's manifest, lists what a run writes
   (status.json, summary.json, metrics.jsonl, checkpoint-N/ and TRL's README.md, model/ or adapter/, merged/, the
-  logger's folder, .hydra/, the job log) and the config its checkpoints were trained with. ``overwrite=true`` deletes only what the
-  manifest lists, never through a symbolic link, and refuses a folder holding anything else;
+  logger's folder, .hydra/, the job log) and the config its checkpoints were trained with. ``overwrite=true``
+  deletes only what the manifest lists, never through a symbolic link, and refuses a folder holding anything else;
 - a resume whose config changes the math since the checkpoint was saved (app.resume_check).
 Then it locks the folder, checks again under the lock, signs the lock, clears the old record for ``overwrite``
 and writes the manifest.
@@ -19,6 +19,7 @@ refuses a secret (a token, an API key) in the config, before Hydra writes it to 
 
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -213,6 +214,8 @@ def claim(folder: Path, cfg, hydra=(), hydra_wrote: bool = False) -> Claim:
     except FusetuneError:
         run_lock.check_free(folder)  # a run that took the folder meanwhile is the reason to give
         raise
+    except OSError as error:
+        raise run_lock.unwritable(folder, error) from None
     run_lock.take(folder)
     try:
         found = inspect(folder, cfg, hydra, hydra_wrote)  # again, under the lock
@@ -261,15 +264,15 @@ def owned(folder: Path, cfg):
         run_lock.give_back(folder)
 
 
-def _writable(folder: Path) -> None:
+def _writable(folder: Path, what: str) -> None:
     """Make ``folder`` and write into it once, or refuse with one line."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".fusetune-probe-{id(folder)}"
+        probe = folder / f".fusetune-probe-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError as error:
-        raise run_lock.unwritable(folder, error) from None
+        raise run_lock.unwritable(folder, error, what) from None
 
 
 class GuardRunFolder(Callback):
@@ -287,7 +290,7 @@ class GuardRunFolder(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         self._refuse(lambda: refuse_secrets(config))
-        self._refuse(lambda: _writable(Path(config.hydra.sweep.dir)))
+        self._refuse(lambda: _writable(Path(config.hydra.sweep.dir), "sweep folder"))
 
     @staticmethod
     def _refuse(check_it) -> None:

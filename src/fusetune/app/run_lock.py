@@ -54,8 +54,8 @@ def os_reason(error: OSError) -> str:
     return reasons.get(error.errno, error.strerror or str(error))
 
 
-def unwritable(folder: Path, error: OSError) -> FusetuneError:
-    return FusetuneError(f"run folder {folder} cannot be written: {os_reason(error)}")
+def unwritable(folder: Path, error: OSError, what: str = "run folder") -> FusetuneError:
+    return FusetuneError(f"{what} {folder} cannot be written: {os_reason(error)}")
 
 
 def _read_owner(path: Path) -> dict | None:
