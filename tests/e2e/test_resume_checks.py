@@ -216,3 +216,16 @@ def test_another_number_of_processes_changes_the_math(run_dir, monkeypatch, caps
 )  # fmt: skip
 def test_the_command_lines_short_form(given, read):
     assert expand_resume_shorthand([given]) == [read]
+
+
+@pytest.mark.parametrize("into", ["its-own-folder", "a-new-folder"])
+def test_resume_from_a_path_compares_with_the_checkpoints_run(into, run_dir, tmp_path, capsys):
+    target = run_dir if into == "its-own-folder" else tmp_path / "new"
+    checkpoint = run_dir / "checkpoint-2"
+    before = snapshot(run_dir)
+    with pytest.raises(SystemExit):
+        guard(target, f"resume={checkpoint}", "seed=6")
+    assert f"resume: seed changed 5 -> 6 (since {checkpoint} was saved)" in capsys.readouterr().err
+    assert snapshot(run_dir) == before and not (tmp_path / "new").exists()
+    guard(target, f"resume={checkpoint}", "seed=6", "resume.allow_changes=[seed]")
+    assert json.loads((target / MANIFEST).read_text())["config"]["seed"] == 6
