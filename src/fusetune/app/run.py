@@ -81,8 +81,7 @@ def run(cfg) -> dict:
 
 
 def _run(cfg, out: Path, checkpoint: Path | None) -> dict:
-    lead = distributed.is_rank_zero()
-    if lead:
+    if distributed.is_rank_zero():
         record.write_status(out, "running", step=step_of(checkpoint) if checkpoint else 0, resumed_from=checkpoint)
     report_to = setup_logger(cfg, out, resuming=checkpoint is not None)
     summary = error = None
