@@ -350,12 +350,13 @@ def test_a_refused_library_run_writes_no_status(tmp_path, compose_cfg, capsys):
 
 
 def test_two_runs_started_at_once_into_one_new_folder(tmp_path):
-    """Exactly one wins; the other exits 2 with one line naming the winner, and leaves nothing of its own."""
+    """Exactly one wins; the other exits 2 with one line naming the winner, and leaves nothing of its own.
+    (25 steps: the winner is still training when the slower of the two starts up.)"""
     for attempt in range(3):
         run_dir = tmp_path / f"new{attempt}"
         procs = [
             subprocess.Popen(
-                train_py(run_dir, f"seed={seed}", "save_model=false"),
+                train_py(run_dir, f"seed={seed}", "save_model=false", "trainer.max_steps=25"),
                 cwd=ROOT,
                 env=env(),
                 stdout=subprocess.DEVNULL,
