@@ -4,7 +4,7 @@ import sys
 
 import hydra
 
-from fusetune.app.config import register_configs
+from fusetune.app.config import expand_resume_shorthand, register_configs
 from fusetune.app.gpus import register_resolvers
 from fusetune.app.hydra_errors import job_started, main_exits_2
 
@@ -21,4 +21,5 @@ def main(cfg) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = expand_resume_shorthand(sys.argv[1:])  # resume=auto: resume.checkpoint=auto
     sys.exit(main_exits_2(main))  # a config that does not compose: exit code 2 and one line, like any user mistake

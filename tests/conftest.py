@@ -7,7 +7,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from fusetune.app.config import register_configs
+from fusetune.app.config import expand_resume_shorthand, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 def compose_cfg():
     def _compose(overrides=(), output_dir="/tmp/unused"):
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("train", overrides=list(overrides))
+            cfg = compose("train", overrides=expand_resume_shorthand(list(overrides)))  # resume=X, as train.py
         cfg.output_dir = str(output_dir)
         return cfg
 

@@ -208,7 +208,7 @@ ROWS = [
         "run-folder-of-another-run",
         (),
         "run folder {tmp}/run holds another run's record (summary.json)",
-        {"run/": "", "run/summary.json": "{}"},
+        {"run/": "", "run/summary.json": "{}", "run/fusetune_run.json": '{"writes": ["summary.json"]}'},
         cli=True,
     ),
     Row(

@@ -16,7 +16,8 @@ sweeper optimizes the returned objective (Optuna), a failed job raises instead, 
 failed (fusetune.app.objective).
 
 status.json is written only into a folder this run made its own: one whose status.json this run wrote, or a
-fresh one. A folder that holds another run's record, which run() refused, is left as it was.
+fresh one, and (on rank 0) one this process claimed and still owns (app.run_folder). A folder that holds another
+run's record, or that another process owns, which run() refused, is left as it was.
 """
 
 import json
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from ..errors import FusetuneError, Interrupted
 from ..report import METRICS, STATUS, SUMMARY, one_line
+from . import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,9 @@ def record_end(out: Path | None, before: str | None, status: str, error: str) ->
     """status.json says how the run ended, if the folder is this run's (see the module's docstring).
 
     ``before``: status.json's text before the run began (None: there was none)."""
-    if out is None:
+    from . import distributed, run_folder
+
+    if out is None or (distributed.is_rank_zero() and not run_folder.claimed(out)):
         return
     now = _read(out / STATUS)
     if now != before:  # this run wrote it: it got past the folder check
@@ -93,13 +97,18 @@ def record_end(out: Path | None, before: str | None, status: str, error: str) ->
 
 def run_or_exit(cfg) -> float | None:
     """Run; returns the objective (eval_loss unless ``objective`` names another) for a sweeper, or None."""
+    out = _output_dir(cfg)
+    with run_lock.kept(out):  # the run folder stays this process's until status.json says how the run ended
+        return _run_or_exit(cfg, out)
+
+
+def _run_or_exit(cfg, out: Path | None) -> float | None:
     quiet_third_party()
     from . import objective
     from .run import run
 
     multirun = in_multirun()
     optimizing = objective.optimizing()
-    out = _output_dir(cfg)
     before = _read(out / STATUS) if out is not None else None
     try:
         if optimizing:

@@ -298,6 +298,25 @@ class ExportConfig:
 
 
 @dataclass
+class ResumeConfig:
+    """How a run continues the one in its folder (app.run_folder, app.resume_check)."""
+
+    # null: a new run (its folder must hold no other run's record); auto: continue the run in this folder from its
+    # newest complete checkpoint; or the path of a checkpoint-N folder. `resume=X` on the command line is short for it
+    checkpoint: str | None = None
+    # keys (or prefixes: data) that change the math and may differ from the checkpoint's config
+    allow_changes: list[str] = field(default_factory=list)
+
+
+_RESUME_SHORTHAND = re.compile(r"^(\+{0,2})resume=(?!\{)")  # resume={checkpoint: ..} is the node itself
+
+
+def expand_resume_shorthand(overrides: list[str]) -> list[str]:
+    """``resume=X`` (also ``+resume=``, ``++resume=``) as ``resume.checkpoint=X``: the command line's short form."""
+    return [_RESUME_SHORTHAND.sub(r"\1resume.checkpoint=", override) for override in overrides]
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -309,9 +328,7 @@ class TrainConfig:
     run_name: str | None = None
     output_dir: str = MISSING
     save_model: bool = True
-    # null: a new run (its folder must hold no other run's record); auto: continue the run in this folder from its
-    # newest complete checkpoint; or the path of a checkpoint-N folder
-    resume: str | None = None
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     overwrite: bool = False  # replace another run's record in the run folder
     distributed: Distributed = Distributed.none  # how several processes (torchrun, accelerate launch) train
     objective: str = "eval_loss"  # what a sweeper optimizes: a summary.json key or a key of its eval block

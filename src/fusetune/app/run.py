@@ -71,13 +71,17 @@ def run(cfg) -> dict:
 
     The run folder's record: status.json from the start ("running"), metrics.jsonl while training, the
     model and summary.json (written last) at the end; "finished", "failed" (app.cli) or "interrupted".
-    SIGINT / SIGTERM save a checkpoint after the current step and raise ``Interrupted``.
+    SIGINT / SIGTERM save a checkpoint after the current step and raise ``Interrupted``. Rank 0 claims the folder
+    (app.run_folder: locked, checked, resumed only under the config it was trained with) and owns it until the end.
     """
-    validate(cfg)
     out = Path(cfg.output_dir)
-    lead = distributed.is_rank_zero()  # every rank trains; rank 0 keeps the record
-    checkpoint = run_folder.claim(out, cfg.resume, cfg.overwrite) if lead else run_folder.follow(out, cfg.resume)
-    if lead:
+    with run_folder.owned(out, cfg) as checkpoint:  # rank 0 owns the folder and keeps the record; all ranks train
+        validate(cfg)
+        return _run(cfg, out, checkpoint)
+
+
+def _run(cfg, out: Path, checkpoint: Path | None) -> dict:
+    if distributed.is_rank_zero():
         record.write_status(out, "running", step=step_of(checkpoint) if checkpoint else 0, resumed_from=checkpoint)
     report_to = setup_logger(cfg, out, resuming=checkpoint is not None)
     summary = error = None
