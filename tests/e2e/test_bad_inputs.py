@@ -9,10 +9,13 @@ run_or_exit: give such a row cli=True and Hydra's exit code.
 """
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import pytest
 
+from ..conftest import ROOT
 from .app_runs import error_line, exit_and_stderr
 
 BASE = ("logger=none", "trainer.max_steps=1")  # every row's overrides start with these
@@ -244,3 +247,22 @@ def test_bad_input_exits_2_with_one_line(row, tmp_path, compose_cfg, capsys):
     assert code == row.code, stderr[-3000:]
     assert row.message.format(tmp=tmp_path) in error_line(stderr)
     assert row.leaves_metrics or not (run_dir / "metrics.jsonl").exists()
+
+
+def test_a_config_mistake_leaves_the_folder_to_the_fixed_rerun(tmp_path):
+    """The guard validates before it claims: a refused command writes nothing, so the corrected one is not
+    refused as "another run's record"."""
+    run_dir = tmp_path / "run"
+    mistake = ["trainer=packing", "trainer.padding_free=true"]  # a rule across keys (config.validate)
+    code, stderr = exit_and_stderr([*BASE, *mistake], run_dir, True, None, None)
+    assert code == 2 and "trainer.packing and trainer.padding_free: choose one" in error_line(stderr)
+    assert not run_dir.exists()
+    fixed = subprocess.run(
+        [sys.executable, "train.py", *BASE, "trainer=packing", f"hydra.run.dir={run_dir}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"

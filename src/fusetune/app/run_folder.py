@@ -14,8 +14,8 @@ and writes the manifest.
 
 ``GuardRunFolder`` claims a single run's folder before Hydra writes .hydra/ into it, so a refused run leaves the
 folder as it was; ``run()`` claims it for a multirun job and a library call (or takes the guard's claim). Before
-that, the guard refuses a secret (a token, an API key), a key added with ``+`` that the schema lacks, and a
-number out of its range (config.check_composed), so Hydra writes nothing to disk for them.
+that, the guard refuses a mistake in the config (config.validate: a secret such as a token or an API key, a key
+added with ``+`` that the schema lacks, a number out of its range, ...), so Hydra writes nothing to disk for it.
 """
 
 import json
@@ -34,7 +34,7 @@ from hydra.experimental.callback import Callback
 from ..checkpoints import newest_complete, problem, step_of, write_json_atomically
 from ..errors import FusetuneError
 from . import distributed, resume_check, run_lock
-from .config import check_composed, refuse_secrets
+from .config import check_composed, refuse_secrets, validate
 
 log = logging.getLogger(__name__)
 STATUS = "status.json"
@@ -286,7 +286,7 @@ class GuardRunFolder(Callback):
     """
 
     def on_run_start(self, config, **kwargs) -> None:
-        self._refuse(lambda: check_composed(config))
+        self._refuse(lambda: validate(config))  # a mistake in the config leaves the folder untouched
         if not distributed.is_rank_zero():  # the others follow rank 0 into the folder it claims
             return
         self._refuse(lambda: claim(Path(config.hydra.run.dir), config, hydra_names(config.hydra)))
