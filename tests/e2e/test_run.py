@@ -183,3 +183,22 @@ def test_triton_and_reference_backends_give_matching_losses(compose_cfg, tmp_pat
         curves[backend] = losses(tmp_path / backend / "metrics.jsonl")
     assert len(curves["triton"]) == 5
     assert max(abs(a - b) for a, b in zip(curves["triton"], curves["reference"], strict=True)) <= 1e-4, curves
+
+
+@pytest.mark.parametrize(
+    ("losses", "shown"),
+    [
+        ({"train_loss": 2.5, "final_loss": 2.25, "final_loss_step": 4}, "2.5000  final_loss 2.2500 (step 4)"),
+        ({"train_loss": None, "final_loss": None, "final_loss_step": None}, "not logged  final_loss not logged"),
+    ],
+)
+def test_the_terminal_summary_shows_losses_that_were_never_logged(losses, shown):
+    """A resumed run whose metrics hold no train line (logging_steps above its steps) has no loss to show."""
+    from fusetune.app.run_record import format_summary
+
+    summary = {
+        "model": "m", "data": "d", "kernels": "reference", "trainer": "sft", "seed": 1, "global_step": 4,
+        "skipped_steps": 0, "eval": {}, "train_tokens_per_second": 1.0, "peak_memory_gib": 0.1, "runtime_s": 1.0,
+        "output_dir": "/tmp/x", **losses,
+    }  # fmt: skip
+    assert f"steps 4  train_loss {shown}\n" in format_summary(summary)

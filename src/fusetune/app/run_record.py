@@ -130,6 +130,10 @@ def whole_run_loss(lines: list[dict]) -> float | None:
     return total / count if count else None
 
 
+def _loss(value: float | None) -> str:
+    return "not logged" if value is None else f"{value:.4f}"
+
+
 def format_summary(summary: dict) -> str:
     """A few lines for the terminal at the end of a run."""
     evals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary["eval"].items())
@@ -137,8 +141,9 @@ def format_summary(summary: dict) -> str:
         [
             f"fusetune run: {summary['model']} on {summary['data']} | kernels={summary['kernels']} "
             f"trainer={summary['trainer']} seed={summary['seed']}",
-            f"  steps {summary['global_step']}  train_loss {summary['train_loss']:.4f}  "
-            f"final_loss {summary['final_loss']} (step {summary.get('final_loss_step')})"
+            f"  steps {summary['global_step']}  train_loss {_loss(summary['train_loss'])}  "
+            f"final_loss {_loss(summary['final_loss'])}"
+            + (f" (step {summary['final_loss_step']})" if summary.get("final_loss_step") is not None else "")
             + (f"  skipped_steps {summary['skipped_steps']}" if summary.get("skipped_steps") else ""),
             f"  {summary['train_tokens_per_second']:.0f} tok/s  peak {summary['peak_memory_gib']:.2f} GiB  "
             f"runtime {summary['runtime_s']:.1f} s",
