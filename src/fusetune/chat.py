@@ -9,8 +9,10 @@ reloaded: the base weights were never saved. Full fine-tuning, the default, save
 Turns are rendered by the tokenizer's chat template; ``--raw`` sends the text as typed instead,
 for models trained on plain prompts (the embedded default's synthetic data). Answers stream to
 stdout as they are generated; everything else goes to stderr. Without ``--prompt`` it reads
-turns from stdin until EOF or ``/exit``, keeping the conversation; ``/reset`` clears it.
-Bad input ends with exit code 2 and one line: ``fusetune: error: ...``.
+turns from stdin until EOF or ``/exit``, keeping the conversation; ``/reset`` clears it; Ctrl-C
+there stops the answer being generated. Bad input ends with exit code 2 and one line:
+``fusetune: error: ...``; SIGTERM, and SIGINT outside an answer of the conversation, end it within
+seconds with one line and exit code 128 + the signal (143, 130).
 
 An adapter goes on its base in 16 bits, also after QLoRA (as ``FastModel.save_merged`` does). As a library::
 
@@ -22,6 +24,7 @@ fusetune's kernels need not be applied; generation gives the same answers either
 
 import argparse
 import pickle
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,7 @@ from transformers import TextStreamer
 from . import loading
 from .errors import FusetuneError
 from .evaluate import _adds_specials
+from .faults import SignalStop, StopOnSignal
 
 RUN_SUBFOLDERS = ("merged", "adapter", "model")  # in order of preference
 WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
@@ -421,6 +425,8 @@ def _interact(chat: Chat, stdin, out, notes) -> None:
         except FusetuneError as error:  # this turn only (a prompt too long): the conversation goes on
             notes.write(f"fusetune: error: {error}\n")
             continue
+        except SignalStop:  # SIGTERM ends the conversation
+            raise
         except KeyboardInterrupt:  # Ctrl-C stops this answer; it is not kept in the history
             out.write("\n")
             notes.write("(interrupted)\n")
@@ -432,6 +438,11 @@ def _interact(chat: Chat, stdin, out, notes) -> None:
 def main(argv=None, stdin=None, out=None, notes=None) -> int:
     """The command line; returns the exit code. Answers go to ``out``, everything else to ``notes``."""
     stdin, out, notes = stdin or sys.stdin, out or sys.stdout, notes or sys.stderr
+    with StopOnSignal(signals=(signal.SIGTERM,)):  # SIGINT stays Python's KeyboardInterrupt
+        return _main(argv, stdin, out, notes)
+
+
+def _main(argv, stdin, out, notes) -> int:
     try:
         args = parse_args(argv)
         loaded = open_folder(args.run_dir)
@@ -455,9 +466,12 @@ def main(argv=None, stdin=None, out=None, notes=None) -> int:
     except FusetuneError as error:
         notes.write(f"fusetune: error: {error}\n")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stopped:
+        signum = getattr(stopped, "signum", signal.SIGINT)
         out.write("\n")
-        return 130
+        out.flush()
+        notes.write(f"fusetune: interrupted by {signal.Signals(signum).name}\n")
+        return 128 + signum
 
 
 if __name__ == "__main__":
