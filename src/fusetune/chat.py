@@ -438,8 +438,15 @@ def _interact(chat: Chat, stdin, out, notes) -> None:
 def main(argv=None, stdin=None, out=None, notes=None) -> int:
     """The command line; returns the exit code. Answers go to ``out``, everything else to ``notes``."""
     stdin, out, notes = stdin or sys.stdin, out or sys.stdout, notes or sys.stderr
-    with StopOnSignal(signals=(signal.SIGTERM,)):  # SIGINT stays Python's KeyboardInterrupt
-        return _main(argv, stdin, out, notes)
+    try:
+        with StopOnSignal(signals=(signal.SIGTERM,)):  # SIGINT stays Python's KeyboardInterrupt
+            return _main(argv, stdin, out, notes)
+    except KeyboardInterrupt as stopped:
+        signum = getattr(stopped, "signum", signal.SIGINT)
+        out.write("\n")
+        out.flush()
+        notes.write(f"fusetune: interrupted by {signal.Signals(signum).name}\n")
+        return 128 + signum
 
 
 def _main(argv, stdin, out, notes) -> int:
@@ -466,12 +473,6 @@ def _main(argv, stdin, out, notes) -> int:
     except FusetuneError as error:
         notes.write(f"fusetune: error: {error}\n")
         return 2
-    except KeyboardInterrupt as stopped:
-        signum = getattr(stopped, "signum", signal.SIGINT)
-        out.write("\n")
-        out.flush()
-        notes.write(f"fusetune: interrupted by {signal.Signals(signum).name}\n")
-        return 128 + signum
 
 
 if __name__ == "__main__":
