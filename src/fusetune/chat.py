@@ -10,8 +10,10 @@ Turns are rendered by the tokenizer's chat template, each render bounded in time
 the chat with one line, as one that loads other templates does); ``--raw`` sends the text as typed instead,
 for models trained on plain prompts (the embedded default's synthetic data). Answers stream to
 stdout as they are generated; everything else goes to stderr. Without ``--prompt`` it reads
-turns from stdin until EOF or ``/exit``, keeping the conversation; ``/reset`` clears it.
-Bad input ends with exit code 2 and one line: ``fusetune: error: ...``.
+turns from stdin until EOF or ``/exit``, keeping the conversation; ``/reset`` clears it; Ctrl-C
+there stops the answer being generated. Bad input ends with exit code 2 and one line:
+``fusetune: error: ...``; SIGTERM, and SIGINT outside an answer of the conversation, end it within
+seconds with one line and exit code 128 + the signal (143, 130).
 
 An adapter goes on its base in 16 bits, also after QLoRA (as ``FastModel.save_merged`` does). As a library::
 
@@ -23,6 +25,7 @@ fusetune's kernels need not be applied; generation gives the same answers either
 
 import argparse
 import pickle
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,7 @@ from . import loading
 from .data.templates import check_template, render_within
 from .errors import FusetuneError
 from .evaluate import _adds_specials
+from .faults import SignalStop, StopOnSignal
 
 RUN_SUBFOLDERS = ("merged", "adapter", "model")  # in order of preference
 WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
@@ -433,6 +437,8 @@ def _interact(chat: Chat, stdin, out, notes) -> None:
         except FusetuneError as error:  # this turn only (a prompt too long): the conversation goes on
             notes.write(f"fusetune: error: {error}\n")
             continue
+        except SignalStop:  # SIGTERM ends the conversation
+            raise
         except KeyboardInterrupt:  # Ctrl-C stops this answer; it is not kept in the history
             out.write("\n")
             notes.write("(interrupted)\n")
@@ -444,6 +450,18 @@ def _interact(chat: Chat, stdin, out, notes) -> None:
 def main(argv=None, stdin=None, out=None, notes=None) -> int:
     """The command line; returns the exit code. Answers go to ``out``, everything else to ``notes``."""
     stdin, out, notes = stdin or sys.stdin, out or sys.stdout, notes or sys.stderr
+    try:
+        with StopOnSignal(signals=(signal.SIGTERM,)):  # SIGINT stays Python's KeyboardInterrupt
+            return _main(argv, stdin, out, notes)
+    except KeyboardInterrupt as stopped:
+        signum = getattr(stopped, "signum", signal.SIGINT)
+        out.write("\n")
+        out.flush()
+        notes.write(f"fusetune: interrupted by {signal.Signals(signum).name}\n")
+        return 128 + signum
+
+
+def _main(argv, stdin, out, notes) -> int:
     try:
         args = parse_args(argv)
         loaded = open_folder(args.run_dir, args.trust_remote_code)
@@ -467,9 +485,6 @@ def main(argv=None, stdin=None, out=None, notes=None) -> int:
     except FusetuneError as error:
         notes.write(f"fusetune: error: {error}\n")
         return 2
-    except KeyboardInterrupt:
-        out.write("\n")
-        return 130
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """Greedy generation on held-out prompts, scored by exact match."""
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -8,6 +12,7 @@ def exact_match(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int 
     """Fraction of prompts whose greedy answer, stripped, equals the expected one; plus a few samples."""
     if not pairs:
         return None, []
+    log.info("exact match: generating greedy answers to %d held-out prompts", len(pairs))
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"

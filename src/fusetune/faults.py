@@ -13,12 +13,15 @@
   ``max_skipped_fraction`` of its steps once ``FRACTION_AFTER_STEPS`` have run, has diverged: training
   stops without saving that step, and ``stopped`` says why, naming the steps.
 
-``StopOnSignal`` turns SIGINT and SIGTERM into "save a checkpoint after this step, then stop": the
-handler only sets a flag, and the step in flight finishes. A second signal ends the process at once.
+``StopOnSignal`` stops a run on SIGINT or SIGTERM, by phase. Where the work in flight must finish to leave
+something consistent (the training steps, a save) the handler only records the signal: the step finishes and a
+checkpoint is saved, or the save completes, and then the run stops. Everywhere else it raises ``SignalStop`` at
+once. A second signal ends the process at once.
 """
 
 import logging
 import math
+import os
 import signal
 import threading
 
@@ -97,18 +100,42 @@ class NonFiniteGuard(TrainerCallback):
         return f"diverged: non-finite gradients skipped {why}, at steps {shown}"
 
 
+class SignalStop(KeyboardInterrupt):
+    """Raised by ``StopOnSignal``: which signal came, and in which phase. A KeyboardInterrupt, so ``except
+    Exception`` cannot swallow it and third-party clean-ups written for Ctrl-C run."""
+
+    def __init__(self, signum: int, phase: str):
+        super().__init__(f"{signal.Signals(signum).name} during {phase}")
+        self.signum, self.phase = signum, phase
+
+
 class StopOnSignal(TrainerCallback):
-    """Between steps, after SIGINT or SIGTERM: save a checkpoint, then stop. Use as a context manager."""
+    """SIGINT and SIGTERM, by phase; a context manager, and a trainer callback for the training phase.
+
+    ``enter(phase)`` names what runs next. In a phase entered with ``defer=True`` the handler only records the
+    signal: the trainer saves a checkpoint at the end of the step in flight and stops (an evaluation between steps
+    stops at its next batch, raising ``SignalStop``), and the next ``enter`` raises ``SignalStop`` naming the phase
+    the signal came in. In any other phase the handler raises ``SignalStop`` at once. A second signal calls
+    ``last_words(why)`` and ends the process at once, by that signal.
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    EVALUATING = "evaluation"  # between training steps
 
-    def __init__(self):
+    def __init__(self, last_words=None, signals: tuple = SIGNALS):
         self.received: int | None = None
+        self.phase, self.deferred = "start", False
+        self.stopped_in: str | None = None  # the phase the first signal came in
+        self.step = 0  # the last training step finished
+        self.last_words = last_words
+        self.signals = signals
         self._previous: dict = {}
+        self._pid = os.getpid()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
+            self._pid = os.getpid()
+            for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -117,18 +144,41 @@ class StopOnSignal(TrainerCallback):
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def enter(self, phase: str, defer: bool = False) -> None:
+        """From here on ``phase`` runs; a signal recorded in a deferred phase before it is raised now."""
+        if self.received is not None:
+            raise SignalStop(self.received, self.stopped_in)
+        self.phase, self.deferred = phase, defer
+
     def _handle(self, signum, frame):
-        if self.received is not None:  # the second one: do not wait for the step
-            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if os.getpid() != self._pid:  # a forked worker (datasets' num_proc): it stops as on Ctrl-C, its parent decides
+            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        if self.received is not None:  # the second one: end now
+            signal.signal(signum, signal.SIG_DFL)
+            if self.last_words is not None:
+                self.last_words(f"{name} twice during {self.stopped_in}: stopped at once")
             signal.raise_signal(signum)
             return
-        self.received = signum
-        log.warning("%s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+        self.received, self.stopped_in = signum, self.phase
+        if not self.deferred:
+            raise SignalStop(signum, self.phase)
+        log.warning("%s during %s: stopping after the step or save in flight", name, self.phase)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.step = state.global_step
 
     def on_step_end(self, args, state, control, **kwargs):
+        self.step = state.global_step
         if self.received is not None:
             control.should_save = True
+            control.should_evaluate = False
             control.should_training_stop = True
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self.received is not None and self.deferred:  # an evaluation between training steps
+            self.stopped_in = self.EVALUATING
+            raise SignalStop(self.received, self.EVALUATING)
 
     @property
     def exit_code(self) -> int:

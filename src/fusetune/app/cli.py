@@ -5,9 +5,10 @@ How a run ends, and what its folder's status.json then says (run() writes "runni
 
 - a user mistake (FusetuneError): `fusetune: error: ...` on stderr; "failed" with that line;
 - anything else: "failed" with the exception's last line (`ValueError: ...`) and the traceback;
-- a signal during training (Interrupted: run() saved a checkpoint): `fusetune: interrupted at step ...` and exit
+- a signal during the run (Interrupted: run() recorded "interrupted", the signal and the phase, with a checkpoint
+  where a consistent one exists): `fusetune: interrupted at step ...` or `... during data preparation ...` and exit
   128 + the signal (130 for SIGINT), in a single run and in a multirun alike: the sweep stops, as asked;
-- a KeyboardInterrupt elsewhere: "interrupted", and it goes on.
+- a KeyboardInterrupt before run() handles signals: "interrupted", and it goes on.
 
 A single run exits 2 for a user mistake; for anything else Hydra prints the traceback (exit 1). A job of a
 multirun returns instead, so the sweep goes on to its other jobs: the traceback goes into the job's log, and
@@ -95,6 +96,15 @@ def record_end(out: Path | None, before: str | None, status: str, error: str) ->
         log.warning("could not write %s: %s", out / STATUS, failure)
 
 
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown, which takes seconds after a run (a collection over every object
+    of torch, transformers and the data): the record is written and the logger closed by then."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def run_or_exit(cfg) -> float | None:
     """Run; returns the objective (eval_loss unless ``objective`` names another) for a sweeper, or None."""
     out = _output_dir(cfg)
@@ -124,6 +134,8 @@ def _run_or_exit(cfg, out: Path | None) -> float | None:
             raise
     except Interrupted as stop:
         print(f"fusetune: {stop}", file=sys.stderr, flush=True)
+        if not multirun:
+            exit_now(stop.exit_code)
         sys.exit(stop.exit_code)
     except KeyboardInterrupt:
         record_end(out, before, "interrupted", "KeyboardInterrupt")

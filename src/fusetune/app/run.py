@@ -17,7 +17,7 @@ from ..data import build_splits
 from ..errors import FusetuneError, Interrupted
 from ..evaluate import exact_match
 from ..fast_model import FastModel
-from ..faults import StopOnSignal
+from ..faults import SignalStop, StopOnSignal
 from ..loading import count_parameters, load_tokenizer, pick_dtype
 from ..patching import remove_kernels
 from ..trainer import FastSFTConfig, FastSFTTrainer
@@ -71,8 +71,10 @@ def run(cfg) -> dict:
 
     The run folder's record: status.json from the start ("running"), metrics.jsonl while training, the
     model and summary.json (written last) at the end; "finished", "failed" (app.cli) or "interrupted".
-    SIGINT / SIGTERM save a checkpoint after the current step and raise ``Interrupted``. Rank 0 claims the folder
-    (app.run_folder: locked, checked, resumed only under the config it was trained with) and owns it until the end.
+    SIGINT / SIGTERM stop the run within seconds in any phase (during training after a checkpoint of the step in
+    flight, during a save once it is written; see faults.StopOnSignal) and raise ``Interrupted``. Rank 0 claims the
+    folder (app.run_folder: locked, checked, resumed only under the config it was trained with) and owns it until
+    the end.
     """
     out = Path(cfg.output_dir)
     with run_folder.owned(out, cfg) as checkpoint:  # rank 0 owns the folder and keeps the record; all ranks train
@@ -81,13 +83,19 @@ def run(cfg) -> dict:
 
 
 def _run(cfg, out: Path, checkpoint: Path | None) -> dict:
-    if distributed.is_rank_zero():
+    lead = distributed.is_rank_zero()  # every rank trains; rank 0 keeps the record
+    if lead:
         record.write_status(out, "running", step=step_of(checkpoint) if checkpoint else 0, resumed_from=checkpoint)
     report_to = setup_logger(cfg, out, resuming=checkpoint is not None)
     summary = error = None
     try:
-        with StopOnSignal() as stop:
-            summary = _train(cfg, out, report_to, checkpoint, stop)
+        with StopOnSignal(last_words=_last_words(out, lead)) as stop:
+            try:
+                summary = _train(cfg, out, report_to, checkpoint, stop)
+            except BaseException as raised:
+                if stop.received is None:
+                    raise
+                raise _interrupted(stop, raised, out, lead) from None
         return summary
     except BaseException as raised:  # the logger records how the run ended
         error = raised
@@ -107,6 +115,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     full_finetune = m.lora is None
     hub = {"trust_remote_code": m.trust_remote_code}
     # The data first: a mistake in it shows before the weights load.
+    stop.enter("data preparation")
     splits = build_splits(
         cfg.data,
         load_tokenizer(m.tokenizer or m.name_or_path, **hub),
@@ -115,6 +124,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     )
     # Full fine-tuning in fp16 keeps fp32 master weights; autocast does the fp16 math.
     load_dtype = torch.float32 if full_finetune and dtype == torch.float16 else dtype
+    stop.enter("model loading")
     model, tokenizer = FastModel.from_pretrained(
         m.name_or_path,
         max_seq_length=m.max_seq_length,
@@ -148,6 +158,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     args = sft_config(cfg, out, dtype, report_to, backend, distributed.trainer_options(cfg.distributed.value, model))
     resume_step = step_of(checkpoint) if checkpoint else None
     recorder = record.MetricsRecorder(out / "metrics.jsonl", resume_step, write=distributed.is_rank_zero())
+    stop.enter("data preparation")  # the trainer tokenizes the splits
     trainer = FastSFTTrainer(
         model=model,
         args=args,
@@ -159,11 +170,12 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     )
     record.reset_peak_memory()
     tokens_before = recorder.last_train.get("num_tokens", 0)
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    result = _train_steps(trainer, checkpoint, stop)
     if trainer.step_graphs is not None:
         trainer.step_graphs.release()  # evaluation and generation get the graphs' memory back
     peak = record.peak_memory_gib()
-    _stopped_early(trainer, stop, out)
+    stop.enter("the final save", defer=True)  # a save completes, then the run stops
+    _stopped_early(trainer, out)
 
     saved_to = None
     if cfg.save_model:  # every rank calls it (FSDP gathers the shards); only rank 0 writes
@@ -176,10 +188,12 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     if cfg.export.merged and trainer.is_world_process_zero():  # one process writes it
         merged_to = export_merged(trainer.model, tokenizer, out)
 
+    stop.enter("the final evaluation")
     evals = {}
     if trainer.eval_dataset is not None:
         evals.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")})
     # generation on rank 0 alone: a DDP model is whole on every rank (FSDP would need every rank: none there)
+    stop.enter("generation")
     generation = splits.generation if trainer.is_world_process_zero() and cfg.distributed.value != "fsdp" else []
     accuracy, samples = exact_match(trainer.model, tokenizer, generation)
     if accuracy is not None:
@@ -232,6 +246,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         "output_dir": str(out),
         "versions": record.versions(),
     }
+    stop.enter("the record", defer=True)
     if trainer.is_world_process_zero():
         record.write_summary(out / "summary.json", summary)
         record.write_status(out, "finished", step=result.global_step)
@@ -239,9 +254,49 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     return summary
 
 
-def _stopped_early(trainer: FastSFTTrainer, stop: StopOnSignal, out: Path) -> None:
-    """A signal, a non-finite value or divergence stopped training (or left non-finite weights): record it, say
-    where the last checkpoint is, and end."""
+def _train_steps(trainer: FastSFTTrainer, checkpoint: Path | None, stop: StopOnSignal):
+    """trainer.train(); a signal stops it after a checkpoint of the step in flight. One that stops an evaluation
+    between steps saves a checkpoint of the last finished step (its weights are whole) before it is raised."""
+    stop.enter("training", defer=True)
+    try:
+        return trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except SignalStop as stopped:
+        folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        if stopped.phase == stop.EVALUATING and trainer.state.global_step > 0 and not folder.exists():
+            trainer._save_checkpoint(trainer.model_wrapped, trial=None)  # as the Trainer saves one between steps
+            trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+        raise
+
+
+def _last_words(out: Path, lead: bool):
+    """What a second signal, which ends the process at once, writes into the record first."""
+    return (lambda why: record.write_status(out, "interrupted", why)) if lead else None
+
+
+def _interrupted(stop: StopOnSignal, raised: BaseException, out: Path, lead: bool) -> Interrupted:
+    """After a signal: the record says so (the signal and the phase), and the one line says where the run stopped
+    and whether there is a checkpoint to resume from. ``raised`` is what the stop raised (SignalStop, or a
+    third-party error it caused while unwinding)."""
+    log.debug("stopped by a signal: %r", raised)
+    name, phase = signal.Signals(stop.received).name, stop.stopped_in
+    newest = newest_complete(out, verify=False)  # only named here: sizes are enough
+    step = stop.step if phase in ("training", stop.EVALUATING) else None
+    where = f"at step {step}" if phase == "training" else f"during {phase}" + (f" at step {step}" if step else "")
+    if newest is None:
+        resume = "there is no checkpoint to resume from"
+    elif step_of(newest) == step:
+        resume = f"checkpoint saved in {newest}; resume=auto continues"
+    else:
+        resume = f"the newest checkpoint is {newest}; resume=auto continues from it"
+    if lead:
+        saved = str(newest) if newest else None
+        record.write_status(out, "interrupted", f"{name} {where}", step, signal=name, phase=phase, checkpoint=saved)
+    return Interrupted(f"interrupted {where}: {resume}", 128 + stop.received)
+
+
+def _stopped_early(trainer: FastSFTTrainer, out: Path) -> None:
+    """A non-finite value or divergence stopped training (or left non-finite weights): say where the last good
+    checkpoint is, and end."""
     step = trainer.state.global_step
     newest = newest_complete(out, verify=False)  # only named here: sizes are enough
     where = (
@@ -249,11 +304,6 @@ def _stopped_early(trainer: FastSFTTrainer, stop: StopOnSignal, out: Path) -> No
         if newest
         else "there is no checkpoint to resume from"
     )
-    if stop.received is not None:
-        line = f"interrupted at step {step}: checkpoint saved in {newest}; resume=auto continues"
-        if trainer.is_world_process_zero():
-            record.write_status(out, "interrupted", f"{signal.Signals(stop.received).name} at step {step}", step)
-        raise Interrupted(line, stop.exit_code)
     why = trainer.nonfinite_guard.stopped
     if why is None and trainer.checkpoint_marker.bad_step is not None:
         why = f"non-finite weights at the save of step {trainer.checkpoint_marker.bad_step}"

@@ -297,7 +297,6 @@ class DatasetCache:
             dataset.save_to_disk(str(temporary))
             (temporary / KEY_FILE).write_text(json.dumps(key_json, indent=2, sort_keys=True, default=str) + "\n")
             if (folder / KEY_FILE).is_file():  # another job saved the same unit meanwhile: keep theirs
-                shutil.rmtree(temporary, ignore_errors=True)
                 return True
             if folder.exists():  # a damaged copy
                 shutil.rmtree(folder, ignore_errors=True)
@@ -305,9 +304,10 @@ class DatasetCache:
             return True
         except Exception as error:  # a cache that cannot be written costs time, never the run
             log.warning("data cache: cannot save into %s (%s); this run goes on without it", self.folder, error)
-            if temporary is not None:
-                shutil.rmtree(temporary, ignore_errors=True)
             return False
+        finally:  # a write cut short, by an error or a signal, leaves nothing behind
+            if temporary is not None and temporary.exists():
+                shutil.rmtree(temporary, ignore_errors=True)
 
 
 class DatasetCacheHook:
