@@ -258,6 +258,7 @@ def test_a_signal_stops_the_run_within_seconds_and_says_where(outcomes, name):
     assert status["status"] == "interrupted" and status["phase"] == case.phase, status
     assert status["signal"] == case.sig.name and status["error"].startswith(case.sig.name)
     assert not (run_dir / "summary.json").exists() and "Traceback" not in stderr
+    assert (run_dir / "fusetune.lock").read_text() == ""  # given back, not left stale for the resume to take over
     checkpoints = sorted(run_dir.glob("checkpoint-*"))
     if case.checkpoint_at is None:
         assert not checkpoints and status["checkpoint"] is None

@@ -98,7 +98,9 @@ def record_end(out: Path | None, before: str | None, status: str, error: str) ->
 
 def exit_now(code: int) -> None:
     """Exit without the interpreter's teardown, which takes seconds after a run (a collection over every object
-    of torch, transformers and the data): the record is written and the logger closed by then."""
+    of torch, transformers and the data): the record is written and the logger closed by then. The run folder's
+    lock is given back as at a normal exit, so the resume does not find it stale."""
+    run_lock.release_all()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
