@@ -7,9 +7,11 @@ import hydra
 from fusetune.app.config import expand_resume_shorthand, register_configs
 from fusetune.app.gpus import register_resolvers
 from fusetune.app.hydra_errors import job_started, main_exits_2
+from fusetune.app.launcher import register_launcher
 
 register_configs()
 register_resolvers()  # conf/hydra/launcher/local.yaml: ${fusetune.visible_gpus:}, ${fusetune.parallel_jobs:}
+register_launcher()  # its class, hydra_plugins.fusetune_launcher.JoblibLauncher
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

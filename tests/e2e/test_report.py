@@ -2,6 +2,7 @@
 that cli.run_or_exit leaves when a run fails or is interrupted."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -233,24 +234,29 @@ def test_the_resolver_names_sweep_folders():
 
 
 @pytest.fixture
-def failing_run(monkeypatch, tmp_path):
-    """A run() that starts as the real one does (status.json "running"), logs two steps, then raises the given
-    error, or what a given function returns (with started=False: raises at once, as validate() and the run folder
-    check do); gives the call to make, and the run folder."""
+def failing_run(monkeypatch, tmp_path, compose_cfg):
+    """A run() that starts as the real one does (claims the folder, status.json "running"), logs two steps, then
+    raises the given error, or what a given function returns (with started=False: raises at once, before the
+    claim, as the run folder check does); gives the call to make, and the run folder."""
     import fusetune.app.run
+    from fusetune.app import run_folder
     from fusetune.app.run_record import write_status
 
     def arrange(error, multirun, started=True):
+        cfg = compose_cfg(["logger=none"], output_dir=tmp_path)
+
         def run(cfg):
-            if started:
+            if not started:
+                raise error() if callable(error) else error
+            with run_folder.owned(tmp_path, cfg):
                 write_status(tmp_path, "running", step=0)
                 lines = "".join(json.dumps(m) + "\n" for m in curve(3.0, 2.0))
                 (tmp_path / "metrics.jsonl").write_text(lines + '{"step": 3, "spl')  # the last line cut short
-            raise error() if callable(error) else error
+                raise error() if callable(error) else error
 
         monkeypatch.setattr(fusetune.app.run, "run", run)
         monkeypatch.setattr(cli, "in_multirun", lambda: multirun)
-        return lambda: cli.run_or_exit(OmegaConf.create({"output_dir": str(tmp_path)}))
+        return lambda: cli.run_or_exit(cfg)
 
     return arrange, tmp_path
 
@@ -277,15 +283,12 @@ def test_user_error_in_a_multirun_job_returns(failing_run, capsys):
     assert status_of(folder)["status"] == "failed"
 
 
-def test_a_mistake_before_the_run_starts_is_recorded_in_a_fresh_folder(failing_run):
+def test_a_refusal_before_the_folder_is_claimed_writes_nothing(failing_run, capsys):
+    """A folder this run never made its own gets no record from it: the fixed command may use it."""
     arrange, folder = failing_run
-    arrange(FusetuneError("model.max_seq_length must be positive, got 0"), multirun=True, started=False)()
-    assert status_of(folder) | {"updated": None} == {
-        "status": "failed",
-        "error": "model.max_seq_length must be positive, got 0",
-        "last_step": None,
-        "updated": None,
-    }
+    arrange(FusetuneError("run folder x is in use by pid 1 on host h"), multirun=True, started=False)()
+    assert capsys.readouterr().err.strip() == "fusetune: error: run folder x is in use by pid 1 on host h"
+    assert list(folder.iterdir()) == []
 
 
 def test_another_runs_record_is_left_as_it_was(failing_run):
@@ -307,6 +310,8 @@ def test_a_crash_raises_in_a_single_run_and_returns_in_a_multirun(failing_run):
     with pytest.raises(RuntimeError):
         arrange(RuntimeError("boom\nsecond line"), multirun=False)()
     assert status_of(folder)["error"] == "RuntimeError: boom second line"
+    for entry in folder.iterdir():  # a new run, in a folder of its own
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     arrange(ValueError("bad value"), multirun=True)()
     assert status_of(folder) | {"updated": None} == {
         "status": "failed",

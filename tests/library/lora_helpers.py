@@ -3,6 +3,7 @@
 import torch
 
 from fusetune import forwards
+from fusetune.patching import remove_kernels
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -16,7 +17,9 @@ def randomize_lora_b(model) -> None:
 
 
 def count_fused(monkeypatch, backend: str, op: str = "lora_linear") -> list:
-    """Calls of ``backend``'s ``op`` from now on (one entry per call)."""
+    """Calls of ``backend``'s ``op`` by the forwards patched from now on (one entry per call). Patches an earlier
+    test left in place hold the uncounted op, so they are removed first."""
+    remove_kernels()
     calls = []
     ops = forwards.OPS[backend]
     original = getattr(ops, op)

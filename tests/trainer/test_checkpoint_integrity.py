@@ -97,7 +97,7 @@ def test_a_same_size_corrupted_file_is_skipped_for_the_previous_checkpoint(train
         ("garble marker", f"no readable {MARKER}"),
     ],
 )
-def test_resume_auto_through_the_app_takes_the_older_checkpoint(trained, tmp_path, capsys, damage, why):
+def test_resume_auto_through_the_app_takes_the_older_checkpoint(trained, tmp_path, compose_cfg, damage, why):
     out = killed_copy(trained, "full", tmp_path)
     action, name = damage.split()
     path = out / "checkpoint-4" / (MARKER if name == "marker" else name)
@@ -110,29 +110,22 @@ def test_resume_auto_through_the_app_takes_the_older_checkpoint(trained, tmp_pat
     else:
         path.write_text("{not json")
     assert why in problem(out / "checkpoint-4")
-    cfg = _cfg(trained, "full", out, "resume=auto")
+    cfg = _cfg(compose_cfg, trained, "full", out, "resume=auto")
     summary = run(cfg)
     assert summary["resumed_from"] == str(out / "checkpoint-2") and summary["global_step"] == 4
     assert json.loads((out / "status.json").read_text())["status"] == "finished"
 
 
-def _cfg(trained, kind, out, *overrides):
-    from hydra import compose, initialize_config_dir
-
-    from ..conftest import CONF
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[*FAST, *SAVES, *trained[kind][1], *overrides])
-    cfg.output_dir = str(out)
-    return cfg
+def _cfg(compose_cfg, trained, kind, out, *overrides):
+    return compose_cfg([*FAST, *SAVES, *trained[kind][1], *overrides], output_dir=out)
 
 
 @pytest.mark.parametrize(("kind", "name"), [("full", "model.safetensors"), ("lora", "optimizer.pt")])
-def test_resume_path_to_a_corrupted_checkpoint_is_one_line(trained, tmp_path, capsys, kind, name):
+def test_resume_path_to_a_corrupted_checkpoint_is_one_line(trained, tmp_path, compose_cfg, capsys, kind, name):
     out = killed_copy(trained, kind, tmp_path)
     flip_middle(out / "checkpoint-4" / name)
     with pytest.raises(SystemExit) as ended:
-        run_or_exit(_cfg(trained, kind, out, f"resume={out / 'checkpoint-4'}"))
+        run_or_exit(_cfg(compose_cfg, trained, kind, out, f"resume={out / 'checkpoint-4'}"))
     assert ended.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (

@@ -136,9 +136,7 @@ def _run_or_exit(cfg, out: Path | None) -> float | None:
             raise
     except Interrupted as stop:
         print(f"fusetune: {stop}", file=sys.stderr, flush=True)
-        if not multirun:
-            exit_now(stop.exit_code)
-        sys.exit(stop.exit_code)
+        sys.exit(stop.exit_code)  # train.py's process then ends at once (hydra_errors.main_exits_2)
     except KeyboardInterrupt:
         record_end(out, before, "interrupted", "KeyboardInterrupt")
         raise

@@ -54,7 +54,8 @@ def job_started() -> None:
 
 
 def main_exits_2(main: Callable[[], object]) -> object:
-    """Call a ``@hydra.main`` function; a config that does not compose exits 2 with one line on stderr."""
+    """Call a ``@hydra.main`` function; a config that does not compose exits 2 with one line on stderr, and a run
+    stopped by a signal (exit 128 + the signal) ends the process without the interpreter's teardown."""
     _state["job_started"] = False
     if FULL_ERROR in os.environ:  # the user's own choice
         return main()
@@ -67,6 +68,12 @@ def main_exits_2(main: Callable[[], object]) -> object:
             raise
         print(f"fusetune: error: {one_line(error)}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except SystemExit as exiting:
+        if isinstance(exiting.code, int) and exiting.code > 128:  # a signal stopped the run, its record written
+            from .cli import exit_now
+
+            exit_now(exiting.code)
+        raise
     finally:
         if _state["set_here"]:
             os.environ.pop(FULL_ERROR, None)

@@ -38,6 +38,16 @@ STARTED, CRASHED = ".started", ".crashed"
 OOM_HINT = {"SIGKILL": " (out of memory?)"}
 
 
+def register_launcher() -> None:
+    """Make hydra/launcher=local's class known to Hydra. Hydra finds plugins by walking the hydra_plugins
+    namespace, which an editable install (pip install -e, the README's) does not expose to that walk."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.fusetune_launcher import JoblibLauncher
+
+    Plugins.instance().register(JoblibLauncher)
+
+
 def died_of(exit_code: int | None) -> str:
     """``killed by SIGKILL (out of memory?)``, ``killed by SIGSEGV``, ``exited with code 3``."""
     import signal

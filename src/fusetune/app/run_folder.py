@@ -220,10 +220,10 @@ def claim(folder: Path, cfg, hydra=(), hydra_wrote: bool = False) -> Claim:
         raise run_lock.unwritable(folder, error) from None
     run_lock.take(folder)
     try:
+        stale = run_lock.sign(folder)  # at once: a run refused meanwhile names this one
         found = inspect(folder, cfg, hydra, hydra_wrote)  # again, under the lock
         found.manifest["updated"] = datetime.now().astimezone().isoformat(timespec="seconds")
-        write_json_atomically(folder / MANIFEST, found.manifest)  # first write: an unwritable folder stops here
-        stale = run_lock.sign(folder)
+        write_json_atomically(folder / MANIFEST, found.manifest)
         if stale:
             found.notes.insert(0, (logging.WARNING, stale))
         for name in found.remove:

@@ -68,7 +68,7 @@ def _read_owner(path: Path) -> dict | None:
 
 def _in_use(folder: Path, path: Path) -> FusetuneError:
     owner = None
-    for _ in range(40):  # the winner of a race signs a moment after it locks
+    for _ in range(100):  # the winner of a race signs a moment after it locks
         if (owner := _read_owner(path)) is not None:
             break
         time.sleep(0.05)
