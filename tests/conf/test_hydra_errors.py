@@ -26,6 +26,7 @@ from ..conftest import CONF, ROOT
             "trainer.max_steps=abc",
             "Error merging override trainer.max_steps=abc: Value 'abc' of type 'str' could not be converted to Integer",
         ),
+        ("+model.lora.rr=3", hydra_errors.NULL_PARENT),  # tiny_llama trains fully: model.lora is null
     ],
 )
 def test_cli_config_mistake_exits_2_with_one_line(tmp_path, override, message):

@@ -53,6 +53,12 @@ def job_started() -> None:
         _state["set_here"] = False
 
 
+NULL_PARENT = (
+    "an override adds a key under a node that is null (such as +model.lora.r=8 while model.lora is null, a full "
+    "fine-tune): give the node first (+model/lora=default), then its keys"
+)
+
+
 def main_exits_2(main: Callable[[], object]) -> object:
     """Call a ``@hydra.main`` function; a config that does not compose exits 2 with one line on stderr, and a run
     stopped by a signal (exit 128 + the signal) ends the process without the interpreter's teardown."""
@@ -67,6 +73,11 @@ def main_exits_2(main: Callable[[], object]) -> object:
         if _state["job_started"] or isinstance(error, InstantiationException):  # not a config mistake
             raise
         print(f"fusetune: error: {one_line(error)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except AssertionError as error:  # OmegaConf asserts when an override adds a key under a null node
+        if _state["job_started"] or "Unexpected type for root: NoneType" not in str(error):
+            raise
+        print(f"fusetune: error: {NULL_PARENT}", file=sys.stderr, flush=True)
         sys.exit(2)
     except SystemExit as exiting:
         if isinstance(exiting.code, int) and exiting.code > 128:  # a signal stopped the run, its record written
