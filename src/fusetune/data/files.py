@@ -6,7 +6,6 @@ other files number them from 1 in file order. The slow work here (reading a file
 """
 
 import csv
-import hashlib
 import json
 import logging
 import time
@@ -15,13 +14,13 @@ from pathlib import Path
 
 from datasets import Dataset, Features, Value, load_dataset
 
+from ..checkpoints import file_hash
 from ..errors import FusetuneError
 from .formatters import kind
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 BLANK = b" \t\r\n"
 MAX_SHOWN = 5  # bad records (or lines) shown in one message; the rest are counted
-HASH_CHUNK = 1 << 20  # bytes read at a time while hashing a file
 
 
 def listing(items: list[tuple[str, str]], count: int) -> str:
@@ -74,15 +73,11 @@ def _quiet_datasets():
 
 
 def content_hash(file: Path) -> dict:
-    """The file's SHA-256, read in chunks, with its size and the seconds hashing took."""
+    """The file's SHA-256 (read in chunks, as a checkpoint's files are), with its size and the seconds hashing took.
+    The caller checks that the file did not change meanwhile."""
     started = time.perf_counter()
-    sha = hashlib.sha256()
-    size = 0
-    with file.open("rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    return {"sha256": sha.hexdigest(), "bytes": size, "seconds": round(time.perf_counter() - started, 4)}
+    size = file.stat().st_size
+    return {"sha256": file_hash(file), "bytes": size, "seconds": round(time.perf_counter() - started, 4)}
 
 
 def load_local(path: str, key: str = "data.path", sha256: str | None = None) -> Dataset:
