@@ -108,7 +108,7 @@ class FastModel:
         hub = {"token": token, "revision": revision, "trust_remote_code": trust_remote_code}
         limits.refuse({"max_seq_length": max_seq_length}, limits.MODEL)
         model_config = loading.load_config(config or model_name, **hub)
-        backend = choose_backend(kernels, model_config.model_type)  # an unsupported family fails before the weights
+        backend = choose_backend(kernels, model_config)  # an unsupported family fails before the weights
         tokenizer = loading.load_tokenizer(tokenizer_name or model_name, **hub)
         _refuse_ids_beyond_embeddings(tokenizer, tokenizer_name or model_name, model_config, config or model_name)
         tokenizer.model_max_length = max_seq_length

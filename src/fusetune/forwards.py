@@ -16,6 +16,7 @@ from fusetune_kernels.nf4 import NF4Weight
 from fusetune_kernels.offloaded_checkpoint import recomputing
 
 from .errors import FusetuneError
+from .families import LOGIT_SCALES, activation_kind
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,6 @@ OPS = {
 IGNORE_INDEX = -100
 # Set while a checkpointed layer's recompute calls its MLP's down projection, whose output nobody reads there.
 _output_unused = contextvars.ContextVar("fusetune_output_unused", default=False)
-GELU_TANH = {"gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_python_tanh", "gelu_tanh"}
 
 
 def norm_forward(ops: Ops, gemma: bool):
@@ -63,24 +63,31 @@ def norm_forward(ops: Ops, gemma: bool):
     return forward
 
 
-def gated_activation(ops: Ops, name: str):
-    if name in ("silu", "swish"):
+def gated_activation(ops: Ops, mlp):
+    """The fused gated op for the MLP's own activation module (``families.activation_kind``)."""
+    kind = activation_kind(mlp)
+    if kind == "silu":
         return ops.swiglu
-    if name == "gelu":
-        return functools.partial(ops.geglu, approximate="none")
-    if name in GELU_TANH:
-        return functools.partial(ops.geglu, approximate="tanh")
-    raise FusetuneError(f"kernels: no fused gated activation for '{name}'; supported: silu, gelu, gelu_pytorch_tanh")
+    if kind in ("gelu", "gelu_tanh"):
+        return functools.partial(ops.geglu, approximate="none" if kind == "gelu" else "tanh")
+    act = getattr(mlp, "act_fn", getattr(mlp, "activation_fn", None))
+    raise FusetuneError(
+        f"kernels: no fused gated activation for {type(act).__name__}; supported: silu, gelu, gelu tanh"
+    )
 
 
-def mlp_forward(ops: Ops, activation_attr: str, output_feeds_residual_only: bool):
-    """The gated MLP through ``ops``. When the decoder layer only adds the MLP's output to the residual
-    (``output_feeds_residual_only``), its recompute under fusetune's checkpointing tells a fused LoRA down
-    projection that its output is unused: that projection then saves its tensors without the matmul."""
+def mlp_forward(ops: Ops, fused_gate_up: bool, output_feeds_residual_only: bool):
+    """The gated MLP through ``ops``: ``down(act(gate(x)) * up(x))``, gate and up from two projections or
+    from the halves of one ``gate_up_proj``. When the decoder layer only adds the MLP's output to the
+    residual (``output_feeds_residual_only``), its recompute under fusetune's checkpointing tells a fused
+    LoRA down projection that its output is unused: that projection then saves its tensors without the matmul."""
 
     def forward(self, x):
-        act = gated_activation(ops, getattr(self.config, activation_attr))
-        hidden = act(self.gate_proj(x), self.up_proj(x))
+        if fused_gate_up:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        hidden = gated_activation(ops, self)(gate, up)
         layer = recomputing()
         if output_feeds_residual_only and layer is not None and getattr(layer, "mlp", None) is self:
             token = _output_unused.set(True)
@@ -94,10 +101,29 @@ def mlp_forward(ops: Ops, activation_attr: str, output_feeds_residual_only: bool
 
 
 def rope_function(ops: Ops):
+    """``apply_rotary_pos_emb`` through ``ops.rope``. Partial rotary (cos/sin narrower than the heads, as in
+    Phi-3 or GLM): the first ``cos.shape[-1]`` features of each head rotate and the rest pass through."""
+
     def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
-        return ops.rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        rotary = cos.shape[-1]
+        if rotary == q.shape[-1]:
+            return ops.rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        q_rot, k_rot = ops.rope(q[..., :rotary], k[..., :rotary], cos, sin, unsqueeze_dim=unsqueeze_dim)
+        return torch.cat([q_rot, q[..., rotary:]], dim=-1), torch.cat([k_rot, k[..., rotary:]], dim=-1)
 
     return apply_rotary_pos_emb
+
+
+def logit_scale(config) -> float:
+    """The scalar the model's head multiplies its logits by (Cohere's ``logit_scale``, Granite's
+    ``1 / logits_scaling``, Falcon-H1's ``lm_head_multiplier``); 1 for most models."""
+    text = config.get_text_config()
+    scale = 1.0
+    for name, multiplies in LOGIT_SCALES.items():
+        value = getattr(text, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            scale = scale * value if multiplies else scale / value
+    return scale
 
 
 @dataclass
@@ -157,6 +183,9 @@ def causal_lm_forward(ops: Ops, original_forward):
         # model computing in fp32 under autocast hands fp32 hidden states to a half-precision head.
         dtype = hidden.dtype if hidden.dtype != torch.float32 else lm_head.weight.dtype
         flat_hidden = hidden.reshape(-1, hidden.size(-1)).to(lm_head.weight.device, dtype)
+        scale = logit_scale(self.config)
+        if scale != 1.0:  # (s h) W^T = s (h W^T)
+            flat_hidden = flat_hidden * scale
         head_weight = lm_head.weight.to(dtype)
         softcap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
         bias = None if lm_head.bias is None else lm_head.bias.to(dtype)

@@ -19,56 +19,17 @@ chunked pass, so no metric brings the full logits back.
 import importlib
 import logging
 import os
-from dataclasses import dataclass
 
 import torch
 
-from . import forwards
+from . import families, forwards, self_check
 from .errors import FusetuneError
+from .families import FAMILY_OPS, Family, NotPatchable
 from .modules import base_model
 
 log = logging.getLogger(__name__)
 KERNEL_BACKENDS = ("auto", "triton", "reference")  # what a user asks for; "none" is an unpatched model
 OPS = ("rms_norm", "rope", "glu", "loss", "lora")  # the switches of apply_kernels, one per op
-
-
-@dataclass(frozen=True)
-class Family:
-    module: str  # the transformers modeling module
-    norm: str  # RMSNorm class
-    mlp: str  # gated MLP class
-    causal_lm: str  # *ForCausalLM class
-    gemma_norm: bool = False  # scale by (1 + weight), all in fp32
-    activation: str = "hidden_act"  # config attribute naming the MLP activation
-    # The decoder layer only adds the MLP's output to the residual (no norm after the MLP), so the
-    # checkpointing recompute may leave the down projection's output uncomputed.
-    mlp_output_feeds_residual_only: bool = True
-
-
-M = "transformers.models"
-FAMILIES = {
-    "llama": Family(f"{M}.llama.modeling_llama", "LlamaRMSNorm", "LlamaMLP", "LlamaForCausalLM"),
-    "mistral": Family(f"{M}.mistral.modeling_mistral", "MistralRMSNorm", "MistralMLP", "MistralForCausalLM"),
-    "qwen2": Family(f"{M}.qwen2.modeling_qwen2", "Qwen2RMSNorm", "Qwen2MLP", "Qwen2ForCausalLM"),
-    "qwen3": Family(f"{M}.qwen3.modeling_qwen3", "Qwen3RMSNorm", "Qwen3MLP", "Qwen3ForCausalLM"),
-    "gemma": Family(
-        f"{M}.gemma.modeling_gemma",
-        "GemmaRMSNorm",
-        "GemmaMLP",
-        "GemmaForCausalLM",
-        gemma_norm=True,
-        activation="hidden_activation",
-    ),
-    "gemma2": Family(
-        f"{M}.gemma2.modeling_gemma2",
-        "Gemma2RMSNorm",
-        "Gemma2MLP",
-        "Gemma2ForCausalLM",
-        gemma_norm=True,
-        activation="hidden_activation",
-        mlp_output_feeds_residual_only=False,  # post_feedforward_layernorm saves the MLP's output
-    ),
-}
 TRL_FUSED_HEAD = ("trl.trainer.sft_trainer", "add_fused_lm_head")
 PEFT_LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")  # its forward: one fused node for plain LoRA
 # PEFT's LoRA over a bitsandbytes 4-bit base (and that base's class): one fused node, NF4 dequantized inside
@@ -77,62 +38,73 @@ PEFT_LORA_NF4 = ("peft.tuners.lora.bnb", "Linear4bit", "bitsandbytes.nn", "Linea
 # (owner object, attribute) -> the original value, for everything currently patched
 _originals: dict[tuple[object, str], object] = {}
 _active: dict[str, tuple[str, frozenset]] = {}  # family -> (backend, ops patched)
+_told: set[tuple[str, str, str]] = set()  # (family, op, reason) already logged
 
 
-def choose_backend(requested: str, model_type: str | None, on_cuda: bool | None = None) -> str:
+def _unpatchable(requested: str, model_type: str, reason: str) -> str:
+    """``auto``: "none", with the reason logged; ``triton``/``reference``: the one-line error."""
+    if requested != "auto":
+        raise FusetuneError(
+            f"kernels={requested}: model type '{model_type}' cannot be patched: {reason}; "
+            "use kernels=auto to train it with its own modules"
+        )
+    log.warning("kernels=auto: model type '%s' trains with its own modules: %s", model_type, reason)
+    return "none"
+
+
+def choose_backend(requested: str, config, on_cuda: bool | None = None) -> str:
     """The whole backend policy: "triton", "reference", or "none" (train the model's own modules).
 
-    - ``auto``: triton on CUDA, reference elsewhere; a family outside the table trains unpatched,
-      with the reason logged.
-    - ``triton`` / ``reference``: a family outside the table is an error listing the supported
-      ones (callers ask before any weights load); triton off CUDA needs TRITON_INTERPRET=1.
+    - ``auto``: triton on CUDA, reference elsewhere; a family where no op passes its self-check
+      trains unpatched, with the reason logged.
+    - ``triton`` / ``reference``: such a family is an error (callers ask before any weights load,
+      with the model's config); triton off CUDA needs TRITON_INTERPRET=1.
     """
     if requested not in KERNEL_BACKENDS:
         raise FusetuneError(f"kernels: unknown backend '{requested}'; choose one of {', '.join(KERNEL_BACKENDS)}")
     on_cuda = torch.cuda.is_available() if on_cuda is None else on_cuda
-    supported = ", ".join(sorted(FAMILIES))
-    if model_type not in FAMILIES:
-        if requested != "auto":
-            raise FusetuneError(
-                f"kernels={requested}: model type '{model_type}' is not in the patch table (supported: {supported}); "
-                "use kernels=auto to train it with its own modules"
-            )
-        log.warning(
-            "kernels=auto: model type '%s' is not in the patch table (%s): its own modules train", model_type, supported
-        )
-        return "none"
-    if requested == "auto":
-        requested = "triton" if on_cuda else "reference"
-        log.info("kernels=auto chose %s (%s)", requested, "CUDA" if on_cuda else "no CUDA")
-    if requested == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    backend = ("triton" if on_cuda else "reference") if requested == "auto" else requested
+    if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise FusetuneError("kernels=triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
-    return requested
+    try:
+        accepted, rejected = check_family(config, backend, torch.device("cuda" if on_cuda else "cpu"))
+    except NotPatchable as why:
+        return _unpatchable(requested, config.model_type, str(why))
+    if not accepted:
+        return _unpatchable(requested, config.model_type, "; ".join(f"{op}: {r}" for op, r in rejected.items()))
+    if requested == "auto":
+        log.info("kernels=auto chose %s (%s)", backend, "CUDA" if on_cuda else "no CUDA")
+    return backend
 
 
-def _set(owner, name: str, value) -> None:
-    _originals.setdefault((owner, name), getattr(owner, name))
-    setattr(owner, name, value)
+def family_rows(family: Family) -> list[tuple]:
+    """(op, owner, attribute, make(ops, original)) for the family's own modules and functions."""
+    rows = []
+    for module, name, gemma in family.norms:
+        owner = getattr(importlib.import_module(module), name)
+        rows.append(("rms_norm", owner, "forward", lambda ops, _, g=gemma: forwards.norm_forward(ops, g)))
+    feeds = family.mlp_output_feeds_residual_only
+    for module, name, fused in family.mlps:
+        owner = getattr(importlib.import_module(module), name)
+        rows.append(("glu", owner, "forward", lambda ops, _, f=fused: forwards.mlp_forward(ops, f, feeds)))
+    for module in family.rope_modules:
+        rows.append(
+            (
+                "rope",
+                importlib.import_module(module),
+                "apply_rotary_pos_emb",
+                lambda ops, _: forwards.rope_function(ops),
+            )
+        )
+    if family.causal_lm:
+        owner = getattr(importlib.import_module(family.causal_lm[0]), family.causal_lm[1])
+        rows.append(("loss", owner, "forward", forwards.causal_lm_forward))
+    return rows
 
 
-def _restore(owner, name: str) -> None:
-    if (owner, name) in _originals:
-        setattr(owner, name, _originals.pop((owner, name)))
-
-
-def _targets(family: Family):
-    """(op, owner, attribute, make(ops, original)) for every entry the family's row patches."""
-    module = importlib.import_module(family.module)
-    norm, mlp, causal_lm = (getattr(module, name) for name in (family.norm, family.mlp, family.causal_lm))
+def shared_rows() -> list[tuple]:
+    """Rows every family shares: TRL's fused head (with the loss op) and PEFT's LoRA forwards."""
     rows = [
-        ("rms_norm", norm, "forward", lambda ops, _: forwards.norm_forward(ops, family.gemma_norm)),
-        (
-            "glu",
-            mlp,
-            "forward",
-            lambda ops, _: forwards.mlp_forward(ops, family.activation, family.mlp_output_feeds_residual_only),
-        ),
-        ("rope", module, "apply_rotary_pos_emb", lambda ops, _: forwards.rope_function(ops)),
-        ("loss", causal_lm, "forward", forwards.causal_lm_forward),
         (
             "loss",
             importlib.import_module(TRL_FUSED_HEAD[0]),
@@ -153,17 +125,55 @@ def _targets(family: Family):
     return rows
 
 
-def patch_family(family_name: str, backend: str, ops: frozenset = frozenset(OPS)) -> None:
-    """Replace the family's forwards and functions with ``backend``'s ops (those in ``ops``; the rest restored)."""
-    if _active.get(family_name) == (backend, ops):
-        return
+def _original(owner, name: str):
+    return _originals.get((owner, name), getattr(owner, name))
+
+
+def check_family(config, backend: str, device) -> tuple[set[str], dict[str, str]]:
+    """(the family ops that pass their self-check, {op: why not} for the rest). NotPatchable if no row."""
+    family = families.derive(config)
+    rows = [(op, owner, name, make, _original(owner, name)) for op, owner, name, make in family_rows(family)]
+    found = self_check.verdicts(config, backend, forwards.OPS[backend], rows, device) if rows else {}
+    rejected = {op: why for op, why in found.items() if why is not None}
+    rejected.update({op: why for op, why in family.missing})
+    for op, why in sorted(rejected.items()):
+        if (config.model_type, op, why) not in _told:
+            _told.add((config.model_type, op, why))
+            log.info("%s: %s left unpatched: %s", config.model_type, op, why)
+    return {op for op, why in found.items() if why is None}, rejected
+
+
+def last_check_seconds() -> float:
+    """Seconds the last family check spent (near zero when its verdicts were cached)."""
+    return self_check.last_check_seconds()
+
+
+def _set(owner, name: str, value) -> None:
+    _originals.setdefault((owner, name), getattr(owner, name))
+    setattr(owner, name, value)
+
+
+def _restore(owner, name: str) -> None:
+    if (owner, name) in _originals:
+        setattr(owner, name, _originals.pop((owner, name)))
+
+
+def patch_family(config, backend: str, ops: frozenset = frozenset(OPS), device=None) -> frozenset:
+    """Replace the family's forwards and functions with ``backend``'s ops: those in ``ops`` that pass their
+    self-check on ``device`` (the rest restored). Returns the ops patched."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    accepted, _ = check_family(config, backend, device)
+    patched = frozenset(op for op in ops if op in accepted or op not in FAMILY_OPS)
+    if _active.get(config.model_type) == (backend, patched):
+        return patched
     kernels = forwards.OPS[backend]
-    for op, owner, name, make in _targets(FAMILIES[family_name]):
-        if op in ops:
-            _set(owner, name, make(kernels, _originals.get((owner, name), getattr(owner, name))))
+    for op, owner, name, make in family_rows(families.derive(config)) + shared_rows():
+        if op in patched:
+            _set(owner, name, make(kernels, _original(owner, name)))
         else:
             _restore(owner, name)
-    _active[family_name] = (backend, ops)
+    _active[config.model_type] = (backend, patched)
+    return patched
 
 
 def apply_kernels(
@@ -183,15 +193,17 @@ def apply_kernels(
     ``on_cuda``: where ``auto`` should assume the model trains (default: where CUDA is available).
     """
     base = base_model(model)
-    backend = backend if backend == "none" else choose_backend(backend, base.config.model_type, on_cuda)
+    backend = backend if backend == "none" else choose_backend(backend, base.config, on_cuda)
     base.fusetune_kernels = backend  # the trainer leaves a model with this set as it is
     if backend == "none":
         return backend
     switches = dict(rms_norm=rms_norm, rope=rope, glu=glu, loss=loss, lora=lora)
     ops = frozenset(op for op, on in switches.items() if on)
-    patch_family(base.config.model_type, backend, ops)
+    device = base.get_input_embeddings().weight.device
+    device = device if device.type != "meta" else ("cuda" if on_cuda else "cpu")
+    patched = patch_family(base.config, backend, ops, device)
     log.info(
-        "kernels=%s patched the %s family (%s)", backend, base.config.model_type, ", ".join(sorted(ops)) or "no ops"
+        "kernels=%s patched the %s family (%s)", backend, base.config.model_type, ", ".join(sorted(patched)) or "no ops"
     )
     return backend
 

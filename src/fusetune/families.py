@@ -1,0 +1,320 @@
+"""Patch-table rows read off a model family's own modules.
+
+A row names what ``patching`` may replace in one transformers model type: its ``*RMSNorm``
+classes (and whether each scales by ``weight`` or ``1 + weight``), its gated MLP classes (separate
+``gate_proj``/``up_proj`` or one fused ``gate_up_proj``), the modules whose ``apply_rotary_pos_emb``
+its attention calls, and its causal-LM class. ``derive(config)`` builds a small random model from
+the config (``small_config``) and reads all of this from the module instances, so a family needs no
+hand-written row; ``OVERRIDES`` holds the few facts the structure cannot show. What a row offers
+is only a candidate: ``self_check`` runs each op against the model's own code before it is patched.
+"""
+
+import copy
+import dataclasses
+import inspect
+import json
+import sys
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+FAMILY_OPS = ("rms_norm", "rope", "glu", "loss")  # the ops a family row offers (lora is family-free)
+# Activation module classes the fused gated kernels compute, by the kind of gate they are.
+ACTIVATIONS = {
+    "SiLU": "silu",
+    "SiLUActivation": "silu",
+    "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh",
+    "PytorchGELUTanh": "gelu_tanh",
+    "NewGELUActivation": "gelu_tanh",
+    "FastGELUActivation": "gelu_tanh",
+}
+# Scalars the causal-LM head applies to its logits, read from the text config: name -> multiply (True) or divide.
+LOGIT_SCALES = {"logit_scale": True, "lm_head_multiplier": True, "logits_scaling": False}
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model type's row. Class names are looked up in their own modules (``owner.qualname`` pairs)."""
+
+    model_type: str
+    causal_lm: tuple[str, str]  # (module, class)
+    norms: tuple[tuple[str, str, bool], ...] = ()  # (module, class, scales by 1 + weight)
+    mlps: tuple[tuple[str, str, bool], ...] = ()  # (module, class, fused gate_up_proj)
+    rope_modules: tuple[str, ...] = ()  # modules whose apply_rotary_pos_emb the attention calls
+    # The decoder layer only adds the MLP's output to the residual (no norm after the MLP), so the
+    # checkpointing recompute may leave the down projection's output uncomputed.
+    mlp_output_feeds_residual_only: bool = False
+    missing: tuple[tuple[str, str], ...] = ()  # (op, why the structure offers no candidate)
+
+    def offers(self) -> set[str]:
+        """The ops with at least one candidate target."""
+        have = {"rms_norm": self.norms, "glu": self.mlps, "rope": self.rope_modules, "loss": self.causal_lm}
+        return {op for op, targets in have.items() if targets}
+
+
+class NotPatchable(Exception):
+    """The model type has no row: its reason is one line."""
+
+
+# Hand-written facts, by model type: fields of Family that replace the derived ones.
+OVERRIDES: dict[str, dict] = {}
+
+SMALL = dict(hidden_size=64, num_attention_heads=4, head_dim=16, vocab_size=256, intermediate_size=96)
+# Other names for the same sizes in older or non-Llama configs, and sizes that must shrink with them.
+SMALL_ALIASES = dict(
+    n_embd=64,
+    d_model=64,
+    n_head=4,
+    n_heads=4,
+    n_inner=96,
+    ffn_dim=96,
+    decoder_ffn_dim=96,
+    encoder_ffn_dim=96,
+    decoder_attention_heads=4,
+    encoder_attention_heads=4,
+    n_layer=2,
+    encoder_layers=1,
+    decoder_layers=2,
+    rotary_dim=8,
+    num_layers=2,
+)
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _layer_lists(values: dict) -> list[str]:
+    layers = values.get("num_hidden_layers")
+    return [k for k, v in values.items() if isinstance(v, list) and layers and len(v) == layers]
+
+
+def _renumber_layers(values: dict, keep: list[int]) -> None:
+    """Layer-index lists and dicts (``per_layer_config``, ``index_layers``) for the layers ``keep`` kept."""
+    new = {old: i for i, old in enumerate(keep)}
+    for key, value in list(values.items()):
+        if not key.endswith(("_layers", "per_layer_config")) or key == "num_hidden_layers":
+            continue
+        if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+            values[key] = {str(new[int(k)]): v for k, v in value.items() if int(k) in new}
+        elif isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            if len(value) != len(keep):  # not a per-layer flag list (those were cut above)
+                values[key] = sorted({new[v] for v in value if v in new})
+
+
+def _shrink(values: dict) -> dict:
+    """A config dict at small sizes: one layer of each kind (per-layer lists decide the kinds), at least two."""
+    values = dict(values)
+    per_layer = _layer_lists(values)
+    if "num_hidden_layers" in values and isinstance(values["num_hidden_layers"], int):
+        kinds, keep = set(), []
+        for i in range(values["num_hidden_layers"]):
+            kind = json.dumps([values[k][i] for k in per_layer], default=str)
+            if kind not in kinds:
+                kinds.add(kind)
+                keep.append(i)
+        keep = keep if len(keep) >= 2 else (keep + [0, 0])[:2]
+        for k in per_layer:
+            values[k] = [values[k][i] for i in keep]
+        values["num_hidden_layers"] = len(keep)
+        _renumber_layers(values, keep)
+    heads = values.get("num_attention_heads")
+    for key, small in {**SMALL, **SMALL_ALIASES}.items():
+        if isinstance(values.get(key), int) or (key in SMALL and key in values and values[key] is None):
+            values[key] = small
+    if "num_key_value_heads" in values:
+        kv = values["num_key_value_heads"]
+        values["num_key_value_heads"] = 4 if kv is None or (heads and kv >= heads) else (1 if kv == 1 else 2)
+    if all(isinstance(values.get(k), int) for k in ("mamba_n_heads", "mamba_d_head", "mamba_expand")):
+        values["mamba_n_heads"] = 4  # heads * head size = expand * hidden size
+        values["mamba_d_head"] = values["mamba_expand"] * values["hidden_size"] // 4
+    for key, value in list(values.items()):
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if key.endswith("intermediate_size") and key != "intermediate_size":
+            values[key] = 32
+        elif key in EXPERT_COUNTS:
+            values[key] = 4
+        elif key in ("num_experts_per_tok", "moe_topk", "top_k"):
+            values[key] = min(value, 2)
+        elif key.endswith("_token_id") and value >= SMALL["vocab_size"]:
+            values[key] = SMALL["vocab_size"] - 1
+        elif "dropout" in key:
+            values[key] = 0
+    for key, value in list(values.items()):
+        if "dropout" in key and isinstance(value, float):
+            values[key] = 0.0
+        if key.endswith("_token_id") and isinstance(value, list):
+            values[key] = [min(v, SMALL["vocab_size"] - 1) for v in value if isinstance(v, int)]
+        if isinstance(value, dict) and "model_type" in value:  # a sub-config (text, vision, audio)
+            values[key] = _shrink(value)
+    for key in ("quantization_config", "auto_map", "_name_or_path"):
+        values.pop(key, None)
+    return values
+
+
+def small_config(config: PretrainedConfig) -> PretrainedConfig:
+    """``config``'s architecture at small sizes, every kind of layer kept, for a model built in a blink."""
+    values = _shrink(config.to_dict())
+    small = type(config).from_dict(values)
+    small._attn_implementation = "eager"
+    for sub in ("text_config", "vision_config", "audio_config"):
+        if isinstance(getattr(small, sub, None), PretrainedConfig):
+            getattr(small, sub)._attn_implementation = "eager"
+    return small
+
+
+def small_model(config: PretrainedConfig, device="cpu", seed: int = 0) -> torch.nn.Module:
+    """A random fp32 model of ``small_config(config)``; its 1-D weights (norms, biases) are perturbed
+    so that a kernel that mistakes ``w`` for ``1 + w`` shows."""
+    small = small_config(config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(small, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.to(device).eval()
+
+
+def _owner_name(cls: type) -> tuple[str, str]:
+    return cls.__module__, cls.__qualname__
+
+
+def norm_scales_one_plus_weight(norm: torch.nn.Module) -> bool | None:
+    """Whether ``norm`` outputs x_hat * (1 + weight) (True) or x_hat * weight (False); None if neither
+    (read off the module: with a zero weight the first gives x_hat, the second zeros)."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return None
+    probe = copy.deepcopy(norm).float()
+    with torch.no_grad():
+        probe.weight.zero_()
+        try:
+            out = probe(torch.randn(3, weight.shape[0], device=weight.device))
+        except Exception:  # a norm with another signature (gated, grouped): not an RMSNorm we know
+            return None
+    if not isinstance(out, torch.Tensor):
+        return None
+    if torch.count_nonzero(out) == 0:
+        return False
+    return True
+
+
+def activation_kind(mlp: torch.nn.Module) -> str | None:
+    act = getattr(mlp, "act_fn", getattr(mlp, "activation_fn", None))
+    if act is None:
+        return None
+    kind = ACTIVATIONS.get(type(act).__name__)
+    if type(act) is torch.nn.GELU:
+        kind = "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    return kind
+
+
+def mlp_layout(mlp: torch.nn.Module) -> bool | None:
+    """True for a fused ``gate_up_proj``, False for ``gate_proj``/``up_proj``, None if not a gated MLP."""
+    children = dict(mlp.named_children())
+    if "down_proj" not in children or activation_kind(mlp) is None:
+        return None
+    if "gate_up_proj" in children:
+        return True
+    if "gate_proj" in children and "up_proj" in children:
+        return False
+    return None
+
+
+def _feeds_residual_only(layer_cls: type) -> bool:
+    """The decoder layer's forward adds the MLP's output straight to the residual and nothing else reads it."""
+    try:
+        lines = [line.strip() for line in inspect.getsource(layer_cls.forward).splitlines() if line.strip()]
+    except (OSError, TypeError):
+        return False
+    calls = [i for i, line in enumerate(lines) if line == "hidden_states = self.mlp(hidden_states)"]
+    return (
+        len(calls) == 1
+        and calls[0] + 1 < len(lines)
+        and lines[calls[0] + 1] == "hidden_states = residual + hidden_states"
+    )
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def read_structure(model: torch.nn.Module) -> Family:
+    """The row of ``model``'s type, read off its module instances."""
+    norms, mlps, rope, missing = {}, {}, set(), []
+    unknown_norms, unknown_mlps = [], []
+    for module in model.modules():
+        cls = type(module)
+        name = cls.__name__
+        if name.endswith("RMSNorm") and cls not in norms:
+            scales = norm_scales_one_plus_weight(module)
+            (unknown_norms.append(name) if scales is None else norms.setdefault(cls, scales))
+        if name.endswith("MLP") and cls not in mlps:
+            layout = mlp_layout(module)
+            (unknown_mlps.append(name) if layout is None else mlps.setdefault(cls, layout))
+        owner = sys.modules.get(cls.__module__)
+        if owner is not None and "Attention" in name and callable(getattr(owner, "apply_rotary_pos_emb", None)):
+            rope.add(cls.__module__)
+    if not norms:
+        missing.append(
+            (
+                "rms_norm",
+                f"no RMSNorm with a weight ({', '.join(sorted(set(unknown_norms)))})"
+                if unknown_norms
+                else "no *RMSNorm module",
+            )
+        )
+    if not mlps:
+        why = (
+            f"no gated MLP with a fused activation ({', '.join(sorted(set(unknown_mlps)))})"
+            if unknown_mlps
+            else "no *MLP module with gate/up/down projections"
+        )
+        missing.append(("glu", why))
+    if not rope:
+        missing.append(("rope", "its attention modules have no apply_rotary_pos_emb"))
+    layers = {type(layer) for layer in _decoder_layers(model)}
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    causal_lm = _owner_name(type(model)) if base is not None and model.get_output_embeddings() is not None else ()
+    if not causal_lm:
+        missing.append(("loss", "no backbone and output embeddings to fuse the loss head over"))
+    return Family(
+        model_type=model.config.model_type,
+        causal_lm=causal_lm,
+        norms=tuple(sorted((*_owner_name(c), s) for c, s in norms.items())),
+        mlps=tuple(sorted((*_owner_name(c), f) for c, f in mlps.items())),
+        rope_modules=tuple(sorted(rope)),
+        mlp_output_feeds_residual_only=bool(layers) and all(_feeds_residual_only(c) for c in layers),
+        missing=tuple(missing),
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
+
+
+def config_key(config: PretrainedConfig) -> str:
+    values = config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version", "auto_map"):
+        values.pop(key, None)
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+_rows: dict[str, Family | NotPatchable] = {}
+
+
+def derive(config: PretrainedConfig) -> Family:
+    """The row for ``config``'s model type (cached per config); NotPatchable with the reason if none."""
+    key = config_key(config)
+    if key not in _rows:
+        try:
+            family = read_structure(small_model(config))
+            _rows[key] = dataclasses.replace(family, **OVERRIDES.get(config.model_type, {}))
+        except Exception as error:  # the config's own checks, or a module that cannot be built here
+            _rows[key] = NotPatchable(f"no small model can be built from its config: {_first_line(error)}")
+    row = _rows[key]
+    if isinstance(row, NotPatchable):
+        raise row
+    return row

@@ -1,0 +1,221 @@
+"""Every family op, run once against the model's own code before it is patched.
+
+``verdicts`` builds a small random fp32 model from the config (``families.small_model``), takes
+its loss and every gradient with the model's own modules, then again with one op replaced by the
+backend's, and compares: an op agrees when the loss and each gradient are within ``TOLERANCE``
+(norm-wise relative error). An op that disagrees, raises, or is never called by the model stays
+unpatched, with the reason. So a transformers upgrade that changes a module's maths costs speed,
+never correctness. Verdicts are cached in the process and on disk, keyed by the model type, op,
+backend, device type, config, library versions and the code of the originals and of fusetune's ops.
+"""
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import families
+from .checkpoints import write_json_atomically
+
+log = logging.getLogger(__name__)
+TOLERANCE = {"reference": 1e-4, "triton": 1e-2}  # triton's fp32 matmuls may run in TF32 on a GPU
+_memory: dict[str, str | None] = {}
+_seconds = {"last": 0.0}
+
+
+def cache_path() -> Path:
+    root = (
+        os.environ.get("FUSETUNE_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fusetune"
+    )
+    return Path(root) / "self_check.json"
+
+
+def _code_digest(value) -> str:
+    """What the original does: its code object (bytes, constants, names), or the class's forward's."""
+    function = getattr(value, "__func__", value)
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return repr(value)
+    parts = [code.co_code.hex(), repr(code.co_consts), repr(code.co_names), function.__qualname__]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def _fusetune_digest() -> str:
+    import fusetune_kernels
+
+    from . import forwards
+
+    files = [Path(forwards.__file__), *sorted(Path(list(fusetune_kernels.__path__)[0]).glob("*.py"))]
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+
+
+def _key(config, op: str, backend: str, device: torch.device, originals: list) -> str:
+    import transformers
+    import triton
+
+    parts = [
+        config.model_type,
+        op,
+        backend,
+        device.type,
+        families.config_key(config),
+        torch.__version__,
+        transformers.__version__,
+        triton.__version__,
+        _fusetune_digest(),
+        *sorted(_code_digest(o) for o in originals),
+    ]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _read_disk() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_disk(new: dict) -> None:
+    try:
+        merged = {**_read_disk(), **new}
+        cache_path().parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(cache_path(), merged)
+    except OSError as error:  # a read-only home: the verdicts are kept for this process only
+        log.debug("self-check cache not written: %s", error)
+
+
+@contextlib.contextmanager
+def installed(values: dict):
+    """``{(owner, attribute): value}`` set for the block, the previous values restored after."""
+    previous = {key: getattr(key[0], key[1]) for key in values}
+    try:
+        for (owner, name), value in values.items():
+            setattr(owner, name, value)
+        yield
+    finally:
+        for (owner, name), value in previous.items():
+            setattr(owner, name, value)
+
+
+def _counting(owner, name, original, hits: set):
+    if inspect.isclass(owner):
+
+        def method(self, *args, **kwargs):
+            hits.add((owner, name))
+            return original(self, *args, **kwargs)
+
+        return method
+
+    def function(*args, **kwargs):
+        hits.add((owner, name))
+        return original(*args, **kwargs)
+
+    return function
+
+
+def _batch(vocab: int, device) -> dict:
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, vocab, (2, 12), generator=g)
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    return {"input_ids": input_ids.to(device), "labels": labels.to(device)}
+
+
+def _loss_and_grads(model, batch) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters() if p.requires_grad]
+    return [loss.detach(), *(g.detach().clone() for g in grads)]
+
+
+def relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """The largest norm-wise relative error over the loss and the gradients."""
+    worst = 0.0
+    for a, b in zip(got, expected, strict=True):
+        diff = (a.double() - b.double()).norm().item()
+        worst = max(worst, diff / max(b.double().norm().item(), 1e-8) if diff else 0.0)
+    return worst
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
+
+
+def run(config, backend: str, kernels, rows: list, device) -> dict[str, str | None]:
+    """op -> None (agrees) or why not, for ``rows`` = [(op, owner, attribute, make, original)]."""
+    model = families.small_model(config, device)
+    batch = _batch(model.get_input_embeddings().num_embeddings, device)
+    originals = {(owner, name): original for _, owner, name, _, original in rows}
+    hits: set = set()
+    counting = {key: _counting(*key, original, hits) for key, original in originals.items()}
+    ops = list(dict.fromkeys(row[0] for row in rows))
+    try:
+        with installed(counting), torch.no_grad():
+            model(**batch, use_cache=False)
+        with installed(originals):
+            expected = _loss_and_grads(model, batch)
+    except Exception as failure:  # the model's own code cannot train on this small config here
+        return dict.fromkeys(ops, f"its small random model does not train on a text batch: {_first_line(failure)}")
+    verdict = {}
+    with installed(originals):
+        for op in ops:
+            called = [
+                (owner, name, make, o) for op_, owner, name, make, o in rows if op_ == op and (owner, name) in hits
+            ]
+            names = ", ".join(sorted({_describe(owner, name) for op_, owner, name, *_ in rows if op_ == op}))
+            if not called:
+                verdict[op] = f"the model never calls {names} on a text batch"
+                continue
+            try:
+                with installed({(owner, name): make(kernels, o) for owner, name, make, o in called}):
+                    got = _loss_and_grads(model, batch)
+                error = relative_error(got, expected)
+            except Exception as failure:  # the op cannot take this model's call: it stays unpatched
+                verdict[op] = f"fails against the model's own {names}: {_first_line(failure)}"
+                continue
+            ok = error <= TOLERANCE[backend]
+            verdict[op] = None if ok else f"max rel error {error:.1e} against the model's own {names}"
+    return verdict
+
+
+def _describe(owner, name: str) -> str:
+    return f"{owner.__name__}.{name}" if inspect.isclass(owner) else name
+
+
+def verdicts(config, backend: str, kernels, rows: list, device) -> dict[str, str | None]:
+    """``run``'s answers, from the caches where this exact check has run before."""
+    started = time.perf_counter()
+    device = torch.device(device)
+    keys = {}
+    for op in dict.fromkeys(row[0] for row in rows):
+        keys[op] = _key(config, op, backend, device, [row[4] for row in rows if row[0] == op])
+    missing = [op for op, key in keys.items() if key not in _memory]
+    if missing:
+        disk = _read_disk()
+        for op in missing:
+            if keys[op] in disk:
+                _memory[keys[op]] = disk[keys[op]]
+    missing = [op for op, key in keys.items() if key not in _memory]
+    if missing:
+        found = run(config, backend, kernels, [row for row in rows if row[0] in missing], device)
+        new = {keys[op]: found[op] for op in missing}
+        _memory.update(new)
+        _write_disk(new)
+    _seconds["last"] = time.perf_counter() - started
+    return {op: _memory[key] for op, key in keys.items()}
+
+
+def last_check_seconds() -> float:
+    """Seconds the last ``verdicts`` call took (near zero when every answer was cached)."""
+    return _seconds["last"]
