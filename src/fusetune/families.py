@@ -317,4 +317,6 @@ def derive(config: PretrainedConfig) -> Family:
     row = _rows[key]
     if isinstance(row, NotPatchable):
         raise row
+    if not row.offers() - {"loss"}:
+        raise NotPatchable("no RMSNorm, gated MLP or rotary embedding: none of fusetune's kernels fits it")
     return row

@@ -71,7 +71,7 @@ def choose_backend(requested: str, config, on_cuda: bool | None = None) -> str:
     except NotPatchable as why:
         return _unpatchable(requested, config.model_type, str(why))
     if not accepted:
-        return _unpatchable(requested, config.model_type, "; ".join(f"{op}: {r}" for op, r in rejected.items()))
+        return _unpatchable(requested, config.model_type, "; ".join(f"{op}: {r}" for op, r in sorted(rejected.items())))
     if requested == "auto":
         log.info("kernels=auto chose %s (%s)", backend, "CUDA" if on_cuda else "no CUDA")
     return backend

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fusetune.errors import FusetuneError
 from fusetune import families
+from fusetune.errors import FusetuneError
 from fusetune.patching import active_backends, apply_kernels, remove_kernels
 
 from ..kernels.conftest import DEVICE, needs_triton_backend
@@ -105,40 +105,59 @@ def tiny_gpt2():
 
 
 @pytest.fixture
-def gpt2_with_a_changed_head(monkeypatch):
-    """GPT-2 offers only the loss op (no RMSNorm, gated MLP or rotary); an "upgrade" that scales its
-    logits leaves no op that agrees with the model."""
-    from transformers.models.gpt2 import modeling_gpt2
+def qwen3_upgraded(monkeypatch):
+    """A "transformers upgrade" that changes the maths of every op fusetune offers for Qwen3."""
+    from transformers.models.qwen3 import modeling_qwen3 as m
 
-    original = modeling_gpt2.GPT2LMHeadModel.forward
+    norm, mlp, head, rope = (
+        m.Qwen3RMSNorm.forward,
+        m.Qwen3MLP.forward,
+        m.Qwen3ForCausalLM.forward,
+        m.apply_rotary_pos_emb,
+    )
+    monkeypatch.setattr(m.Qwen3RMSNorm, "forward", lambda self, x: norm(self, x) * 1.5)
+    monkeypatch.setattr(m.Qwen3MLP, "forward", lambda self, x: mlp(self, x) - 0.5 * x)
+    monkeypatch.setattr(m, "apply_rotary_pos_emb", lambda q, k, cos, sin, unsqueeze_dim=1: rope(q, k, cos, -sin))
 
     def forward(self, *args, labels=None, **kwargs):
-        out = original(self, *args, **kwargs)
+        out = head(self, *args, **kwargs)
         out.logits = out.logits * 2
         if labels is not None:
             out.loss = self.loss_function(out.logits, labels, vocab_size=self.config.vocab_size)
         return out
 
-    monkeypatch.setattr(modeling_gpt2.GPT2LMHeadModel, "forward", forward)
+    monkeypatch.setattr(m.Qwen3ForCausalLM, "forward", forward)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_a_family_with_no_agreeing_op_fails_a_named_backend(backend, gpt2_with_a_changed_head):
+def test_a_type_no_kernel_fits_fails_a_named_backend(backend):
     if backend == "triton":
         needs_triton_backend()
-    with pytest.raises(FusetuneError, match=f"kernels={backend}: model type 'gpt2' cannot be patched: .*loss: max rel"):
+    with pytest.raises(
+        FusetuneError, match=f"kernels={backend}: model type 'gpt2' cannot be patched: no RMSNorm, gated"
+    ):
         apply_kernels(tiny_gpt2(), backend)
 
 
-def test_a_family_with_no_agreeing_op_trains_unpatched_under_auto(caplog, gpt2_with_a_changed_head):
-    model = tiny_gpt2()
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_a_family_whose_every_op_disagrees_fails_a_named_backend(backend, qwen3_upgraded):
+    if backend == "triton":
+        needs_triton_backend()
+    expected = "cannot be patched: glu: max rel error .*; loss: max rel error .*; rms_norm: max rel .*; rope: max rel"
+    with pytest.raises(FusetuneError, match=f"kernels={backend}: model type 'qwen3' {expected}"):
+        apply_kernels(tiny_model("qwen3"), backend)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_an_unpatchable_type_trains_unpatched_under_auto(caplog, qwen3_upgraded, family):
+    model = tiny_gpt2() if family == "gpt2" else tiny_model("qwen3")
     with caplog.at_level("WARNING", logger="fusetune.patching"):
         assert apply_kernels(model, "auto") == "none"
-    assert "model type 'gpt2' trains with its own modules: " in caplog.text
+    assert f"model type '{family}' trains with its own modules: " in caplog.text
     assert model.fusetune_kernels == "none" and not active_backends()
 
 
-def test_fast_model_refuses_an_unpatchable_family_before_its_weights_load(tmp_path, monkeypatch, gpt2_with_a_changed_head):
+def test_fast_model_refuses_an_unpatchable_family_before_its_weights_load(tmp_path, monkeypatch):
     import transformers
 
     from fusetune import FastModel
