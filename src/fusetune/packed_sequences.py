@@ -3,8 +3,8 @@
 Inside attention, fusetune's varlen attention keeps the documents of a packed row apart. Hybrid and
 linear-attention decoders also mix tokens outside attention: causal convolutions, state-space scans
 (Mamba), gated delta rules, lightning attention, recurrent cells. Such a layer keeps documents apart only
-where its own code takes the boundaries the collator gives (``cu_seq_lens_q``, ``seq_idx``) and hands
-them to a kernel that reads them (causal-conv1d, mamba-ssm, flash-linear-attention, on CUDA). The
+where its own code takes the boundaries the collator gives (``cu_seq_lens_q``) and hands them to kernels
+that read them (causal-conv1d, mamba-ssm, flash-linear-attention, on CUDA). The
 PyTorch fallbacks that transformers runs without those kernels, and always on the CPU, carry one
 document's state into the next, or refuse the boundaries with an error mid-step.
 
@@ -28,8 +28,9 @@ from .modules import base_model
 STATE_PARAMETERS = ("A_log",)
 # Token mixers with neither a causal convolution nor a decay parameter to find them by.
 UNMARKED_MIXERS = ("MiniMaxLightningAttention", "xLSTMLayer", "RwkvSelfAttention")
-# The boundaries a mixer's code may take from the collator.
-BOUNDARY_ARGUMENTS = ("cu_seqlens", "cu_seq_lens", "seq_idx")
+# What a mixer's code names where it hands document boundaries to a variable-length kernel. ``seq_idx`` alone is not
+# enough: some mixers hand it to their convolution and not to their scan (transformers 5.17's Zamba).
+BOUNDARY_ARGUMENTS = ("cu_seqlens",)
 # Kernel packages that read boundaries (import name: distribution); transformers falls back to PyTorch without them.
 KERNEL_PACKAGES = {"causal_conv1d": "causal-conv1d", "mamba_ssm": "mamba-ssm", "fla": "flash-linear-attention"}
 _PACKAGE_MENTIONS = re.compile(
@@ -79,7 +80,7 @@ def recurrent_layer_types(config) -> list[str]:
 
 @functools.cache
 def _takes_boundaries(cls: type) -> bool:
-    """Whether the class's own code passes document boundaries on (``cu_seqlens`` / ``seq_idx``)."""
+    """Whether the class's own code hands document boundaries (``cu_seqlens``) to its kernels."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
@@ -103,7 +104,7 @@ def _kernel_packages(cls: type) -> tuple[str, ...]:
 def _why_mixed(cls: type, device: torch.device) -> str | None:
     """Why a mixer of class ``cls`` would read across document boundaries on ``device``, or None."""
     if not _takes_boundaries(cls):
-        return "read no document boundaries (no cu_seqlens or seq_idx in their code)"
+        return "read no document boundaries (no cu_seqlens in their code)"
     packages = _kernel_packages(cls)
     if not packages:
         return "read no document boundaries (no kernel that takes them)"
@@ -121,6 +122,10 @@ def _layer_type(module: nn.Module, config) -> str | None:
     if layer_types and isinstance(index, int) and 0 <= index < len(layer_types):
         return layer_types[index]
     return None
+
+
+def _layers(name: str, kinds: list[str]) -> str:
+    return f"{'/'.join(kinds)} layers ({name})" if kinds else f"{name} layers"
 
 
 def _modules_of(model_or_config) -> nn.Module:
@@ -155,10 +160,7 @@ def packing_blocker(model_or_config, device: torch.device | str | None = None) -
             kind = _layer_type(mixer, text_config)
             if kind is not None and kind not in kinds:
                 kinds.append(kind)
-    parts = [
-        f"its {'/'.join(kinds) + ' layers (' + name + ')' if kinds else name + ' layers'} {why}"
-        for name, (kinds, why) in problems.items()
-    ]
+    parts = [f"its {_layers(name, kinds)} {why}" for name, (kinds, why) in problems.items()]
     stateful = recurrent_layer_types(config)
     if stateful and not mixers:  # a layer type with a state, and no module found above that holds it
         parts.append(

@@ -44,7 +44,7 @@ SMALL = dict(
 MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16, mamba_expand=2)
 DELTA = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
 LINEAR_FIRST = ["linear_attention", "full_attention"]
-NO_PATH = "read no document boundaries (no cu_seqlens or seq_idx in their code)"
+NO_PATH = "read no document boundaries (no cu_seqlens in their code)"
 FALLBACK = "read no document boundaries on cpu (transformers' PyTorch fallback)"
 
 # model type, its config beyond SMALL (a layer of each type), and the refusal line (after "<type>: its ").
@@ -268,7 +268,7 @@ def test_trainer_refuses_packed_rows_on_a_mixing_model(tmp_path, unpatch_kernels
 
 
 def test_trainer_keeps_padding_free_off_and_says_why(tmp_path, unpatch_kernels, caplog):
-    model_type, overrides, line = HYBRIDS[7]  # lfm2
+    model_type, overrides, line = HYBRIDS[3]  # bamba
     with caplog.at_level(logging.INFO, logger="fusetune.trainer"):
         trainer = trainer_on(hybrid(model_type, overrides), tmp_path)
     assert trainer.args.padding_free is False
