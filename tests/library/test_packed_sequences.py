@@ -103,7 +103,30 @@ HYBRIDS = [
         dict(block_types=["recurrent", "attention"], lru_width=64, attention_window_size=16),
         f"RecurrentGemmaRecurrentBlock layers {NO_PATH}",
     ),
+    (
+        "zamba",
+        dict(layers_block_type=["mamba", "hybrid"], mamba_d_state=16, n_mamba_heads=2),
+        f"linear_attention/hybrid layers (ZambaMambaMixer) {NO_PATH}",
+    ),
+    (
+        "kimi_linear",
+        dict(
+            layer_types=LINEAR_FIRST,
+            linear_attn_config={"full_attn_layers": [2], "kda_layers": [1], "num_heads": 4, "head_dim": 16},
+            num_experts=4,
+            num_experts_per_token=2,
+            moe_intermediate_size=32,
+            first_k_dense_replace=2,
+        ),
+        f"linear_attention layers (KimiLinearDeltaAttention) {NO_PATH}",
+    ),
     ("mamba", dict(state_size=8), f"linear_attention layers (MambaMixer) {NO_PATH}"),
+    (
+        "mamba2",
+        dict(num_heads=8, head_dim=16, n_groups=1, state_size=16, chunk_size=16),
+        f"linear_attention layers (Mamba2Mixer) {NO_PATH}",
+    ),
+    ("falcon_mamba", dict(state_size=8), f"linear_attention layers (FalconMambaMixer) {NO_PATH}"),
     (
         "minimax",
         dict(layer_types=LINEAR_FIRST, num_local_experts=2, num_experts_per_tok=1, block_size=8),
@@ -176,7 +199,12 @@ def test_hybrid_family_is_refused_in_one_line(model_type, overrides, line):
     assert packing_blocker(model.config) == expected  # from the config alone, on the meta device
 
 
-@pytest.mark.parametrize("model_type,overrides,line", HYBRIDS, ids=[row[0] for row in HYBRIDS])
+# Kimi Linear's own padded forward fails at these sizes, in transformers, with SDPA and eager attention alike.
+PADDED_FAILS = {"kimi_linear"}
+LEAK_CASES = [row for row in HYBRIDS if row[0] not in PADDED_FAILS]
+
+
+@pytest.mark.parametrize("model_type,overrides,line", LEAK_CASES, ids=[row[0] for row in LEAK_CASES])
 def test_hybrid_family_mixes_documents_without_the_refusal(model_type, overrides, line):
     packed, padded = packed_and_padded_loss(hybrid(model_type, overrides), documents(VOCAB))
     assert abs(packed - padded) > 100 * TOL * abs(padded), (
@@ -265,6 +293,13 @@ def test_trainer_refuses_packed_rows_on_a_mixing_model(tmp_path, unpatch_kernels
         f"{key}=True: {model_type}: its {line}; packed rows would mix documents; "
         f"set {key}=False (the app: trainer.{key}=false)"
     )
+
+
+def test_trainer_leaves_wrapped_packing_alone(tmp_path, unpatch_kernels):
+    """TRL's wrapped packing concatenates documents without restarting positions: attention crosses them too, by
+    the user's choice, so there is nothing to keep apart."""
+    trainer = trainer_on(hybrid(*HYBRIDS[0][:2]), tmp_path, packing=True, packing_strategy="wrapped")
+    assert trainer.args.packing and not trainer.args.padding_free
 
 
 def test_trainer_keeps_padding_free_off_and_says_why(tmp_path, unpatch_kernels, caplog):
