@@ -3,7 +3,9 @@
 - precision from the hardware when neither bf16 nor fp16 is set (bf16, else fp16 on GPU; fp32 on CPU
   or with ``use_cpu``);
 - the kernels backend (``kernels``: auto | triton | reference) is applied to the model;
-- padding-free batches by default where that is safe, and the reason logged where it is not;
+- padding-free batches by default where that is safe, and the reason logged where it is not; ``packing`` or
+  ``padding_free`` on a model whose own layers would mix the documents of a row (``fusetune.packed_sequences``:
+  convolutions, state-space scans, linear attention without a boundary-reading kernel) is an error;
 - ``embedding_learning_rate``: trainable embed_tokens/lm_head weights get their own optimizer group;
   biases and norm weights get no weight decay (``fusetune.optim``);
 - older spellings still work, with a FutureWarning (the table is ``fusetune.compat.renames``): trainer
@@ -46,6 +48,7 @@ from .graphs import StepGraphs
 from .loading import pick_dtype
 from .modules import base_model, is_quantized
 from .optim import optimizer_with_embedding_lr
+from .packed_sequences import packing_blocker
 from .patching import apply_kernels, is_applied
 from .token_stats import StepStats, TokenStats, batch_tokens
 from .varlen import VARLEN, enable_varlen_attention, varlen_kernel_available
@@ -163,8 +166,8 @@ def as_fast_config(args) -> FastSFTConfig:
     return FastSFTConfig(**{k: v for k, v in args.to_dict().items() if k in fields and not k.startswith("_")})
 
 
-def padding_free_blocker(model, data_collator, processing_class) -> str | None:
-    """Why padding-free batching would be unsafe here, or None when it is safe."""
+def padding_free_blocker(model, data_collator, processing_class, device=None) -> str | None:
+    """Why padding-free batching would be unsafe here, or None when it is safe. ``device``: where training runs."""
     config = model.config
     if data_collator is not None:
         return "a custom data collator is given"
@@ -174,19 +177,33 @@ def padding_free_blocker(model, data_collator, processing_class) -> str | None:
         return "encoder-decoder model"
     if config.model_type in PADDING_FREE_BLOCKLIST:
         return f"model type '{config.model_type}' is on the padding-free blocklist"
-    return None
+    return packing_blocker(model, device)
 
 
 def choose_padding_free(model, args, data_collator, processing_class) -> bool:
     """``padding_free=None`` decided: on where it is safe, with the reason logged where it is not."""
     if args.packing:
         return False  # packing decides on its own (BFD packing is padding-free already)
-    reason = padding_free_blocker(model, data_collator, processing_class)
+    reason = padding_free_blocker(model, data_collator, processing_class, args.device)
     if reason:
         log.info("padding-free batching off: %s", reason)
         return False
     log.info("padding-free batching on")
     return True
+
+
+def refuse_mixed_documents(model, args) -> None:
+    """One line, where ``packing`` or ``padding_free`` is on and the model's own layers would mix the documents
+    of a row. TRL's wrapped packing is left alone: its rows cross documents by design, in attention too."""
+    if args.padding_free:
+        key = "padding_free"
+    elif args.packing and args.packing_strategy != "wrapped":
+        key = "packing"
+    else:
+        return
+    reason = packing_blocker(model, args.device)
+    if reason is not None:
+        raise FusetuneError(f"{key}=True: {reason}; set {key}=False (the app: trainer.{key}=false)")
 
 
 def fused_loss_blocker(trainer, model) -> str | None:
@@ -264,6 +281,7 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
         self._truncate_to = None
         self.token_stats = TokenStats()
         if not isinstance(model, str):
+            refuse_mixed_documents(model, args)  # before anything changes the model
             if not is_applied(model):  # by FastModel, run() or the user: left as it is
                 apply_kernels(model, args.kernels, on_cuda=torch.cuda.is_available() and not args.use_cpu)
             model_max = getattr(model, "max_seq_length", None)  # set by FastModel.from_pretrained
