@@ -60,7 +60,14 @@ def markdown(found: list[Outcome]) -> str:
     dense = [o for o in found if o.dense]
     partial = [o for o in found if o.patched and not o.dense]
     none = [o for o in found if not o.patched]
-    lines = [START, head, "", f"{len(dense)} dense families patched with RMSNorm, gated MLP and RoPE kernels:", ""]
+    lines = [
+        START,
+        head,
+        "",
+        f"{len(dense)} model types patched with RMSNorm, gated MLP and RoPE kernels (in MoE models the dense "
+        "and shared-expert MLPs; routed experts keep their own code), then those with fewer ops:",
+        "",
+    ]
     lines += ["| model type | patched | left unpatched (why) |", "|---|---|---|"]
     for o in dense + partial:
         why = "; ".join(f"{op}: {r}" for op, r in sorted(o.reasons.items()))

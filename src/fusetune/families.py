@@ -132,6 +132,14 @@ def _shrink(values: dict) -> dict:
             continue
         if key.endswith("intermediate_size") and key != "intermediate_size":
             values[key] = 32
+        elif key.startswith("linear_") and key.endswith("head_dim"):  # linear-attention heads
+            values[key] = 16
+        elif key.startswith("linear_num_") and key.endswith("heads"):
+            values[key] = 4 if "value" in key else 2
+        elif "vocab" in key:
+            values[key] = SMALL["vocab_size"]
+        elif key.startswith("hidden_size_") or key.endswith("_hidden_size") or key == "emb_dim":
+            values[key] = 16 if "per_layer" in key else SMALL["hidden_size"]
         elif key in EXPERT_COUNTS:
             values[key] = 4
         elif key in ("num_experts_per_tok", "moe_topk", "top_k"):

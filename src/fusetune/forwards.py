@@ -55,10 +55,16 @@ IGNORE_INDEX = -100
 _output_unused = contextvars.ContextVar("fusetune_output_unused", default=False)
 
 
-def norm_forward(ops: Ops, gemma: bool):
+def norm_forward(ops: Ops, gemma: bool, original_forward):
+    """RMSNorm through ``ops.rms_norm``; an instance built without a weight (Gemma 4's ``with_scale=False``)
+    keeps the original forward."""
+
     def forward(self, hidden_states):
+        weight = getattr(self, "weight", None)
+        if weight is None:
+            return original_forward(self, hidden_states)
         eps = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.eps
-        return ops.rms_norm(hidden_states, self.weight, eps, gemma=gemma)
+        return ops.rms_norm(hidden_states, weight, eps, gemma=gemma)
 
     return forward
 
@@ -100,16 +106,28 @@ def mlp_forward(ops: Ops, fused_gate_up: bool, output_feeds_residual_only: bool)
     return forward
 
 
-def rope_function(ops: Ops):
-    """``apply_rotary_pos_emb`` through ``ops.rope``. Partial rotary (cos/sin narrower than the heads, as in
-    Phi-3 or GLM): the first ``cos.shape[-1]`` features of each head rotate and the rest pass through."""
+def _partial_rope(ops: Ops, q, k, cos, sin, unsqueeze_dim):
+    rotary = cos.shape[-1]
+    if rotary == q.shape[-1]:
+        return ops.rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+    q_rot, k_rot = ops.rope(q[..., :rotary], k[..., :rotary], cos, sin, unsqueeze_dim=unsqueeze_dim)
+    return torch.cat([q_rot, q[..., rotary:]], dim=-1), torch.cat([k_rot, k[..., rotary:]], dim=-1)
 
-    def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
-        rotary = cos.shape[-1]
-        if rotary == q.shape[-1]:
-            return ops.rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-        q_rot, k_rot = ops.rope(q[..., :rotary], k[..., :rotary], cos, sin, unsqueeze_dim=unsqueeze_dim)
-        return torch.cat([q_rot, q[..., rotary:]], dim=-1), torch.cat([k_rot, k[..., rotary:]], dim=-1)
+
+def rope_function(ops: Ops):
+    """``apply_rotary_pos_emb`` through ``ops.rope``, called as ``(q, k, cos, sin)`` or one tensor at a time
+    as ``(x, cos, sin)`` (Gemma 4). Partial rotary (cos/sin narrower than the heads, as in Phi-3): the
+    first ``cos.shape[-1]`` features of each head rotate and the rest pass through."""
+
+    def apply_rotary_pos_emb(*args, position_ids=None, unsqueeze_dim=1):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        rest = args[len(tensors) :]
+        unsqueeze_dim = rest[-1] if rest and isinstance(rest[-1], int) else unsqueeze_dim
+        if len(tensors) == 3:
+            x, cos, sin = tensors
+            return _partial_rope(ops, x, x, cos, sin, unsqueeze_dim)[0]
+        q, k, cos, sin = tensors
+        return _partial_rope(ops, q, k, cos, sin, unsqueeze_dim)
 
     return apply_rotary_pos_emb
 

@@ -82,7 +82,7 @@ def family_rows(family: Family) -> list[tuple]:
     rows = []
     for module, name, gemma in family.norms:
         owner = getattr(importlib.import_module(module), name)
-        rows.append(("rms_norm", owner, "forward", lambda ops, _, g=gemma: forwards.norm_forward(ops, g)))
+        rows.append(("rms_norm", owner, "forward", lambda ops, o, g=gemma: forwards.norm_forward(ops, g, o)))
     feeds = family.mlp_output_feeds_residual_only
     for module, name, fused in family.mlps:
         owner = getattr(importlib.import_module(module), name)

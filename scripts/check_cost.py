@@ -1,0 +1,87 @@
+"""What the load-time self-check adds to loading a model, on this machine.
+
+For each architecture: the seconds ``choose_backend`` spends deriving the family's row and checking
+its ops, (1) cold: fresh Triton and verdict caches, (2) warm Triton cache, fresh verdicts, (3) every
+verdict cached; and beside them the seconds to build the full-size model with random weights. Each
+case runs in a fresh subprocess. Writes JSON lines to stdout.
+
+    python scripts/check_cost.py --archs llama3_1b qwen3_5_2b --backend triton
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ROOT / "src" / "fusetune" / "assets" / "archs"
+
+
+def measure(arch: str, backend: str) -> dict:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from fusetune import patching
+
+    config = AutoConfig.from_pretrained(ARCHS / arch)
+    cuda = torch.cuda.is_available()
+    started = time.perf_counter()
+    chosen = patching.choose_backend(backend, config, on_cuda=cuda)
+    accepted, rejected = patching.check_family(config, chosen, "cuda" if cuda else "cpu")
+    check = time.perf_counter() - started
+    row = {"arch": arch, "model_type": config.model_type, "backend": chosen, "check_s": round(check, 3)}
+    row |= {"patched": sorted(accepted), "unpatched": rejected}
+    if os.environ.get("CHECK_COST_LOAD") == "1":
+        started = time.perf_counter()
+        with torch.device("cuda" if cuda else "cpu"):
+            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        if cuda:
+            torch.cuda.synchronize()
+        row["build_model_s"] = round(time.perf_counter() - started, 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archs", nargs="+", default=["llama3_1b"])
+    parser.add_argument("--backend", default="triton")
+    parser.add_argument("--inner", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        print(json.dumps(measure(args.inner, args.backend)), flush=True)
+        return
+    for arch in args.archs:
+        triton_cache, verdicts = tempfile.mkdtemp(), tempfile.mkdtemp()
+        for case, fresh_triton, fresh_verdicts, load in (
+            ("cold", True, True, True),
+            ("warm_triton", False, True, False),
+            ("cached", False, False, False),
+        ):
+            env = dict(os.environ, TRITON_CACHE_DIR=triton_cache if not fresh_triton else tempfile.mkdtemp())
+            env["FUSETUNE_CACHE_DIR"] = tempfile.mkdtemp() if fresh_verdicts else verdicts
+            env["CHECK_COST_LOAD"] = "1" if load else "0"
+            if case == "warm_triton":  # fill the Triton cache this case reuses
+                subprocess.run(
+                    [sys.executable, __file__, "--inner", arch, "--backend", args.backend],
+                    env=dict(env, FUSETUNE_CACHE_DIR=verdicts),
+                    capture_output=True,
+                    check=False,
+                )
+            out = subprocess.run(
+                [sys.executable, __file__, "--inner", arch, "--backend", args.backend],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            row = json.loads(lines[-1]) if lines else {"arch": arch, "error": out.stderr[-800:]}
+            print(json.dumps({"case": case, **row}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
