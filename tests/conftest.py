@@ -1,6 +1,7 @@
 """Shared fixtures: compose configs in-process, and the tiny tokenizer."""
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ CONF = ROOT / "conf"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The self-check's verdicts: shared by this worker and the runs it starts, never by the user's cache.
+os.environ.setdefault("FUSETUNE_CACHE_DIR", tempfile.mkdtemp(prefix="fusetune-cache-"))
 register_configs()
 torch.set_num_threads(1)
 

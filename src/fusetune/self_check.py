@@ -6,7 +6,8 @@ backend's, and compares: an op agrees when the loss and each gradient are within
 (norm-wise relative error). An op that disagrees, raises, or is never called by the model stays
 unpatched, with the reason. So a transformers upgrade that changes a module's maths costs speed,
 never correctness. Verdicts are cached in the process and on disk, keyed by the model type, op,
-backend, device type, config, library versions and the code of the originals and of fusetune's ops.
+backend, device type, config, library versions, and the code of the originals and of fusetune's ops,
+rows and check.
 """
 
 import contextlib
@@ -54,7 +55,8 @@ def _fusetune_digest() -> str:
 
     from . import forwards
 
-    files = [Path(forwards.__file__), *sorted(Path(list(fusetune_kernels.__path__)[0]).glob("*.py"))]
+    ours = [Path(forwards.__file__), Path(families.__file__), Path(__file__)]
+    files = [*ours, *sorted(Path(list(fusetune_kernels.__path__)[0]).glob("*.py"))]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
 
 
