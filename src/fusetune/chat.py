@@ -36,7 +36,7 @@ from transformers import TextStreamer
 
 from . import loading
 from .data.templates import check_template, render_within
-from .errors import FusetuneError
+from .errors import FusetuneError, first_line
 from .evaluate import _adds_specials
 from .faults import SignalStop, StopOnSignal
 
@@ -191,11 +191,6 @@ def open_folder(path: str | Path, trust_remote_code: bool = False) -> Loaded:
 BROKEN_WEIGHTS = (SafetensorError, RuntimeError, KeyError, EOFError, pickle.UnpicklingError)
 
 
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def load_weights(loaded: Loaded, device: str = "auto", dtype: str = "auto") -> Loaded:
     """Load the model with plain transformers and PEFT, in eval mode, for generation."""
     torch_device = _pick_device(device)
@@ -207,7 +202,7 @@ def load_weights(loaded: Loaded, device: str = "auto", dtype: str = "auto") -> L
         where = "the adapter's base model: " if loaded.kind == "adapter" else ""
         raise FusetuneError(f"{loaded.folder}: {where}{error}") from None
     except BROKEN_WEIGHTS as error:
-        raise FusetuneError(f"{weights}: the weights do not load: {_first_line(error)}") from None
+        raise FusetuneError(f"{weights}: the weights do not load: {first_line(error)}") from None
     if loaded.kind == "adapter":
         from peft import PeftModel
 
@@ -215,7 +210,7 @@ def load_weights(loaded: Loaded, device: str = "auto", dtype: str = "auto") -> L
             model = PeftModel.from_pretrained(model, str(loaded.folder))
         except (OSError, ValueError, *BROKEN_WEIGHTS) as error:
             raise FusetuneError(
-                f"{loaded.folder}: the adapter does not load on {loaded.base}: {_first_line(error)}"
+                f"{loaded.folder}: the adapter does not load on {loaded.base}: {first_line(error)}"
             ) from None
     loaded.model = model.to(torch_device).eval()
     return loaded

@@ -11,3 +11,10 @@ class Interrupted(Exception):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(error: BaseException, with_type: bool = False) -> str:
+    """The first line of an exception's message (its type where the message is empty), for a one-line report."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    return f"{type(error).__name__}: {text}"[:200] if with_type else text

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from .errors import first_line
+
 FAMILY_OPS = ("rms_norm", "rope", "glu", "loss")  # the ops a family row offers (lora is family-free)
 # Activation module classes the fused gated kernels compute, by the kind of gate they are.
 ACTIVATIONS = {
@@ -298,11 +300,6 @@ def read_structure(model: torch.nn.Module) -> Family:
     )
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
-
-
 def config_key(config: PretrainedConfig) -> str:
     values = config.to_dict()
     for key in ("quantization_config", "_name_or_path", "transformers_version", "auto_map"):
@@ -321,7 +318,9 @@ def derive(config: PretrainedConfig) -> Family:
             family = read_structure(small_model(config))
             _rows[key] = dataclasses.replace(family, **OVERRIDES.get(config.model_type, {}))
         except Exception as error:  # the config's own checks, or a module that cannot be built here
-            _rows[key] = NotPatchable(f"no small model can be built from its config: {_first_line(error)}")
+            _rows[key] = NotPatchable(
+                f"no small model can be built from its config: {first_line(error, with_type=True)}"
+            )
     row = _rows[key]
     if isinstance(row, NotPatchable):
         raise row

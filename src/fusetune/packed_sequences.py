@@ -9,7 +9,10 @@ PyTorch fallbacks that transformers runs without those kernels, and always on th
 document's state into the next, or refuse the boundaries with an error mid-step.
 
 ``packing_blocker(model)`` finds those layers from the model's own modules and says why packing would mix
-documents there, or returns None where it is safe.
+documents there. Where it finds none, it still asks the model: a small random copy built from its config
+(``families.small_model``) must give a packed row the loss of the same documents as a padded batch
+(``packing_check``, cached with the self-check's verdicts). Attention with its own notion of position or
+masking (chunked or compressed attention, positions that grow across a row) fails there, and is refused.
 """
 
 import functools
@@ -19,9 +22,12 @@ import re
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from . import families, self_check
+from .errors import first_line
 from .modules import base_model
 
 # A parameter that only a state-carrying mixer has: the decay of a state-space scan or a gated delta rule.
@@ -32,6 +38,8 @@ UNMARKED_MIXERS = ("MiniMaxLightningAttention", "xLSTMLayer", "RwkvSelfAttention
 # enough: some mixers hand it to their convolution and not to their scan (transformers 5.17's Zamba).
 BOUNDARY_ARGUMENTS = ("cu_seqlens",)
 # Kernel packages that read boundaries (import name: distribution); transformers falls back to PyTorch without them.
+DOCUMENT_LENGTHS = (5, 9, 3)  # the documents of the packed row packing_check compares with a padded batch
+PACKED_TOLERANCE = 1e-5  # relative, fp32
 KERNEL_PACKAGES = {"causal_conv1d": "causal-conv1d", "mamba_ssm": "mamba-ssm", "fla": "flash-linear-attention"}
 _PACKAGE_MENTIONS = re.compile(
     r"[\"'](causal_conv1d|mamba_ssm|fla)[\"']|is_(causal_conv1d|mamba_ssm|flash_linear_attention)_available"
@@ -166,6 +174,58 @@ def packing_blocker(model_or_config, device: torch.device | str | None = None) -
         parts.append(
             f"its {'/'.join(stateful)} layers carry a state from token to token by a path fusetune cannot read"
         )
+    if not parts and not mixers and not stateful:
+        why = packing_check(config)
+        parts = [why] if why else []
     if not parts:
         return None
     return f"{config.model_type}: {'; '.join(parts)}; packed rows would mix documents"
+
+
+def packed_and_padded_loss(model, docs: list[torch.Tensor]) -> tuple[float, float]:
+    """(packed loss, padded loss) of ``model``: one row holding ``docs`` with positions restarting per document
+    (as TRL's padding-free collator gives it, through fusetune's masked varlen attention), and the same
+    documents as a right-padded batch. No target crosses a document boundary."""
+    from .varlen import enable_varlen_attention
+
+    enable_varlen_attention(model, "masked")
+    input_ids = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    labels = input_ids.clone()
+    labels[position_ids == 0] = -100
+    padded = torch.zeros(len(docs), max(len(d) for d in docs), dtype=torch.long)
+    mask = torch.zeros_like(padded)
+    for row, doc in enumerate(docs):
+        padded[row, : len(doc)], mask[row, : len(doc)] = doc, 1
+    padded_labels = padded.masked_fill(mask == 0, -100)
+    with torch.no_grad():
+        packed = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        batch = model(input_ids=padded, attention_mask=mask, use_cache=False).logits
+    return _mean_loss(packed, labels), _mean_loss(batch, padded_labels)
+
+
+def _mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100).item()
+
+
+def documents(vocab: int, seed: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (n,), generator=g) for n in DOCUMENT_LENGTHS]
+
+
+def _packing_check(config) -> str | None:
+    try:
+        model = families.small_model(config)
+        packed, padded = packed_and_padded_loss(model, documents(model.get_input_embeddings().num_embeddings))
+    except Exception as error:  # its own attention cannot take a packed row
+        return f"its small random copy cannot run a packed row ({first_line(error, with_type=True)})"
+    if abs(packed - padded) > PACKED_TOLERANCE * abs(padded):
+        losses = f"{packed:.5f} vs {padded:.5f}"
+        return f"a packed row gives its small random copy another loss than the padded batch ({losses})"
+    return None
+
+
+def packing_check(config) -> str | None:
+    """Why a small random copy of the model does not train on a packed row as on the padded batch, or None."""
+    return self_check.cached(config, "packing", "none", torch.device("cpu"), [], lambda: _packing_check(config))

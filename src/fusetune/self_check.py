@@ -24,6 +24,7 @@ import torch
 
 from . import families
 from .checkpoints import write_json_atomically
+from .errors import first_line
 
 log = logging.getLogger(__name__)
 TOLERANCE = {"reference": 1e-4, "triton": 1e-2}  # triton's fp32 matmuls may run in TF32 on a GPU
@@ -149,11 +150,6 @@ def relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> flo
     return worst
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:200]
-
-
 def run(config, backend: str, kernels, rows: list, device) -> dict[str, str | None]:
     """op -> None (agrees) or why not, for ``rows`` = [(op, owner, attribute, make, original)]."""
     model = families.small_model(config, device)
@@ -168,7 +164,9 @@ def run(config, backend: str, kernels, rows: list, device) -> dict[str, str | No
         with installed(originals):
             expected = _loss_and_grads(model, batch)
     except Exception as failure:  # the model's own code cannot train on this small config here
-        return dict.fromkeys(ops, f"its small random model does not train on a text batch: {_first_line(failure)}")
+        return dict.fromkeys(
+            ops, f"its small random model does not train on a text batch: {first_line(failure, with_type=True)}"
+        )
     verdict = {}
     with installed(originals):
         for op in ops:
@@ -184,7 +182,7 @@ def run(config, backend: str, kernels, rows: list, device) -> dict[str, str | No
                     got = _loss_and_grads(model, batch)
                 error = relative_error(got, expected)
             except Exception as failure:  # the op cannot take this model's call: it stays unpatched
-                verdict[op] = f"fails against the model's own {names}: {_first_line(failure)}"
+                verdict[op] = f"fails against the model's own {names}: {first_line(failure, with_type=True)}"
                 continue
             ok = error <= TOLERANCE[backend]
             verdict[op] = None if ok else f"max rel error {error:.1e} against the model's own {names}"
@@ -216,6 +214,19 @@ def verdicts(config, backend: str, kernels, rows: list, device) -> dict[str, str
         _write_disk(new)
     _seconds["last"] = time.perf_counter() - started
     return {op: _memory[key] for op, key in keys.items()}
+
+
+def cached(config, name: str, backend: str, device: torch.device, originals: list, compute):
+    """``compute()``'s answer for this check, from the process or disk cache where it ran before."""
+    key = _key(config, name, backend, device, originals)
+    if key not in _memory:
+        disk = _read_disk()
+        if key in disk:
+            _memory[key] = disk[key]
+        else:
+            _memory[key] = compute()
+            _write_disk({key: _memory[key]})
+    return _memory[key]
 
 
 def last_check_seconds() -> float:

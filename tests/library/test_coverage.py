@@ -173,3 +173,32 @@ def test_an_upgrade_that_changes_rope_leaves_rope_unpatched_and_training_goes_on
         remove_kernels()
     assert curves[1][-1] < curves[1][0]
     assert curves[1] == pytest.approx(curves[0], rel=1e-4)
+
+
+def test_packed_rows_train_like_padded_rows_on_every_patched_type(outcomes):
+    """Padding-free and packing on the patched model: a packed row's loss equals the padded batch's, or the
+    type refuses packed rows with its reason (layers that would mix documents). A type whose own attention
+    cannot take a packed row at all fails loudly there; none may give another loss silently, and the named
+    families must pack."""
+    from fusetune.packed_sequences import documents, packed_and_padded_loss, packing_blocker
+
+    wrong, loud = [], []
+    for model_type in [t for t, o in outcomes.items() if o.patched]:
+        config = AutoConfig.for_model(model_type)
+        model = families.small_model(config, seed=5)
+        reason = packing_blocker(model)
+        if reason is not None:
+            assert model_type in reason and "would mix documents" in reason
+            continue
+        patching.patch_family(config, "reference", device="cpu")
+        try:
+            packed, padded = packed_and_padded_loss(model, documents(model.get_input_embeddings().num_embeddings))
+        except Exception as error:  # the model's own attention refuses a packed row: loud, not wrong
+            loud.append(f"{model_type}: {type(error).__name__}")
+            continue
+        finally:
+            remove_kernels()
+        if packed != pytest.approx(padded, rel=1e-5):
+            wrong.append(f"{model_type}: packed {packed} != padded {padded}")
+    assert not wrong, "; ".join(wrong)
+    assert not [line for line in loud if line.split(":")[0] in NAMED], loud

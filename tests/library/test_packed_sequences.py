@@ -11,21 +11,18 @@ import logging
 
 import pytest
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from fusetune import packed_sequences
 from fusetune.errors import FusetuneError
-from fusetune.packed_sequences import packing_blocker
+from fusetune.packed_sequences import documents, packed_and_padded_loss, packing_blocker
 from fusetune.patching import remove_kernels
 from fusetune.tiny import build_tokenizer
 from fusetune.trainer import FastSFTConfig, FastSFTTrainer
-from fusetune.varlen import enable_varlen_attention
 
 from ..kernels.tiny_models import COMMON, EXTRA
 
-LENGTHS = [5, 9, 3]  # documents of one packed row
 VOCAB = 97
 TOL = 1e-5
 SMALL = dict(
@@ -156,39 +153,6 @@ def dense(model_type, seed=0):
     config = AutoConfig.for_model(model_type, **{**COMMON, **DENSE[model_type]})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
-
-
-def documents(vocab, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, vocab, (n,), generator=g) for n in LENGTHS]
-
-
-def token_losses(logits, labels):
-    """The summed next-token loss and the number of tokens it covers."""
-    logits, labels = logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
-    return F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum"), int((labels != -100).sum())
-
-
-def packed_and_padded_loss(model, docs):
-    """(packed loss, padded loss): one row with positions restarting per document (as TRL's padding-free
-    collator gives it, without a padding mask), and the same documents as a right-padded batch."""
-    enable_varlen_attention(model, "masked")
-    input_ids = torch.cat(docs)[None]
-    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
-    labels = input_ids.clone()
-    labels[position_ids == 0] = -100  # no target across a document boundary
-    longest = max(len(d) for d in docs)
-    padded = torch.zeros(len(docs), longest, dtype=torch.long)
-    mask = torch.zeros_like(padded)
-    for row, doc in enumerate(docs):
-        padded[row, : len(doc)], mask[row, : len(doc)] = doc, 1
-    padded_labels = padded.masked_fill(mask == 0, -100)
-    with torch.no_grad():
-        packed = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-        batch = model(input_ids=padded, attention_mask=mask, use_cache=False).logits
-    (packed_sum, packed_n), (padded_sum, padded_n) = token_losses(packed, labels), token_losses(batch, padded_labels)
-    assert packed_n == padded_n == sum(LENGTHS) - len(LENGTHS)
-    return (packed_sum / packed_n).item(), (padded_sum / padded_n).item()
 
 
 @pytest.mark.parametrize("model_type,overrides,line", HYBRIDS, ids=[row[0] for row in HYBRIDS])
