@@ -662,22 +662,21 @@ def write_word_tokenizer(folder: Path, cfg: dict) -> None:
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"t{i}": i for i in range(cfg["vocab_size"])}
-    roles = {}
+    names, roles = {}, {}
     for role in ("bos", "eos", "pad"):
         token_id = cfg.get(f"{role}_token_id")
         token_id = token_id[0] if isinstance(token_id, list) else token_id
-        if token_id is not None and f"t{token_id}" in vocab:
-            roles[role] = f"<{role}>"
-            vocab[roles[role]] = vocab.pop(f"t{token_id}")
-    roles.setdefault("eos", next(iter(vocab)))
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=roles["eos"]))
+        if token_id is not None and token_id < cfg["vocab_size"]:
+            roles[role] = names.setdefault(token_id, f"<{role}>")  # roles that share an id share its token
+    vocab = {names.get(i, f"t{i}"): i for i in range(cfg["vocab_size"])}
+    unk = roles.get("eos", "t0")
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in set(roles.values())])
+    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in names.values()])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         **{f"{role}_token": token for role, token in roles.items()},
-        unk_token=roles["eos"],
+        unk_token=unk,
         model_max_length=cfg.get("max_position_embeddings", 131072),
     )
     fast.save_pretrained(folder)

@@ -182,6 +182,11 @@ def test_word_tokenizer_has_the_config_s_vocabulary_and_ids(tmp_path):
     assert len(tokenizer) == cfg["vocab_size"] == 262208
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 1, 0)
     assert tokenizer.convert_tokens_to_ids("t262207") == 262207
+    phi = bench.arch_config("phi4_mini")  # bos, eos and pad: one id, one token
+    bench.write_word_tokenizer(tmp_path / "phi", phi)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "phi")
+    assert len(tokenizer) == phi["vocab_size"] and tokenizer.eos_token == tokenizer.bos_token == "<bos>"
+    assert tokenizer.eos_token_id == tokenizer.pad_token_id == 199999
 
 
 def test_flops_convention():
