@@ -161,3 +161,19 @@ def test_multimodal_checkpoint_loads_its_language_model(names, tmp_path):
     assert set(loaded) == set(expected)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied, as in the wrapper
+
+
+@pytest.mark.parametrize(
+    "model_type,built,renamed",
+    [
+        ("llama", "llama", False),  # a plain config: as it is
+        ("gemma3", "gemma3_text", True),  # the wrapper's language model, its weights renamed by fusetune
+        ("qwen3_5", "qwen3_5_text", False),  # transformers builds the text model and renames its weights itself
+        ("clip", "clip", False),  # a text part that is no causal LM: left alone
+    ],
+)
+def test_text_part(model_type, built, renamed):
+    from transformers import AutoConfig
+
+    config, key_mapping = loading.text_part(AutoConfig.for_model(model_type))
+    assert config.model_type == built and (key_mapping == loading.TEXT_WEIGHTS if renamed else key_mapping is None)

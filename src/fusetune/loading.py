@@ -120,8 +120,8 @@ def text_part(config):
     A composite config (Gemma 3 4B and up, Qwen3.5) holds its language model's in ``text_config``; where that
     type has its own causal-LM class, fusetune trains it alone, without the vision tower the wrapper would add
     (and LoRA adapters in it). A plain config comes back as it is."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if text is config or type(text) not in AutoModelForCausalLM._model_mapping:
+    text = getattr(config, "text_config", None)
+    if text is None or text is config or type(text) not in AutoModelForCausalLM._model_mapping:
         return config, None
     wrapper = AutoModelForCausalLM._model_mapping.get(type(config), None)
     if wrapper is not None and getattr(wrapper, "config_class", None) is type(text):
