@@ -705,10 +705,8 @@ def prepare(spec: dict) -> dict:
         info["save_s"] = time.perf_counter() - mid
         AutoTokenizer.from_pretrained(spec["source"]).save_pretrained(tmp)
     else:
-        from fusetune.loading import text_part
-
-        cfg = arch_config(spec["arch"], spec.get("shrink"))
-        config = text_part(AutoConfig.for_model(**cfg))[0]
+        cfg = arch_config(spec["arch"], spec.get("shrink"))  # a multimodal arch: its language model
+        config = AutoConfig.for_model(**cfg)
         torch.manual_seed(spec["seed"])
         with torch.device("cuda" if cuda else "cpu"):  # initialise the random weights on the GPU: fast
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
