@@ -5,16 +5,18 @@ Variants (each in its own subprocess, so memory peaks and monkey-patches never l
 - ``hf``: plain transformers + PEFT, SDPA attention, bitsandbytes for 4-bit; LoRA and gradient
   checkpointing set up the way TRL's SFTTrainer does (non-reentrant; LoRA weights cast to bf16 on a
   4-bit base);
-- ``liger``: the ``hf`` model with ``liger_kernel``'s ``apply_liger_kernel_to_llama`` (RoPE, RMSNorm,
-  SwiGLU, fused linear cross-entropy) applied before LoRA;
+- ``liger``: the ``hf`` model with Liger Kernel's patch for its family applied before LoRA
+  (``_apply_liger_kernel_to_instance``: the family's own defaults, e.g. RoPE, RMSNorm, SwiGLU or GeGLU, with
+  fused linear cross-entropy); a family Liger has no patch for is a skipped row;
 - ``unsloth``: ``FastLanguageModel.from_pretrained`` + ``get_peft_model(use_gradient_checkpointing="unsloth")``,
   in a process that imports unsloth before transformers and sees ``--unsloth-site`` first on its path;
 - ``fusetune_reference`` / ``fusetune_triton``: ``FastModel.from_pretrained(kernels=...)`` +
   ``FastModel.get_peft_model(use_gradient_checkpointing="unsloth")``.
 
-Every variant trains the same model: real Llama shapes with random weights, saved once under
-``--scratch`` with a tokenizer (Unsloth needs a local folder with one); LoRA r=16, alpha=16, dropout 0
-on q,k,v,o,gate,up,down; bf16 under autocast (as the HF Trainer runs with ``bf16=True``); torch's fused
+Every variant trains the same model: real shapes (src/fusetune/assets/archs) with random weights, saved once
+under ``--scratch`` with a tokenizer (Unsloth needs a local folder with one), the language model alone for a
+multimodal architecture (Gemma 3 4B, Qwen3.5); LoRA r=16, alpha=16, dropout 0 on q,k,v,o,gate,up,down
+(Phi-3: qkv, o, gate_up, down); bf16 under autocast (as the HF Trainer runs with ``bf16=True``); torch's fused
 AdamW; ``model.train()``; the same seeded batches; and a plain loop (forward with labels, backward,
 optimizer step, zero_grad). LoRA B starts at zero, so the first-step losses must agree across variants.
 
@@ -23,7 +25,9 @@ QLoRA (NF4, double quantization, bf16 compute) 4x2048, also timed with bitsandby
 the 1B on 8 documents a step of seeded lognormal lengths (mean ~600, cap 2048), padding-free where the
 variant can; long1b / long8b 1x65,536; S5 the longest batch-1 context that trains one 8B QLoRA step,
 found by probes (one subprocess each) between ``--s5-min`` and ``--s5-max``; ``--s5-memory-gib`` caps each
-probe at a smaller card's memory, and then ``--s5-together`` probes all variants at once.
+probe at a smaller card's memory, and then ``--s5-together`` probes all variants at once. New families,
+8x2048 LoRA: S6 Qwen3.5-2B (three of four layers gated delta-net), S7 Gemma 3 4B (text), S8 Phi-4-mini; S9
+Phi-4-mini as QLoRA. fusetune rows record ``self_check_s``, the load-time self-check of its patched ops.
 
 Measures: CUDA events around every step; ``step_ms`` the median of the measured steps after warm-up;
 ``tok_s`` tokens per step over the median step (S4: real tokens over the summed step time, since its
@@ -33,7 +37,8 @@ peak measured once per run (8192^3 ``torch.mm``). Useful FLOPs, per token: 4N fo
 forward, 2N for the input gradients; N = the parameters of every matmul, lm_head included, the
 embedding lookup excluded), plus attention: 6 * layers * heads * head_dim * (L + 1) per token of a
 document of length L (causal QK^T and PV, forward and input gradients). Recomputation by gradient
-checkpointing is not useful work and is not counted; LoRA's own matmuls are left out.
+checkpointing is not useful work and is not counted; LoRA's own matmuls are left out. A sliding-window
+layer counts the keys its window reaches; a linear-attention layer counts its projections only.
 
 Writes ``<out>/<date>-<gpu>-peers.jsonl`` (one row per scenario x variant, appended as each finishes)
 and the markdown table beside it (re-rendered after every row), ratios against the best peer of hf,
@@ -44,7 +49,8 @@ liger and unsloth.
     python scripts/bench.py --render a.jsonl b.jsonl --out bench/results                # merge calls
     python scripts/bench.py --readme-table bench/results                                # README table
 
-``--tiny`` runs S1 and S4 on the embedded tiny Llama on the CPU in fp32. liger and fusetune_triton
+``--tiny`` runs S1 and S4 on the embedded tiny Llama, and S6-S9 on their architectures shrunk to toy size
+(``fusetune.tiny.shrunk``), on the CPU in fp32 (S9, 4-bit, is skipped there). liger and fusetune_triton
 are reported as skipped there (Triton kernels: the CPU interpreter is far too slow for training steps,
 and tests/kernels covers them); unsloth, where installed, runs its own CPU fallback.
 """
@@ -80,6 +86,8 @@ PEERS = ("hf", "liger", "unsloth")
 VARIANTS = (*PEERS, "fusetune_reference", "fusetune_triton")
 # = fusetune.modules.PROJECTIONS (tested), not imported: the Unsloth process imports unsloth before fusetune
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Families whose projections have other names: the same layers adapted (as conf/model/phi4_mini.yaml)
+FAMILY_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 LORA = {"r": 16, "alpha": 16, "dropout": 0.0}
 LR = 1e-4
 GIB = 2**30
@@ -127,6 +135,19 @@ SCENARIOS = {
     "S5": {"arch": "llama3_8b", "kind": "max_context", "batch": 1, "quant": "nf4", "warmup": 0, "steps": 1},
     "long1b": {"arch": "llama3_1b", "kind": "fixed", "batch": 1, "seq": 65536, "warmup": 2, "steps": 5},
     "long8b": {"arch": "llama3_8b", "kind": "fixed", "batch": 1, "seq": 65536, "warmup": 1, "steps": 3},
+    "S6": {"arch": "qwen3_5_2b", "kind": "fixed", "batch": 8, "seq": 2048, "warmup": 3, "steps": 10},
+    "S7": {"arch": "gemma3_4b", "kind": "fixed", "batch": 8, "seq": 2048, "warmup": 3, "steps": 10},
+    "S8": {"arch": "phi4_mini", "kind": "fixed", "batch": 8, "seq": 2048, "warmup": 3, "steps": 10},
+    "S9": {
+        "arch": "phi4_mini",
+        "kind": "fixed",
+        "batch": 8,
+        "seq": 2048,
+        "quant": "nf4",
+        "alt_optim": "adamw_8bit",
+        "warmup": 3,
+        "steps": 10,
+    },
 }
 # --tiny: the embedded tiny Llama on the CPU, fp32
 TINY_SCENARIOS = {
@@ -142,6 +163,11 @@ TINY_SCENARIOS = {
         "warmup": 1,
         "steps": 2,
     },
+    # the new families' architectures at toy size (fusetune.tiny.shrunk); S9 is 4-bit, skipped on the CPU
+    **{
+        name: {**SCENARIOS[name], "shrink": True, "batch": 2, "seq": 64, "warmup": 1, "steps": 2}
+        for name in ("S6", "S7", "S8", "S9")
+    },
 }
 
 
@@ -156,26 +182,69 @@ def split_list(value: str) -> list[str]:
 # ---------------------------------------------------------------- model shapes and FLOPs (no torch needed)
 
 
-def arch_config(arch: str) -> dict:
+def arch_config(arch: str, shrink: bool = False) -> dict:
+    """The language model's config.json (a composite config's text part); ``shrink``: at toy size."""
     folder = TINY if arch == "tiny" else ARCHS / arch
-    return json.loads((folder / "config.json").read_text())
+    cfg = json.loads((folder / "config.json").read_text())
+    if shrink:
+        from fusetune.tiny import shrunk  # the parent and prepare only: never before unsloth in its worker
+
+        cfg = shrunk(cfg)
+    return cfg.get("text_config", cfg)
+
+
+def layer_kinds(cfg: dict) -> list[str]:
+    """Each layer's attention: full_attention, sliding_attention or linear_attention."""
+    if cfg.get("layer_types"):
+        return list(cfg["layer_types"])
+    every = cfg.get("sliding_window_pattern")  # Gemma 3's configs: every n-th layer global
+    layers = cfg["num_hidden_layers"]
+    if every:
+        return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)]
+    return ["full_attention"] * layers
 
 
 def matmul_params(cfg: dict) -> int:
-    """N: the parameters of every matmul (attention, MLP, lm_head); the embedding lookup is not one."""
-    d, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    """N: the parameters of every matmul (attention or linear attention, MLP, lm_head); the embedding lookup is
+    not one, nor are the linear-attention layers' depthwise convolutions."""
+    d, inter = cfg["hidden_size"], cfg["intermediate_size"]
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     hd = cfg.get("head_dim") or d // heads
-    per_layer = d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * inter
-    return layers * per_layer + d * cfg["vocab_size"]
+    gate = 2 if cfg.get("attn_output_gate") else 1  # Qwen3.5: q_proj also gives a gate per head
+    attention = d * heads * hd * gate + 2 * d * kv * hd + heads * hd * d
+    total = 0
+    for kind in layer_kinds(cfg):
+        if kind == "linear_attention":  # gated delta-net: in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj
+            keys = cfg["linear_num_key_heads"] * cfg["linear_key_head_dim"]
+            values = cfg["linear_num_value_heads"] * cfg["linear_value_head_dim"]
+            total += d * (2 * keys + values) + 2 * d * values + 2 * d * cfg["linear_num_value_heads"]
+        else:
+            total += attention
+        total += 3 * d * inter
+    return total + d * cfg["vocab_size"]
+
+
+def attended(length: int, window: int | None) -> int:
+    """Keys attended, summed over the queries of a causal document of ``length`` tokens."""
+    if not window or window >= length:
+        return length * (length + 1) // 2
+    return window * (window + 1) // 2 + (length - window) * window
 
 
 def useful_flops(cfg: dict, doc_lengths: list[int]) -> float:
     """4N per token (frozen base: forward and input gradients) plus causal attention, forward and backward."""
     n = matmul_params(cfg)
-    heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+    heads = cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    return float(sum(4 * n * length + 6 * layers * heads * hd * length * (length + 1) for length in doc_lengths))
+    windows = {"full_attention": None, "sliding_attention": cfg.get("sliding_window")}
+    kinds = [windows[k] for k in layer_kinds(cfg) if k in windows]
+    return float(
+        sum(4 * n * length + sum(12 * heads * hd * attended(length, w) for w in kinds) for length in doc_lengths)
+    )
+
+
+def lora_targets(cfg: dict) -> list[str]:
+    return FAMILY_TARGETS.get(cfg.get("model_type"), TARGETS)
 
 
 def document_lengths(sc: dict, seed: int, n_steps: int) -> list[list[int]]:
@@ -282,16 +351,12 @@ def build_hf(spec: dict, torch, dtype, liger: bool = False):
         kwargs["quantization_config"] = bnb_config(torch, dtype)
     model = AutoModelForCausalLM.from_pretrained(spec["folder"], **kwargs)
     if liger:
-        from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-        apply_liger_kernel_to_llama(
-            rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=True, model=model
-        )
+        apply_liger(model)
     config = LoraConfig(
         r=LORA["r"],
         lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"],
-        target_modules=TARGETS,
+        target_modules=spec["targets"],
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -303,6 +368,30 @@ def build_hf(spec: dict, torch, dtype, liger: bool = False):
             if param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
     return model
+
+
+class Unsupported(Exception):
+    """A peer that has nothing for this model: its row is skipped, with this reason."""
+
+
+def apply_liger(model) -> None:
+    """Liger Kernel's patch for the model's family, with its own defaults and fused linear cross-entropy."""
+    import liger_kernel
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    model_type = model.config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        version = getattr(liger_kernel, "__version__", None) or importlib.metadata.version("liger-kernel")
+        raise Unsupported(f"liger-kernel {version} has no patch for model type '{model_type}'")
+    _apply_liger_kernel_to_instance(model=model, cross_entropy=False, fused_linear_cross_entropy=True)
+
+
+def self_check_seconds() -> float | None:
+    """Seconds fusetune's last apply_kernels spent checking its patched ops at load, where it says."""
+    from fusetune import patching
+
+    read = getattr(patching, "last_check_seconds", None)
+    return float(read()) if callable(read) else None
 
 
 def build_unsloth(spec: dict, torch, dtype):
@@ -320,7 +409,7 @@ def build_unsloth(spec: dict, torch, dtype):
         r=LORA["r"],
         lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"],
-        target_modules=TARGETS,
+        target_modules=spec["targets"],
         bias="none",
         use_gradient_checkpointing="unsloth",
         random_state=spec["seed"],
@@ -344,7 +433,7 @@ def build_fusetune(spec: dict, torch, dtype):
         r=LORA["r"],
         lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"],
-        target_modules=TARGETS,
+        target_modules=spec["targets"],
         use_gradient_checkpointing="unsloth" if spec.get("fusetune_checkpointing", "offload") == "offload" else True,
         random_state=spec["seed"],
     )
@@ -446,6 +535,7 @@ def run_worker(spec: dict) -> dict:
             model = build_unsloth(spec, torch, dtype)
         else:
             model = build_fusetune(spec, torch, dtype)
+            result["self_check_s"] = self_check_seconds()
         model.train()  # from_pretrained leaves eval mode, where HF silently skips gradient checkpointing
         result["load_s"] = time.perf_counter() - start
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -495,6 +585,8 @@ def run_worker(spec: dict) -> dict:
             gc.collect()
             torch.cuda.empty_cache()
             result["alt_optim"] = alt_optimizer(model, params, batches, alt, spec, result, torch)
+    except Unsupported as error:
+        result.update(status="skipped", reason=str(error))
     except Exception as error:  # every failure becomes a row
         result["status"] = "failed"
         result["oom"] = is_oom(error)
@@ -565,6 +657,31 @@ def write_llama3_tokenizer(folder: Path, cfg: dict) -> None:
     fast.save_pretrained(folder)
 
 
+def write_word_tokenizer(folder: Path, cfg: dict) -> None:
+    """A word-level tokenizer with exactly the config's vocabulary, its bos/eos/pad at the config's ids."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    names, roles = {}, {}
+    for role in ("bos", "eos", "pad"):
+        token_id = cfg.get(f"{role}_token_id")
+        token_id = token_id[0] if isinstance(token_id, list) else token_id
+        if token_id is not None and token_id < cfg["vocab_size"]:
+            roles[role] = names.setdefault(token_id, f"<{role}>")  # roles that share an id share its token
+    vocab = {names.get(i, f"t{i}"): i for i in range(cfg["vocab_size"])}
+    unk = roles.get("eos", "t0")
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in names.values()])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        **{f"{role}_token": token for role, token in roles.items()},
+        unk_token=unk,
+        model_max_length=cfg.get("max_position_embeddings", 131072),
+    )
+    fast.save_pretrained(folder)
+
+
 def prepare(spec: dict) -> dict:
     """Write a model folder: random bf16 weights from a shipped config (or, with ``source``, the NF4 one)."""
     import torch
@@ -588,8 +705,8 @@ def prepare(spec: dict) -> dict:
         info["save_s"] = time.perf_counter() - mid
         AutoTokenizer.from_pretrained(spec["source"]).save_pretrained(tmp)
     else:
-        arch = TINY if spec["arch"] == "tiny" else ARCHS / spec["arch"]
-        config = AutoConfig.from_pretrained(arch)
+        cfg = arch_config(spec["arch"], spec.get("shrink"))  # a multimodal arch: its language model
+        config = AutoConfig.for_model(**cfg)
         torch.manual_seed(spec["seed"])
         with torch.device("cuda" if cuda else "cpu"):  # initialise the random weights on the GPU: fast
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -601,8 +718,10 @@ def prepare(spec: dict) -> dict:
         info["save_s"] = time.perf_counter() - mid
         if spec["arch"] == "tiny":
             AutoTokenizer.from_pretrained(TINY).save_pretrained(tmp)
+        elif cfg.get("model_type") == "llama":
+            write_llama3_tokenizer(tmp, cfg)
         else:
-            write_llama3_tokenizer(tmp, arch_config(spec["arch"]))
+            write_word_tokenizer(tmp, cfg)
     info["bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
     info["total_s"] = time.perf_counter() - start
     (tmp / "bench_source.json").write_text(json.dumps({**marker(spec), "info": info}, indent=1))
@@ -612,7 +731,7 @@ def prepare(spec: dict) -> dict:
 
 
 def marker(spec: dict) -> dict:
-    return {k: spec.get(k) for k in ("format", "arch", "seed", "cuda", "quant")}
+    return {k: spec.get(k) for k in ("format", "arch", "seed", "cuda", "quant", "shrink")}
 
 
 def gpu_info() -> dict:
@@ -747,7 +866,7 @@ def checkpointing(variant: str, fusetune_choice: str) -> str:
 
 
 def base_row(scenario: str, variant: str, sc: dict, gpu: dict, args) -> dict:
-    cfg = arch_config(sc["arch"])
+    cfg = arch_config(sc["arch"], sc.get("shrink"))
     return {
         "scenario": scenario,
         "variant": variant,
@@ -758,13 +877,14 @@ def base_row(scenario: str, variant: str, sc: dict, gpu: dict, args) -> dict:
         "batch": sc.get("batch"),
         "docs_per_step": sc.get("docs"),
         "seq": sc.get("seq"),
-        "lora": {**LORA, "targets": TARGETS},
+        "lora": {**LORA, "targets": lora_targets(cfg)},
         "optimizer": "torch AdamW (fused)" if gpu["cuda"] else "torch AdamW",
         "gradient_checkpointing": checkpointing(variant, args.fusetune_checkpointing),
         "autocast": bool(gpu["cuda"] and not args.no_autocast),
         "matmul_params": matmul_params(cfg),
         "flops_convention": "4N per token (N: all matmul params incl. lm_head, excl. embeddings) "
-        "+ 6*layers*heads*head_dim*(L+1) per token of an L-token document; recompute not counted",
+        "+ 6*layers*heads*head_dim*(L+1) per token of an L-token document (a sliding-window layer: the keys in "
+        "its window; a linear-attention layer: none); recompute not counted",
         "gpu": gpu["name"],
         "peak_tflops": gpu.get("peak_tflops"),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
@@ -777,13 +897,15 @@ def worker_spec(scenario, variant, sc, folder, source, gpu, args, *, seq=None, m
     warmup = args.warmup if args.warmup is not None else sc["warmup"]
     steps = args.steps if args.steps is not None else sc["steps"]
     lengths = document_lengths(sc, args.seed, warmup + steps)
+    cfg = arch_config(sc["arch"], sc.get("shrink"))
     widest = max(sum(d) if mode == "padding_free" else max(d) for d in lengths)
     return {
         "variant": variant,
         "scenario": {**sc, "name": scenario},
         "folder": str(folder),
         "source": source,
-        "arch_config": arch_config(sc["arch"]),
+        "arch_config": cfg,
+        "targets": lora_targets(cfg),
         "mode": mode or "fixed",
         "warmup": warmup,
         "steps": steps,
@@ -898,14 +1020,15 @@ def start_together(runner, scenario, sc, folder, source, gpu, args) -> dict:
 
 def prepare_folder(runner, sc: dict, gpu: dict, args) -> tuple[Path | None, str, dict]:
     """The model folder a scenario loads (building it, or the bf16 one it derives from, if missing)."""
-    arch = sc["arch"]
+    arch = sc["arch"] + ("-tiny" if sc.get("shrink") else "")
     want_nf4 = sc.get("quant") == "nf4" and args.qlora_source == "nf4"
     setup = {}
     plan = [("bf16", arch, None)] + ([("nf4", f"{arch}-nf4", "nf4")] if want_nf4 else [])
     specs = [
         {
             "format": FORMAT,
-            "arch": arch,
+            "arch": sc["arch"],
+            "shrink": sc.get("shrink"),
             "seed": args.seed,
             "cuda": gpu["cuda"],
             "quant": quant,
@@ -1099,13 +1222,20 @@ def render(rows: list[dict]) -> str:
             lines += step_table(group)
         notes = [f"- {r['variant']}: {r['status']}: {r['reason']}" for r in group if r["status"] != "ok"]
         notes += [f"- {r['variant']}: {r['mode_detail']}" for r in group if r.get("mode_detail")]
+        notes += [
+            f"- {r['variant']}: load-time self-check of its patched ops {r['self_check_s']:.2f} s "
+            f"(of {fmt(r.get('load_s'), '.1f')} s loading)"
+            for r in group
+            if r.get("self_check_s") is not None
+        ]
         lines += ["", *notes, ""] if notes else [""]
     lines += [
         "tok/s: tokens per step over the median step (S4: real tokens over the summed step time); x best peer: "
         "against the best of hf, liger and unsloth in the scenario (tok/s: the fastest; memory: the smallest peak); "
         "peak: torch.cuda.max_memory_allocated from the start of timing (load: from process start); MFU: useful "
         "FLOPs (4N per token + attention; see flops_convention in the JSON) over the measured matmul peak. "
-        "Every variant: LoRA r=16, alpha=16 on q,k,v,o,gate,up,down, bf16 autocast and fused AdamW on CUDA "
+        "Every variant: LoRA r=16, alpha=16 on q,k,v,o,gate,up,down (Phi-3: qkv,o,gate_up,down), bf16 autocast "
+        "and fused AdamW on CUDA "
         "(fp32 on the CPU), the same batches, a plain loop; gradient checkpointing as each ships it.",
     ]
     versions = {r["variant"]: r.get("versions") for r in ok if r.get("versions")}

@@ -8,18 +8,25 @@
 # Environment: SCENARIOS (default all: far more than one call), VARIANTS (default hf liger unsloth fusetune_triton),
 # STEPS / WARMUP (default: per scenario), BUDGET (seconds for bench.py, default 500: a subprocess gets at most what
 # is left, later ones are skipped), TIMEOUT (per subprocess), BENCH_ARGS (more bench.py flags).
-# Wheels: .whl/*.whl as for every GPU script (scripts/gpu_env.sh), and .whl/unsloth/*.whl (wheelhouse.py
-# --peers unsloth), installed apart into /tmp/unsloth-site and put first on the path of the unsloth
-# subprocess only (it pins trl<=1.15; fusetune needs trl 1.16).
+# New families (8x2048, one call each): SCENARIOS=S6 (Qwen3.5-2B), S7 (Gemma 3 4B), S8 (Phi-4-mini), S9 (its QLoRA).
+# Wheels: .whl/*.whl as for every GPU script (scripts/gpu_env.sh); the peers from .whl-peers/ (wheelhouse.py
+# --peers-only --peers liger,unsloth, carried beside .whl) or .whl/: liger's wheel into /tmp/site, and
+# unsloth/*.whl installed apart into /tmp/unsloth-site and put first on the path of the unsloth subprocess
+# only (it pins trl<=1.15; fusetune needs trl 1.16).
 # Writes under $OUT (at most 8 files come back): <date>-<gpu>-peers.jsonl and .md, bench.log, env.txt, logs.tgz
 # (the tail of every subprocess's log). Model folders stay in /tmp/fusetune-bench while the machine is warm.
 set -uo pipefail
 # shellcheck source=scripts/gpu_env.sh
 source "$(dirname "$0")/gpu_env.sh"
 SCRATCH=${SCRATCH:-/tmp/fusetune-bench}
-if compgen -G ".whl/unsloth/*.whl" >/dev/null; then
+PEERS=$([ -d .whl-peers ] && echo .whl-peers || echo .whl)
+if compgen -G "$PEERS/liger_kernel-*.whl" >/dev/null && ! python3 -c "import liger_kernel" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    "$PEERS"/liger_kernel-*.whl || echo "liger wheel: install failed; liger will be reported as skipped"
+fi
+if compgen -G "$PEERS/unsloth/*.whl" >/dev/null && [ ! -d /tmp/unsloth-site/unsloth ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/unsloth-site \
-    .whl/unsloth/*.whl || echo "unsloth wheels: install failed; unsloth will be reported as skipped"
+    "$PEERS"/unsloth/*.whl || echo "unsloth wheels: install failed; unsloth will be reported as skipped"
 fi
 {
   date -u

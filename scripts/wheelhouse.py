@@ -22,6 +22,13 @@ for one torch; diffusers and the Studio's web stack; wandb). The Unsloth wheel l
     pip install --no-index --no-deps --target /tmp/unsloth-site wheelhouse/unsloth/*.whl
 
 and put /tmp/unsloth-site first on PYTHONPATH for the Unsloth process only (scripts/gpu_bench.sh).
+
+`--peers-only` writes just the peers (liger's wheel in <out>/, Unsloth's target in <out>/unsloth/), for a
+folder carried beside an existing main wheelhouse; the main set is still resolved, so that what it holds
+is not fetched twice:
+
+    python scripts/wheelhouse.py --out .whl-peers --peers-only --peers liger,unsloth \
+        --have scripts/hosts/cuda-image.txt
 """
 
 import argparse
@@ -177,6 +184,9 @@ def main() -> None:
     )
     parser.add_argument("--cuda", default="130", help="the bitsandbytes CUDA library to keep, e.g. 130 or 128")
     parser.add_argument("--peers", default="", help="benchmark peers to add: liger, unsloth (its own target)")
+    parser.add_argument(
+        "--peers-only", action="store_true", help="write only the peers (main set resolved, not fetched)"
+    )
     parser.add_argument("--unsloth-version", default="", help="the Unsloth release (default: the newest)")
     parser.add_argument(
         "--unsloth-pin",
@@ -216,7 +226,8 @@ def main() -> None:
     target = f"{ROOT}[{','.join(sorted(extras))}]" if extras else str(ROOT)
     main_set = resolve([target, *args.pin], {"fusetune": extras}, leave_out)
     for name, version in sorted(main_set.items()):
-        fetch(name, version, out, args.python, platforms)
+        if not args.peers_only:
+            fetch(name, version, out, args.python, platforms)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = sorted(set(peers) - set(PEERS) - {"unsloth"})
     if unknown:
@@ -225,7 +236,8 @@ def main() -> None:
         for name in PEERS.get(peer, []):
             pip("download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(out), name)
             main_set.update({normalize(w.name.split("-")[0]): w.name.split("-")[1] for w in out.glob("*.whl")})
-    pip("wheel", "-q", "--no-deps", "-w", str(out), str(ROOT))
+    if not args.peers_only:
+        pip("wheel", "-q", "--no-deps", "-w", str(out), str(ROOT))
 
     for wheel in out.glob("bitsandbytes-*.whl"):
         slim_bitsandbytes(wheel, args.cuda)

@@ -91,13 +91,42 @@ def _hub(options: dict) -> dict:
 
 
 def load_config(name_or_path: str, **hub):
-    """The model's config (architecture, model_type), without its weights."""
-    hub = _hub(hub)
+    """The config of the causal LM that ``load_model`` builds (architecture, model_type), without its weights:
+    for a checkpoint that wraps a language model with other towers, the language model's (``text_part``)."""
+    return text_part(_whole_config(name_or_path, "model.config", _hub(hub)))[0]
+
+
+def _whole_config(name_or_path: str, what: str, hub: dict):
     refuse_remote_code(name_or_path, hub["trust_remote_code"])
     try:
         return AutoConfig.from_pretrained(resolve(name_or_path), **hub)
     except (OSError, ValueError) as error:
-        raise _hub_error("model.config", name_or_path, error) from None
+        raise _hub_error(what, name_or_path, error) from None
+
+
+# Where a multimodal checkpoint keeps its language model's weights: transformers 5 saves model.language_model.*,
+# checkpoints written by transformers 4 hold language_model.model.* and language_model.lm_head.*.
+TEXT_WEIGHTS = {
+    r"^model\.language_model\.": "model.",
+    r"^language_model\.model\.": "model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+}
+
+
+def text_part(config):
+    """(config, key_mapping): the config of the text-only causal LM in ``config``, and the renaming that loads its
+    weights from the whole checkpoint (None where transformers renames them itself, or nothing changes).
+
+    A composite config (Gemma 3 4B and up, Qwen3.5) holds its language model's in ``text_config``; where that
+    type has its own causal-LM class, fusetune trains it alone, without the vision tower the wrapper would add
+    (and LoRA adapters in it). A plain config comes back as it is."""
+    text = getattr(config, "text_config", None)
+    if text is None or text is config or type(text) not in AutoModelForCausalLM._model_mapping:
+        return config, None
+    wrapper = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    if wrapper is not None and getattr(wrapper, "config_class", None) is type(text):
+        return text, None  # transformers builds the text model itself, and renames its weights (Qwen3.5)
+    return text, TEXT_WEIGHTS
 
 
 def load_tokenizer(name_or_path: str, **hub):
@@ -136,6 +165,9 @@ def load_model(
     if random_init:
         model_config = load_config(config or name_or_path, **hub)
         return AutoModelForCausalLM.from_config(model_config, dtype=dtype, **kwargs)
+    text, key_mapping = text_part(_whole_config(name_or_path, "model.name_or_path", hub))
+    if key_mapping:  # the language model alone, out of a multimodal checkpoint
+        kwargs.update(config=text, key_mapping=key_mapping)
     if load_in_4bit or load_in_8bit:
         from transformers import BitsAndBytesConfig
 

@@ -16,7 +16,16 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml")
 
 def test_every_group_has_options():
     assert {g for g, _ in OPTIONS} == set(GROUPS)
-    expected_models = {"tiny_llama", "llama3_1b", "llama3_8b", "qwen2_5_1_5b", "mistral_7b"}
+    expected_models = {
+        "tiny_llama",
+        "llama3_1b",
+        "llama3_8b",
+        "qwen2_5_1_5b",
+        "mistral_7b",
+        "llama3_2_3b",
+        "smollm3_3b",
+    }
+    expected_models |= {"qwen3_5_2b", "gemma3_1b", "gemma3_4b", "phi4_mini"}
     assert expected_models <= {o for g, o in OPTIONS if g == "model"}
     assert {"chat", "alpaca", "sharegpt", "text", "completion", "synthetic"} <= {o for g, o in OPTIONS if g == "data"}
 
@@ -103,6 +112,15 @@ LORA = {
     "mistral_7b": DEFAULT_LORA,
     "qwen2_5_1_5b": DEFAULT_LORA,
     "tiny_llama": None,
+    **{
+        m + twin: DEFAULT_LORA
+        for m in ("qwen3_5_2b", "gemma3_1b", "gemma3_4b", "llama3_2_3b", "smollm3_3b")
+        for twin in ("", "_qlora")
+    },
+    **{
+        "phi4_mini" + twin: {**DEFAULT_LORA, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
+        for twin in ("", "_qlora")
+    },
     "tiny_llama_lora": {**DEFAULT_LORA, "r": 8, "modules_to_save": ["embed_tokens", "lm_head"]},
 }
 
