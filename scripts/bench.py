@@ -387,11 +387,10 @@ def apply_liger(model) -> None:
 
 
 def self_check_seconds() -> float | None:
-    """Seconds fusetune's last apply_kernels spent checking its patched ops at load, where it says."""
+    """Seconds fusetune spent checking its patched ops at load (the worker loads one model)."""
     from fusetune import patching
 
-    read = getattr(patching, "last_check_seconds", None)
-    return float(read()) if callable(read) else None
+    return patching.check_seconds()
 
 
 def build_unsloth(spec: dict, torch, dtype):

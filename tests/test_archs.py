@@ -36,7 +36,7 @@ CASES = {
         "Gemma3ForCausalLM",
         "gemma3_text",
         1.000e9,
-        {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16},
+        {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 8},
     ),
     "gemma3_4b": (
         "Gemma3ForCausalLM",

@@ -103,9 +103,15 @@ def _renumber_layers(values: dict, keep: list[int]) -> None:
                 values[key] = sorted({new[v] for v in value if v in new})
 
 
-def _shrink(values: dict) -> dict:
+def shrink_values(values: dict) -> dict:
     """A config dict at small sizes: one layer of each kind (per-layer lists decide the kinds), at least two."""
     values = dict(values)
+    pattern, layers = values.get("sliding_window_pattern"), values.get("num_hidden_layers")
+    if not values.get("layer_types") and isinstance(pattern, int) and isinstance(layers, int):
+        # Gemma 3: every pattern-th layer global, the others sliding
+        kinds = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(layers)]
+        values["layer_types"] = kinds
+        values.pop("sliding_window_pattern")
     per_layer = _layer_lists(values)
     if "num_hidden_layers" in values and isinstance(values["num_hidden_layers"], int):
         kinds, keep = set(), []
@@ -156,15 +162,36 @@ def _shrink(values: dict) -> dict:
         if key.endswith("_token_id") and isinstance(value, list):
             values[key] = [min(v, SMALL["vocab_size"] - 1) for v in value if isinstance(v, int)]
         if isinstance(value, dict) and "model_type" in value:  # a sub-config (text, vision, audio)
-            values[key] = _shrink(value)
+            values[key] = shrink_values(value)
     for key in ("quantization_config", "auto_map", "_name_or_path"):
         values.pop(key, None)
+    if isinstance(values.get("sliding_window"), int):
+        values["sliding_window"] = min(values["sliding_window"], 8)  # shorter than the check's rows
+    _shrink_rope(values)
     return values
+
+
+def _shrink_rope(values: dict) -> None:
+    """Per-frequency rope parameters (Qwen's ``mrope_section``, Phi-3's longrope factors) for the small head size."""
+    key = "rope_parameters" if isinstance(values.get("rope_parameters"), dict) else "rope_scaling"
+    rope = values.get(key)
+    if not isinstance(rope, dict) or not isinstance(values.get("hidden_size"), int):
+        return
+    head_dim = values.get("head_dim") or values["hidden_size"] // values.get("num_attention_heads", 1)
+    partial = rope.get("partial_rotary_factor", values.get("partial_rotary_factor", 1.0)) or 1.0
+    half = int(head_dim * partial) // 2  # rotary frequencies per head
+    rope = dict(rope)
+    if isinstance(rope.get("mrope_section"), list):
+        rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
+    for factors in ("long_factor", "short_factor"):
+        if isinstance(rope.get(factors), list):
+            rope[factors] = rope[factors][:half]
+    values[key] = rope
 
 
 def small_config(config: PretrainedConfig) -> PretrainedConfig:
     """``config``'s architecture at small sizes, every kind of layer kept, for a model built in a blink."""
-    values = _shrink(config.to_dict())
+    values = shrink_values(config.to_dict())
     small = type(config).from_dict(values)
     small._attn_implementation = "eager"
     for sub in ("text_config", "vision_config", "audio_config"):

@@ -143,9 +143,9 @@ def check_family(config, backend: str, device) -> tuple[set[str], dict[str, str]
     return {op for op, why in found.items() if why is None}, rejected
 
 
-def last_check_seconds() -> float:
-    """Seconds the last family check spent (near zero when its verdicts were cached)."""
-    return self_check.last_check_seconds()
+def check_seconds() -> float:
+    """Seconds this process has spent checking family ops before patching them (near zero where cached)."""
+    return self_check.check_seconds()
 
 
 def _set(owner, name: str, value) -> None:

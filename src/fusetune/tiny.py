@@ -70,51 +70,11 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
 
 def shrunk(config: dict) -> dict:
     """A shipped architecture's config.json (``assets/archs/NAME``) at toy size, for CPU tests and
-    ``scripts/bench.py --tiny``: 2 layers (one of each kind where layers differ: linear and full attention,
-    sliding and global, RoPE and none), hidden 128, vocabulary 256, the family's own variants kept (partial
-    rotary, rope scaling, q/k norms, softcapping, tied embeddings). A composite config shrinks its text part."""
-    if "text_config" in config:
-        return {**config, "text_config": shrunk(config["text_config"])}
-    small = dict(config)
-    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
-    head_dim = 32
-    small.update(
-        hidden_size=4 * head_dim,  # Phi-3 takes its head size from these two
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4 if kv == heads else (1 if kv == 1 else 2),
-        head_dim=head_dim,
-        vocab_size=256,
-    )
-    for key, small_id in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
-        if config.get(key) is not None:
-            small[key] = small_id
-    if config.get("layer_types"):
-        small["layer_types"] = [config["layer_types"][0], config["layer_types"][-1]]
-    elif config.get("sliding_window_pattern"):  # Gemma 3: every n-th layer global, the others sliding
-        small.pop("sliding_window_pattern")
-        small["layer_types"] = ["sliding_attention", "full_attention"]
-    if config.get("sliding_window"):
-        small["sliding_window"] = min(config["sliding_window"], 16)
-    if config.get("no_rope_layers"):  # SmolLM3: 0 marks a layer without RoPE
-        small.update(no_rope_layers=[1, 0], no_rope_layer_interval=2)
-    for key in ("linear_num_key_heads", "linear_num_value_heads"):  # Qwen3.5's gated delta-net layers
-        if key in config:
-            small[key] = 2 if key == "linear_num_key_heads" else 4
-    for key in ("linear_key_head_dim", "linear_value_head_dim"):
-        if key in config:
-            small[key] = 16
-    rope = small.get("rope_parameters") or small.get("rope_scaling")
-    partial = (rope or {}).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    half = int(head_dim * partial) // 2  # rotary frequencies per head
-    if rope and "mrope_section" in rope:
-        rope = {**rope, "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
-    if rope and "long_factor" in rope:  # Phi-3 longrope: one factor per frequency
-        rope = {**rope, "long_factor": rope["long_factor"][:half], "short_factor": rope["short_factor"][:half]}
-    if rope:
-        small["rope_parameters" if "rope_parameters" in small else "rope_scaling"] = rope
-    return small
+    ``scripts/bench.py --tiny``: ``families.shrink_values``, the self-check's small sizes (one layer of each
+    kind, the family's own variants kept)."""
+    from .families import shrink_values
+
+    return shrink_values(config)
 
 
 def write_tiny_llama(folder: Path = TINY_LLAMA) -> Path:
