@@ -204,12 +204,13 @@ def small_model(config: PretrainedConfig, device="cpu", seed: int = 0) -> torch.
     """A random fp32 model of ``small_config(config)``; its 1-D weights (norms, biases) are perturbed
     so that a kernel that mistakes ``w`` for ``1 + w`` shows."""
     small = small_config(config)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(small, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
+    with torch.random.fork_rng(devices=[]):  # built on the CPU; the caller's random state is left as it was
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(small, dtype=torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 1:
+                    p.add_(0.1 * torch.randn_like(p))
     return model.to(device).eval()
 
 
@@ -227,7 +228,8 @@ def norm_scales_one_plus_weight(norm: torch.nn.Module) -> bool | None:
     with torch.no_grad():
         probe.weight.zero_()
         try:
-            out = probe(torch.randn(3, weight.shape[0], device=weight.device))
+            g = torch.Generator().manual_seed(0)
+            out = probe(torch.randn(3, weight.shape[0], generator=g).to(weight.device))
         except Exception:  # a norm with another signature (gated, grouped): not an RMSNorm we know
             return None
     if not isinstance(out, torch.Tensor):

@@ -202,3 +202,14 @@ def test_auto_picks_reference_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("CUDA present: auto picks triton")
     assert apply_kernels(tiny_model("llama"), "auto") == "reference"
+
+
+def test_the_self_check_leaves_the_callers_random_state_alone(monkeypatch, tmp_path):
+    """The check builds and runs a small model: a run's own seeded initialisation must not see it."""
+    monkeypatch.setenv("FUSETUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("fusetune.self_check._memory", {})
+    model = tiny_model("qwen2")
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    assert apply_kernels(model, "reference") == "reference"
+    assert torch.equal(torch.get_rng_state(), state)
