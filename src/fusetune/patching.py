@@ -1,9 +1,11 @@
 """Kernel backends and the patch table: which ops replace which parts of which model family.
 
-``apply_kernels(model, backend)`` patches the family's classes and functions in place:
-its RMSNorm forward, its ``apply_rotary_pos_emb``, its gated MLP forward, and its
-causal-LM forward, whose loss head becomes the fused linear cross-entropy (the full
-``[tokens, vocab]`` logits never exist while training). PEFT's LoRA ``Linear`` forward
+``apply_kernels(model, backend)`` patches the family's classes and functions in place: its
+RMSNorm forwards, its ``apply_rotary_pos_emb``, its gated MLP forwards, and its causal-LM
+forward, whose loss head becomes the fused linear cross-entropy (the full ``[tokens, vocab]``
+logits never exist while training). The family's row is read off its own modules
+(``families.derive``), and each op is patched only after it agrees with the model's own code on
+a small random model (``self_check``); the rest stay as they are, with the reason logged. PEFT's LoRA ``Linear`` forward
 becomes one fused node where the call is plain LoRA (PEFT's own forward otherwise). ``triton`` uses fusetune's
 kernels, ``reference`` their plain-PyTorch twins on the same code path, so any run can
 be repeated for parity. ``remove_kernels()`` restores every original.
