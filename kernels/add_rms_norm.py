@@ -32,18 +32,20 @@ class _AddRMSNormFunction(torch.autograd.Function):
         residual_rows = residual.reshape(-1, n_cols).contiguous()
         delta_rows = delta.reshape(-1, n_cols).contiguous()
         weight = weight.contiguous()
-        normed, rstd, summed = forward_rows(residual_rows, weight, eps, gemma, delta_rows)
+        # Outputs in the caller's shape, not views: summed carries on as the residual stream, and autograd
+        # forbids in-place changes to the views a function returns, while a changed saved summed fails loudly.
+        normed, rstd, summed = forward_rows(residual_rows, weight, eps, gemma, residual.shape, delta_rows)
         ctx.save_for_backward(summed, weight, rstd)
         ctx.set_materialize_grads(False)  # an output that gets no gradient costs no zeros
         ctx.gemma = gemma
-        ctx.shape = residual.shape
         ctx.input_dtypes = (residual.dtype, delta.dtype)
-        return normed.view(residual.shape), summed.view(residual.shape)
+        return normed, summed
 
     @staticmethod
     def backward(ctx, dnormed, dsummed):
         summed, weight, rstd = ctx.saved_tensors
-        n_cols = summed.shape[1]
+        shape, n_cols = summed.shape, summed.shape[-1]
+        summed = summed.view(-1, n_cols)
         dsummed_rows = None if dsummed is None else dsummed.reshape(-1, n_cols).contiguous()
         if dnormed is None:
             dx, dweight = dsummed_rows, None
@@ -51,7 +53,7 @@ class _AddRMSNormFunction(torch.autograd.Function):
             dnormed_rows = dnormed.reshape(-1, n_cols).contiguous()
             compute_dweight = ctx.needs_input_grad[2]
             dx, dweight = backward_rows(dnormed_rows, summed, weight, rstd, ctx.gemma, compute_dweight, dsummed_rows)
-        dx = dx.view(ctx.shape)
+        dx = dx.view(shape)
         residual_dtype, delta_dtype = ctx.input_dtypes
         dresidual = dx.to(residual_dtype) if ctx.needs_input_grad[0] else None
         ddelta = dx.to(delta_dtype) if ctx.needs_input_grad[1] else None

@@ -126,17 +126,20 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the CPU interpreter: a few programs, so the row loop is exercised
 
 
-def forward_rows(x_rows, weight, eps, gemma, delta_rows=None):
-    """Launch the forward over contiguous rows: ``(y, rstd, summed)``. With ``delta_rows`` the rows
-    normalised are ``summed = x_rows + delta_rows`` (promoted dtype); without, ``summed`` is ``x_rows``."""
+def forward_rows(x_rows, weight, eps, gemma, out_shape, delta_rows=None):
+    """Launch the forward over contiguous rows: ``(y, rstd, summed)``, y (and summed) allocated in
+    ``out_shape``, so they are no views. With ``delta_rows`` the rows normalised are
+    ``summed = x_rows + delta_rows`` (promoted dtype); without, ``summed`` is ``x_rows``."""
     n_rows, n_cols = x_rows.shape
     if delta_rows is None:
-        summed = x_rows
+        summed = summed_rows = x_rows
     else:
         summed_dtype = torch.promote_types(x_rows.dtype, delta_rows.dtype)
-        summed = new_empty((n_rows, n_cols), dtype=summed_dtype, device=x_rows.device)
+        summed = new_empty(out_shape, dtype=summed_dtype, device=x_rows.device)
+        summed_rows = summed.view(n_rows, n_cols)
     out_dtype = summed.dtype if gemma else torch.promote_types(summed.dtype, weight.dtype)
-    y = new_empty((n_rows, n_cols), dtype=out_dtype, device=x_rows.device)
+    y = new_empty(out_shape, dtype=out_dtype, device=x_rows.device)
+    y_rows = y.view(n_rows, n_cols)
     rstd = new_empty((n_rows,), dtype=torch.float32, device=x_rows.device)
     block = row_block(n_cols)
     if n_rows > 0:
@@ -144,14 +147,14 @@ def forward_rows(x_rows, weight, eps, gemma, delta_rows=None):
         _rms_norm_forward_kernel[(n_rows,)](
             x_rows,
             delta,
-            summed,
+            summed_rows,
             weight,
-            y,
+            y_rows,
             rstd,
             x_rows.stride(0),
             delta.stride(0),
-            summed.stride(0),
-            y.stride(0),
+            summed_rows.stride(0),
+            y_rows.stride(0),
             n_cols,
             eps,
             GEMMA=gemma,
@@ -211,11 +214,11 @@ class _RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps, gemma):
         x_rows = x.reshape(-1, x.shape[-1]).contiguous()
         weight = weight.contiguous()
-        y, rstd, _ = forward_rows(x_rows, weight, eps, gemma)
+        y, rstd, _ = forward_rows(x_rows, weight, eps, gemma, x.shape)
         ctx.save_for_backward(x_rows, weight, rstd)
         ctx.gemma = gemma
         ctx.x_shape = x.shape
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
