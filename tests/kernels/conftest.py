@@ -42,3 +42,16 @@ def small_blocks(monkeypatch):
     from fusetune_kernels import cross_entropy
 
     monkeypatch.setattr(cross_entropy, "MAX_BLOCK", 256)
+
+
+def record_allocations(monkeypatch, module) -> list:
+    """The shapes of the buffers ``module`` allocates through ``new_empty`` from now on, in order."""
+    shapes = []
+    real_new_empty = module.new_empty
+
+    def spy(shape, *, dtype, device):
+        shapes.append(tuple(shape))
+        return real_new_empty(shape, dtype=dtype, device=device)
+
+    monkeypatch.setattr(module, "new_empty", spy)
+    return shapes

@@ -9,7 +9,7 @@ import fusetune_kernels.rms_norm as rms_norm_module
 from fusetune_kernels.rms_norm import rms_norm, rms_norm_reference
 from fusetune_kernels.utils import interpreted
 
-from .conftest import DEVICE, needs_triton_backend
+from .conftest import DEVICE, needs_triton_backend, record_allocations
 from .parity import assert_close
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -89,14 +89,7 @@ def test_frozen_weight_skips_weight_gradient(monkeypatch):
     x = torch.randn(11, 72, device=DEVICE, requires_grad=True)
     weight = make_weight(72, False, torch.float32)
     y = rms_norm(x, weight)
-    allocations = []
-    real_new_empty = rms_norm_module.new_empty
-
-    def spy(shape, *, dtype, device):
-        allocations.append(tuple(shape))
-        return real_new_empty(shape, dtype=dtype, device=device)
-
-    monkeypatch.setattr(rms_norm_module, "new_empty", spy)
+    allocations = record_allocations(monkeypatch, rms_norm_module)
     y.backward(torch.randn_like(y))
     assert allocations == [(11, 72)]  # dx only
     assert weight.grad is None
