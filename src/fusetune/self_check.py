@@ -193,6 +193,20 @@ def _describe(owner, name: str) -> str:
     return f"{owner.__name__}.{name}" if inspect.isclass(owner) else name
 
 
+def _unknown(keys) -> list[str]:
+    """The keys answered neither in this process nor on disk (those on disk are brought into the process)."""
+    unknown = [key for key in keys if key not in _memory]
+    if unknown:
+        disk = _read_disk()
+        _memory.update({key: disk[key] for key in unknown if key in disk})
+    return [key for key in keys if key not in _memory]
+
+
+def _remember(answers: dict) -> None:
+    _memory.update(answers)
+    _write_disk(answers)
+
+
 def verdicts(config, backend: str, kernels, rows: list, device) -> dict[str, str | None]:
     """``run``'s answers, from the caches where this exact check has run before."""
     started = time.perf_counter()
@@ -200,18 +214,11 @@ def verdicts(config, backend: str, kernels, rows: list, device) -> dict[str, str
     keys = {}
     for op in dict.fromkeys(row[0] for row in rows):
         keys[op] = _key(config, op, backend, device, [row[4] for row in rows if row[0] == op])
-    missing = [op for op, key in keys.items() if key not in _memory]
-    if missing:
-        disk = _read_disk()
-        for op in missing:
-            if keys[op] in disk:
-                _memory[keys[op]] = disk[keys[op]]
-    missing = [op for op, key in keys.items() if key not in _memory]
+    unknown = set(_unknown(keys.values()))
+    missing = [op for op, key in keys.items() if key in unknown]
     if missing:
         found = run(config, backend, kernels, [row for row in rows if row[0] in missing], device)
-        new = {keys[op]: found[op] for op in missing}
-        _memory.update(new)
-        _write_disk(new)
+        _remember({keys[op]: found[op] for op in missing})
     _seconds["total"] += time.perf_counter() - started
     return {op: _memory[key] for op, key in keys.items()}
 
@@ -219,13 +226,8 @@ def verdicts(config, backend: str, kernels, rows: list, device) -> dict[str, str
 def cached(config, name: str, backend: str, device: torch.device, originals: list, compute):
     """``compute()``'s answer for this check, from the process or disk cache where it ran before."""
     key = _key(config, name, backend, device, originals)
-    if key not in _memory:
-        disk = _read_disk()
-        if key in disk:
-            _memory[key] = disk[key]
-        else:
-            _memory[key] = compute()
-            _write_disk({key: _memory[key]})
+    if _unknown([key]):
+        _remember({key: compute()})
     return _memory[key]
 
 
