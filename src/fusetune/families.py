@@ -90,17 +90,17 @@ def _layer_lists(values: dict) -> list[str]:
     return [k for k, v in values.items() if isinstance(v, list) and layers and len(v) == layers]
 
 
-def _renumber_layers(values: dict, keep: list[int]) -> None:
-    """Layer-index lists and dicts (``per_layer_config``, ``index_layers``) for the layers ``keep`` kept."""
+def _renumber_layers(values: dict, keep: list[int], per_layer: list[str]) -> None:
+    """Layer-index lists and dicts (``per_layer_config``, ``index_layers``) for the layers ``keep`` kept
+    (``per_layer``: the lists with one entry per layer, cut already)."""
     new = {old: i for i, old in enumerate(keep)}
     for key, value in list(values.items()):
-        if not key.endswith(("_layers", "per_layer_config")) or key == "num_hidden_layers":
+        if not key.endswith(("_layers", "per_layer_config")) or key in per_layer or key == "num_hidden_layers":
             continue
         if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
             values[key] = {str(new[int(k)]): v for k, v in value.items() if int(k) in new}
         elif isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            if len(value) != len(keep):  # not a per-layer flag list (those were cut above)
-                values[key] = sorted({new[v] for v in value if v in new})
+            values[key] = sorted({new[v] for v in value if v in new})
 
 
 def shrink_values(values: dict) -> dict:
@@ -120,11 +120,12 @@ def shrink_values(values: dict) -> dict:
             if kind not in kinds:
                 kinds.add(kind)
                 keep.append(i)
-        keep = keep if len(keep) >= 2 else (keep + [0, 0])[:2]
+        if len(keep) < 2:  # one kind of layer: the first two (or the only one, twice)
+            keep = [0, 1] if values["num_hidden_layers"] > 1 else [0, 0]
         for k in per_layer:
             values[k] = [values[k][i] for i in keep]
         values["num_hidden_layers"] = len(keep)
-        _renumber_layers(values, keep)
+        _renumber_layers(values, keep, per_layer)
     heads = values.get("num_attention_heads")
     for key, small in {**SMALL, **SMALL_ALIASES}.items():
         if isinstance(values.get(key), int) or (key in SMALL and key in values and values[key] is None):

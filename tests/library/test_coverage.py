@@ -202,3 +202,17 @@ def test_packed_rows_train_like_padded_rows_on_every_patched_type(outcomes):
             wrong.append(f"{model_type}: packed {packed} != padded {padded}")
     assert not wrong, "; ".join(wrong)
     assert not [line for line in loud if line.split(":")[0] in NAMED], loud
+
+
+@pytest.mark.parametrize(
+    "values, kept",
+    [
+        # one kind of layer: the first two layers, so a layer-index list keeps the layers it names
+        ({"num_hidden_layers": 4, "layer_types": ["full_attention"] * 4, "index_layers": [1, 3]}, [1]),
+        # two kinds: the first of each
+        ({"num_hidden_layers": 4, "layer_types": ["a", "a", "b", "b"], "index_layers": [0, 2, 3]}, [0, 1]),
+    ],
+)
+def test_the_small_config_keeps_one_layer_of_each_kind_and_renumbers_index_lists(values, kept):
+    small = families.shrink_values(values)
+    assert small["num_hidden_layers"] == 2 and small["index_layers"] == kept
