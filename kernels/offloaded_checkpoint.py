@@ -102,6 +102,11 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     return stream
 
 
+def offloads_on(device: torch.device) -> bool:
+    """Whether ``enable_checkpointing(..., offload=True)`` offloads for a model on ``device``."""
+    return device.type == "cuda" or (_simulate_on_cpu and device.type == "cpu")
+
+
 def _offloadable(tensor: torch.Tensor) -> bool:
     if tensor.is_cuda:  # not while a CUDA graph is captured: host copies and stream bookkeeping do not replay
         return not torch.cuda.is_current_stream_capturing()
@@ -217,15 +222,31 @@ def recomputing():
 
 
 class LayerCheckpoint:
-    """One layer's checkpointing function (what transformers calls as ``_gradient_checkpointing_func``):
-    ``offloaded_checkpoint`` or ``checkpoint_reference`` with the keywords it was given, the layer's
-    re-run for backward marked by ``recomputing()``."""
+    """One layer's checkpointing function (what transformers calls as ``_gradient_checkpointing_func``).
+
+    ``mode`` says what the layer keeps for its backward, and may change between calls:
+    "offload" (``offloaded_checkpoint``), "recompute" (``checkpoint_reference``), or "keep" (no
+    checkpointing: the forward runs as it is and saves all it needs). The layer's re-run for backward is
+    marked by ``recomputing()``. ``observer``, where set, is called as ``observer(self, function, args,
+    kwargs)`` before each call, so a planner can read the batch and set the modes of the layers."""
+
+    MODES = ("offload", "recompute", "keep")
 
     def __init__(self, layer, offload: bool, keywords: dict):
-        self.layer, self.offload, self.keywords = layer, offload, keywords
+        self.layer, self.keywords = layer, keywords
+        self.mode = "offload" if offload else "recompute"
+        self.observer = None
+
+    @property
+    def offload(self) -> bool:
+        return self.mode == "offload"
 
     def __call__(self, function, *args, **kwargs):
-        checkpoint_fn = offloaded_checkpoint if self.offload else checkpoint_reference
+        if self.observer is not None:
+            self.observer(self, function, args, kwargs)
+        if self.mode == "keep":
+            return function(*args, **kwargs)
+        checkpoint_fn = offloaded_checkpoint if self.mode == "offload" else checkpoint_reference
         calls = 0
 
         def run(*inner_args, **inner_kwargs):
@@ -276,6 +297,9 @@ def _install(root, gradient_checkpointing_func) -> None:
     for module in root.modules():
         if hasattr(module, "gradient_checkpointing"):
             module._gradient_checkpointing_func = LayerCheckpoint(module, root._fusetune_offload, keywords)
+    planner = getattr(root, "_fusetune_planner", None)
+    if planner is not None:  # it sets the modes per batch from now on (fusetune.smart_checkpointing)
+        planner.bind([m._gradient_checkpointing_func for m in _checkpointed_layers(root)])
 
 
 def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, *args, **kwargs):
@@ -307,23 +331,28 @@ def _model_device(model) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def enable_checkpointing(model, offload: bool = True) -> str:
+def enable_checkpointing(model, offload: bool = True, planner=None) -> str:
     """Turn on fusetune's activation checkpointing for a transformers causal LM or a PEFT model wrapping one.
 
     Calls the model's own checkpointing enable (non-reentrant; it also makes the input embeddings
     require grad, as transformers does) and gives every checkpointed layer a ``LayerCheckpoint``:
     offloaded (``offload=True``, on CUDA) or plain; later enables by the Trainer keep it. Returns what
     it did, in words. Off CUDA, ``offload=True`` falls back to plain checkpointing and logs why.
+
+    ``planner``: an object with ``bind(checkpoints)``, given the layers' ``LayerCheckpoint`` objects in
+    order each time they are installed; it may then change their modes per batch
+    (``fusetune.smart_checkpointing``). The mode set here is what the planner falls back to.
     """
     base = _pretrained_root(model)
     device = _model_device(base)
     why = None
-    if offload and device.type != "cuda" and not (_simulate_on_cpu and device.type == "cpu"):
+    if offload and not offloads_on(device):
         why = "CUDA is not available" if not torch.cuda.is_available() else f"the model is on {device.type}"
         offload = False
     for module in base.modules():  # every transformers model inside (a composite model has several)
         if hasattr(type(module), "_set_gradient_checkpointing"):
             module._fusetune_offload = offload
+    base._fusetune_planner = planner
     sticky = _make_sticky(base)
     _enable_checkpointing(base)
     if not sticky:  # the old-format setter did not call ours
@@ -337,5 +366,7 @@ def enable_checkpointing(model, offload: bool = True) -> str:
         )
     else:
         description = f"plain non-reentrant checkpointing on {layers} layers" + (f" ({why})" if why else "")
+    if planner is not None:
+        description = f"{planner.describe()}; layers not kept: {description}"
     log.info(description)
     return description

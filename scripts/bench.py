@@ -83,6 +83,7 @@ ARCHS = ROOT / "src" / "fusetune" / "assets" / "archs"
 TINY = ROOT / "src" / "fusetune" / "assets" / "tiny_llama"
 FORMAT = 1  # bump when a prepared scratch folder must be rebuilt
 PEERS = ("hf", "liger", "unsloth")
+FUSETUNE_CHECKPOINTING = {"offload": "unsloth", "plain": True, "smart": "smart"}
 VARIANTS = (*PEERS, "fusetune_reference", "fusetune_triton")
 # = fusetune.modules.PROJECTIONS (tested), not imported: the Unsloth process imports unsloth before fusetune
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -361,8 +362,9 @@ def build_hf(spec: dict, torch, dtype, liger: bool = False):
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    if spec.get("peer_checkpointing") != "off":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     if quantized:  # TRL keeps QLoRA adapters in bf16
         for param in model.parameters():
             if param.requires_grad:
@@ -410,7 +412,7 @@ def build_unsloth(spec: dict, torch, dtype):
         lora_dropout=LORA["dropout"],
         target_modules=spec["targets"],
         bias="none",
-        use_gradient_checkpointing="unsloth",
+        use_gradient_checkpointing=False if spec.get("peer_checkpointing") == "off" else "unsloth",
         random_state=spec["seed"],
     )
 
@@ -433,8 +435,9 @@ def build_fusetune(spec: dict, torch, dtype):
         lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"],
         target_modules=spec["targets"],
-        use_gradient_checkpointing="unsloth" if spec.get("fusetune_checkpointing", "offload") == "offload" else True,
+        use_gradient_checkpointing=FUSETUNE_CHECKPOINTING[spec.get("fusetune_checkpointing", "offload")],
         random_state=spec["seed"],
+        memory_budget=spec.get("memory_cap_gib") if spec.get("fusetune_checkpointing") == "smart" else None,
     )
     if spec["mode"] == "padding_free":
         from fusetune.varlen import enable_varlen_attention
@@ -522,7 +525,7 @@ def run_worker(spec: dict) -> dict:
         import torch
 
         torch.manual_seed(spec["seed"])
-        if cuda and spec.get("memory_cap_gib"):  # S5 on a smaller GPU's memory: the allocator refuses beyond it
+        if cuda and spec.get("memory_cap_gib"):  # a smaller GPU's memory: the allocator refuses beyond it
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_cap_gib"] * GIB / total), 0)
         dtype = torch.bfloat16 if cuda else torch.float32
@@ -858,9 +861,15 @@ def s4_mode(variant: str, args) -> str:
     return "padded" if args.s4_mode == "padded" else "padding_free"
 
 
-def checkpointing(variant: str, fusetune_choice: str) -> str:
-    if variant.startswith("fusetune") and fusetune_choice == "plain":
-        return "use_gradient_checkpointing=True (plain, fusetune's)"
+def checkpointing(variant: str, args) -> str:
+    if variant.startswith("fusetune"):
+        if args.fusetune_checkpointing == "plain":
+            return "use_gradient_checkpointing=True (plain, fusetune's)"
+        if args.fusetune_checkpointing == "smart":
+            budget = f"memory_budget={args.memory_gib:g}" if args.memory_gib else "the free memory as budget"
+            return f'use_gradient_checkpointing="smart" ({budget}; the rest offloaded)'
+    elif args.peer_checkpointing == "off":
+        return "none (use_gradient_checkpointing=False)"
     return CHECKPOINTING[variant]
 
 
@@ -878,7 +887,8 @@ def base_row(scenario: str, variant: str, sc: dict, gpu: dict, args) -> dict:
         "seq": sc.get("seq"),
         "lora": {**LORA, "targets": lora_targets(cfg)},
         "optimizer": "torch AdamW (fused)" if gpu["cuda"] else "torch AdamW",
-        "gradient_checkpointing": checkpointing(variant, args.fusetune_checkpointing),
+        "gradient_checkpointing": checkpointing(variant, args),
+        "memory_cap_gib": args.memory_gib,
         "autocast": bool(gpu["cuda"] and not args.no_autocast),
         "matmul_params": matmul_params(cfg),
         "flops_convention": "4N per token (N: all matmul params incl. lm_head, excl. embeddings) "
@@ -916,6 +926,8 @@ def worker_spec(scenario, variant, sc, folder, source, gpu, args, *, seq=None, m
         "max_seq_length": max(widest, 2048 if gpu["cuda"] else 0),
         "profile": variant in args.profile,
         "fusetune_checkpointing": args.fusetune_checkpointing,
+        "peer_checkpointing": args.peer_checkpointing,
+        "memory_cap_gib": args.memory_gib,
     }
 
 
@@ -1235,7 +1247,9 @@ def render(rows: list[dict]) -> str:
         "FLOPs (4N per token + attention; see flops_convention in the JSON) over the measured matmul peak. "
         "Every variant: LoRA r=16, alpha=16 on q,k,v,o,gate,up,down (Phi-3: qkv,o,gate_up,down), bf16 autocast "
         "and fused AdamW on CUDA "
-        "(fp32 on the CPU), the same batches, a plain loop; gradient checkpointing as each ships it.",
+        "(fp32 on the CPU), the same batches, a plain loop. Gradient checkpointing: "
+        + "; ".join(sorted({f"{r['variant']}: {r.get('gradient_checkpointing')}" for r in rows}))
+        + ".",
     ]
     versions = {r["variant"]: r.get("versions") for r in ok if r.get("versions")}
     base = first.get("versions") or {}
@@ -1382,10 +1396,18 @@ def parse_args(argv=None):
     p.add_argument("--no-autocast", action="store_true", help="no bf16 autocast around the forward")
     p.add_argument(
         "--fusetune-checkpointing",
-        choices=["offload", "plain"],
+        choices=list(FUSETUNE_CHECKPOINTING),
         default="offload",
-        help='fusetune variants: use_gradient_checkpointing="unsloth" (offload, as the seeds) or True (plain)',
+        help='fusetune variants: use_gradient_checkpointing="unsloth" (offload, as the seeds), True (plain) or '
+        '"smart" (its budget: --memory-gib, else the free memory)',
     )
+    p.add_argument(
+        "--peer-checkpointing",
+        choices=["shipped", "off"],
+        default="shipped",
+        help="hf, liger, unsloth: checkpointing as each ships it, or none (fastest, where it fits)",
+    )
+    p.add_argument("--memory-gib", type=float, default=None, help="cap every variant's allocator at this many GiB")
     p.add_argument("--s5-min", type=int, default=8192)
     p.add_argument("--s5-max", type=int, default=262144)
     p.add_argument("--s5-probes", type=int, default=6, help="S5: most probes per variant")

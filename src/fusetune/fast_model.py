@@ -19,10 +19,31 @@ from . import limits, loading
 from .errors import FusetuneError
 from .modules import EMBEDDINGS, PROJECTIONS, base_model, is_quantized
 from .patching import apply_kernels, choose_backend
+from .smart_checkpointing import enable_smart_checkpointing
 
 log = logging.getLogger(__name__)
 OFFLOADED = ("unsloth", "offload")  # checkpointing whose saved layer inputs wait in pinned CPU memory
-CHECKPOINTING = (True, False, *OFFLOADED)
+CHECKPOINTING = (True, False, *OFFLOADED, "smart")
+
+
+def check_memory_budget(memory_budget, mode, where: str) -> None:
+    """A budget is a positive number, and only smart checkpointing reads it."""
+    if memory_budget is None:
+        return
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not memory_budget > 0:
+        raise FusetuneError(
+            f"{where}: expected GiB (> 1) or a fraction of the device's memory (0 to 1], got {memory_budget!r}"
+        )
+    if mode != "smart":
+        raise FusetuneError(f"{where} is read only by smart checkpointing; gradient checkpointing is {mode!r}")
+
+
+def enable_fusetune_checkpointing(model, mode: bool | str, memory_budget: float | None = None) -> str:
+    """fusetune's checkpointing in ``mode`` (True: plain; "unsloth" / "offload"; "smart" within
+    ``memory_budget``, GiB or a fraction of the device); returns what it did, in words."""
+    if mode == "smart":
+        return enable_smart_checkpointing(model, memory_budget)
+    return enable_checkpointing(model, offload=mode in OFFLOADED)
 
 
 def _dtype(dtype) -> torch.dtype:
@@ -153,13 +174,17 @@ class FastModel:
         layers_pattern: str | None = None,
         loftq_config: dict | None = None,
         max_seq_length: int | None = None,
+        memory_budget: float | None = None,
         **unused,
     ):
         """LoRA adapters on ``target_modules`` (default: every attention and MLP projection present).
 
-        ``use_gradient_checkpointing``: True (non-reentrant), False, or "unsloth" / "offload"; None takes
-        what ``from_pretrained`` was given, else True. ``bias``, ``use_rslora``, ``init_lora_weights``,
-        ``layers_to_transform`` and ``layers_pattern`` are PEFT's LoraConfig fields.
+        ``use_gradient_checkpointing``: True (non-reentrant), False, "unsloth" / "offload" (every layer's
+        input offloaded to pinned CPU memory), or "smart" (as many layers as ``memory_budget`` allows keep
+        their activations, the rest offloaded; the budget in GiB, or a fraction of the device's memory;
+        None: what is free); None takes what ``from_pretrained`` was given, else True. ``bias``,
+        ``use_rslora``, ``init_lora_weights``, ``layers_to_transform`` and ``layers_pattern`` are PEFT's
+        LoraConfig fields.
         """
         limits.refuse({"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}, limits.LORA)
         for name in unused:
@@ -179,9 +204,10 @@ class FastModel:
             )
         if use_gradient_checkpointing not in CHECKPOINTING:
             raise FusetuneError(
-                f"use_gradient_checkpointing: expected True, False, 'unsloth' or 'offload', "
+                f"use_gradient_checkpointing: expected True, False, 'unsloth', 'offload' or 'smart', "
                 f"got {use_gradient_checkpointing!r}"
             )
+        check_memory_budget(memory_budget, use_gradient_checkpointing, "memory_budget")
         checkpointing = bool(use_gradient_checkpointing)
         if checkpointing and not is_quantized(model):  # the quantized path does this while preparing the model
             model.enable_input_require_grads()  # checkpointing itself is enabled once, after the adapters
@@ -205,7 +231,7 @@ class FastModel:
             log.info(
                 "use_gradient_checkpointing=%r: %s",
                 use_gradient_checkpointing,
-                enable_checkpointing(peft_model, offload=use_gradient_checkpointing in OFFLOADED),
+                enable_fusetune_checkpointing(peft_model, use_gradient_checkpointing, memory_budget),
             )
         return peft_model
 

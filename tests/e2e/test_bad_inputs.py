@@ -197,6 +197,16 @@ ROWS = [
         {"empty/": ""},
     ),
     Row(
+        "memory-budget-without-smart-checkpointing",
+        ("model.gradient_checkpointing=offload", "model.memory_budget=20"),
+        "model.memory_budget is read only by smart checkpointing; gradient checkpointing is 'offload'",
+    ),
+    Row(
+        "memory-budget-negative",
+        ("model.gradient_checkpointing=smart", "model.memory_budget=-2"),
+        "model.memory_budget: expected GiB (> 1) or a fraction of the device's memory (0 to 1], got -2.0",
+    ),
+    Row(
         "max-steps-zero",
         ("trainer.max_steps=0",),
         "trainer.max_steps=0 trains nothing: give a positive number, or -1 to train by epochs",

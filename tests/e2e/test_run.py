@@ -202,3 +202,25 @@ def test_the_terminal_summary_shows_losses_that_were_never_logged(losses, shown)
         "output_dir": "/tmp/x", **losses,
     }  # fmt: skip
     assert f"steps 4  train_loss {shown}\n" in format_summary(summary)
+
+
+def test_smart_checkpointing_on_the_cpu_is_plain_checkpointing_and_says_so(compose_cfg, tmp_path, caplog):
+    curves = {}
+    for mode in ("smart", "true"):
+        budget = ["model.memory_budget=0.5"] if mode == "smart" else []
+        cfg = compose_cfg(
+            ["model=tiny_llama_lora", f"model.gradient_checkpointing={mode}", *budget, "trainer.max_steps=3"]
+            + ["logger=none", "save_model=false", *FAST],
+            output_dir=tmp_path / mode,
+        )
+        with caplog.at_level("INFO"):
+            run(cfg)
+        curves[mode] = losses(tmp_path / mode / "metrics.jsonl")
+    assert curves["smart"] == curves["true"] and len(curves["smart"]) == 3
+    assert any(
+        r.getMessage().startswith(
+            "use_gradient_checkpointing='smart': smart checkpointing needs a CUDA device to measure memory; "
+            "plain non-reentrant checkpointing on 4 layers (CUDA is not available)"
+        )
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]

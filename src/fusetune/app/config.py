@@ -27,6 +27,7 @@ from .. import limits
 from ..compat.renames import CONFIG_RENAMES
 from ..data.rules import data_problems, has_eval_data, is_mixture
 from ..errors import FusetuneError
+from ..fast_model import check_memory_budget
 from ..modules import PROJECTIONS
 from ..trainer import FastSFTConfig
 from . import distributed, job_names
@@ -107,7 +108,9 @@ class ModelConfig:
     attn_implementation: str | None = None
     trust_remote_code: bool = False  # run the model repository's own Python code (only for a repository you trust)
     # true (non-reentrant) | false | offload: each layer's saved input waits in pinned CPU memory (Unsloth's "unsloth")
+    # | smart: as many layers as memory_budget allows keep their activations (no recompute), the rest offloaded
     gradient_checkpointing: str = "false"
+    memory_budget: float | None = None  # smart checkpointing: GiB (> 1) or a fraction of the GPU; null: what is free
     # Recommendations for this model, used where the trainer leaves them null.
     learning_rate: float = 2e-4
     batch_size: int = 8
@@ -335,11 +338,11 @@ class TrainConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
-CHECKPOINTING = {"true": True, "false": False, "offload": "offload", "unsloth": "offload"}
+CHECKPOINTING = {"true": True, "false": False, "offload": "offload", "unsloth": "offload", "smart": "smart"}
 
 
 def checkpointing_mode(value: str) -> bool | str:
-    """model.gradient_checkpointing as FastModel.get_peft_model takes it: True, False or "offload"."""
+    """model.gradient_checkpointing as FastModel.get_peft_model takes it: True, False, "offload" or "smart"."""
     return CHECKPOINTING[str(value).lower()]
 
 
@@ -487,8 +490,16 @@ def validate(cfg) -> None:
         problems.append("model.load_in_4bit cannot quantize a random_init model: there are no weights to load")
     if str(cfg.model.gradient_checkpointing).lower() not in CHECKPOINTING:
         problems.append(
-            f"model.gradient_checkpointing: expected true, false or offload, got '{cfg.model.gradient_checkpointing}'"
+            "model.gradient_checkpointing: expected true, false, offload or smart, "
+            f"got '{cfg.model.gradient_checkpointing}'"
         )
+    elif cfg.model.memory_budget is not None:
+        try:
+            check_memory_budget(
+                cfg.model.memory_budget, checkpointing_mode(cfg.model.gradient_checkpointing), "model.memory_budget"
+            )
+        except FusetuneError as error:
+            problems.append(str(error))
     if cfg.export.merged and cfg.model.lora is None and cfg.distributed == Distributed.fsdp:
         problems.append(
             "export.merged with distributed=fsdp and no LoRA: rank 0 holds only its shard of the model; "

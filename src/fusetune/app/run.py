@@ -9,14 +9,12 @@ import torch
 from omegaconf import OmegaConf
 from transformers import set_seed
 
-from fusetune_kernels.offloaded_checkpoint import enable_checkpointing
-
 from ..checkpoints import newest_complete, saving, step_of, trainable_weights_finite
 from ..compat.trl import trained_tokens
 from ..data import build_splits
 from ..errors import FusetuneError, Interrupted
 from ..evaluate import exact_match
-from ..fast_model import FastModel
+from ..fast_model import FastModel, enable_fusetune_checkpointing
 from ..faults import SignalStop, StopOnSignal
 from ..loading import count_parameters, load_tokenizer, pick_dtype
 from ..patching import remove_kernels
@@ -151,9 +149,13 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
             modules_to_save=list(m.lora.modules_to_save) if m.lora.modules_to_save else None,
             use_gradient_checkpointing=checkpointing_mode(m.gradient_checkpointing),
             random_state=cfg.seed,
+            memory_budget=m.memory_budget,
         )
-    elif checkpointing_mode(m.gradient_checkpointing) == "offload":
-        log.info("model.gradient_checkpointing=offload: %s", enable_checkpointing(model, offload=True))
+    elif checkpointing_mode(m.gradient_checkpointing) in ("offload", "smart"):
+        mode = checkpointing_mode(m.gradient_checkpointing)
+        log.info(
+            "model.gradient_checkpointing=%s: %s", mode, enable_fusetune_checkpointing(model, mode, m.memory_budget)
+        )
     total_params, trainable_params = count_parameters(model)
     args = sft_config(cfg, out, dtype, report_to, backend, distributed.trainer_options(cfg.distributed.value, model))
     resume_step = step_of(checkpoint) if checkpoint else None
