@@ -259,8 +259,8 @@ class SmartCheckpointing:
         if self.base is None:
             return Plan(0, layers, tokens, None, self.budget, rest)
         limit = usable(self.budget, self.margin)
-        kept = kept_layers(layers, tokens, start, self.base, extra, limit)
-        predicted = int(start + tokens * (self.base + kept * extra))
+        kept = kept_layers(layers, tokens, start, self.base, extra, limit) if math.isfinite(extra) else 0
+        predicted = int(start + tokens * (self.base + (kept * extra if kept else 0.0)))
         if predicted > limit and not self.warned:
             self.warned = True
             log.warning(

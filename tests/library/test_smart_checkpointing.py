@@ -197,3 +197,49 @@ def test_off_cuda_it_falls_back_and_says_why():
         "layers (CUDA is not available)"
     )
     assert set(modes(model)) == {"recompute"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA's allocator is the meter")
+def test_on_cuda_the_peak_stays_under_the_budget():
+    """A 12-layer model at 4x2048 tokens: the all-offloaded and all-kept peaks measured, then a budget between
+    them keeps some layers and the allocator's peak over the planned steps stays under it."""
+    from fusetune.smart_checkpointing import DeviceMemory
+
+    layers = 12
+    shape = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=4, head_dim=128)
+
+    def model_on_cuda():
+        model = get_peft_model(
+            tiny_model("llama", num_hidden_layers=layers, vocab_size=8192, dtype=torch.bfloat16, **shape).cuda(),
+            LoraConfig(r=16, lora_alpha=16, target_modules=list(PROJECTIONS)),
+        )
+        model.enable_input_require_grads()
+        return model.train()
+
+    inputs = {k: v.cuda() for k, v in batch(8192, rows=4, length=2048).items()}
+
+    def peak_of_step(model):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        model(**inputs, use_cache=False).loss.backward()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+
+    peaks = {}
+    for mode in ("offload", "keep"):
+        model = model_on_cuda()
+        if mode == "offload":
+            enable_checkpointing(model, offload=True)
+        peak_of_step(model)
+        peaks[mode] = peak_of_step(model)
+        del model
+        torch.cuda.empty_cache()
+    assert peaks["keep"] > peaks["offload"] + 1 * GIB
+    budget = (peaks["offload"] + peaks["keep"]) // 2
+    model = model_on_cuda()
+    enable_smart_checkpointing(model, budget / GIB, memory=DeviceMemory(torch.device("cuda")), margin=(0.03, 0))
+    peak_of_step(model)  # measuring
+    step_peaks = [peak_of_step(model) for _ in range(3)]
+    kept = [layer._gradient_checkpointing_func.mode for layer in model.base_model.model.model.layers].count("keep")
+    assert 0 < kept < layers, (kept, peaks, budget)
+    assert max(step_peaks) <= budget, (step_peaks, budget, kept)
