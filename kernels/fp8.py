@@ -28,10 +28,12 @@ relative rounding error of one operand (~2.6%), 3.7% measured for Gaussian data,
 products of the same data err by ~0.17%.
 
 Saved for backward: the FP8Weight only (no weight gradient, so neither x nor xq is kept): 0 bytes per token.
-Memory traffic per call beyond the GEMMs: quantizing x reads its bf16 values twice (amax, then the scaled
-copy, through an fp32 temporary) and writes 1 byte per element, and the same for dy; backward writes W's
-e4m3 transpose (1 byte per weight element), freed after the call. An FP8Weight holds 1 byte per weight
-element plus 4 per output channel, half of bf16.
+Memory traffic per call beyond the GEMMs: one Triton program per row quantizes x (or dy, its column scales
+applied in the same pass, padded columns written as zeros): 2 bytes read and 1 written per element, and 4
+bytes of scale per row. Backward also writes W's e4m3 transpose (1 byte per weight element), freed after the
+call. An FP8Weight holds 1 byte per weight element plus 4 per output channel, half of bf16. The codes round
+to nearest even in integer arithmetic, so ``quantize_rows`` equals its twin ``quantize_rows_reference``
+(torch's own conversion) bit for bit; a row holding NaN gives NaN products (its scale may differ then).
 
 CUDA's rules for ``torch._scaled_mm`` with per-row scales: mat1 row-major, mat2 column-major, mat1's columns
 and both of mat2's dimensions multiples of 16, fp32 scales of shape [M, 1] and [1, N], bf16 output. Here W is
@@ -52,8 +54,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from fusetune_kernels.nf4 import NF4Weight, dequantize_nf4
+from fusetune_kernels.utils import interpreted, new_empty, num_warps_for, row_block
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -66,12 +71,73 @@ def _padded(size: int) -> int:
     return -(-size // ALIGN) * ALIGN
 
 
-def quantize_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 [R, C], fp32 scales [R, 1]) with t ~ scales * codes: one scale per row, amax / 448; 1 for a zero row."""
-    amax = t.abs().amax(dim=1, keepdim=True).float()
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, column_scale_ptr, codes_ptr, scales_ptr, n_cols, width, x_stride,
+    HAS_COLUMN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # One row: its amax, its scale, and its codes (zeros in the padded columns), rounded to nearest even
+    # with integer arithmetic, so the codes equal torch's own conversion bit for bit (interpreter included).
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + row * x_stride + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    if HAS_COLUMN_SCALE:
+        v = v * tl.load(column_scale_ptr + cols, mask=cols < n_cols, other=0.0)
+    amax = tl.max(tl.abs(v), axis=0)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+    q = tl.math.div_rn(v, scale)
+    bits = q.to(tl.int32, bitcast=True)
+    sign = ((bits >> 31) & 1) << 7
+    magnitude = bits & 0x7FFFFFFF
+    a = magnitude.to(tl.float32, bitcast=True)
+    # below 2^-6: subnormal codes 0..7 (8 is the smallest normal), a * 2^9 rounded to an integer
+    subnormal = ((a * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+    # 3 mantissa bits: round the fp32 mantissa at bit 20, then rebias the exponent from 127 to 7
+    normal = ((magnitude + 0x7FFFF + ((magnitude >> 20) & 1)) >> 20) - (120 << 3)
+    code = tl.where(a < 0.015625, subnormal, normal)
+    code = tl.where(magnitude > 0x7F800000, 0x7F, code) | sign  # NaN stays NaN
+    tl.store(codes_ptr + row * width + cols, code.to(tl.uint8), mask=cols < width)
+    tl.store(scales_ptr + row, scale)
+
+
+def _check_rows(t: torch.Tensor, column_scale, width: int | None) -> int:
+    if t.dim() != 2:
+        raise ValueError(f"quantize_rows takes a 2-D tensor, got {tuple(t.shape)}")
+    width = t.shape[1] if width is None else width
+    if width < t.shape[1] or (column_scale is not None and column_scale.numel() != t.shape[1]):
+        raise ValueError(f"width {width} or column_scale does not fit {tuple(t.shape)}")
+    return width
+
+
+def quantize_rows(t: torch.Tensor, column_scale: torch.Tensor | None = None, width: int | None = None):
+    """(e4m3 codes [R, width], fp32 scales [R, 1]) with t diag(column_scale) ~ scales * codes, one scale per row
+    (amax / 448; 1 for a row of zeros); columns past t's are zero codes. One Triton program per row on CUDA and
+    under TRITON_INTERPRET=1 (rows up to 65536 wide), else ``quantize_rows_reference``; the two agree bit for bit."""
+    width = _check_rows(t, column_scale, width)
+    if not (t.is_cuda or interpreted()) or width > 65536:
+        return quantize_rows_reference(t, column_scale, width)
+    t = t if t.stride(1) == 1 else t.contiguous()
+    codes = new_empty((t.shape[0], width), dtype=E4M3, device=t.device)
+    scales = new_empty((t.shape[0], 1), dtype=torch.float32, device=t.device)
+    if t.shape[0] > 0:
+        block = row_block(width)
+        _quantize_rows_kernel[(t.shape[0],)](
+            t, t if column_scale is None else column_scale.float().contiguous(),
+            codes.view(torch.uint8), scales, t.shape[1], width, t.stride(0),
+            HAS_COLUMN_SCALE=column_scale is not None, BLOCK=block,
+            num_warps=num_warps_for(block), enable_fp_fusion=False,
+        )  # fmt: skip
+    return codes, scales
+
+
+def quantize_rows_reference(t: torch.Tensor, column_scale: torch.Tensor | None = None, width: int | None = None):
+    """Plain PyTorch twin of ``quantize_rows``: the same codes and scales."""
+    width = _check_rows(t, column_scale, width)
+    v = t.float() if column_scale is None else t.float() * column_scale.float()
+    amax = v.abs().amax(dim=1, keepdim=True)
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    codes = (t.float() / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
-    return codes, scale
+    codes = (v / scale).to(E4M3)  # |v / scale| <= 448: rounds to nearest even, never saturates
+    return (codes if width == t.shape[1] else F.pad(codes.view(torch.uint8), (0, width - t.shape[1])).view(E4M3)), scale
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,10 +169,10 @@ def quantize_weight(weight: torch.Tensor) -> FP8Weight:
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"quantize_weight takes a 2-D floating weight, got {tuple(weight.shape)} {weight.dtype}")
     out, inp = weight.shape
-    w = weight.detach()
-    if (out, inp) != (_padded(out), _padded(inp)):
-        w = F.pad(w, (0, _padded(inp) - inp, 0, _padded(out) - out))
-    codes, scale = quantize_rows(w)
+    codes, scale = quantize_rows(weight.detach(), width=_padded(inp))
+    if out != _padded(out):  # zero rows with unit scales
+        codes = F.pad(codes.view(torch.uint8), (0, 0, 0, _padded(out) - out)).view(E4M3)
+        scale = F.pad(scale, (0, 0, 0, _padded(out) - out), value=1.0)
     return FP8Weight(data=codes, scale=scale.reshape(1, -1).contiguous(), shape=(out, inp), dtype=weight.dtype)
 
 
@@ -124,10 +190,6 @@ def nf4_to_fp8(weight: NF4Weight, dtype: torch.dtype = torch.bfloat16) -> FP8Wei
     return quantize_weight(w)
 
 
-def _pad_columns(t: torch.Tensor, width: int) -> torch.Tensor:
-    return t if t.shape[1] == width else F.pad(t, (0, width - t.shape[1]))
-
-
 def _scaled_mm(a_codes, a_scale, b_codes_t, b_scale, columns: int, dtype: torch.dtype) -> torch.Tensor:
     out = torch._scaled_mm(a_codes, b_codes_t, scale_a=a_scale, scale_b=b_scale, out_dtype=OUT_DTYPE)
     if out.shape[1] != columns:
@@ -137,8 +199,7 @@ def _scaled_mm(a_codes, a_scale, b_codes_t, b_scale, columns: int, dtype: torch.
 
 def fp8_product(x2: torch.Tensor, weight: FP8Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """x W^T [tokens, out] in ``dtype`` (default x's): x quantized per token, one scaled FP8 GEMM."""
-    out16, in16 = weight.data.shape
-    codes, scale = quantize_rows(_pad_columns(x2, in16))
+    codes, scale = quantize_rows(x2, width=weight.data.shape[1])
     return _scaled_mm(codes, scale, weight.data.t(), weight.scale, weight.shape[0], dtype or x2.dtype)
 
 
@@ -146,9 +207,7 @@ def fp8_input_grad(dy2: torch.Tensor, weight: FP8Weight, dtype: torch.dtype | No
     """dy W [tokens, in] in ``dtype`` (default dy's): W's channel scales folded into dy, which is quantized per
     token; one scaled FP8 GEMM against W's codes read transposed (see the module docstring)."""
     out16, in16 = weight.data.shape
-    folded = _pad_columns(dy2, out16).float() * weight.scale  # padded channels: dy is 0 there
-    codes, scale = quantize_rows(folded)
-    del folded
+    codes, scale = quantize_rows(dy2, column_scale=weight.scale[0, : dy2.shape[1]], width=out16)
     transposed = weight.data.t().contiguous().t()  # [out16, in16] column-major, as mat2 must be
     ones = torch.ones(1, in16, dtype=torch.float32, device=dy2.device)
     return _scaled_mm(codes, scale, transposed, ones, weight.shape[1], dtype or dy2.dtype)
