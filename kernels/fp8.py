@@ -45,9 +45,9 @@ Accumulation is the GEMM's accurate mode (``use_fast_accum=False``).
 The reference twin, ``linear_fp8_reference``, is the plain product x W^T (W dequantized where only an
 FP8Weight is held): parity against it measures the whole FP8 error.
 
-``nf4_to_fp8`` takes a QLoRA base (``fusetune_kernels.nf4``) to an FP8Weight: NF4 is dequantized into a
-workspace shared by every layer (as ``fusetune_kernels.lora_nf4`` does) in the compute dtype, then quantized
-per output channel, so it equals dequantize-then-quantize exactly.
+``nf4_to_fp8`` takes a QLoRA base (``fusetune_kernels.nf4``) straight to an FP8Weight in one kernel: each
+program dequantizes one output channel in fp32 and codes it, so it equals dequantize (in fp32) then quantize
+bit for bit, with 0.5 byte read and 1 written per weight element (no 16-bit copy of W is written).
 """
 
 from dataclasses import dataclass
@@ -57,7 +57,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fusetune_kernels.nf4 import NF4Weight, dequantize_nf4
+from fusetune_kernels.nf4 import NF4Weight, dequantize_nf4_reference
 from fusetune_kernels.utils import interpreted, new_empty, num_warps_for, row_block
 
 E4M3 = torch.float8_e4m3fn
@@ -72,17 +72,9 @@ def _padded(size: int) -> int:
 
 
 @triton.jit
-def _quantize_rows_kernel(
-    x_ptr, column_scale_ptr, codes_ptr, scales_ptr, n_cols, width, x_stride,
-    HAS_COLUMN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    # One row: its amax, its scale, and its codes (zeros in the padded columns), rounded to nearest even
-    # with integer arithmetic, so the codes equal torch's own conversion bit for bit (interpreter included).
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    v = tl.load(x_ptr + row * x_stride + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    if HAS_COLUMN_SCALE:
-        v = v * tl.load(column_scale_ptr + cols, mask=cols < n_cols, other=0.0)
+def _store_row_codes(v, codes_ptr, scales_ptr, row, cols, width):
+    # One row of fp32 values (zeros past its end): its amax, its scale, and its codes up to ``width``, rounded to
+    # nearest even with integer arithmetic, so they equal torch's own conversion bit for bit (interpreter included).
     amax = tl.max(tl.abs(v), axis=0)
     scale = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
     q = tl.math.div_rn(v, scale)
@@ -98,6 +90,42 @@ def _quantize_rows_kernel(
     code = tl.where(magnitude > 0x7F800000, 0x7F, code) | sign  # NaN stays NaN
     tl.store(codes_ptr + row * width + cols, code.to(tl.uint8), mask=cols < width)
     tl.store(scales_ptr + row, scale)
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, column_scale_ptr, codes_ptr, scales_ptr, n_cols, width, x_stride,
+    HAS_COLUMN_SCALE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    v = tl.load(x_ptr + row * x_stride + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    if HAS_COLUMN_SCALE:
+        v = v * tl.load(column_scale_ptr + cols, mask=cols < n_cols, other=0.0)
+    _store_row_codes(v, codes_ptr, scales_ptr, row, cols, width)
+
+
+@triton.jit
+def _nf4_rows_kernel(
+    data_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, codes_ptr, scales_ptr, n_cols, width,
+    NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # One row of the NF4 weight dequantized in fp32 as fusetune_kernels.nf4 does (mul, then add), then coded.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    elem = row * n_cols + cols
+    packed = tl.load(data_ptr + elem // 2, mask=mask, other=0).to(tl.int32)
+    nibble = tl.where(elem % 2 == 0, packed >> 4, packed & 15)  # high nibble first
+    blocks = elem // BLOCKSIZE
+    if NESTED:
+        q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blocks // BLOCKSIZE2, mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+    v = tl.where(mask, tl.load(code_ptr + nibble) * scale, 0.0)
+    _store_row_codes(v, codes_ptr, scales_ptr, row, cols, width)
 
 
 def _check_rows(t: torch.Tensor, column_scale, width: int | None) -> int:
@@ -176,18 +204,37 @@ def quantize_weight(weight: torch.Tensor) -> FP8Weight:
     return FP8Weight(data=codes, scale=scale.reshape(1, -1).contiguous(), shape=(out, inp), dtype=weight.dtype)
 
 
-_nf4_workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+def _padded_weight(shape: tuple[int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero codes [out16, in16] and unit scales [out16, 1]: what the padding of an FP8Weight holds."""
+    out16, in16 = _padded(shape[0]), _padded(shape[1])
+    codes = torch.zeros(out16, in16, dtype=E4M3, device=device)
+    return codes, torch.ones(out16, 1, dtype=torch.float32, device=device)
 
 
-def nf4_to_fp8(weight: NF4Weight, dtype: torch.dtype = torch.bfloat16) -> FP8Weight:
-    """The NF4 weight as an FP8Weight: dequantized in ``dtype`` into a shared workspace, quantized per channel."""
-    key = (weight.device, dtype)
-    buffer = _nf4_workspaces.get(key)
-    if buffer is None or buffer.numel() < weight.numel:
-        _nf4_workspaces[key] = buffer = None  # free the old one first
-        _nf4_workspaces[key] = buffer = torch.empty(weight.numel, dtype=dtype, device=weight.device)
-    w = dequantize_nf4(weight, out=buffer[: weight.numel].view(weight.shape))
-    return quantize_weight(w)
+def nf4_to_fp8(weight: NF4Weight) -> FP8Weight:
+    """The NF4 weight as an FP8Weight in one pass, one Triton program per output channel: each row dequantized in
+    fp32 (no rounding to a 16-bit dtype on the way) and quantized; 0.5 byte read and 1 written per element. On the
+    CPU without TRITON_INTERPRET=1, ``nf4_to_fp8_reference``; the two agree bit for bit."""
+    if not (weight.device.type == "cuda" or interpreted()) or weight.shape[1] > 65536:
+        return nf4_to_fp8_reference(weight)
+    codes, scales = _padded_weight(weight.shape, weight.device)
+    block = row_block(codes.shape[1])
+    dummy = weight.code  # stands in for the unused nested pointers
+    _nf4_rows_kernel[(weight.shape[0],)](
+        weight.data, weight.absmax, weight.code,
+        weight.absmax2 if weight.nested else dummy, weight.code2 if weight.nested else dummy,
+        weight.offset if weight.nested else dummy,
+        codes.view(torch.uint8), scales, weight.shape[1], codes.shape[1],
+        NESTED=weight.nested, BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2 if weight.nested else 1,
+        BLOCK=block, num_warps=num_warps_for(block), enable_fp_fusion=False,
+    )  # fmt: skip
+    return FP8Weight(data=codes, scale=scales.reshape(1, -1), shape=weight.shape, dtype=weight.dtype)
+
+
+def nf4_to_fp8_reference(weight: NF4Weight) -> FP8Weight:
+    """Dequantize in fp32 (``dequantize_nf4_reference``), then quantize per output channel."""
+    fp8 = quantize_weight(dequantize_nf4_reference(weight, dtype=torch.float32))
+    return FP8Weight(data=fp8.data, scale=fp8.scale, shape=fp8.shape, dtype=weight.dtype)
 
 
 def _scaled_mm(a_codes, a_scale, b_codes_t, b_scale, columns: int, dtype: torch.dtype) -> torch.Tensor:

@@ -23,8 +23,8 @@ are not run concurrently on different streams.)
 saves the same tensors and skips the dequantization and both products into y.
 
 ``fp8=True`` runs the base products as scaled FP8 GEMMs (``fusetune_kernels.fp8``): W goes from NF4 to
-e4m3 with per-output-channel scales (``fp8.nf4_to_fp8``: dequantized into its workspace, then quantized) in
-forward and again in backward, where dy W uses the same codes transposed. Nothing more is saved. The
+e4m3 with per-output-channel scales in one kernel (``fp8.nf4_to_fp8``, no 16-bit W written) in forward and
+again in backward, where dy W uses the same codes transposed. Nothing more is saved. The
 reference twin ignores it (the plain product with the dequantized W: parity measures the FP8 error).
 
 Memory traffic per call beyond the matmuls: the dequantization writes out * in elements once in
@@ -62,7 +62,7 @@ class _LoRANF4Linear(torch.autograd.Function):
         # Every operand is in the compute dtype already, so autocast (if on) has nothing to cast.
         xa = torch.mm(x2, a.t())
         if compute_output:
-            w = nf4_to_fp8(weight, dtype) if fp8 else _dequantize_into_workspace(weight, dtype)
+            w = nf4_to_fp8(weight) if fp8 else _dequantize_into_workspace(weight, dtype)
             y = base_plus_lora(x2, w, None if bias is None else bias.to(dtype), xa, b, scaling)
         else:
             y = unused_output(x2, weight.shape[0])
@@ -84,7 +84,7 @@ class _LoRANF4Linear(torch.autograd.Function):
         dx = dbias = da = db = None
         g = torch.mm(dy2, b) if (need_x or need_a) else None  # [tokens, r]
         if need_x:
-            w = nf4_to_fp8(ctx.weight, x2.dtype) if ctx.fp8 else _dequantize_into_workspace(ctx.weight, x2.dtype)
+            w = nf4_to_fp8(ctx.weight) if ctx.fp8 else _dequantize_into_workspace(ctx.weight, x2.dtype)
             dx = input_grad(dy2, w, g, a, s).to(x_dtype).view(*shape[:-1], w.shape[1])
         if need_a:
             da = _mm(g.t(), x2, a_dtype, alpha=s)

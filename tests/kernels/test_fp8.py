@@ -21,7 +21,7 @@ from fusetune_kernels.fp8 import (
 )
 from fusetune_kernels.lora import lora_linear, lora_linear_reference
 from fusetune_kernels.lora_nf4 import lora_nf4_linear, lora_nf4_linear_reference
-from fusetune_kernels.nf4 import dequantize_nf4, dequantize_nf4_reference
+from fusetune_kernels.nf4 import NF4Weight, dequantize_nf4_reference
 
 from .conftest import needs_triton_backend
 from .parity import assert_unused_output_recompute, rel_err
@@ -243,18 +243,26 @@ def nf4_weight():
     return nf4_weight
 
 
-def test_nf4_to_fp8_equals_dequantize_then_quantize(nf4_weight, monkeypatch):
-    monkeypatch.setattr(fp8, "_nf4_workspaces", {})
-    for out_f, in_f in [(80, 96), (24, 40)]:  # the second one reuses the first's workspace
-        weight = nf4_weight(out_f, in_f)
-        for dtype in (torch.bfloat16, torch.float32):
-            got = nf4_to_fp8(weight, dtype)
-            want = quantize_weight(dequantize_nf4(weight, dtype=dtype))
-            assert got.shape == (out_f, in_f) and got.dtype == dtype
-            assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8))
-            assert torch.equal(got.scale, want.scale)
-        exact = quantize_weight(dequantize_nf4_reference(weight, dtype=torch.float32))  # fp32: no interpreter rounding
-        assert torch.equal(nf4_to_fp8(weight, torch.float32).data.view(torch.uint8), exact.data.view(torch.uint8))
+@pytest.mark.parametrize("nested", [True, False], ids=["double-quant", "fp32-absmax"])
+@pytest.mark.parametrize("shape", [(80, 96), (24, 40), (7, 33)], ids=lambda s: "x".join(map(str, s)))
+def test_nf4_to_fp8_equals_dequantize_then_quantize(nf4_weight, shape, nested):
+    """One kernel, NF4 to e4m3 codes and channel scales, equal bit for bit to the fp32 dequantization quantized
+    (quantization blocks that straddle rows, an odd element count, padding to 16)."""
+    weight = nf4_weight(*shape)
+    if not nested:  # the same codes with the absmax resolved to fp32
+        absmax = (
+            weight.code2[weight.absmax.long()]
+            * weight.absmax2.repeat_interleave(weight.blocksize2)[: weight.absmax.numel()]
+            + weight.offset
+        )
+        weight = NF4Weight(weight.data, absmax, weight.blocksize, weight.code, weight.shape, weight.dtype)
+    got = nf4_to_fp8(weight)
+    want = quantize_weight(dequantize_nf4_reference(weight, dtype=torch.float32))
+    assert got.shape == shape and got.data.shape == want.data.shape and got.dtype == weight.dtype
+    assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8))
+    assert torch.equal(got.scale, want.scale)
+    reference = fp8.nf4_to_fp8_reference(weight)
+    assert torch.equal(reference.data.view(torch.uint8), want.data.view(torch.uint8))
 
 
 def test_qlora_node_with_fp8_against_its_reference(nf4_weight, monkeypatch):

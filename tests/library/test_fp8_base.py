@@ -149,3 +149,30 @@ def test_merge_dequantizes_the_held_weights(tmp_path, tiny_tokenizer):
     got = merged.model.layers[0].self_attn.q_proj.weight
     assert torch.isfinite(got).all() and rel_err(got, expected) <= 1e-2
     assert fp8_base.held_weight(model.base_model.model.model.layers[0].self_attn.q_proj.base_layer) is not None
+
+
+def test_qlora_bases_go_from_nf4_to_e4m3_on_every_call(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    from fusetune_kernels import lora_nf4
+
+    from .test_lora_nf4_patch import nf4_lora_model
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama", hidden_size=128, intermediate_size=192, num_attention_heads=8).save_pretrained(folder)
+    model = nf4_lora_model(folder)
+    apply_kernels(model, "triton", rms_norm=False, rope=False, glu=False, loss=False)
+    inputs = batch(model.config.vocab_size)
+    ref_loss, ref_grads = loss_and_grads(model, inputs)  # the fused NF4 node, base products in the compute dtype
+
+    assert fp8_base.hold_fp8(model) == "kernels.fp8 (fp8_base): 14 NF4 projections go to e4m3 on every call"
+
+    conversions = []
+    # the kernel's twin (equal bit for bit, tests/kernels/test_fp8.py): the interpreter's kernel costs half a minute
+    real = fp8.nf4_to_fp8_reference
+    monkeypatch.setattr(lora_nf4, "nf4_to_fp8", lambda w: conversions.append(w.shape) or real(w))
+    loss, grads = loss_and_grads(model, inputs)
+    assert len(conversions) == 2 * 14  # forward and backward of every 4-bit projection
+    assert abs(loss.item() - ref_loss.item()) <= 0.01 * ref_loss.item()
+    assert set(grads) == set(ref_grads)
+    for name, grad in grads.items():
+        assert torch.isfinite(grad).all() and rel_err(grad, ref_grads[name]) <= 0.1, name
