@@ -57,7 +57,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from fusetune_kernels.nf4 import NF4Weight, dequantize_nf4_reference
+from fusetune_kernels.nf4 import NF4Weight, block_scales, dequantize_nf4_reference
 from fusetune_kernels.utils import interpreted, new_empty, num_warps_for, row_block
 
 E4M3 = torch.float8_e4m3fn
@@ -118,12 +118,7 @@ def _nf4_rows_kernel(
     packed = tl.load(data_ptr + elem // 2, mask=mask, other=0).to(tl.int32)
     nibble = tl.where(elem % 2 == 0, packed >> 4, packed & 15)  # high nibble first
     blocks = elem // BLOCKSIZE
-    if NESTED:
-        q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blocks // BLOCKSIZE2, mask=mask, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+    scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocks, mask, NESTED, BLOCKSIZE2)
     v = tl.where(mask, tl.load(code_ptr + nibble) * scale, 0.0)
     _store_row_codes(v, codes_ptr, scales_ptr, row, cols, width)
 
