@@ -23,7 +23,7 @@ from fusetune_kernels.lora import lora_linear, lora_linear_reference
 from fusetune_kernels.lora_nf4 import lora_nf4_linear, lora_nf4_linear_reference
 from fusetune_kernels.nf4 import NF4Weight, dequantize_nf4_reference
 
-from .conftest import needs_triton_backend
+from .conftest import DEVICE, needs_triton_backend
 from .parity import assert_unused_output_recompute, rel_err
 
 NORM_BOUND = 0.05
@@ -96,16 +96,17 @@ def _awkward_rows(dtype) -> torch.Tensor:
 @pytest.mark.parametrize("case", ["plain", "padded", "column-scale"])
 def test_row_quantizer_equals_its_reference_bit_for_bit(dtype, case):
     needs_triton_backend()
-    t = _awkward_rows(dtype)
+    t = _awkward_rows(dtype).to(DEVICE)  # on CUDA: the compiled kernel against torch's CUDA conversion
     kwargs = {
         "plain": {},
         "padded": {"width": 112},
-        "column-scale": {"width": 112, "column_scale": torch.rand(100) * 9},
+        "column-scale": {"width": 112, "column_scale": torch.rand(100, device=DEVICE) * 9},
     }
     codes, scales = fp8.quantize_rows(t, **kwargs[case])
     ref_codes, ref_scales = fp8.quantize_rows_reference(t, **kwargs[case])
     assert codes.dtype == torch.float8_e4m3fn and codes.shape == (48, kwargs[case].get("width", 100))
     assert torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8)) and torch.equal(scales, ref_scales)
+    codes, scales = codes.cpu(), scales.cpu()
     assert (scales[3] == 1).all() and (codes[3].float() == 0).all()  # a zero row: unit scale, zero codes
     assert (codes[:, 100:].float() == 0).all()
     assert codes.float().abs().amax(dim=1)[torch.arange(48) != 3].eq(E4M3_MAX).all()  # each row's amax is 448
@@ -268,7 +269,7 @@ def test_nf4_to_fp8_equals_dequantize_then_quantize(nf4_weight, shape, nested):
 def test_qlora_node_with_fp8_against_its_reference(nf4_weight, monkeypatch):
     monkeypatch.setattr(lora_nf4, "_workspaces", {})
     weight = nf4_weight(80, 96)
-    x, _, dy, a, b = _lora_inputs(out=80)
+    x, _, dy, a, b = (t.detach().to(DEVICE).requires_grad_(t.requires_grad) for t in _lora_inputs(out=80))
     got = [g for g in _run_nf4(lora_nf4_linear, x, weight, a, b, dy, fp8=True)]
     expected = _run_nf4(lora_nf4_linear_reference, x.double(), weight, a, b, dy.double(), fp8=True)
     for name, g, e in zip(["y", "dx", "dA", "dB"], got, expected, strict=True):
