@@ -25,11 +25,18 @@ filled with NaN (so any use of it shows). Checkpointing's recompute runs a layer
 saves; where nothing reads the projection's output there (a decoder layer's down projection),
 this drops one matmul per recompute. The reference twin ignores it: its saved tensors are
 PyTorch's own, so it always computes y.
+
+The base product is swappable: a frozen base held as an ``FP8Weight`` (``fusetune_kernels.fp8``) runs
+x W^T and dy W as scaled FP8 GEMMs instead. Their output cannot be accumulated into an existing y, so the
+order turns: the FP8 product writes y (dx), and the rank-r product is added onto it (beta=1), the same
+traffic. Saved then: x, the adapters and xa, and the FP8Weight in place of W. The reference twin runs the
+plain product with the dequantized W (``fp8.linear_fp8_reference``'s convention).
 """
 
 import torch
 import torch.nn.functional as F
 
+from fusetune_kernels.fp8 import FP8Weight, fp8_input_grad, fp8_product
 from fusetune_kernels.utils import matmul
 
 
@@ -39,7 +46,13 @@ def _mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, alpha: float =
 
 
 def base_plus_lora(x2, w, bias, xa, b, scaling: float) -> torch.Tensor:
-    """y = x W^T (+ bias) + s * xa B^T [tokens, out]: the rank-r product first, then x W^T onto it."""
+    """y = x W^T (+ bias) + s * xa B^T [tokens, out]: the rank-r product first, then x W^T onto it
+    (an FP8Weight: x W^T first, then the rank-r product onto it)."""
+    if isinstance(w, FP8Weight):
+        y = fp8_product(x2, w, xa.dtype)
+        if bias is not None:
+            y.add_(bias)
+        return y.addmm_(xa, b.t(), alpha=scaling)
     if bias is None:
         y = xa.new_empty(xa.shape[0], b.shape[0]).addmm_(xa, b.t(), beta=0, alpha=scaling)
     else:
@@ -48,7 +61,9 @@ def base_plus_lora(x2, w, bias, xa, b, scaling: float) -> torch.Tensor:
 
 
 def input_grad(dy2, w, g, a, scaling: float) -> torch.Tensor:
-    """dx = dy W + s * g A [tokens, in], in the same order: the rank-r product first."""
+    """dx = dy W + s * g A [tokens, in], in the same order: the rank-r product first (last for an FP8Weight)."""
+    if isinstance(w, FP8Weight):
+        return fp8_input_grad(dy2, w, g.dtype).addmm_(g, a, alpha=scaling)
     return g.new_empty(g.shape[0], a.shape[1]).addmm_(g, a, beta=0, alpha=scaling).addmm_(dy2, w)
 
 
@@ -71,7 +86,9 @@ class _LoRALinear(torch.autograd.Function):
         dtype = compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
-        w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+        fp8 = isinstance(weight, FP8Weight)  # a frozen base held in FP8: no gradient, no cast
+        w = weight if fp8 else weight.to(dtype)
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
         # Every operand is in the compute dtype already, so autocast (if on) has nothing to cast.
         xa = torch.mm(x2, a.t())
         if compute_output:
@@ -80,17 +97,19 @@ class _LoRALinear(torch.autograd.Function):
             y = unused_output(x2, w.shape[0])
         ctx.scaling = scaling
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype, lora_a.dtype, lora_b.dtype)
-        ctx.save_for_backward(x2, w, a, b, xa)
+        ctx.fp8_weight = w if fp8 else None
+        ctx.save_for_backward(x2, None if fp8 else w, a, b, xa)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x2, w, a, b, xa = ctx.saved_tensors
+        w = ctx.fp8_weight if w is None else w
         x_dtype, w_dtype, bias_dtype, a_dtype, b_dtype = ctx.dtypes
         need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         s = ctx.scaling
         shape = dy.shape
-        dy2 = dy.reshape(-1, shape[-1]).to(w.dtype)
+        dy2 = dy.reshape(-1, shape[-1]).to(x2.dtype)
         dx = dw = dbias = da = db = None
         g = torch.mm(dy2, b) if (need_x or need_a) else None  # [tokens, r]
         if need_x:
@@ -107,14 +126,16 @@ class _LoRALinear(torch.autograd.Function):
 
 
 def lora_linear(x, weight, bias, lora_a, lora_b, scaling: float, compute_output: bool = True) -> torch.Tensor:
-    """x [..., in], weight [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r] -> [..., out].
-    ``compute_output=False``: only what backward needs (the output is NaN; see the module docstring)."""
+    """x [..., in], weight [out, in] (or a frozen FP8Weight), bias [out] or None, lora_a [r, in], lora_b [out, r]
+    -> [..., out]. ``compute_output=False``: only what backward needs (the output is NaN; see the module docstring)."""
     return _LoRALinear.apply(x, weight, bias, lora_a, lora_b, float(scaling), compute_output)
 
 
 def lora_linear_reference(x, weight, bias, lora_a, lora_b, scaling: float, compute_output: bool = True) -> torch.Tensor:
     """PEFT's own arithmetic: the base linear, then the adapter branch in the adapters' dtype, added.
     ``compute_output`` is accepted and ignored (the output is always computed)."""
+    if isinstance(weight, FP8Weight):
+        weight = weight.dequantize(x.dtype)
     result = F.linear(x, weight, bias)
     branch = F.linear(F.linear(x.to(lora_a.dtype), lora_a), lora_b) * scaling
     return (result + branch).to(result.dtype)

@@ -22,6 +22,11 @@ are not run concurrently on different streams.)
 ``compute_output=False`` (a recompute whose output nobody reads; see ``fusetune_kernels.lora``)
 saves the same tensors and skips the dequantization and both products into y.
 
+``fp8=True`` runs the base products as scaled FP8 GEMMs (``fusetune_kernels.fp8``): W goes from NF4 to
+e4m3 with per-output-channel scales in one kernel (``fp8.nf4_to_fp8``, no 16-bit W written) in forward and
+again in backward, where dy W uses the same codes transposed. Nothing more is saved. The
+reference twin ignores it (the plain product with the dequantized W: parity measures the FP8 error).
+
 Memory traffic per call beyond the matmuls: the dequantization writes out * in elements once in
 forward and once in backward, instead of keeping them alive from forward to backward.
 """
@@ -29,6 +34,7 @@ forward and once in backward, instead of keeping them alive from forward to back
 import torch
 import torch.nn.functional as F
 
+from fusetune_kernels.fp8 import nf4_to_fp8
 from fusetune_kernels.lora import _mm, base_plus_lora, compute_dtype, input_grad, unused_output
 from fusetune_kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
 from fusetune_kernels.utils import new_empty
@@ -48,7 +54,7 @@ def _dequantize_into_workspace(weight: NF4Weight, dtype: torch.dtype) -> torch.T
 
 class _LoRANF4Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, compute_output):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, compute_output, fp8):
         dtype = compute_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
@@ -56,12 +62,13 @@ class _LoRANF4Linear(torch.autograd.Function):
         # Every operand is in the compute dtype already, so autocast (if on) has nothing to cast.
         xa = torch.mm(x2, a.t())
         if compute_output:
-            w = _dequantize_into_workspace(weight, dtype)
+            w = nf4_to_fp8(weight) if fp8 else _dequantize_into_workspace(weight, dtype)
             y = base_plus_lora(x2, w, None if bias is None else bias.to(dtype), xa, b, scaling)
         else:
             y = unused_output(x2, weight.shape[0])
         ctx.weight = weight  # the packed NF4 tensors, not the dequantized W
         ctx.scaling = scaling
+        ctx.fp8 = fp8
         ctx.dtypes = (x.dtype, None if bias is None else bias.dtype, lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(x2, a, b, xa)
         return y.view(*shape[:-1], y.shape[-1])
@@ -77,7 +84,7 @@ class _LoRANF4Linear(torch.autograd.Function):
         dx = dbias = da = db = None
         g = torch.mm(dy2, b) if (need_x or need_a) else None  # [tokens, r]
         if need_x:
-            w = _dequantize_into_workspace(ctx.weight, x2.dtype)
+            w = nf4_to_fp8(ctx.weight) if ctx.fp8 else _dequantize_into_workspace(ctx.weight, x2.dtype)
             dx = input_grad(dy2, w, g, a, s).to(x_dtype).view(*shape[:-1], w.shape[1])
         if need_a:
             da = _mm(g.t(), x2, a_dtype, alpha=s)
@@ -85,7 +92,7 @@ class _LoRANF4Linear(torch.autograd.Function):
             db = _mm(dy2.t(), xa, b_dtype, alpha=s)
         if need_bias:
             dbias = dy2.sum(0, dtype=torch.float32).to(bias_dtype)
-        return dx, None, dbias, da, db, None, None
+        return dx, None, dbias, da, db, None, None, None
 
 
 def _check(weight, lora_a, lora_b) -> None:
@@ -97,19 +104,19 @@ def _check(weight, lora_a, lora_b) -> None:
 
 
 def lora_nf4_linear(
-    x, weight: NF4Weight, bias, lora_a, lora_b, scaling: float, compute_output: bool = True
+    x, weight: NF4Weight, bias, lora_a, lora_b, scaling: float, compute_output: bool = True, fp8: bool = False
 ) -> torch.Tensor:
     """x [..., in], weight NF4 [out, in], bias [out] or None, lora_a [r, in], lora_b [out, r] -> [..., out].
-    ``compute_output=False``: only what backward needs (the output is NaN)."""
+    ``compute_output=False``: only what backward needs (the output is NaN). ``fp8``: FP8 base products."""
     _check(weight, lora_a, lora_b)
-    return _LoRANF4Linear.apply(x, weight, bias, lora_a, lora_b, float(scaling), compute_output)
+    return _LoRANF4Linear.apply(x, weight, bias, lora_a, lora_b, float(scaling), compute_output, fp8)
 
 
 def lora_nf4_linear_reference(
-    x, weight: NF4Weight, bias, lora_a, lora_b, scaling: float, compute_output: bool = True
+    x, weight: NF4Weight, bias, lora_a, lora_b, scaling: float, compute_output: bool = True, fp8: bool = False
 ) -> torch.Tensor:
     """PEFT over bitsandbytes' Linear4bit: W dequantized to its own dtype, cast to x's, the base linear,
-    then the adapter branch in the adapters' dtype, added. ``compute_output`` is ignored."""
+    then the adapter branch in the adapters' dtype, added. ``compute_output`` and ``fp8`` are ignored."""
     _check(weight, lora_a, lora_b)
     w = dequantize_nf4_reference(weight).to(x.dtype)
     result = F.linear(x, w, None if bias is None else bias.to(x.dtype))

@@ -115,6 +115,20 @@ class NF4Weight:
 
 
 @triton.jit
+def block_scales(
+    absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocks, mask, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr
+):
+    """The fp32 scale of each quantization block in ``blocks``, the nested absmax resolved (mul, then add)."""
+    if NESTED:
+        q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blocks // BLOCKSIZE2, mask=mask, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
 def _dequantize_nf4_kernel(
     data_ptr,
     absmax_ptr,
@@ -133,12 +147,7 @@ def _dequantize_nf4_kernel(
     # int64 block indices: every offset below is 64-bit.
     blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     block_mask = blocks < n_blocks
-    if NESTED:
-        q = tl.load(absmax_ptr + blocks, mask=block_mask, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + blocks // BLOCKSIZE2, mask=block_mask, other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0)
+    scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocks, block_mask, NESTED, BLOCKSIZE2)
 
     HALF: tl.constexpr = BLOCKSIZE // 2
     byte = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]

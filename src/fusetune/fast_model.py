@@ -15,6 +15,7 @@ import torch
 
 from fusetune_kernels.offloaded_checkpoint import enable_checkpointing
 
+from . import fp8_base as fp8
 from . import limits, loading
 from .errors import FusetuneError
 from .modules import EMBEDDINGS, PROJECTIONS, base_model, is_quantized
@@ -109,6 +110,7 @@ class FastModel:
         rope_scaling=None,
         fast_inference: bool = False,
         use_gradient_checkpointing: bool | str | None = None,
+        fp8_base: bool = False,
     ):
         """(model, tokenizer). ``dtype`` None: bf16 where supported, fp16 on older GPUs, fp32 on CPU.
 
@@ -116,7 +118,8 @@ class FastModel:
         unless asked for). ``full_finetuning`` and ``load_in_16bit`` load unquantized weights; every
         weight then trains unless ``get_peft_model`` adds adapters. ``fix_tokenizer`` is always on: a
         tokenizer without a pad token gets its eos token. ``use_gradient_checkpointing`` becomes the
-        default of ``get_peft_model``.
+        default of ``get_peft_model``. ``fp8_base``: the frozen base projections that ``get_peft_model`` wraps
+        run as scaled FP8 GEMMs (``fusetune.fp8_base``); refused on the CPU and on GPUs without FP8 tensor cores.
         """
         quantized = load_in_4bit or load_in_8bit
         if (full_finetuning or load_in_16bit) and quantized:
@@ -126,6 +129,8 @@ class FastModel:
         if fast_inference:
             raise FusetuneError("fast_inference (vLLM) is not supported; generate with model.generate()")
         dtype = _dtype(dtype)
+        if fp8_base:
+            fp8.refuse_without_fp8(dtype, kernels, full_finetuning or load_in_8bit)
         hub = {"token": token, "revision": revision, "trust_remote_code": trust_remote_code}
         limits.refuse({"max_seq_length": max_seq_length}, limits.MODEL)
         model_config = loading.load_config(config or model_name, **hub)
@@ -154,6 +159,7 @@ class FastModel:
         model.fusetune_hub = {"revision": revision, "trust_remote_code": trust_remote_code}  # no token kept
         if use_gradient_checkpointing is not None:
             model.fusetune_gradient_checkpointing = use_gradient_checkpointing
+        model.fusetune_fp8_base = fp8_base  # get_peft_model turns the wrapped projections to FP8
         return model, tokenizer
 
     @staticmethod
@@ -227,6 +233,8 @@ class FastModel:
             layers_pattern=layers_pattern,
         )
         peft_model.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
+        if getattr(base_model(peft_model), "fusetune_fp8_base", False):
+            log.info(fp8.hold_fp8(peft_model))
         if checkpointing:  # fusetune's own: offloaded or not, with the recompute marked (see enable_checkpointing)
             log.info(
                 "use_gradient_checkpointing=%r: %s",
@@ -264,8 +272,11 @@ class FastModel:
         is exact rather than into 4-bit blocks; with the revision and remote-code choice it was
         loaded with, and ``token`` (not kept from ``from_pretrained``) for a gated repository.
         The model passed in is left unchanged, and the saved config has ``use_cache`` on (training
-        turns it off). A folder that holds anything is refused unless ``overwrite``; then every
-        weight, index and adapter file in it is removed first, so none of them can load beside the merge.
+        turns it off). A base held in FP8 (``fp8_base``, bf16 LoRA) merges as its dequantized e4m3
+        weights, the base the adapters trained against (3 mantissa bits, a scale per output channel;
+        the saved adapter merged into the original model gives the 16-bit base). A folder that holds
+        anything is refused unless ``overwrite``; then every weight, index and adapter file in it is
+        removed first, so none of them can load beside the merge.
         """
         from peft import PeftModel
 
@@ -283,7 +294,9 @@ class FastModel:
                 base = loading.load_model(base_path, dtype, token=token, **hub)
                 merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         else:
-            merged = copy.deepcopy(model).merge_and_unload()
+            merged = copy.deepcopy(model)
+            fp8.restore_weights(merged)
+            merged = merged.merge_and_unload()
         merged = merged.to(dtype)
         merged.config.use_cache = True
         merged.save_pretrained(save_directory, safe_serialization=True)

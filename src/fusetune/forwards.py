@@ -15,6 +15,7 @@ from fusetune_kernels.fused_linear_cross_entropy import find_kept_rows
 from fusetune_kernels.nf4 import NF4Weight
 from fusetune_kernels.offloaded_checkpoint import recomputing
 
+from . import fp8_base
 from .errors import FusetuneError
 from .families import LOGIT_SCALES, activation_kind
 
@@ -274,18 +275,30 @@ def _plain_lora(layer, x, args, kwargs, base_type: type) -> str | None:
     return name
 
 
+def _refuse_unplain_fp8(layer) -> None:
+    """A layer whose base went FP8 (``fusetune.fp8_base``) runs only the fused node: one line otherwise."""
+    if getattr(layer.base_layer, "fusetune_fp8", None) is not None:
+        raise FusetuneError(
+            f"{fp8_base.KEY}: a LoRA call the fused node does not cover (LoRA dropout while training, DoRA, a "
+            "LoRA bias, merged, disabled or several adapters) has no FP8 path; use model.lora.dropout=0 and plain LoRA"
+        )
+
+
 def lora_forward(ops: Ops, original_forward):
-    """PEFT's LoRA Linear forward, as one fused node (``ops.lora_linear``) where the call is plain LoRA."""
+    """PEFT's LoRA Linear forward, as one fused node (``ops.lora_linear``) where the call is plain LoRA; a base
+    held in FP8 (``fusetune.fp8_base``) enters the node as its FP8Weight."""
 
     @functools.wraps(original_forward)
     def forward(self, x, *args, **kwargs):
         name = _plain_lora(self, x, args, kwargs, torch.nn.Linear)
         if name is None:
+            _refuse_unplain_fp8(self)
             return original_forward(self, x, *args, **kwargs)
         base = self.base_layer
+        held = fp8_base.held_weight(base)
         return ops.lora_linear(
             x,
-            base.weight,
+            base.weight if held is None else held,
             base.bias,
             self.lora_A[name].weight,
             self.lora_B[name].weight,
@@ -322,6 +335,7 @@ def lora_nf4_forward(ops: Ops, original_forward, linear4bit: type):
         name = _plain_lora(self, x, args, kwargs, linear4bit)
         weight = None if name is None else _nf4_weight(self.base_layer)
         if weight is None:
+            _refuse_unplain_fp8(self)
             return original_forward(self, x, *args, **kwargs)
         return ops.lora_nf4_linear(
             x,
@@ -331,6 +345,7 @@ def lora_nf4_forward(ops: Ops, original_forward, linear4bit: type):
             self.lora_B[name].weight,
             self.scaling[name],
             compute_output=not _output_unused.get(),
+            fp8=getattr(self.base_layer, "fusetune_fp8", None) == fp8_base.NF4_TO_FP8,
         )
 
     forward._fusetune = True

@@ -164,6 +164,8 @@ class DataConfig:
 @dataclass
 class KernelsConfig:
     backend: Backend = Backend.auto
+    # the frozen base projections under LoRA as scaled FP8 GEMMs (GPUs with FP8 tensor cores, bf16; fusetune.fp8_base)
+    fp8: bool = False
 
 
 # FastSFTConfig fields that the app fills in from elsewhere (run.sft_config), and from where: no trainer key holds them.
@@ -480,6 +482,18 @@ def check_composed(cfg) -> None:
         raise FusetuneError("; ".join(problems))
 
 
+def fp8_problems(cfg) -> list[str]:
+    """What kernels.fp8=true cannot run with, known from the config alone (the device is checked at load)."""
+    problems = []
+    if cfg.model.lora is None:
+        problems.append("kernels.fp8 needs model.lora: it runs the frozen base weights under LoRA adapters in FP8")
+    if cfg.model.dtype not in (DType.auto, DType.bfloat16):
+        problems.append(f"kernels.fp8 computes in bfloat16: model.dtype is {cfg.model.dtype.value}")
+    if cfg.distributed != Distributed.none:
+        problems.append(f"kernels.fp8 trains in one process: distributed={cfg.distributed.value} is not supported")
+    return problems
+
+
 def validate(cfg) -> None:
     """Rules that span config groups, after ``check_composed``. Raises FusetuneError, one line for every mistake."""
     check_composed(cfg)
@@ -505,6 +519,8 @@ def validate(cfg) -> None:
             "export.merged with distributed=fsdp and no LoRA: rank 0 holds only its shard of the model; "
             "use the run's model/ (saved whole), or convert it to 16 bits afterwards"
         )
+    if cfg.kernels.fp8:
+        problems += fp8_problems(cfg)
     if cfg.trainer.packing and cfg.trainer.padding_free:
         problems.append("trainer.packing and trainer.padding_free: choose one (packing is already padding-free)")
     if cfg.trainer.max_steps == 0:
