@@ -11,24 +11,27 @@ A graph replays fixed shapes, so each batch is padded up to a bucket:
 - documents: the cumulative lengths are padded with empty documents, up to a power of two;
 - the longest document: up to a power of two (it sizes the attention kernel's grid only).
 
-Which bucket a batch replays (``BucketPlan.choose``), so that a short run does not spend its time
-capturing: a new bucket costs one eager warm-up step and the capture of its forward and backward,
-about 6-20 replays' worth of time, while a replay padded to twice the batch's tokens costs about two.
+Which bucket a batch replays (``BucketPlan.choose``), so that a short run is not spent capturing. The
+costs it weighs, in replays of the batch's own bucket (R; a graphed step is GPU-bound, so a replay
+costs about its bucket's tokens): an eager step, host-bound, about 3 R; a capture, which traces the
+step on the host once (twice for the first bucket, with its warm-up), about 3-10 R; a replay padded
+to k times the batch's tokens, about k R.
 
 1. its own bucket (``bucket_for``), once captured: replayed;
 2. else the smallest captured bucket that serves it (``serves``: at most ``LOOSE_PADDING`` times its
-   tokens, enough documents, a long enough longest document): replayed there. Once such replays have
-   padded the batch's own bucket by ``WASTE_TO_CAPTURE`` times its tokens, in all, its own bucket is
-   captured (rent, then buy: the padding a long run wastes is bounded by about one capture's cost);
-3. else a wide bucket is captured (``wide_bucket_for``: two steps an octave, documents and longest
-   document sized so that batches down to 1/``LOOSE_PADDING`` of its tokens fit in it too);
+   tokens, no worse than an eager step; enough documents; a long enough longest document): replayed
+   there. Once such replays have padded the batch's own bucket by ``WASTE_TO_CAPTURE`` times its
+   tokens, in all, its own bucket is captured (rent, then buy: a long run wastes about one capture's
+   cost per shape before its tight bucket is captured);
+3. else a wide bucket is captured (``wide_bucket_for``: two sizes an octave, and documents and
+   longest document for batches down to 1/``LOOSE_PADDING`` of its tokens, their padding in pad
+   documents of up to ``WIDE_PAD_DOC_TOKENS``);
 4. past ``MAX_BUCKETS`` captured buckets, a batch that none serves runs eagerly.
 
-Cost model (per run: replays x R(bucket) + captures x (W + C), R about proportional to the bucket's
-tokens on a GPU-bound step, W an eager step, C the capture of forward and backward): S4 (8 lognormal
-documents a step, 30 steps) meets about 14 of ``bucket_for``'s buckets, and captured each at first
-sight; the plan captures 2-4 wide buckets, most in the first steps, and replays the rest there with
-about 20% padding (bench/NOTES.md has the prediction).
+A run of n steps then costs about sum(R x padding) + captures x (C + one W): S4 (8 lognormal documents
+a step, 30 steps) meets about 14 of ``bucket_for``'s buckets and captured each at first sight (8-10 of
+them in its 24 timed steps); the plan captures 2-4 wide buckets, most in the first steps, and replays
+with about 26% padding (bench/NOTES.md has the prediction).
 
 ``StaticBatch`` holds a bucket's input buffers and pads each batch into them on the device, without a
 host sync. Pure shape arithmetic and tensor copies: no capture here, and all of it runs on the CPU.
@@ -42,12 +45,13 @@ from .forwards import IGNORE_INDEX
 
 TOKEN_STEPS_PER_OCTAVE = 8  # bucket spacing: padding stays under 1/8 of the tokens
 WIDE_STEPS_PER_OCTAVE = 2  # a wide bucket's spacing: its own batch's padding stays under 1/3 of the tokens
-LOOSE_PADDING = 2  # a captured bucket serves batches of down to 1/LOOSE_PADDING of its tokens
+LOOSE_PADDING = 3  # a captured bucket serves batches of down to 1/LOOSE_PADDING of its tokens
 WASTE_TO_CAPTURE = 8  # a batch's own bucket is captured once its padding elsewhere reached this many of it
 MAX_BUCKETS = 64  # buckets captured at most
 MIN_TOKENS = 128
 MIN_DOCS = 8
 PAD_DOC_TOKENS = 128  # the longest pad document
+WIDE_PAD_DOC_TOKENS = 512  # ... in a wide bucket, whose padding may be most of it: fewer, longer pad documents
 BATCH_KEYS = frozenset(
     {"input_ids", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx"}
 )
@@ -63,11 +67,12 @@ class Bucket:
     tokens: int  # row length after padding
     docs: int  # documents after padding (the pad documents and empty ones included)
     longest: int  # the attention kernel's max_seqlen
+    pad_doc: int = PAD_DOC_TOKENS  # the longest pad document
 
 
-def pad_docs(pad: int) -> int:
+def pad_docs(pad: int, pad_doc: int = PAD_DOC_TOKENS) -> int:
     """How many documents ``pad`` pad tokens form."""
-    return -(-pad // PAD_DOC_TOKENS)
+    return -(-pad // pad_doc)
 
 
 def round_up(tokens: int, steps_per_octave: int) -> int:
@@ -89,13 +94,15 @@ def bucket_for(tokens: int, docs: int, longest: int) -> Bucket:
 
 def wide_bucket_for(tokens: int, docs: int, longest: int) -> Bucket:
     """A bucket for this batch that also serves batches of down to 1/LOOSE_PADDING of its tokens: tokens on
-    the wide grid, documents for that much padding, the longest document at least a quarter of the tokens."""
+    the wide grid, documents for that much padding (in pad documents of up to WIDE_PAD_DOC_TOKENS), the
+    longest document at least a quarter of the tokens."""
     padded = round_up(tokens, WIDE_STEPS_PER_OCTAVE)
     most_pad = max(padded - tokens, padded - padded // LOOSE_PADDING)
     return Bucket(
         tokens=padded,
-        docs=max(MIN_DOCS, next_pow2(docs + pad_docs(most_pad))),
-        longest=min(padded, next_pow2(max(longest, padded // 4, min(most_pad, PAD_DOC_TOKENS), 1))),
+        docs=max(MIN_DOCS, next_pow2(docs + pad_docs(most_pad, WIDE_PAD_DOC_TOKENS))),
+        longest=min(padded, next_pow2(max(longest, padded // 4, min(most_pad, WIDE_PAD_DOC_TOKENS), 1))),
+        pad_doc=WIDE_PAD_DOC_TOKENS,
     )
 
 
@@ -105,8 +112,8 @@ def serves(bucket: Bucket, tokens: int, docs: int, longest: int) -> bool:
     return (
         0 <= pad
         and bucket.tokens <= max(MIN_TOKENS, LOOSE_PADDING * tokens)
-        and docs + pad_docs(pad) <= bucket.docs
-        and max(longest, min(pad, PAD_DOC_TOKENS)) <= bucket.longest
+        and docs + pad_docs(pad, bucket.pad_doc) <= bucket.docs
+        and max(longest, min(pad, bucket.pad_doc)) <= bucket.longest
     )
 
 
@@ -178,9 +185,9 @@ class StaticBatch:
         self.cu_seq_lens = torch.full((d + 1,), t, dtype=torch.int32, device=device)
         self.seq_idx = torch.zeros(1, t, dtype=torch.int32, device=device) if with_seq_idx else None
         # for the pad tokens after the batch's n: positions, document numbers, document ends (less n)
-        self.pad_positions = torch.arange(t, dtype=torch.long, device=device) % PAD_DOC_TOKENS
-        self.pad_doc_index = torch.arange(t, dtype=torch.int32, device=device) // PAD_DOC_TOKENS
-        self.pad_doc_ends = torch.arange(1, d + 1, dtype=torch.int32, device=device) * PAD_DOC_TOKENS
+        self.pad_positions = torch.arange(t, dtype=torch.long, device=device) % bucket.pad_doc
+        self.pad_doc_index = torch.arange(t, dtype=torch.int32, device=device) // bucket.pad_doc
+        self.pad_doc_ends = torch.arange(1, d + 1, dtype=torch.int32, device=device) * bucket.pad_doc
 
     def fill(self, batch: dict) -> None:
         """Copy ``batch`` in, then the pad documents and the empty ones (all on the device, no sync)."""
@@ -194,7 +201,7 @@ class StaticBatch:
         self.labels[:, :n].copy_(batch["labels"])
         self.labels[:, n:].fill_(IGNORE_INDEX)
         self.cu_seq_lens[: docs + 1].copy_(batch["cu_seq_lens_q"])
-        tail = self.cu_seq_lens[docs + 1 :]  # pad documents end every PAD_DOC_TOKENS, then empty ones at t
+        tail = self.cu_seq_lens[docs + 1 :]  # pad documents end every bucket.pad_doc, then empty ones at t
         tail.copy_(self.pad_doc_ends[: tail.numel()]).add_(n).clamp_(max=t)
         if self.seq_idx is not None:
             self.seq_idx[:, :n].copy_(batch["seq_idx"])

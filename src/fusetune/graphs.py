@@ -11,7 +11,10 @@ batch replays, and when a new one is captured, so that a short run is not spent 
 
 Each bucket gets a forward graph and a backward graph, all in one memory pool: a step replays one
 bucket's forward and then its backward before any other graph runs, so the buckets share their
-activation memory. The backward graph writes the gradients into one set of buffers shared by every
+activation memory. The first capture follows an eager warm-up step on the capture stream (kernels
+compile, workspaces are made); later buckets are captured cold, which costs the host one traced step,
+not two. A cold capture that fails (a kernel compiling for a new shape inside it, say) is retried once
+after a warm-up. The backward graph writes the gradients into one set of buffers shared by every
 bucket, and hands autograd fresh copies multiplied by the loss's incoming gradient. Gradient
 accumulation, HF's division by the accumulation steps, and fp16 loss scaling work as in eager mode.
 The loss is divided inside the graph by a denominator that is copied in before each replay
@@ -41,7 +44,7 @@ from .buckets import MAX_BUCKETS, BucketPlan, StaticBatch, batch_blocker, bucket
 from .forwards import IGNORE_INDEX, TokenStatsOutput
 
 log = logging.getLogger(__name__)
-WARMUP_STEPS = 1  # eager runs on the capture stream before capturing (compiles kernels, makes workspaces)
+WARMUP_STEPS = 1  # eager runs on the capture stream before the first capture (compiles kernels, makes workspaces)
 # How the graphs call the model, besides the static batch and the loss denominator: the loss and metric
 # sums (TokenStatsOutput), every row scored by the loss head (no host sync to find the labelled ones).
 FORWARD_KEYWORDS = {"use_cache": False, "token_stats": True, "static_shapes": True}
@@ -153,6 +156,8 @@ class StepGraphs:
         self.eager_steps = 0  # batches run eagerly (a batch that cannot be padded, or no bucket left)
         self.last_action: str | None = None  # the latest batch's: "capture", "replay" or "eager"
         self.capture_seconds = 0.0
+        self.stream_warm = False  # whether the capture stream ran a step eagerly (later buckets capture cold)
+        self.cold_retries = 0  # cold captures that failed, and succeeded after a warm-up
         self.tokens = 0  # real tokens replayed
         self.padded_tokens = 0  # the same rows, padded to their buckets
         self._said: set[str] = set()
@@ -235,10 +240,23 @@ class StepGraphs:
             log.warning("cuda graphs off: %s; training eagerly from here", self.disabled)
             return None
         start = time.perf_counter()
-        try:
-            for _ in range(WARMUP_STEPS):
+
+        def record(warm: bool) -> _Captured:
+            for _ in range(WARMUP_STEPS if warm else 0):
                 self.recorder.warm_up(warm_up)
-            captured = _Captured(static, self.recorder.capture(forward), self.recorder.capture(backward), state)
+            self.stream_warm = True
+            return _Captured(static, self.recorder.capture(forward), self.recorder.capture(backward), state)
+
+        try:
+            if not self.stream_warm:
+                captured = record(warm=True)
+            else:  # cold: the stream and the kernels are warm from the first bucket; a new shape may still fail
+                try:
+                    captured = record(warm=False)
+                except Exception:  # noqa: BLE001 - then warm up for this shape and capture again
+                    self.recorder.recover()
+                    self.cold_retries += 1
+                    captured = record(warm=True)
         except Exception as error:  # noqa: BLE001 - any capture failure means: train eagerly
             self.recorder.recover()
             self.disabled = (
@@ -265,6 +283,7 @@ class StepGraphs:
         self.plan.forget()
         self.pending = None
         self.recorder = type(self.recorder)()  # a new pool: the old one goes with its graphs
+        self.stream_warm = False
 
     def _make_grad_buffers(self, grads) -> None:
         used = [g is not None for g in grads]
@@ -287,6 +306,7 @@ class StepGraphs:
             "loose_replays": self.loose_replays,
             "eager_steps": self.eager_steps,
             "capture_seconds": round(self.capture_seconds, 3),
+            "cold_retries": self.cold_retries,
             "padding": round(1 - self.tokens / self.padded_tokens, 4) if self.padded_tokens else 0.0,
             "disabled": self.disabled,
         }
