@@ -455,9 +455,9 @@ def make_optimizer(name: str, params, torch, cuda: bool):
 
 
 def timed_steps(model, optimizer, batches, warmup, torch, cuda, autocast, step_graphs=None):
-    """Run every batch; return every step's time (ms, consecutive CUDA-event intervals; the peak-memory reset
-    before step ``warmup`` falls in the interval before it), all losses, and each step's path: "eager", or
-    with ``step_graphs`` (fusetune.graphs.StepGraphs, as FastSFTTrainer runs padding-free steps) "capture" or
+    """Run every batch; return every step's time (ms, consecutive CUDA-event intervals from the first step's
+    start; peak memory is reset before step ``warmup``), all losses, and each step's path: "eager", or with
+    ``step_graphs`` (fusetune.graphs.StepGraphs, as FastSFTTrainer runs padding-free steps) "capture" or
     "replay" where the graphs took the batch."""
     device = "cuda" if cuda else "cpu"
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and autocast) else contextlib.nullcontext()
@@ -500,7 +500,7 @@ def timed_steps(model, optimizer, batches, warmup, torch, cuda, autocast, step_g
     return times, [float(x) for x in torch.stack(losses).cpu().tolist()], paths
 
 
-def step_graphs_for(model, spec: dict, torch):
+def step_graphs_for(model, spec: dict):
     """fusetune's CUDA graphs for its padding-free rows, as FastSFTTrainer makes them (on the CPU: the same
     padded path with reruns for replays); None for other rows and variants, or with --fusetune-graphs off."""
     if not (spec["variant"].startswith("fusetune") and spec["mode"] == "padding_free" and spec.get("fusetune_graphs")):
@@ -584,7 +584,7 @@ def run_worker(spec: dict) -> dict:
         optimizer = make_optimizer("adamw_fused", params, torch, cuda)
 
         stage = "steps"
-        step_graphs = step_graphs_for(model, spec, torch)
+        step_graphs = step_graphs_for(model, spec)
         every, losses, paths = timed_steps(
             model, optimizer, batches, spec["warmup"], torch, cuda, spec["autocast"], step_graphs
         )

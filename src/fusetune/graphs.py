@@ -183,7 +183,9 @@ class StepGraphs:
             return None
         key = (choice.bucket, kind)
         captured = self.graphs.get(key)
-        static = captured.static if captured else StaticBatch(choice.bucket, self.device, self.pad_token_id, kind)
+        static = (
+            StaticBatch(choice.bucket, self.device, self.pad_token_id, kind) if captured is None else captured.static
+        )
         static.fill(batch)
         self._set_denominator(batch, num_items_in_batch)
         if captured is None:
