@@ -19,17 +19,18 @@ to k times the batch's tokens, about k R.
 
 1. its own bucket (``bucket_for``), once captured: replayed;
 2. else the smallest captured bucket that serves it (``serves``: at most ``LOOSE_PADDING`` times its
-   tokens, no worse than an eager step; enough documents; a long enough longest document): replayed
-   there. Once such replays have padded the batch's own bucket by ``WASTE_TO_CAPTURE`` times its
-   tokens, in all, its own bucket is captured (rent, then buy: a long run wastes about one capture's
-   cost per shape before its tight bucket is captured);
+   tokens, no worse than an eager step, and at most ``LOOSE_PAD_TOKENS`` more: a larger step is
+   GPU-bound, and its padding costs what its graph saves; enough documents; a long enough longest
+   document): replayed there. Once such replays have padded the batch's own bucket by
+   ``WASTE_TO_CAPTURE`` times its tokens, in all, its own bucket is captured (rent, then buy: a long
+   run wastes about one capture's cost per shape before its tight bucket is captured);
 3. else a wide bucket is captured (``wide_bucket_for``: two sizes an octave, and documents and
    longest document for batches down to 1/``LOOSE_PADDING`` of its tokens, their padding in pad
-   documents of up to ``WIDE_PAD_DOC_TOKENS``);
+   documents of up to ``WIDE_PAD_DOC_TOKENS``; a large batch gets its tight bucket instead);
 4. past ``MAX_BUCKETS`` captured buckets, a batch that none serves runs eagerly.
 
 A run of n steps then costs about sum(R x padding) + captures x (C + one W): S4 (8 lognormal documents
-a step, 30 steps) meets about 14 of ``bucket_for``'s buckets and captured each at first sight (8-10 of
+a step, 30 steps) meets about 14 of ``bucket_for``'s buckets and captured each at first sight (6-12 of
 them in its 24 timed steps); the plan captures 2-4 wide buckets, most in the first steps, and replays
 with about 26% padding (bench/NOTES.md has the prediction).
 
@@ -45,7 +46,8 @@ from .forwards import IGNORE_INDEX
 
 TOKEN_STEPS_PER_OCTAVE = 8  # bucket spacing: padding stays under 1/8 of the tokens
 WIDE_STEPS_PER_OCTAVE = 2  # a wide bucket's spacing: its own batch's padding stays under 1/3 of the tokens
-LOOSE_PADDING = 3  # a captured bucket serves batches of down to 1/LOOSE_PADDING of its tokens
+LOOSE_PADDING = 3  # a captured bucket serves batches of down to 1/LOOSE_PADDING of its tokens ...
+LOOSE_PAD_TOKENS = 8192  # ... with this many pad tokens at most (past that, tight buckets' padding only)
 WASTE_TO_CAPTURE = 8  # a batch's own bucket is captured once its padding elsewhere reached this many of it
 MAX_BUCKETS = 64  # buckets captured at most
 MIN_TOKENS = 128
@@ -92,12 +94,22 @@ def bucket_for(tokens: int, docs: int, longest: int) -> Bucket:
     )
 
 
+def max_pad(tokens: int) -> int:
+    """The most pad tokens a batch is replayed with: up to LOOSE_PADDING times its tokens, at most
+    LOOSE_PAD_TOKENS more (a tight bucket's padding, under 1/8 of its tokens, always)."""
+    loose = min((LOOSE_PADDING - 1) * tokens, LOOSE_PAD_TOKENS)
+    return max(MIN_TOKENS - tokens, tokens // TOKEN_STEPS_PER_OCTAVE, loose)
+
+
 def wide_bucket_for(tokens: int, docs: int, longest: int) -> Bucket:
-    """A bucket for this batch that also serves batches of down to 1/LOOSE_PADDING of its tokens: tokens on
-    the wide grid, documents for that much padding (in pad documents of up to WIDE_PAD_DOC_TOKENS), the
-    longest document at least a quarter of the tokens."""
+    """A bucket for this batch that also serves smaller ones, down to 1/LOOSE_PADDING of its tokens (at
+    most LOOSE_PAD_TOKENS fewer): tokens on the wide grid, documents for that much padding (in pad
+    documents of up to WIDE_PAD_DOC_TOKENS), the longest document at least a quarter of the tokens. Where
+    the wide grid would pad the batch itself by more than ``max_pad``, its tight bucket."""
     padded = round_up(tokens, WIDE_STEPS_PER_OCTAVE)
-    most_pad = max(padded - tokens, padded - padded // LOOSE_PADDING)
+    if padded - tokens > max_pad(tokens):
+        return bucket_for(tokens, docs, longest)
+    most_pad = max(padded - tokens, min(padded - padded // LOOSE_PADDING, LOOSE_PAD_TOKENS))
     return Bucket(
         tokens=padded,
         docs=max(MIN_DOCS, next_pow2(docs + pad_docs(most_pad, WIDE_PAD_DOC_TOKENS))),
@@ -107,11 +119,10 @@ def wide_bucket_for(tokens: int, docs: int, longest: int) -> Bucket:
 
 
 def serves(bucket: Bucket, tokens: int, docs: int, longest: int) -> bool:
-    """Whether a batch fits ``bucket`` with its padding bounded (at most LOOSE_PADDING times its tokens)."""
+    """Whether a batch fits ``bucket`` with its padding bounded (``max_pad``)."""
     pad = bucket.tokens - tokens
     return (
-        0 <= pad
-        and bucket.tokens <= max(MIN_TOKENS, LOOSE_PADDING * tokens)
+        0 <= pad <= max_pad(tokens)
         and docs + pad_docs(pad, bucket.pad_doc) <= bucket.docs
         and max(longest, min(pad, bucket.pad_doc)) <= bucket.longest
     )

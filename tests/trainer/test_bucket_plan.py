@@ -7,7 +7,8 @@
   ``max_buckets`` a batch that nothing serves runs eagerly; ``forget`` starts over.
 - Invariants on length distributions (S4's, the profiler's, long rows, many short documents): a
   batch's own and wide buckets serve it, every bucket replayed serves its batch (padding at most
-  LOOSE_PADDING times its tokens) and is captured first, at most max_buckets are captured.
+  LOOSE_PADDING times its tokens, and LOOSE_PAD_TOKENS or a tight bucket's 1/8) and is captured
+  first, at most max_buckets are captured.
 - S4 itself (bench.py's own lengths): few captures, most before the timed steps; over a long run the
   padding falls back towards the tight buckets'.
 """
@@ -66,6 +67,16 @@ CASES = {
         [BIG, (1000, 8, 300)] + [(4100, 8, 1000)] * 4,
         [("capture", W), ("eager", None)] + [("replay", W)] * 4,
     ),
+    "a long row: its tight bucket": ({}, [(40000, 2, 30000)], [("capture", (40960, 16, 32768, 128))]),
+    "long rows: at most LOOSE_PAD_TOKENS of padding": (
+        {},
+        [(30000, 2, 20000), (25000, 2, 20000), (24000, 2, 20000)],
+        [
+            ("capture", (32768, 32, 32768, 512)),
+            ("replay", (32768, 32, 32768, 512)),
+            ("capture", (24576, 32, 24576, 512)),
+        ],
+    ),
     "forget: captured again": ({}, [BIG, FORGET, BIG], [("capture", W), ("capture", W)]),
     "tiny batches: the smallest bucket": (
         {},
@@ -119,6 +130,7 @@ DISTRIBUTIONS = {
     "S4": s4,
     "profiler: 8 documents of 64-1024": uniform_docs,
     "long rows: 2 documents of 4k-32k": lambda seed, steps: uniform_docs(seed, steps, 2, 4096, 32768),
+    "very long rows: 4 documents of 8k-64k": lambda seed, steps: uniform_docs(seed, steps, 4, 8192, 65536),
     "packed rows of 1-200 documents": packed_rows,
 }
 
@@ -138,6 +150,7 @@ def test_every_replay_serves_its_batch(name, max_buckets):
         b = choice.bucket
         assert serves(b, tokens, docs, longest)
         assert b.tokens <= max(buckets.MIN_TOKENS, buckets.LOOSE_PADDING * tokens) and b.tokens % 16 == 0
+        assert b.tokens - tokens <= max(buckets.MIN_TOKENS, buckets.LOOSE_PAD_TOKENS, tokens // 8)
         assert b.docs >= docs + buckets.pad_docs(b.tokens - tokens, b.pad_doc) and b.docs & (b.docs - 1) == 0
         if choice.action == "replay":
             assert (b, None) in plan.buckets
