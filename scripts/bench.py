@@ -20,18 +20,21 @@ multimodal architecture (Gemma 3 4B, Qwen3.5); LoRA r=16, alpha=16, dropout 0 on
 AdamW; ``model.train()``; the same seeded batches; and a plain loop (forward with labels, backward,
 optimizer step, zero_grad). LoRA B starts at zero, so the first-step losses must agree across variants.
 
-Scenarios (``--scenarios``, default all): S1 Llama-3.2-1B 8x2048; S2 Llama-3.1-8B 4x2048; S3 the 8B as
-QLoRA (NF4, double quantization, bf16 compute) 4x2048, also timed with bitsandbytes' 8-bit AdamW; S4
-the 1B on 8 documents a step of seeded lognormal lengths (mean ~600, cap 2048), padding-free where the
-variant can; long1b / long8b 1x65,536; S5 the longest batch-1 context that trains one 8B QLoRA step,
+Scenarios (``--scenarios``, default all): S1 Llama-3.2-1B 8x2048; S2 Llama-3.1-8B 4x2048; S3 the 8B as QLoRA
+(NF4, double quantization, bf16 compute) 4x2048, also timed with bitsandbytes' 8-bit AdamW; S4 the 1B on 8
+documents a step of seeded lognormal lengths (mean ~600, cap 2048), 6 warm-up and 24 timed steps, padding-free
+where the variant can; long1b / long8b 1x65,536; S5 the longest batch-1 context that trains one 8B QLoRA step,
 found by probes (one subprocess each) between ``--s5-min`` and ``--s5-max``; ``--s5-memory-gib`` caps each
-probe at a smaller card's memory, and then ``--s5-together`` probes all variants at once. New families,
-8x2048 LoRA: S6 Qwen3.5-2B (three of four layers gated delta-net), S7 Gemma 3 4B (text), S8 Phi-4-mini; S9
-Phi-4-mini as QLoRA. fusetune rows record ``self_check_s``, the load-time self-check of its patched ops.
+probe at a smaller card's memory, and then ``--s5-together`` probes all variants at once. New families, 8x2048
+LoRA: S6 Qwen3.5-2B (three of four layers gated delta-net), S7 Gemma 3 4B (text), S8 Phi-4-mini; S9 Phi-4-mini
+as QLoRA. fusetune rows record ``self_check_s``, the load-time self-check of its patched ops.
 
 Measures: CUDA events around every step; ``step_ms`` the median of the measured steps after warm-up;
 ``tok_s`` tokens per step over the median step (S4: real tokens over the summed step time, since its
-shapes vary); ``peak_gib`` ``torch.cuda.max_memory_allocated`` after a reset at the start of timing
+shapes vary; its rows also give ``tok_s_median_step`` and ``median_over_whole``, their ratio, and the
+warm-up steps' times, ``step_paths`` and the graphs' counts); fusetune's padding-free steps replay CUDA
+graphs as FastSFTTrainer's do (``--fusetune-graphs``), with autocast inside the forward as accelerate
+puts it; ``peak_gib`` ``torch.cuda.max_memory_allocated`` after a reset at the start of timing
 (``peak_load_gib``: from process start, model load included); ``mfu`` useful FLOPs over a bf16 matmul
 peak measured once per run (8192^3 ``torch.mm``). Useful FLOPs, per token: 4N for a frozen base (2N
 forward, 2N for the input gradients; N = the parameters of every matmul, lm_head included, the
@@ -130,8 +133,8 @@ SCENARIOS = {
         "sigma": 0.8,
         "min_len": 16,
         "cap": 2048,
-        "warmup": 5,
-        "steps": 20,
+        "warmup": 6,
+        "steps": 24,
     },
     "S5": {"arch": "llama3_8b", "kind": "max_context", "batch": 1, "quant": "nf4", "warmup": 0, "steps": 1},
     "long1b": {"arch": "llama3_1b", "kind": "fixed", "batch": 1, "seq": 65536, "warmup": 2, "steps": 5},
@@ -454,11 +457,14 @@ def make_optimizer(name: str, params, torch, cuda: bool):
     return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=cuda)
 
 
-def timed_steps(model, optimizer, batches, warmup, torch, cuda, autocast) -> tuple[list[float], list]:
-    """Run every batch; return the measured steps' times (ms, consecutive CUDA-event intervals) and all losses."""
+def timed_steps(model, optimizer, batches, warmup, torch, cuda, autocast, step_graphs=None):
+    """Run every batch; return every step's time (ms, consecutive CUDA-event intervals from the first step's
+    start; peak memory is reset before step ``warmup``), all losses, and each step's path: "eager", or with
+    ``step_graphs`` (fusetune.graphs.StepGraphs, as FastSFTTrainer runs padding-free steps) "capture" or
+    "replay" where the graphs took the batch."""
     device = "cuda" if cuda else "cpu"
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and autocast) else contextlib.nullcontext()
-    marks, losses = [], []
+    marks, losses, paths = [], [], []
 
     def mark():
         if cuda:
@@ -468,27 +474,57 @@ def timed_steps(model, optimizer, batches, warmup, torch, cuda, autocast) -> tup
         else:
             marks.append(time.perf_counter())
 
-    for i, batch in enumerate(batches):
-        if i == warmup:
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            mark()
-        batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+    def forward(**inputs):  # autocast inside the forward, as accelerate wraps it: graphs refuse one around them
         with amp:
-            loss = model(**batch, use_cache=False).loss
+            return model(**inputs)
+
+    mark()
+    for i, batch in enumerate(batches):
+        if i == warmup and cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+        out = step_graphs.run(forward, batch) if step_graphs is not None else None
+        paths.append(step_graphs.last_action if out is not None else "eager")
+        if out is None:
+            out = forward(**batch, use_cache=False)
+        loss = out.loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach().float())
-        if i >= warmup:
-            mark()
+        del out, loss  # a live autograd graph would make the next capture fail
+        mark()
     if cuda:
         torch.cuda.synchronize()
         times = [a.elapsed_time(b) for a, b in zip(marks, marks[1:], strict=False)]
     else:
         times = [1e3 * (b - a) for a, b in zip(marks, marks[1:], strict=False)]
-    return times, [float(x) for x in torch.stack(losses).cpu().tolist()]
+    return times, [float(x) for x in torch.stack(losses).cpu().tolist()], paths
+
+
+def step_graphs_for(model, spec: dict):
+    """fusetune's CUDA graphs for its padding-free rows, as FastSFTTrainer makes them (on the CPU: the same
+    padded path with reruns for replays); None for other rows and variants, or with --fusetune-graphs off."""
+    if not (spec["variant"].startswith("fusetune") and spec["mode"] == "padding_free" and spec.get("fusetune_graphs")):
+        return None
+    from fusetune.graphs import Reruns, StepGraphs
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = "cuda" if spec["cuda"] else "cpu"
+    return StepGraphs(params, pad_token_id=0, recorder=None if spec["cuda"] else Reruns(), device=device)
+
+
+def warmup_record(times: list[float], paths: list[str], warmup: int, step_graphs) -> dict:
+    """What a run's warm-up cost (the fields that check the capture plan against its cost model): every
+    step's time and path, the steps at each path, and the graphs' counts."""
+    counts = {path: paths[warmup:].count(path) for path in ("eager", "capture", "replay")}
+    return {
+        "warmup_step_ms": times[:warmup],
+        "step_paths": paths,
+        "measured_paths": counts,
+        "graphs": step_graphs.stats() if step_graphs is not None else None,
+    }
 
 
 def profile_steps(model, optimizer, batches, torch, autocast) -> None:
@@ -496,7 +532,7 @@ def profile_steps(model, optimizer, batches, torch, autocast) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        timed_steps(model, optimizer, batches, 0, torch, True, autocast)
+        timed_steps(model, optimizer, batches, 0, torch, True, autocast)  # eager: the graphs would hide the kernels
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
     print(f"== profile: {len(batches)} steps, kernels by self CUDA time\n{table}", flush=True)
 
@@ -551,7 +587,11 @@ def run_worker(spec: dict) -> dict:
         optimizer = make_optimizer("adamw_fused", params, torch, cuda)
 
         stage = "steps"
-        times, losses = timed_steps(model, optimizer, batches, spec["warmup"], torch, cuda, spec["autocast"])
+        step_graphs = step_graphs_for(model, spec)
+        every, losses, paths = timed_steps(
+            model, optimizer, batches, spec["warmup"], torch, cuda, spec["autocast"], step_graphs
+        )
+        times = every[spec["warmup"] :]
         measured = lengths[spec["warmup"] :]
         cfg = spec["arch_config"]
         result.update(
@@ -569,6 +609,11 @@ def run_worker(spec: dict) -> dict:
         )
         if spec["scenario"]["kind"] == "docs":  # variable shapes: totals, not medians
             result["tok_s"] = sum(sum(d) for d in measured) / (sum(times) / 1e3)
+            # the median step's rate over the whole run's (the 1.3x target), and the warm-up steps' share
+            result["tok_s_median_step"] = result["tokens_per_step"] / (result["step_ms"] / 1e3)
+            result["median_over_whole"] = result["tok_s_median_step"] / result["tok_s"]
+            result["tok_s_every_step"] = sum(sum(d) for d in lengths) / (sum(every) / 1e3)
+            result.update(warmup_record(every, paths, spec["warmup"], step_graphs))
             flops_per_s = sum(useful_flops(cfg, d) for d in measured) / (sum(times) / 1e3)
         else:
             result["tok_s"] = result["tokens_per_step"] / (result["step_ms"] / 1e3)
@@ -610,7 +655,8 @@ def alt_optimizer(model, params, batches, name, spec, result, torch) -> dict:
         alt = make_optimizer(name, params, torch, spec["cuda"])
         warmup = 2
         subset = (batches * 2)[: warmup + spec["alt_steps"]]
-        times, losses = timed_steps(model, alt, subset, warmup, torch, spec["cuda"], spec["autocast"])
+        every, losses, _ = timed_steps(model, alt, subset, warmup, torch, spec["cuda"], spec["autocast"])
+        times = every[warmup:]
     except Exception as error:
         status = "skipped" if isinstance(error, ImportError) else "failed"
         return {"name": name, "status": status, "reason": f"{type(error).__name__}: {str(error)[:300]}"}
@@ -928,6 +974,7 @@ def worker_spec(scenario, variant, sc, folder, source, gpu, args, *, seq=None, m
         "fusetune_checkpointing": args.fusetune_checkpointing,
         "peer_checkpointing": args.peer_checkpointing,
         "memory_cap_gib": args.memory_gib,
+        "fusetune_graphs": args.fusetune_graphs == "on",
     }
 
 
@@ -1157,6 +1204,13 @@ def orchestrate(args) -> Path:
                     result["padding_free_failure"] = failed["reason"]
             if mode and result["status"] == "ok":
                 detail = PADDING_FREE[variant] if result["mode"] == "padding_free" else "padded rows"
+                if result.get("graphs"):
+                    g = result["graphs"]
+                    detail += (
+                        f"; CUDA graphs: {g['captures']} captures ({g['capture_seconds']:.1f} s), {g['replays']} "
+                        f"replays ({g['loose_replays']} in a wider bucket), {g['padding']:.0%} padding, measured steps "
+                        f"{result['measured_paths']}; median step's tok/s {result['median_over_whole']:.2f}x the run's"
+                    )
                 if result.get("padding_free_failure"):
                     detail += f" (padding-free failed: {result['padding_free_failure']})"
                 result["mode_detail"] = detail
@@ -1408,6 +1462,12 @@ def parse_args(argv=None):
         help="hf, liger, unsloth: checkpointing as each ships it, or none (fastest, where it fits)",
     )
     p.add_argument("--memory-gib", type=float, default=None, help="cap every variant's allocator at this many GiB")
+    p.add_argument(
+        "--fusetune-graphs",
+        choices=["on", "off"],
+        default="on",
+        help="fusetune variants, padding-free rows (S4): CUDA graphs as FastSFTTrainer runs them (on) or eager steps",
+    )
     p.add_argument("--s5-min", type=int, default=8192)
     p.add_argument("--s5-max", type=int, default=262144)
     p.add_argument("--s5-probes", type=int, default=6, help="S5: most probes per variant")

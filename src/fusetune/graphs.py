@@ -6,11 +6,15 @@ few thousand tokens leaves the GPU waiting for the CPU. Captured as two CUDA gra
 backward, the whole step costs the host two graph launches and a few small copies.
 
 A graph replays fixed shapes, so each batch is padded up to a bucket (``fusetune.buckets``: the
-shapes, and the static input buffers a batch is padded into).
+shapes, the static input buffers a batch is padded into, and ``BucketPlan``: which captured bucket a
+batch replays, and when a new one is captured, so that a short run is not spent capturing).
 
 Each bucket gets a forward graph and a backward graph, all in one memory pool: a step replays one
 bucket's forward and then its backward before any other graph runs, so the buckets share their
-activation memory. The backward graph writes the gradients into one set of buffers shared by every
+activation memory. The first capture follows an eager warm-up step on the capture stream (kernels
+compile, workspaces are made); later buckets are captured cold, which costs the host one traced step,
+not two. A cold capture that fails (a kernel compiling for a new shape inside it, say) is retried once
+after a warm-up. The backward graph writes the gradients into one set of buffers shared by every
 bucket, and hands autograd fresh copies multiplied by the loss's incoming gradient. Gradient
 accumulation, HF's division by the accumulation steps, and fp16 loss scaling work as in eager mode.
 The loss is divided inside the graph by a denominator that is copied in before each replay
@@ -36,12 +40,11 @@ import torch
 from fusetune_kernels.cross_entropy import loss_denominator
 
 from . import varlen
-from .buckets import StaticBatch, batch_blocker, bucket_for
+from .buckets import MAX_BUCKETS, BucketPlan, StaticBatch, batch_blocker, bucket_for
 from .forwards import IGNORE_INDEX, TokenStatsOutput
 
 log = logging.getLogger(__name__)
-MAX_GRAPHS = 64  # buckets captured at most; batches of a new bucket past this run eagerly
-WARMUP_STEPS = 1  # eager runs on the capture stream before capturing (compiles kernels, makes workspaces)
+WARMUP_STEPS = 1  # eager runs on the capture stream before the first capture (compiles kernels, makes workspaces)
 # How the graphs call the model, besides the static batch and the loss denominator: the loss and metric
 # sums (TokenStatsOutput), every row scored by the loss head (no host sync to find the labelled ones).
 FORWARD_KEYWORDS = {"use_cache": False, "token_stats": True, "static_shapes": True}
@@ -139,7 +142,8 @@ class StepGraphs:
         self.pad_token_id = pad_token_id
         self.recorder = recorder if recorder is not None else CudaGraphs()
         self.device = torch.device(device)
-        self.graphs: dict[tuple, _Captured] = {}
+        self.graphs: dict[tuple, _Captured] = {}  # (bucket, with seq_idx) -> its graphs
+        self.plan = BucketPlan()
         self.denominator = torch.ones((), dtype=torch.float32, device=self.device)
         self.one = torch.ones((), dtype=torch.float32, device=self.device)
         self.used: list[bool] | None = None  # which params get a gradient
@@ -148,38 +152,54 @@ class StepGraphs:
         self.disabled: str | None = None  # why graphs stopped being used, once they did
         self.captures = 0
         self.replays = 0
+        self.loose_replays = 0  # replays in a bucket larger than the batch's own
+        self.eager_steps = 0  # batches run eagerly (a batch that cannot be padded, or no bucket left)
+        self.last_action: str | None = None  # the latest batch's: "capture", "replay" or "eager"
         self.capture_seconds = 0.0
+        self.stream_warm = False  # whether the capture stream ran a step eagerly (later buckets capture cold)
+        self.cold_retries = 0  # cold captures that failed, and succeeded after a warm-up
         self.tokens = 0  # real tokens replayed
         self.padded_tokens = 0  # the same rows, padded to their buckets
         self._said: set[str] = set()
 
     def run(self, model, batch: dict, num_items_in_batch=None):
+        self.last_action = "eager"  # unless a bucket takes the batch below
         if self.disabled is not None:
+            self.eager_steps += 1
             return None
         reason = batch_blocker(batch, self.device.type)
         if reason is None and batch.get("max_length_q") is None:
             reason = "it has no max_length_q (reading the longest document would sync)"
         if reason is not None:
             self._say(f"this batch runs eagerly: {reason}")
+            self.eager_steps += 1
             return None
-        cu = batch["cu_seq_lens_q"]
-        bucket = bucket_for(batch["input_ids"].shape[1], cu.numel() - 1, int(batch["max_length_q"]))
-        key = (bucket, batch.get("seq_idx") is not None)
+        tokens, docs = batch["input_ids"].shape[1], batch["cu_seq_lens_q"].numel() - 1
+        longest, kind = int(batch["max_length_q"]), batch.get("seq_idx") is not None
+        choice = self.plan.choose(tokens, docs, longest, kind)
+        if choice.action == "eager":
+            self._say(f"batches that no captured bucket serves run eagerly: {MAX_BUCKETS} buckets are captured already")
+            self.eager_steps += 1
+            return None
+        key = (choice.bucket, kind)
         captured = self.graphs.get(key)
-        if captured is None and len(self.graphs) >= MAX_GRAPHS:
-            self._say(f"this batch runs eagerly: {MAX_GRAPHS} buckets are captured already")
-            return None
-        static = StaticBatch(bucket, self.device, self.pad_token_id, key[1]) if captured is None else captured.static
+        static = (
+            StaticBatch(choice.bucket, self.device, self.pad_token_id, kind) if captured is None else captured.static
+        )
         static.fill(batch)
         self._set_denominator(batch, num_items_in_batch)
         if captured is None:
             captured = self._capture(model, static)
             if captured is None:
+                self.eager_steps += 1
                 return None
             self.graphs[key] = captured
+            self.plan.captured(*key)
+        self.last_action = choice.action
         self.replays += 1
-        self.tokens += batch["input_ids"].shape[1]
-        self.padded_tokens += bucket.tokens
+        self.loose_replays += choice.bucket != bucket_for(tokens, docs, longest)
+        self.tokens += tokens
+        self.padded_tokens += choice.bucket.tokens
         loss = _Replay.apply(self, captured, *self.params)
         out = captured.state["outputs"]
         sums = torch.stack([out.entropy_sum.float(), out.num_correct.float(), out.num_valid.float()])
@@ -222,10 +242,23 @@ class StepGraphs:
             log.warning("cuda graphs off: %s; training eagerly from here", self.disabled)
             return None
         start = time.perf_counter()
-        try:
-            for _ in range(WARMUP_STEPS):
+
+        def record(warm: bool) -> _Captured:
+            for _ in range(WARMUP_STEPS if warm else 0):
                 self.recorder.warm_up(warm_up)
-            captured = _Captured(static, self.recorder.capture(forward), self.recorder.capture(backward), state)
+            self.stream_warm = True
+            return _Captured(static, self.recorder.capture(forward), self.recorder.capture(backward), state)
+
+        try:
+            if not self.stream_warm:
+                captured = record(warm=True)
+            else:  # cold: the stream and the kernels are warm from the first bucket; a new shape may still fail
+                try:
+                    captured = record(warm=False)
+                except Exception:  # noqa: BLE001 - then warm up for this shape and capture again
+                    self.recorder.recover()
+                    self.cold_retries += 1
+                    captured = record(warm=True)
         except Exception as error:  # noqa: BLE001 - any capture failure means: train eagerly
             self.recorder.recover()
             self.disabled = (
@@ -249,8 +282,10 @@ class StepGraphs:
     def release(self) -> None:
         """Free the graphs and their memory pool (the counts stay); a later step captures afresh."""
         self.graphs.clear()
+        self.plan.forget()
         self.pending = None
         self.recorder = type(self.recorder)()  # a new pool: the old one goes with its graphs
+        self.stream_warm = False
 
     def _make_grad_buffers(self, grads) -> None:
         used = [g is not None for g in grads]
@@ -270,7 +305,10 @@ class StepGraphs:
             "buckets": len(self.graphs),
             "captures": self.captures,
             "replays": self.replays,
+            "loose_replays": self.loose_replays,
+            "eager_steps": self.eager_steps,
             "capture_seconds": round(self.capture_seconds, 3),
+            "cold_retries": self.cold_retries,
             "padding": round(1 - self.tokens / self.padded_tokens, 4) if self.padded_tokens else 0.0,
             "disabled": self.disabled,
         }

@@ -457,8 +457,9 @@ def markdown(report: dict) -> str:
         if r.get("graphs"):
             g = r["graphs"]
             lines.append(
-                f"- {name}: {g['buckets']} buckets captured in {g['capture_seconds']:.1f} s, "
-                f"{g['replays']} replays, {g['padding']:.1%} of the replayed tokens were padding"
+                f"- {name}: {g['buckets']} buckets captured in {g['capture_seconds']:.1f} s "
+                f"({g['cold_retries']} cold captures retried), {g['replays']} replays ({g['loose_replays']} in a "
+                f"bucket wider than the batch's own), {g['padding']:.1%} of the replayed tokens were padding"
                 f"{'; disabled: ' + g['disabled'] if g['disabled'] else ''}"
             )
     if report.get("loss_agreement"):

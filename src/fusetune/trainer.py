@@ -339,7 +339,7 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
                 raise FusetuneError(f"cuda_graphs=True: not possible here: {reason}")
             log.info("cuda graphs off: %s", reason)
             return False
-        log.info("cuda graphs on: padding-free steps replay captured graphs (rows padded to buckets, < 12.5%)")
+        log.info("cuda graphs on: padding-free steps replay captured graphs (rows padded to bucket shapes)")
         return True
 
     def _graphed_step(self, model, inputs, num_items_in_batch):

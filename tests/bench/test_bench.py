@@ -47,6 +47,11 @@ def test_tiny_rows_and_same_first_loss(tiny_run):
     assert rows["S1", "hf"]["tokens_per_step"] == 2 * 64
     assert rows["S4", "hf"]["mode"] == rows["S4", "fusetune_reference"]["mode"] == "padding_free"
     assert rows["S4", "fusetune_reference"]["attn_implementation"] == "fusetune_masked"
+    graphed = rows["S4", "fusetune_reference"]  # the trainer's graphed path, with reruns on the CPU
+    assert len(graphed["step_paths"]) == 3 and graphed["step_paths"][0] == "capture"
+    assert graphed["graphs"]["replays"] == 3 and graphed["graphs"]["captures"] >= 1
+    assert len(graphed["warmup_step_ms"]) == 1 and graphed["median_over_whole"] > 0
+    assert "CUDA graphs: " in graphed["mode_detail"] and rows["S4", "hf"]["step_paths"] == ["eager"] * 3
     for scenario in ("S1", "S4"):
         liger = rows[scenario, "liger"]  # not installed, or Triton without CUDA
         assert liger["status"] == "skipped" and ("not installed" in liger["reason"] or "CUDA" in liger["reason"])
@@ -183,6 +188,20 @@ def test_word_tokenizer_has_the_config_s_vocabulary_and_ids(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "phi")
     assert len(tokenizer) == phi["vocab_size"] and tokenizer.eos_token == tokenizer.bos_token == "<bos>"
     assert tokenizer.eos_token_id == tokenizer.pad_token_id == 199999
+
+
+@pytest.mark.parametrize(
+    "paths,warmup,counts",
+    [
+        (["capture", "replay", "capture", "replay", "eager"], 2, {"eager": 1, "capture": 1, "replay": 1}),
+        (["eager"] * 3, 1, {"eager": 2, "capture": 0, "replay": 0}),
+        (["capture", "replay"], 0, {"eager": 0, "capture": 1, "replay": 1}),
+    ],
+)
+def test_warmup_record_counts_the_measured_steps_paths(paths, warmup, counts):
+    times = [float(i) for i in range(len(paths))]
+    record = bench.warmup_record(times, paths, warmup, None)
+    assert record == {"warmup_step_ms": times[:warmup], "step_paths": paths, "measured_paths": counts, "graphs": None}
 
 
 def test_flops_convention():

@@ -23,7 +23,7 @@ from peft import LoraConfig, get_peft_model
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from fusetune import buckets, graphs
-from fusetune.buckets import StaticBatch, bucket_for, padded_batch
+from fusetune.buckets import StaticBatch, bucket_for, padded_batch, serves, wide_bucket_for
 from fusetune.errors import FusetuneError
 from fusetune.graphs import CudaGraphs, Reruns, StepGraphs
 from fusetune.loading import load_model
@@ -79,18 +79,25 @@ def test_fill_pads_every_element_and_forgets_the_last_batch():
     assert torch.equal(static.seq_idx[0, :n], second["seq_idx"][0]) and (static.seq_idx[0, n:] == 3).all()
 
 
-def test_long_padding_is_split_into_short_pad_documents():
-    lengths = [500, 500, 500, 500, 49]  # 2049 tokens: padded to 2304, so 255 pad tokens
-    n, p = sum(lengths), buckets.PAD_DOC_TOKENS
+@pytest.mark.parametrize(
+    "wide,shape,ends",
+    [  # 2049 tokens in 5 documents; the ends of the documents after them
+        (False, (2304, 8, 512, 128), [2177, 2304, 2304]),  # 255 pad tokens: two pad documents of at most 128
+        (True, (3072, 16, 1024, 512), [2561, 3072] + [3072] * 9),  # 1023 pad tokens: two of at most 512
+    ],
+)
+def test_long_padding_is_split_into_short_pad_documents(wide, shape, ends):
+    lengths = [500, 500, 500, 500, 49]
+    n = sum(lengths)
     batch = collate(lengths, 50, seed=3)
-    bucket = bucket_for(n, len(lengths), 500)
-    assert (bucket.tokens, bucket.docs, bucket.longest) == (2304, 8, 512) and buckets.pad_docs(255) == 2
+    bucket = (wide_bucket_for if wide else bucket_for)(n, len(lengths), 500)
+    assert dataclasses.astuple(bucket) == shape
     static = StaticBatch(bucket, "cpu", PAD, with_seq_idx=True)
     for tensor in (static.input_ids, static.position_ids, static.labels, static.cu_seq_lens, static.seq_idx):
         tensor.fill_(-7)
     static.fill(batch)
-    t = bucket.tokens
-    assert static.cu_seq_lens.tolist() == [0, 500, 1000, 1500, 2000, n, n + p, t, t]
+    t, p = bucket.tokens, bucket.pad_doc
+    assert static.cu_seq_lens.tolist() == [0, 500, 1000, 1500, 2000, n, *ends]
     assert torch.equal(static.position_ids[0, n:], torch.arange(t - n) % p)
     assert static.seq_idx[0, n:].tolist() == [5] * p + [6] * (t - n - p)
     assert (static.input_ids[0, n:] == PAD).all() and (static.labels[0, n:] == -100).all()
@@ -118,17 +125,27 @@ def loss_stats_grads(model, inputs, num_items, static_shapes=False):
     return dataclasses.replace(out, loss=out.loss.detach()), grads
 
 
+def loosest_bucket(tokens, docs, longest):
+    """The largest wide bucket that still serves the batch (BucketPlan replays there up to LOOSE_PADDING)."""
+    bucket = wide_bucket_for(buckets.LOOSE_PADDING * tokens, docs, longest)
+    while not serves(bucket, tokens, docs, longest):
+        bucket = wide_bucket_for(bucket.tokens // 2, docs, longest)
+    return bucket
+
+
 @pytest.mark.parametrize(
-    "backend,lengths",
+    "backend,lengths,bucket",
     [
-        ("reference", [5, 17, 1, 30, 9]),  # a one-token document; padded to 64 tokens, 8 documents
-        ("reference", [16, 48]),  # exactly a bucket: no pad document, only empty ones
-        ("reference", [3, 100, 7, 61]),
-        ("reference", [500, 500, 500, 500, 49]),  # 255 pad tokens: two pad documents
-        ("triton", [5, 17, 1, 30, 9]),  # the Triton kernels: on CUDA, else on the interpreter (slow: one case)
+        ("reference", [5, 17, 1, 30, 9], None),  # a one-token document; padded to 64 tokens, 8 documents
+        ("reference", [16, 48], None),  # exactly a bucket: no pad document, only empty ones
+        ("reference", [3, 100, 7, 61], None),
+        ("reference", [500, 500, 500, 500, 49], None),  # 255 pad tokens: two pad documents
+        ("reference", [500, 500, 500, 500, 49], wide_bucket_for),  # 3072 tokens: a 1023-token pad, 2 documents
+        ("reference", [3, 100, 7, 61, 400, 529], loosest_bucket),  # 2048 tokens: pad documents of 512 and 436
+        ("triton", [5, 17, 1, 30, 9], None),  # the Triton kernels: on CUDA, else on the interpreter (slow: one case)
     ],
 )
-def test_padded_batch_gives_the_same_loss_metrics_and_gradients(backend, lengths):
+def test_padded_batch_gives_the_same_loss_metrics_and_gradients(backend, lengths, bucket):
     on_cuda = backend == "triton" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
     device, tol = ("cuda", 1e-4) if on_cuda else ("cpu", 1e-5)  # fp32 dots run as tf32 on a GPU
     try:
@@ -138,8 +155,11 @@ def test_padded_batch_gives_the_same_loss_metrics_and_gradients(backend, lengths
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(lengths, vocab, sum(lengths)).items()}
         num_items = torch.tensor(float((batch["labels"][:, 1:] != -100).sum() + 3))  # as if accumulating
         want, want_grads = loss_stats_grads(model, batch, num_items)
-        padded = padded_batch(batch, PAD)
-        assert padded["input_ids"].shape[1] >= sum(lengths)
+        shape = sum(lengths), len(lengths), max(lengths)
+        bucket = bucket(*shape) if bucket else bucket_for(*shape)
+        assert serves(bucket, *shape)
+        padded = padded_batch(batch, PAD, bucket)
+        assert padded["input_ids"].shape[1] == bucket.tokens >= sum(lengths)
         got, got_grads = loss_stats_grads(model, padded, num_items, static_shapes=True)
     finally:
         remove_kernels()
@@ -234,10 +254,13 @@ def test_replays_match_eager_steps(where):
         got.loss.backward()
         assert rel(got.loss, want.loss) <= tol
         stats = step_graphs.stats()
+        # BucketPlan: wide buckets of 384 tokens (serves 347, 344 and 128), 1024 with longest 512 (serves 803)
+        # and 1024 with longest 1024 (912); then 384 again after the release
         real = 2 * (347 + 344 + 128 + 803 + 912)
-        real, padded = real + 347, 2 * (352 + 352 + 128 + 832 + 960) + 352
+        real, padded = real + 347, 2 * (384 + 384 + 384 + 1024 + 1024) + 384
         padding = round(1 - real / padded, 4)
-        assert stats == {**stats, "buckets": 1, "captures": 5, "replays": 11, "padding": padding, "disabled": None}
+        want = {"buckets": 1, "captures": 4, "replays": 11, "loose_replays": 11, "padding": padding, "disabled": None}
+        assert stats == {**stats, **want}
     finally:
         remove_kernels()
 
@@ -258,6 +281,56 @@ def test_gradients_accumulate_across_buckets_and_scale_with_the_loss(where):
             assert rel(p.grad, w) <= tol
     finally:
         remove_kernels()
+
+
+class CountingReruns(Reruns):
+    """Reruns that count warm-ups and fail the forward captures numbered in ``fail`` (1: the first)."""
+
+    def __init__(self, fail=()):
+        self.fail, self.warm_ups, self.forwards, self.calls = set(fail), 0, 0, 0
+
+    def warm_up(self, fn) -> None:
+        self.warm_ups += 1
+        fn()
+
+    def capture(self, fn):
+        self.calls += 1
+        if self.calls % 2:  # forward, backward, forward, ...
+            self.forwards += 1
+            if self.forwards in self.fail:
+                self.calls -= 1  # its backward is never captured
+                raise RuntimeError("operation not permitted when stream is capturing")
+        return super().capture(fn)
+
+
+@pytest.mark.parametrize(
+    "fail,warm_ups,cold_retries,captures,disabled",
+    [
+        ((), 1, 0, 3, False),  # three buckets, one warm-up: the later two are captured cold
+        ((2,), 2, 1, 3, False),  # the second bucket's cold capture fails: warm-up, then captured
+        ((2, 3), 2, 1, 1, True),  # ... and again after the warm-up: graphs off, steps eager
+        ((1,), 1, 0, 0, True),  # the first capture (warm) fails: graphs off, no retry
+    ],
+)
+def test_later_buckets_are_captured_cold_and_retried_warm(fail, warm_ups, cold_retries, captures, disabled):
+    try:
+        model, params, _, tol = graphed_setup("cpu")
+        recorder = CountingReruns(fail)
+        step_graphs = StepGraphs(params, PAD, recorder=recorder, device="cpu")
+        for batch in layouts_batches(model.config.vocab_size, "cpu"):  # buckets of 384, 384, 384, 1024, 1024
+            want, _ = loss_stats_grads(model, batch, None)
+            got = step_graphs.run(model, batch)
+            if got is not None:
+                assert rel(got.loss, want.loss) <= tol
+                got.loss.backward()
+            assert (got is None) == (step_graphs.last_action == "eager")
+            del got
+    finally:
+        remove_kernels()
+    stats = step_graphs.stats()
+    assert (recorder.warm_ups, stats["cold_retries"], stats["captures"]) == (warm_ups, cold_retries, captures)
+    assert (stats["disabled"] is not None) == disabled
+    assert stats["replays"] + stats["eager_steps"] == 5
 
 
 def test_a_backward_after_a_later_forward_is_refused():
