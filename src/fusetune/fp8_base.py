@@ -109,3 +109,15 @@ def restore_weights(model) -> int:
             restored += 1
     base_model(model).fusetune_fp8_base = False
     return restored
+
+
+def refuse_unheld(model) -> None:
+    """One line where ``fp8_base`` was asked for but no projection runs in FP8 (no LoRA adapters were added):
+    training would go on in bf16 without saying so."""
+    if getattr(base_model(model), "fusetune_fp8_base", False) and not any(
+        getattr(module, "fusetune_fp8", None) is not None for module in model.modules()
+    ):
+        raise FusetuneError(
+            f"{KEY}: no projection runs in FP8; add LoRA adapters with FastModel.get_peft_model before training "
+            "(the FP8 base is the frozen weight under the adapters)"
+        )

@@ -37,7 +37,7 @@ import torch
 from accelerate.utils import DistributedType
 from trl import SFTConfig, SFTTrainer
 
-from . import limits, precision
+from . import fp8_base, limits, precision
 from .checkpoints import MarkComplete, saving
 from .compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
 from .compat.trl import PrepareDatasetHook, ResumeTokenCount
@@ -282,6 +282,7 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
         self.token_stats = TokenStats()
         if not isinstance(model, str):
             refuse_mixed_documents(model, args)  # before anything changes the model
+            fp8_base.refuse_unheld(model)
             if not is_applied(model):  # by FastModel, run() or the user: left as it is
                 apply_kernels(model, args.kernels, on_cuda=torch.cuda.is_available() and not args.use_cpu)
             model_max = getattr(model, "max_seq_length", None)  # set by FastModel.from_pretrained

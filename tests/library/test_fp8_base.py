@@ -176,3 +176,21 @@ def test_qlora_bases_go_from_nf4_to_e4m3_on_every_call(tmp_path, monkeypatch):
     assert set(grads) == set(ref_grads)
     for name, grad in grads.items():
         assert torch.isfinite(grad).all() and rel_err(grad, ref_grads[name]) <= 0.1, name
+
+
+def test_a_model_without_fp8_projections_is_refused_by_the_trainer(tiny_tokenizer, tmp_path):
+    """fp8_base asked for, no adapters added: the trainer refuses rather than train in bf16 without saying so."""
+    from datasets import Dataset
+
+    from fusetune import FastSFTConfig, FastSFTTrainer
+
+    model = tiny_model("llama")
+    model.fusetune_fp8_base = True
+    data = Dataset.from_dict({"text": ["a b c d"] * 4})
+    args = FastSFTConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(FusetuneError) as refused:
+        FastSFTTrainer(model=model, args=args, train_dataset=data, processing_class=tiny_tokenizer)
+    assert str(refused.value) == (
+        "kernels.fp8 (fp8_base): no projection runs in FP8; add LoRA adapters with FastModel.get_peft_model before "
+        "training (the FP8 base is the frozen weight under the adapters)"
+    )
