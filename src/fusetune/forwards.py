@@ -107,6 +107,8 @@ def prenorm_layer_forward(ops: Ops, gemma: bool, layer_cls: type, original_forwa
         normed, residual = _add_then_norm(ops, gemma, self.post_attention_layernorm, residual, attention)
         return residual + self.mlp(normed)
 
+    for decorate in reversed(call.decorators):  # the original's keyword renames, on ours too
+        forward = decorate(forward)
     names = {"forward": forward, "__module__": layer_cls.__module__, "__qualname__": layer_cls.__qualname__}
     return type(layer_cls.__name__, (layer_cls,), names).forward
 

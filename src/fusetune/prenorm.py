@@ -15,8 +15,10 @@ Llama, Mistral, Qwen2/3, Gemma, Mixtral and many more write their decoder layer'
 ``read(forward)`` parses a forward (decorators and checkpointing wrappers unwrapped) and returns the
 ``AttentionCall`` it makes, or one line saying which statement differs: a norm after the attention
 (Gemma 2/3, OLMo 2), a scaled residual (Granite), a dropout (Phi-3), a branch (hybrid layers).
-Comments, docstrings and the name of the discarded attention weights do not matter. A layer read here
-may have its residual add and post-attention norm fused (``forwards.prenorm_layer_forward``).
+Comments, docstrings and the name of the discarded attention weights do not matter. Of decorators,
+only transformers' ``auto_docstring`` (documentation) and ``deprecate_kwarg`` (a keyword renamed: the
+fused forward wears the same one) are allowed. A layer read here may have its residual add and
+post-attention norm fused (``forwards.prenorm_layer_forward``).
 """
 
 import ast
@@ -52,6 +54,7 @@ class AttentionCall:
     positional: tuple[str, ...]
     keywords: tuple[tuple[str, str], ...]  # (keyword, parameter)
     passes_kwargs: str | None  # the ``**kwargs`` parameter handed on whole, if it is
+    decorators: tuple = ()  # the original's ``deprecate_kwarg`` decorators, outermost first
 
     def arguments(self, layer, hidden_states, args, kwargs, normed) -> tuple[list, dict]:
         """What the original forward, called as ``(layer, hidden_states, *args, **kwargs)``, passes
@@ -87,6 +90,7 @@ def _attention_call(statement: ast.stmt, function: ast.FunctionDef) -> tuple | s
         unpacked
         and all(isinstance(t, ast.Name) for t in targets[0].elts)
         and targets[0].elts[0].id == HIDDEN
+        and targets[0].elts[1].id not in (HIDDEN, RESIDUAL)
         and isinstance(call, ast.Call)
         and ast.unparse(call.func) == "self.self_attn"
     ):
@@ -105,6 +109,25 @@ def _attention_call(statement: ast.stmt, function: ast.FunctionDef) -> tuple | s
     return positional, keywords, params.kwarg.arg if spread else None
 
 
+def _decorators(definition: ast.FunctionDef, function) -> tuple | str:
+    """The original's decorators that the fused forward must wear too, outermost first; or why not."""
+    found = []
+    for node in definition.decorator_list:
+        call = node if isinstance(node, ast.Call) else None
+        name = ast.unparse(node.func if call else node)
+        if name == "auto_docstring":
+            continue
+        if name != "deprecate_kwarg" or call is None:
+            return f"{function.__qualname__} has the decorator `@{_first_line(node)}`"
+        try:
+            args = [ast.literal_eval(a) for a in call.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        except ValueError:
+            return f"{function.__qualname__} has the decorator `@{_first_line(node)}`"
+        found.append(function.__globals__[name](*args, **kwargs))
+    return tuple(found)
+
+
 @functools.cache
 def read(forward) -> AttentionCall | str:
     """The attention call of a pre-norm decoder layer's ``forward``, or why it is not one (one line)."""
@@ -119,6 +142,9 @@ def read(forward) -> AttentionCall | str:
         return f"{name} is not a method taking hidden_states"
     if definition.args.args[1].arg != HIDDEN:
         return f"{name} takes {definition.args.args[1].arg}, not {HIDDEN}"
+    decorators = _decorators(definition, function)
+    if isinstance(decorators, str):
+        return decorators
     statements = _statements(definition)
     found = None
     for i, expected in enumerate(PATTERN):
@@ -133,4 +159,4 @@ def read(forward) -> AttentionCall | str:
     if len(statements) > len(PATTERN):
         return f"{name} goes on after `return hidden_states`"
     positional, keywords, passes_kwargs = found
-    return AttentionCall(inspect.signature(function), positional, keywords, passes_kwargs)
+    return AttentionCall(inspect.signature(function), positional, keywords, passes_kwargs, decorators)

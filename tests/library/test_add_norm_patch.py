@@ -110,6 +110,7 @@ def record_attention_calls(layer) -> list:
         "all",  # as the model calls its layers
         "positional",  # attention_mask and position_ids by position
         "defaults",  # only the required arguments: the original's defaults reach the attention
+        "deprecated",  # a keyword under its old name (5.25 renames past_key_values to cache before the forward)
     ],
 )
 def test_the_attention_gets_exactly_what_the_original_hands_it(call):
@@ -123,6 +124,7 @@ def test_the_attention_gets_exactly_what_the_original_hands_it(call):
         "all": ((), dict(attention_mask=None, position_ids=positions, position_embeddings=cos_sin, **varlen)),
         "positional": ((None, positions), dict(position_embeddings=cos_sin, **varlen)),
         "defaults": ((), dict(position_embeddings=cos_sin)),
+        "deprecated": ((), dict(position_embeddings=cos_sin, past_key_values=None)),
     }[call]
     seen = record_attention_calls(layer)
     expected = layer(hidden, *args, **kwargs)
@@ -248,6 +250,9 @@ def test_lora_gradients_under_checkpointing_with_the_down_projection_skip(backen
         # the attention called positionally, its weights under another name, a docstring and comments
         (
             '''
+            from transformers.utils.deprecation import deprecate_kwarg
+
+            @deprecate_kwarg("past", version="9.0", new_name="cache")
             def forward(self, hidden_states, mask=None, cache=None, **kwargs):
                 """A docstring."""
                 residual = hidden_states
@@ -302,8 +307,27 @@ def test_lora_gradients_under_checkpointing_with_the_down_projection_skip(backen
             """,
             "forward takes x, not hidden_states",
         ),
+        (
+            """
+            def forward(self, hidden_states, **kwargs):
+                residual = hidden_states
+                hidden_states = self.input_layernorm(hidden_states)
+                hidden_states, residual = self.self_attn(hidden_states, **kwargs)
+            """,
+            "forward: the attention is not called as `hidden_states, _ = self.self_attn(...)`",
+        ),
+        (
+            """
+            import functools
+
+            @functools.lru_cache
+            def forward(self, hidden_states):
+                return hidden_states
+            """,
+            "forward has the decorator `@functools.lru_cache`",
+        ),
     ],
-    ids=["pre-norm", "computed-argument", "tuple-return", "short", "other-input"],
+    ids=["pre-norm", "computed-argument", "tuple-return", "short", "other-input", "rebinds-residual", "decorated"],
 )
 def test_the_pre_norm_form_is_read_from_the_code(source, expected, tmp_path, monkeypatch):
     import importlib.util
@@ -319,6 +343,7 @@ def test_the_pre_norm_form_is_read_from_the_code(source, expected, tmp_path, mon
         assert found == expected
     else:
         assert (found.positional, found.keywords, found.passes_kwargs) == expected
+        assert len(found.decorators) == 1  # deprecate_kwarg, worn by the fused forward too
         # a repeated keyword fails as the original call would
         positional, keywords = found.arguments(None, 1, (2,), {"cache": 3, "extra": 4}, 0)
         assert positional == [0, 2] and keywords == {"past_key_values": 3, "extra": 4}
