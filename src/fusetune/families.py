@@ -3,8 +3,9 @@
 A row names what ``patching`` may replace in one transformers model type: its ``*RMSNorm``
 classes (and whether each scales by ``weight`` or ``1 + weight``), its gated MLP classes (separate
 ``gate_proj``/``up_proj`` or one fused ``gate_up_proj``), the modules whose ``apply_rotary_pos_emb``
-its attention calls, and its causal-LM class. ``derive(config)`` builds a small random model from
-the config (``small_config``) and reads all of this from the module instances, so a family needs no
+its attention calls, its pre-norm decoder layers (``prenorm``), and its causal-LM class.
+``derive(config)`` builds a small random model from the config (``small_config``) and reads all of
+this from the module instances, so a family needs no
 hand-written row; ``OVERRIDES`` holds the few facts the structure cannot show. What a row offers
 is only a candidate: ``self_check`` runs each op against the model's own code before it is patched.
 """
@@ -19,9 +20,10 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from . import prenorm
 from .errors import first_line
 
-FAMILY_OPS = ("rms_norm", "rope", "glu", "loss")  # the ops a family row offers (lora is family-free)
+FAMILY_OPS = ("rms_norm", "add_norm", "rope", "glu", "loss")  # the ops a family row offers (lora is family-free)
 # Activation module classes the fused gated kernels compute, by the kind of gate they are.
 ACTIVATIONS = {
     "SiLU": "silu",
@@ -45,6 +47,9 @@ class Family:
     norms: tuple[tuple[str, str, bool], ...] = ()  # (module, class, scales by 1 + weight)
     mlps: tuple[tuple[str, str, bool], ...] = ()  # (module, class, fused gate_up_proj)
     rope_modules: tuple[str, ...] = ()  # modules whose apply_rotary_pos_emb the attention calls
+    # Decoder layers of the standard pre-norm form (``prenorm``), with whether their post-attention
+    # RMSNorm scales by 1 + weight: (module, class, gemma)
+    prenorm_layers: tuple[tuple[str, str, bool], ...] = ()
     # The decoder layer only adds the MLP's output to the residual (no norm after the MLP), so the
     # checkpointing recompute may leave the down projection's output uncomputed.
     mlp_output_feeds_residual_only: bool = False
@@ -52,7 +57,13 @@ class Family:
 
     def offers(self) -> set[str]:
         """The ops with at least one candidate target."""
-        have = {"rms_norm": self.norms, "glu": self.mlps, "rope": self.rope_modules, "loss": self.causal_lm}
+        have = {
+            "rms_norm": self.norms,
+            "add_norm": self.prenorm_layers,
+            "glu": self.mlps,
+            "rope": self.rope_modules,
+            "loss": self.causal_lm,
+        }
         return {op for op, targets in have.items() if targets}
 
 
@@ -280,6 +291,24 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
+def _prenorm_layers(model: torch.nn.Module, norms: dict) -> tuple[list, str | None]:
+    """(module, class, gemma) of each pre-norm decoder layer class, gemma read off its post-attention norm;
+    where there is none, why not."""
+    rows, reasons, instances = [], [], {}
+    for layer in _decoder_layers(model):
+        instances.setdefault(type(layer), layer)
+    for cls, layer in sorted(instances.items(), key=lambda item: item[0].__name__):
+        found, norm = prenorm.read(cls.forward), type(getattr(layer, "post_attention_layernorm", None))
+        if isinstance(found, str):
+            reasons.append(found)
+        elif norm not in norms:
+            reasons.append(f"{cls.__name__}'s post_attention_layernorm is no RMSNorm with a weight ({norm.__name__})")
+        else:
+            rows.append((*_owner_name(cls), norms[norm]))
+    why = None if rows else "; ".join(dict.fromkeys(reasons)) or "no *DecoderLayer module"
+    return rows, why
+
+
 def read_structure(model: torch.nn.Module) -> Family:
     """The row of ``model``'s type, read off its module instances."""
     norms, mlps, rope, missing = {}, {}, set(), []
@@ -315,6 +344,9 @@ def read_structure(model: torch.nn.Module) -> Family:
     if not rope:
         missing.append(("rope", "its attention modules have no apply_rotary_pos_emb"))
     layers = {type(layer) for layer in _decoder_layers(model)}
+    prenorm_layers, no_prenorm = _prenorm_layers(model, norms)
+    if no_prenorm:
+        missing.append(("add_norm", no_prenorm))
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     causal_lm = _owner_name(type(model)) if base is not None and model.get_output_embeddings() is not None else ()
     if not causal_lm:
@@ -325,6 +357,7 @@ def read_structure(model: torch.nn.Module) -> Family:
         norms=tuple(sorted((*_owner_name(c), s) for c, s in norms.items())),
         mlps=tuple(sorted((*_owner_name(c), f) for c, f in mlps.items())),
         rope_modules=tuple(sorted(rope)),
+        prenorm_layers=tuple(sorted(prenorm_layers)),
         mlp_output_feeds_residual_only=bool(layers) and all(_feeds_residual_only(c) for c in layers),
         missing=tuple(missing),
     )

@@ -10,12 +10,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 from trl.trainer.utils import FusedCausalLMOutput
 
-from fusetune_kernels import fused_linear_cross_entropy, glu, lora, lora_nf4, rms_norm, rope
+from fusetune_kernels import add_rms_norm, fused_linear_cross_entropy, glu, lora, lora_nf4, rms_norm, rope
 from fusetune_kernels.fused_linear_cross_entropy import find_kept_rows
 from fusetune_kernels.nf4 import NF4Weight
 from fusetune_kernels.offloaded_checkpoint import recomputing
 
-from . import fp8_base
+from . import fp8_base, prenorm
 from .errors import FusetuneError
 from .families import LOGIT_SCALES, activation_kind
 
@@ -23,6 +23,7 @@ from .families import LOGIT_SCALES, activation_kind
 @dataclass(frozen=True)
 class Ops:
     rms_norm: Callable
+    add_rms_norm: Callable
     rope: Callable
     swiglu: Callable
     geglu: Callable
@@ -34,6 +35,7 @@ class Ops:
 OPS = {
     "triton": Ops(
         rms_norm.rms_norm,
+        add_rms_norm.add_rms_norm,
         rope.rope,
         glu.swiglu,
         glu.geglu,
@@ -43,6 +45,7 @@ OPS = {
     ),
     "reference": Ops(
         rms_norm.rms_norm_reference,
+        add_rms_norm.add_rms_norm_reference,
         rope.rope_reference,
         glu.swiglu_reference,
         glu.geglu_reference,
@@ -56,6 +59,10 @@ IGNORE_INDEX = -100
 _output_unused = contextvars.ContextVar("fusetune_output_unused", default=False)
 
 
+def _eps(norm) -> float:
+    return norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+
+
 def norm_forward(ops: Ops, gemma: bool, original_forward):
     """RMSNorm through ``ops.rms_norm``; an instance built without a weight (Gemma 4's ``with_scale=False``)
     keeps the original forward."""
@@ -64,10 +71,46 @@ def norm_forward(ops: Ops, gemma: bool, original_forward):
         weight = getattr(self, "weight", None)
         if weight is None:
             return original_forward(self, hidden_states)
-        eps = self.variance_epsilon if hasattr(self, "variance_epsilon") else self.eps
-        return ops.rms_norm(hidden_states, weight, eps, gemma=gemma)
+        return ops.rms_norm(hidden_states, weight, _eps(self), gemma=gemma)
 
     return forward
+
+
+def _add_then_norm(ops: Ops, gemma: bool, norm, residual, delta):
+    """``(norm(residual + delta), residual + delta)``: one ``ops.add_rms_norm``, or the add and the norm's own
+    forward for an instance without a weight."""
+    if getattr(norm, "weight", None) is None:
+        summed = residual + delta
+        return norm(summed), summed
+    return ops.add_rms_norm(residual, delta, norm.weight, _eps(norm), gemma=gemma)
+
+
+def prenorm_layer_forward(ops: Ops, gemma: bool, layer_cls: type, original_forward):
+    """A pre-norm decoder layer (``prenorm``) whose attention residual add and post-attention RMSNorm run as
+    one ``ops.add_rms_norm``. Everything else is the original's: the same arguments reach the attention, the
+    input norm and the MLP are the modules' own (patched or not, so the recompute's down-projection skip
+    holds), and it returns the layer's output tensor, as the original does.
+
+    Returned as the forward of a throwaway subclass of ``layer_cls``: a transformers that checkpoints inside
+    ``forward`` (5.25 wraps the forward of every subclass) wraps ours as it wraps the original; one that
+    checkpoints in ``__call__`` (5.17) needs nothing."""
+    call = prenorm.read(original_forward)
+    if isinstance(call, str):
+        raise FusetuneError(f"kernels: {layer_cls.__name__} is not a pre-norm decoder layer: {call}")
+
+    @functools.wraps(original_forward)
+    def forward(self, hidden_states, *args, **kwargs):
+        residual = hidden_states
+        normed = self.input_layernorm(hidden_states)
+        attention_args, attention_kwargs = call.arguments(self, hidden_states, args, kwargs, normed)
+        attention, _ = self.self_attn(*attention_args, **attention_kwargs)
+        normed, residual = _add_then_norm(ops, gemma, self.post_attention_layernorm, residual, attention)
+        return residual + self.mlp(normed)
+
+    for decorate in reversed(call.decorators):  # the original's keyword renames, on ours too
+        forward = decorate(forward)
+    names = {"forward": forward, "__module__": layer_cls.__module__, "__qualname__": layer_cls.__qualname__}
+    return type(layer_cls.__name__, (layer_cls,), names).forward
 
 
 def gated_activation(ops: Ops, mlp):

@@ -1,8 +1,9 @@
 """Kernel backends and the patch table: which ops replace which parts of which model family.
 
 ``apply_kernels(model, backend)`` patches the family's classes and functions in place: its
-RMSNorm forwards, its ``apply_rotary_pos_emb``, its gated MLP forwards, and its causal-LM
-forward, whose loss head becomes the fused linear cross-entropy (the full ``[tokens, vocab]``
+RMSNorm forwards, its pre-norm decoder layers' forwards (the attention's residual add and the
+post-attention RMSNorm in one launch), its ``apply_rotary_pos_emb``, its gated MLP forwards, and its
+causal-LM forward, whose loss head becomes the fused linear cross-entropy (the full ``[tokens, vocab]``
 logits never exist while training). The family's row is read off its own modules
 (``families.derive``), and each op is patched only after it agrees with the model's own code on
 a small random model (``self_check``); the rest stay as they are, with the reason logged. PEFT's LoRA ``Linear`` forward
@@ -18,6 +19,7 @@ answers ``fused_lm_head=True`` itself, with the same per-token fields from the s
 chunked pass, so no metric brings the full logits back.
 """
 
+import functools
 import importlib
 import logging
 import os
@@ -31,7 +33,7 @@ from .modules import base_model
 
 log = logging.getLogger(__name__)
 KERNEL_BACKENDS = ("auto", "triton", "reference")  # what a user asks for; "none" is an unpatched model
-OPS = ("rms_norm", "rope", "glu", "loss", "lora")  # the switches of apply_kernels, one per op
+OPS = ("rms_norm", "add_norm", "rope", "glu", "loss", "lora")  # the switches of apply_kernels, one per op
 TRL_FUSED_HEAD = ("trl.trainer.sft_trainer", "add_fused_lm_head")
 PEFT_LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")  # its forward: one fused node for plain LoRA
 # PEFT's LoRA over a bitsandbytes 4-bit base (and that base's class): one fused node, NF4 dequantized inside
@@ -85,6 +87,10 @@ def family_rows(family: Family) -> list[tuple]:
     for module, name, gemma in family.norms:
         owner = getattr(importlib.import_module(module), name)
         rows.append(("rms_norm", owner, "forward", lambda ops, o, g=gemma: forwards.norm_forward(ops, g, o)))
+    for module, name, gemma in family.prenorm_layers:
+        owner = getattr(importlib.import_module(module), name)
+        make = functools.partial(_prenorm_layer_forward, owner, gemma)
+        rows.append(("add_norm", owner, "forward", make))
     feeds = family.mlp_output_feeds_residual_only
     for module, name, fused in family.mlps:
         owner = getattr(importlib.import_module(module), name)
@@ -102,6 +108,10 @@ def family_rows(family: Family) -> list[tuple]:
         owner = getattr(importlib.import_module(family.causal_lm[0]), family.causal_lm[1])
         rows.append(("loss", owner, "forward", forwards.causal_lm_forward))
     return rows
+
+
+def _prenorm_layer_forward(layer_cls, gemma, ops, original):
+    return forwards.prenorm_layer_forward(ops, gemma, layer_cls, original)
 
 
 def shared_rows() -> list[tuple]:
@@ -184,6 +194,7 @@ def apply_kernels(
     *,
     on_cuda: bool | None = None,
     rms_norm=True,
+    add_norm=True,
     rope=True,
     glu=True,
     loss=True,
@@ -199,7 +210,7 @@ def apply_kernels(
     base.fusetune_kernels = backend  # the trainer leaves a model with this set as it is
     if backend == "none":
         return backend
-    switches = dict(rms_norm=rms_norm, rope=rope, glu=glu, loss=loss, lora=lora)
+    switches = dict(rms_norm=rms_norm, add_norm=add_norm, rope=rope, glu=glu, loss=loss, lora=lora)
     ops = frozenset(op for op, on in switches.items() if on)
     device = base.get_input_embeddings().weight.device
     device = device if device.type != "meta" else ("cuda" if on_cuda else "cpu")

@@ -6,8 +6,8 @@ backend's, and compares: an op agrees when the loss and each gradient are within
 (norm-wise relative error). An op that disagrees, raises, or is never called by the model stays
 unpatched, with the reason. So a transformers upgrade that changes a module's maths costs speed,
 never correctness. Verdicts are cached in the process and on disk, keyed by the model type, op,
-backend, device type, config, library versions, and the code of the originals and of fusetune's ops,
-rows and check.
+backend, device type, config, library versions, and the code of all the family's originals (a fused
+decoder layer runs its norm's and MLP's code too) and of fusetune's ops, rows and check.
 """
 
 import contextlib
@@ -42,7 +42,7 @@ def cache_path() -> Path:
 
 def _code_digest(value) -> str:
     """What the original does: its code object (bytes, constants, names), or the class's forward's."""
-    function = getattr(value, "__func__", value)
+    function = inspect.unwrap(getattr(value, "__func__", value))  # under decorators and checkpointing wrappers
     code = getattr(function, "__code__", None)
     if code is None:
         return repr(value)
@@ -54,9 +54,9 @@ def _code_digest(value) -> str:
 def _fusetune_digest() -> str:
     import fusetune_kernels
 
-    from . import forwards
+    from . import forwards, prenorm
 
-    ours = [Path(forwards.__file__), Path(families.__file__), Path(__file__)]
+    ours = [Path(forwards.__file__), Path(families.__file__), Path(prenorm.__file__), Path(__file__)]
     files = [*ours, *sorted(Path(list(fusetune_kernels.__path__)[0]).glob("*.py"))]
     return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
 
@@ -211,9 +211,8 @@ def verdicts(config, backend: str, kernels, rows: list, device) -> dict[str, str
     """``run``'s answers, from the caches where this exact check has run before."""
     started = time.perf_counter()
     device = torch.device(device)
-    keys = {}
-    for op in dict.fromkeys(row[0] for row in rows):
-        keys[op] = _key(config, op, backend, device, [row[4] for row in rows if row[0] == op])
+    originals = [row[4] for row in rows]
+    keys = {op: _key(config, op, backend, device, originals) for op in dict.fromkeys(row[0] for row in rows)}
     unknown = set(_unknown(keys.values()))
     missing = [op for op, key in keys.items() if key in unknown]
     if missing:

@@ -16,32 +16,33 @@ from ..kernels.conftest import needs_triton_backend
 
 README = Path(__file__).parents[2] / "README.md"
 TYPES = coverage.causal_lm_types()
-# Dense decoders people fine-tune now, and the ops each must keep. A transformers upgrade that drops
+# Dense decoders people fine-tune now, and the ops each must keep (add_norm: pre-norm layers only; Gemma 2/3,
+# Phi-3, OLMo 2/3, Granite and the hybrids have layers of another form). A transformers upgrade that drops
 # one of these ops fails here, with the self-check's reason in the message.
 NAMED = {
-    "llama": "rms_norm rope glu loss",
-    "mistral": "rms_norm rope glu loss",
-    "qwen2": "rms_norm rope glu loss",
-    "qwen3": "rms_norm rope glu loss",
-    "gemma": "rms_norm rope glu loss",
+    "llama": "rms_norm add_norm rope glu loss",
+    "mistral": "rms_norm add_norm rope glu loss",
+    "qwen2": "rms_norm add_norm rope glu loss",
+    "qwen3": "rms_norm add_norm rope glu loss",
+    "gemma": "rms_norm add_norm rope glu loss",
     "gemma2": "rms_norm rope glu loss",
     "gemma3_text": "rms_norm rope glu loss",
     "qwen3_5_text": "rms_norm rope glu loss",
-    "ministral3": "rms_norm rope glu loss",
+    "ministral3": "rms_norm add_norm rope glu loss",
     "phi3": "rms_norm rope glu loss",
-    "smollm3": "rms_norm rope glu loss",
+    "smollm3": "rms_norm add_norm rope glu loss",
     "olmo2": "rms_norm rope glu loss",
     "olmo3": "rms_norm rope glu loss",
     "granite": "rms_norm rope glu loss",
     "exaone4": "rms_norm rope glu loss",
-    "seed_oss": "rms_norm rope glu loss",
-    "ernie4_5": "rms_norm glu loss",  # interleaved rotary halves
-    "helium": "rms_norm glu loss",  # interleaved rotary halves
+    "seed_oss": "rms_norm add_norm rope glu loss",
+    "ernie4_5": "rms_norm add_norm glu loss",  # interleaved rotary halves
+    "helium": "rms_norm add_norm glu loss",  # interleaved rotary halves
     "gemma4_text": "rms_norm rope glu loss",
     "qwen3_next": "rms_norm rope glu loss",
     "olmo_hybrid": "rms_norm rope glu loss",
     "apertus": "rms_norm rope loss",  # its MLP is ungated (xIELU)
-    "arcee": "rms_norm rope loss",  # its MLP is ungated (ReLU squared)
+    "arcee": "rms_norm add_norm rope loss",  # its MLP is ungated (ReLU squared)
     "glm4": "rms_norm glu loss",  # interleaved rotary halves: the kernel's rotate_half disagrees
     "cohere": "glu loss",  # LayerNorm, interleaved rotary
 }
@@ -156,7 +157,7 @@ def test_an_upgrade_that_changes_rope_leaves_rope_unpatched_and_training_goes_on
         if patched:
             with caplog.at_level(logging.INFO, logger="fusetune.patching"):
                 assert apply_kernels(model, "reference") == "reference"
-            assert patching._active["qwen3"][1] == {"rms_norm", "glu", "loss", "lora"}
+            assert patching._active["qwen3"][1] == {"rms_norm", "add_norm", "glu", "loss", "lora"}
             assert modeling_qwen3.apply_rotary_pos_emb is upgraded
             assert "qwen3: rope left unpatched: max rel error" in caplog.text
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -42,7 +42,12 @@ def test_derived_rows_hold_what_the_hand_written_rows_held(family):
     assert row.mlps == ((module, mlp, False),)
     assert row.rope_modules == (module,)
     assert row.causal_lm == (module, f"{norm[: -len('RMSNorm')]}ForCausalLM")
-    assert row.offers() == set(families.FAMILY_OPS) and not row.missing
+    if family == "gemma2":  # norms after the attention and the MLP: no pre-norm layer to fuse
+        assert row.prenorm_layers == () and [op for op, _ in row.missing] == ["add_norm"]
+        assert row.offers() == set(families.FAMILY_OPS) - {"add_norm"}
+    else:
+        assert row.prenorm_layers == ((module, f"{norm[: -len('RMSNorm')]}DecoderLayer", gemma),)
+        assert row.offers() == set(families.FAMILY_OPS) and not row.missing
 
 
 def loss_and_grads(model, inputs):
@@ -143,7 +148,10 @@ def test_a_type_no_kernel_fits_fails_a_named_backend(backend):
 def test_a_family_whose_every_op_disagrees_fails_a_named_backend(backend, qwen3_upgraded):
     if backend == "triton":
         needs_triton_backend()
-    expected = "cannot be patched: glu: max rel error .*; loss: max rel error .*; rms_norm: max rel .*; rope: max rel"
+    expected = (
+        "cannot be patched: add_norm: max rel error .*; glu: max rel error .*; loss: max rel error .*; "
+        "rms_norm: max rel .*; rope: max rel"
+    )
     with pytest.raises(FusetuneError, match=f"kernels={backend}: model type 'qwen3' {expected}"):
         apply_kernels(tiny_model("qwen3"), backend)
 
