@@ -3,14 +3,14 @@
 The experts hold 3-D weights as transformers keeps them: ``gate_up [E, 2I, H]`` (the gate rows
 first, then the up rows: ``gate, up = h.chunk(2, -1)``) and ``down [E, H, I]``. Each token goes to
 k experts chosen by ``route``; its output is the routing-weighted sum of those experts' SwiGLU MLPs.
-Per-expert LoRA adapters (``A [E, r, in]``, ``B [E, out, r]``, scaling s) may sit on either
-projection; they act as PEFT's merged weight ``W[e] + s * B[e] @ A[e]`` would, computed as
+Per-expert LoRA adapters (``A [E, r, in]``, ``B [E, out, r]``, a scaling s of their own) may sit
+on either projection; they act as PEFT's merged weight ``W[e] + s * B[e] @ A[e]`` would, computed as
 ``x W^T + s * (x A^T) B^T`` on the same permuted rows, so no merged weight is formed.
 
 Forward, with the S = tokens * k (token, slot) pairs sorted by expert (a stable sort: rows of
 one expert stay in token order); every product is a grouped GEMM over the experts' row segments:
 
-    xs = x[token of row]                  (gathered inside the GEMM, never stored)
+    xs = x[token of row]                  (gathered inside the Triton GEMM, never stored)
     h = xs W_gu[e]^T + s (xs A_gu[e]^T) B_gu[e]^T           [S, 2I]
     act = silu(h[:, :I]) * h[:, I:]                         [S, I]   (fused into h's GEMM)
     y = act W_d[e]^T + s (act A_d[e]^T) B_d[e]^T            [S, H]
@@ -29,7 +29,8 @@ The routing weights' gradient is exact, so a trained router's logits get theirs 
 
 Two executors of the grouped GEMMs, the same bookkeeping around them:
 ``"torch"``: ``torch.nn.functional.grouped_mm`` (CUDA bf16 on SM80+, or the CPU kernel), every
-dimension a multiple of 16 bytes; the gather, SwiGLU and scatter as separate ops.
+dimension a multiple of 16 bytes; the gather, the rank-r term, the scaling and the scatter as separate
+ops, SwiGLU by ``fusetune_kernels.glu``'s kernel.
 ``"triton"``: one Triton grouped GEMM with the gather of rows, SwiGLU, the LoRA rank-r term, the
 routing weight and the scatter back to token order fused in, and a Triton segmented GEMM for the
 per-expert gradients. ``"auto"`` takes torch where it fits, else Triton.
@@ -40,12 +41,18 @@ is in x's dtype, the routing weights' and adapters' gradients in their own dtype
 
 Saved for backward (b = bytes of the compute dtype, per token): x (H b; usually alive anyway as
 the block's input), h (2 k I b), x A_gu^T and act A_d^T (2 k r b), the row order and token index
-(8 k), the sorted routing weights (k times their size); nothing of size E or of the weights.
-Qwen3-30B-A3B in bf16 (H 2048, I 768, k 8, r 16): 25.5 KB per token plus x.
-Transient in forward and backward: one [S, H] buffer of rows in token order (k H b per token).
+(8 k), the sorted routing weights (k times their size); the weights and adapters by reference (a
+copy only where the compute dtype differs: fp32 adapters are saved cast, E r (in + out) b each).
+Qwen3-30B-A3B in bf16 (H 2048, I 768, k 8, r 16): 25.2 KB per token plus x. The eager loop's autograd
+graph keeps per routed row the gathered input, h, silu(gate), act and the output, k (4I + 2H) b per token
+(115 KB there), and PEFT's LoRA on the expert parameters adds each layer's merged weights, a copy of all
+its experts, for the whole step.
+Transient in forward and backward: one [S, H] buffer of rows in token order (k H b per token); the
+torch executor also gathers x's and d out's rows into one.
+Expert weights in a dtype other than the compute dtype are cast, all experts, on every call.
 
-FLOPs per token, frozen experts: forward 6 k H I, backward 6 k H I (12 k H I more if the expert
-weights train); LoRA adds 4 k (H + 2I) r forward and about twice that backward.
+FLOPs per token, frozen experts: forward 6 k H I, backward 6 k H I (6 k H I more if the expert weights
+train); LoRA adds 2 k r (2H + 3I) forward and twice that backward.
 """
 
 import torch
@@ -83,18 +90,22 @@ def route(router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dt
 
 @triton.jit
 def _grouped_rows_kernel(
-    a_ptr, a_rows_ptr, b_ptr, xa_ptr, lb_ptr, out_ptr, out_rows_ptr, act_ptr, scale_ptr,
+    a_ptr, a_rows_ptr, b_ptr, xa_ptr, lb_ptr, out_ptr, out_rows_ptr, act_ptr, scale_ptr, h_ptr, partial_ptr,
     tile_expert_ptr, tile_start_ptr, segment_end_ptr,
     N, K, R, up_offset, lora_scaling,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn,
     stride_xm, stride_xr, stride_le, stride_lr, stride_ln,
-    stride_om, stride_actm,
-    GATHER_A: tl.constexpr, HAS_LORA: tl.constexpr, SWIGLU: tl.constexpr,
-    ROW_SCALE: tl.constexpr, SCATTER_OUT: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    stride_om, stride_actm, stride_pm,
+    GATHER_A: tl.constexpr, HAS_LORA: tl.constexpr, SWIGLU: tl.constexpr, SWIGLU_BACKWARD: tl.constexpr,
+    WRITE_ACT: tl.constexpr, ROW_SCALE: tl.constexpr, SCATTER_OUT: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """One [BLOCK_M, BLOCK_N] tile of out = a[rows] @ b[e] (+ s * xa[rows] @ lb[e]) for the rows of one expert e.
-    SWIGLU: b's columns n and n + up_offset give gate and up; both go to out (h), silu(gate) * up to act."""
+    """One [BLOCK_M, BLOCK_N] tile of acc = a[rows] @ b[e] (+ s * xa[rows] @ lb[e]) for the rows of one expert e.
+    SWIGLU: b's columns n and n + up_offset give gate and up; both go to out (h), silu(gate) * up to act.
+    SWIGLU_BACKWARD: acc is d act (unweighted) and h holds gate | up: out gets dgate | dup (times the row's
+    weight, scale), partial[row, tile] the tile's share of <d act, act>, act (if WRITE_ACT) weight * act.
+    Otherwise out = acc (times scale if ROW_SCALE), at row order[row] if SCATTER_OUT."""
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:  # the schedule has fewer tiles than the grid
@@ -149,7 +160,24 @@ def _grouped_rows_kernel(
             acc_up += lora_scaling * tl.dot(xa, lb_up, input_precision=PRECISION)
     mask = row_mask[:, None] & col_mask[None, :]
     rows64 = rows.to(tl.int64)
-    if SWIGLU:
+    if SWIGLU_BACKWARD:
+        h_offsets = rows64[:, None] * stride_om + cols[None, :]
+        gate = tl.load(h_ptr + h_offsets, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + h_offsets + up_offset, mask=mask, other=0.0).to(tl.float32)
+        weight = tl.load(scale_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        sig = 1.0 / (1.0 + tl.exp(-gate))
+        silu = gate * sig
+        tl.store(partial_ptr + rows64 * stride_pm + tl.program_id(1), tl.sum(acc * silu * up, axis=1), mask=row_mask)
+        wdact = weight * acc
+        dgate = wdact * up * sig * (1.0 + gate * (1.0 - sig))
+        tl.store(out_ptr + h_offsets, dgate.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + h_offsets + up_offset, (wdact * silu).to(out_ptr.dtype.element_ty), mask=mask)
+        if WRITE_ACT:
+            wact = weight * silu * up
+            tl.store(
+                act_ptr + rows64[:, None] * stride_actm + cols[None, :], wact.to(act_ptr.dtype.element_ty), mask=mask
+            )
+    elif SWIGLU:
         out_offsets = rows64[:, None] * stride_om + cols[None, :]
         tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(out_ptr + out_offsets + up_offset, acc_up.to(out_ptr.dtype.element_ty), mask=mask)
@@ -270,33 +298,46 @@ def _pow2_at_least_16(n: int) -> int:
 
 def _dot_args(dtype: torch.dtype) -> dict:
     # The interpreter's dot mishandles bf16 operands; fp32 products on the GPU stay fp32 (no TF32).
-    return {"DOT_FP32": interpreted() or dtype == torch.float32, "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+    return {
+        "DOT_FP32": interpreted() or dtype == torch.float32,
+        "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    }
 
 
-def _rows_triton(plan, a, b, *, gather=False, lora=None, swiglu_out=False, scale=None, scatter=False, out_dtype):
+def _rows_triton(
+    plan, a, b, *, gather=False, lora=None, swiglu_out=False, swiglu_backward=None, scale=None, scatter=False, out_dtype
+):
     """out[row] = a[row or token of row] @ b[e] (+ s * xa[row] @ lb[e]) over the sorted rows; b [E, K, N] (any strides),
     lora = (xa [S, r], lb [E, r, N], s). swiglu_out: N is 2I, returns (h [S, 2I], act [S, I]).
-    scale [S]: rows times it; scatter: row i written at order[i] (token order)."""
+    swiglu_backward = (h, write_act): the product is d act [S, I] (N is I); returns (dh [S, 2I], dw [S] fp32,
+    scale * act [S, I] or None), scale [S] being the routing weights. Otherwise scale [S]: rows times it;
+    scatter: row i written at order[i] (token order)."""
     block_m, block_n, block_k, warps = _blocks()
     S, (_, K, N) = plan.order.numel(), b.shape
     n_out = N // 2 if swiglu_out else N
-    out = new_empty((S, N), dtype=out_dtype, device=a.device)
-    act = new_empty((S, n_out), dtype=out_dtype, device=a.device) if swiglu_out else out
+    out = new_empty((S, 2 * N if swiglu_backward else N), dtype=out_dtype, device=a.device)
+    write_act = swiglu_out or (swiglu_backward is not None and swiglu_backward[1])
+    act = new_empty((S, n_out), dtype=out_dtype, device=a.device) if write_act else out
     xa, lb, s = lora if lora is not None else (out, b, 0.0)
     rank = xa.shape[1] if lora is not None else 0
     block_n = min(block_n, _pow2_at_least_16(n_out))
     grid = (plan.tile_expert.numel(), triton.cdiv(n_out, block_n))
+    h = swiglu_backward[0] if swiglu_backward else out
+    partial = new_empty((S, grid[1]), dtype=torch.float32, device=a.device) if swiglu_backward else out
     _grouped_rows_kernel[grid](
-        a, plan.token, b, xa, lb, out, plan.order, act, scale if scale is not None else out,
+        a, plan.token, b, xa, lb, out, plan.order, act, scale if scale is not None else out, h, partial,
         plan.tile_expert, plan.tile_start, plan.ends,
         n_out, K, rank, n_out, float(s),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
         xa.stride(0), xa.stride(1), lb.stride(0), lb.stride(1), lb.stride(2),
-        out.stride(0), act.stride(0),
-        GATHER_A=gather, HAS_LORA=lora is not None, SWIGLU=swiglu_out, ROW_SCALE=scale is not None,
-        SCATTER_OUT=scatter, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_R=_pow2_at_least_16(rank), num_warps=warps, **_dot_args(a.dtype),
+        out.stride(0), act.stride(0), partial.stride(0),
+        GATHER_A=gather, HAS_LORA=lora is not None, SWIGLU=swiglu_out, SWIGLU_BACKWARD=swiglu_backward is not None,
+        WRITE_ACT=write_act, ROW_SCALE=scale is not None, SCATTER_OUT=scatter,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=_pow2_at_least_16(rank), num_warps=warps,
+        **_dot_args(a.dtype),
     )  # fmt: skip
+    if swiglu_backward:
+        return out, partial.sum(1), act if write_act else None
     return (out, act) if swiglu_out else out
 
 
@@ -320,7 +361,9 @@ def _grouped_mm(a, b, plan):
     return F.grouped_mm(a, b, offs=plan.ends)
 
 
-def _rows_torch(plan, a, b, *, gather=False, lora=None, swiglu_out=False, scale=None, scatter=False, out_dtype):
+def _rows_torch(
+    plan, a, b, *, gather=False, lora=None, swiglu_out=False, swiglu_backward=None, scale=None, scatter=False, out_dtype
+):
     """``_rows_triton`` through torch's grouped_mm and separate ops."""
     if gather:
         a = a.index_select(0, plan.token)
@@ -331,6 +374,8 @@ def _rows_torch(plan, a, b, *, gather=False, lora=None, swiglu_out=False, scale=
     if swiglu_out:
         gate, up = y.chunk(2, dim=-1)
         return y.to(out_dtype), swiglu(gate, up).to(out_dtype)
+    if swiglu_backward is not None:
+        return _swiglu_backward(swiglu_backward[0], y.to(out_dtype), scale, swiglu_backward[1])
     if scale is not None:
         y = y * scale[:, None]
     if scatter:
@@ -338,6 +383,20 @@ def _rows_torch(plan, a, b, *, gather=False, lora=None, swiglu_out=False, scale=
         out[plan.order.long()] = y.to(out_dtype)
         return out
     return y.to(out_dtype)
+
+
+def _swiglu_backward(h, dact, weights, write_act):
+    """(dh [S, 2I], dw [S] fp32, weights * act or None) from h, the unweighted d act [S, I] and the row weights."""
+    rows, inter = dact.shape
+    dh = new_empty(h.shape, dtype=h.dtype, device=h.device)
+    dw = new_empty((rows,), dtype=torch.float32, device=h.device)
+    wact = new_empty(dact.shape, dtype=h.dtype, device=h.device) if write_act else dh
+    if rows:
+        block = min(1024, triton.next_power_of_2(inter))
+        _swiglu_routed_backward_kernel[(rows,)](
+            h, dact, weights, dh, dw, wact, inter, WRITE_WACT=write_act, BLOCK=block
+        )
+    return dh, dw, wact if write_act else None
 
 
 def _reduce_torch(plan, p, q, *, gather_p=False, gather_q=False, alpha=1.0, out_dtype):
@@ -376,7 +435,8 @@ def _backend(backend: str, x, dtype, sizes) -> str:
 
 def _sum_slots(rows_in_token_order: torch.Tensor, plan, dtype: torch.dtype) -> torch.Tensor:
     """[T, H]: the k rows of each token summed in fp32."""
-    return rows_in_token_order.view(plan.tokens, plan.k, -1).sum(1, dtype=torch.float32).to(dtype)
+    hidden = rows_in_token_order.shape[1]
+    return rows_in_token_order.view(plan.tokens, plan.k, hidden).sum(1, dtype=torch.float32).to(dtype)
 
 
 # ----------------------------------------------------------------------------- the autograd node
@@ -388,11 +448,10 @@ def _cast(t, dtype):
 
 class _MoEExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, top_k_index, top_k_weights, gate_up, down, gu_a, gu_b, down_a, down_b, scaling, backend):
+    def forward(ctx, x, top_k_index, top_k_weights, gate_up, down, gu_a, gu_b, gu_s, down_a, down_b, down_s, backend):
         dtype = compute_dtype(x)
         num_experts, two_i, hidden = gate_up.shape
-        sizes = [hidden, two_i // 2] + ([gu_a.shape[1]] if gu_a is not None else []) + (
-            [down_a.shape[1]] if down_a is not None else [])  # fmt: skip
+        sizes = [hidden, two_i // 2] + [a.shape[1] for a in (gu_a, down_a) if a is not None]
         backend = _backend(backend, x, dtype, sizes)
         rows, _ = _EXECUTORS[backend]
         plan = _Plan(top_k_index, num_experts, _blocks()[0])
@@ -405,15 +464,15 @@ class _MoEExperts(torch.autograd.Function):
         xa_gu = aa_d = None
         if gu_a is not None:
             xa_gu = rows(plan, x2, gu_a.transpose(1, 2), gather=True, out_dtype=dtype)
-        gu_lora = None if gu_a is None else (xa_gu, gu_b.transpose(1, 2), scaling)
+        gu_lora = None if gu_a is None else (xa_gu, gu_b.transpose(1, 2), gu_s)
         h, act = rows(plan, x2, w_gu.transpose(1, 2), gather=True, lora=gu_lora, swiglu_out=True, out_dtype=dtype)
         if down_a is not None:
             aa_d = rows(plan, act, down_a.transpose(1, 2), out_dtype=dtype)
-        d_lora = None if down_a is None else (aa_d, down_b.transpose(1, 2), scaling)
+        d_lora = None if down_a is None else (aa_d, down_b.transpose(1, 2), down_s)
         y = rows(plan, act, w_d.transpose(1, 2), lora=d_lora, scale=w_rows, scatter=True, out_dtype=dtype)
         out = _sum_slots(y, plan, x.dtype)
 
-        ctx.plan, ctx.backend, ctx.scaling = plan, backend, scaling
+        ctx.plan, ctx.backend, ctx.scalings = plan, backend, (gu_s, down_s)
         ctx.grad_dtypes = (x.dtype, top_k_weights.dtype, gate_up.dtype, down.dtype) + adapter_dtypes
         ctx.save_for_backward(x2, w_rows, h, xa_gu, aa_d, w_gu, w_d, gu_a, gu_b, down_a, down_b)
         return out.view(x.shape)
@@ -421,36 +480,30 @@ class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x2, w_rows, h, xa_gu, aa_d, w_gu, w_d, gu_a, gu_b, down_a, down_b = ctx.saved_tensors
-        plan, s = ctx.plan, ctx.scaling
+        plan, (gu_s, down_s) = ctx.plan, ctx.scalings
         rows, reduce = _EXECUTORS[ctx.backend]
         x_dtype, w_dtype, gu_dtype, d_dtype, gu_a_dtype, gu_b_dtype, d_a_dtype, d_b_dtype = ctx.grad_dtypes
         need = ctx.needs_input_grad
         need_x, need_w, need_gu, need_d = need[0], need[2], need[3], need[4]
-        need_gu_a, need_gu_b, need_d_a, need_d_b = need[5:9]
-        dtype, inter = h.dtype, h.shape[1] // 2
+        need_gu_a, need_gu_b, need_d_a, need_d_b = need[5], need[6], need[8], need[9]
+        dtype = h.dtype
         g = dout.reshape(-1, x2.shape[1]).to(dtype)
         dx = dweights = d_gu = d_d = d_gu_a = d_gu_b = d_d_a = d_d_b = None
 
         gb_d = None if down_a is None else rows(plan, g, down_b, gather=True, out_dtype=dtype)
-        d_lora = None if down_a is None else (gb_d, down_a, s)
-        dact = rows(plan, g, w_d, gather=True, lora=d_lora, out_dtype=dtype)
-        dh = new_empty(h.shape, dtype=dtype, device=h.device)
-        dw_rows = new_empty((h.shape[0],), dtype=torch.float32, device=h.device)
+        d_lora = None if down_a is None else (gb_d, down_a, down_s)
         write_wact = need_d or need_d_a
-        wact = new_empty((h.shape[0], inter), dtype=dtype, device=h.device) if write_wact else dh
-        if h.shape[0]:
-            block = min(1024, triton.next_power_of_2(inter))
-            _swiglu_routed_backward_kernel[(h.shape[0],)](h, dact, w_rows, dh, dw_rows, wact, inter,
-                                                         WRITE_WACT=write_wact, BLOCK=block)  # fmt: skip
+        dh, dw_rows, wact = rows(plan, g, w_d, gather=True, lora=d_lora, scale=w_rows, swiglu_backward=(h, write_wact),
+                                 out_dtype=dtype)  # fmt: skip
         if need_w:
             dweights = new_empty((plan.tokens * plan.k,), dtype=torch.float32, device=h.device)
             dweights[plan.order.long()] = dw_rows
             dweights = dweights.view(plan.tokens, plan.k).to(w_dtype)
         if need_d_a:
-            d_d_a = reduce(plan, gb_d, wact, alpha=s, out_dtype=d_a_dtype)
+            d_d_a = reduce(plan, gb_d, wact, alpha=down_s, out_dtype=d_a_dtype)
         if need_d_b:
             waa = (aa_d.float() * w_rows[:, None].float()).to(dtype)
-            d_d_b = reduce(plan, g, waa, gather_p=True, alpha=s, out_dtype=d_b_dtype)
+            d_d_b = reduce(plan, g, waa, gather_p=True, alpha=down_s, out_dtype=d_b_dtype)
         if need_d:
             d_d = reduce(plan, g, wact, gather_p=True, out_dtype=d_dtype)
 
@@ -458,16 +511,16 @@ class _MoEExperts(torch.autograd.Function):
         if gu_a is not None and (need_x or need_gu_a):
             gb_gu = rows(plan, dh, gu_b, out_dtype=dtype)
         if need_x:
-            gu_lora = None if gu_a is None else (gb_gu, gu_a, s)
+            gu_lora = None if gu_a is None else (gb_gu, gu_a, gu_s)
             dxs = rows(plan, dh, w_gu, lora=gu_lora, scatter=True, out_dtype=dtype)
             dx = _sum_slots(dxs, plan, x_dtype).view(dout.shape)
         if need_gu_a:
-            d_gu_a = reduce(plan, gb_gu, x2, gather_q=True, alpha=s, out_dtype=gu_a_dtype)
+            d_gu_a = reduce(plan, gb_gu, x2, gather_q=True, alpha=gu_s, out_dtype=gu_a_dtype)
         if need_gu_b:
-            d_gu_b = reduce(plan, dh, xa_gu, alpha=s, out_dtype=gu_b_dtype)
+            d_gu_b = reduce(plan, dh, xa_gu, alpha=gu_s, out_dtype=gu_b_dtype)
         if need_gu:
             d_gu = reduce(plan, dh, x2, gather_q=True, out_dtype=gu_dtype)
-        return dx, None, dweights, d_gu, d_d, d_gu_a, d_gu_b, d_d_a, d_d_b, None, None
+        return dx, None, dweights, d_gu, d_d, d_gu_a, d_gu_b, None, d_d_a, d_d_b, None, None
 
 
 def _check(x, top_k_index, top_k_weights, gate_up, down, gate_up_lora, down_lora):
@@ -479,11 +532,19 @@ def _check(x, top_k_index, top_k_weights, gate_up, down, gate_up_lora, down_lora
                          f"{tuple(x.shape)}, {tuple(top_k_index.shape)}, {tuple(top_k_weights.shape)}")  # fmt: skip
     if top_k_index.shape[0] * hidden != x.numel():
         raise ValueError(f"{top_k_index.shape[0]} routed tokens for {x.numel() // hidden} tokens of x")
-    for name, lora, (n_in, n_out) in (("gate_up", gate_up_lora, (hidden, two_i)), ("down", down_lora, (two_i // 2, hidden))):
+    for name, lora, (n_in, n_out) in (
+        ("gate_up", gate_up_lora, (hidden, two_i)),
+        ("down", down_lora, (two_i // 2, hidden)),
+    ):
         if lora is None:
             continue
-        a, b = lora
-        if a.dim() != 3 or a.shape[0] != num_experts or a.shape[2] != n_in or b.shape != (num_experts, n_out, a.shape[1]):
+        a, b, _ = lora
+        if (
+            a.dim() != 3
+            or a.shape[0] != num_experts
+            or a.shape[2] != n_in
+            or b.shape != (num_experts, n_out, a.shape[1])
+        ):
             raise ValueError(f"{name} LoRA: A [E, r, {n_in}] and B [E, {n_out}, r] expected for E={num_experts}, "
                              f"got {tuple(a.shape)} and {tuple(b.shape)}")  # fmt: skip
 
@@ -494,20 +555,19 @@ def moe_experts(
     top_k_weights: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
-    gate_up_lora: tuple[torch.Tensor, torch.Tensor] | None = None,
-    down_lora: tuple[torch.Tensor, torch.Tensor] | None = None,
-    scaling: float = 1.0,
+    gate_up_lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    down_lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The experts' output [..., H] of x [..., H] routed to ``top_k_index`` [T, k] with ``top_k_weights`` [T, k]
-    (T tokens of x), expert weights ``gate_up`` [E, 2I, H] and ``down`` [E, H, I], optional LoRA pairs
-    ``(A [E, r, in], B [E, out, r])`` on either projection with ``scaling``; ``backend`` "auto", "torch" or
-    "triton" (see the module docstring)."""
+    (T tokens of x), expert weights ``gate_up`` [E, 2I, H] and ``down`` [E, H, I], optional LoRA triples
+    ``(A [E, r, in], B [E, out, r], scaling)`` on either projection; ``backend`` "auto", "torch" or "triton"
+    (see the module docstring)."""
     _check(x, top_k_index, top_k_weights, gate_up, down, gate_up_lora, down_lora)
-    gu_a, gu_b = gate_up_lora if gate_up_lora is not None else (None, None)
-    down_a, down_b = down_lora if down_lora is not None else (None, None)
+    gu_a, gu_b, gu_s = gate_up_lora if gate_up_lora is not None else (None, None, 0.0)
+    down_a, down_b, down_s = down_lora if down_lora is not None else (None, None, 0.0)
     return _MoEExperts.apply(
-        x, top_k_index, top_k_weights, gate_up, down, gu_a, gu_b, down_a, down_b, float(scaling), backend
+        x, top_k_index, top_k_weights, gate_up, down, gu_a, gu_b, float(gu_s), down_a, down_b, float(down_s), backend
     )
 
 
@@ -517,9 +577,8 @@ def moe_experts_reference(
     top_k_weights: torch.Tensor,
     gate_up: torch.Tensor,
     down: torch.Tensor,
-    gate_up_lora: tuple[torch.Tensor, torch.Tensor] | None = None,
-    down_lora: tuple[torch.Tensor, torch.Tensor] | None = None,
-    scaling: float = 1.0,
+    gate_up_lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    down_lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """The models' own loop over the experts that received tokens, with PEFT's arithmetic for the adapters
@@ -532,11 +591,11 @@ def moe_experts_reference(
         token, slot = torch.nonzero(top_k_index == expert, as_tuple=True)
         w_gu, w_d = gate_up[expert], down[expert]
         if gate_up_lora is not None:
-            a, b = gate_up_lora
-            w_gu = w_gu + scaling * (b[expert].to(w_gu.dtype) @ a[expert].to(w_gu.dtype))
+            a, b, s = gate_up_lora
+            w_gu = w_gu + s * (b[expert].to(w_gu.dtype) @ a[expert].to(w_gu.dtype))
         if down_lora is not None:
-            a, b = down_lora
-            w_d = w_d + scaling * (b[expert].to(w_d.dtype) @ a[expert].to(w_d.dtype))
+            a, b, s = down_lora
+            w_d = w_d + s * (b[expert].to(w_d.dtype) @ a[expert].to(w_d.dtype))
         gate, up = F.linear(x[token], w_gu).chunk(2, dim=-1)
         y = F.linear(F.silu(gate) * up, w_d) * top_k_weights[token, slot, None]
         out.index_add_(0, token, y.to(out.dtype))

@@ -3,8 +3,9 @@ router against transformers' own MoE blocks and PEFT's LoRA on the expert parame
 
 Tolerances (relative error against a float64 reference): fp32 1e-5; bf16 1.5e-2, and 3e-2 under the Triton
 interpreter, whose fp32 -> bf16 stores truncate instead of rounding (h, act and y are each stored in bf16).
-The router logits' gradient gets twice that: it is a difference of the routing weights' gradients (for two
-experts w1 w2 (dw1 - dw2)), which cancels.
+Where the model's own loop, run in bf16, is itself further than that from float64 (a gradient that is a
+sum with cancellation: the routing weights' <g, y> over H, the logits' w1 w2 (dw1 - dw2)), the kernel may be
+up to 1.5 times as far as the model's own loop is.
 """
 
 import pytest
@@ -14,17 +15,17 @@ from fusetune_kernels.moe import moe_experts, moe_experts_reference, route
 from fusetune_kernels.utils import interpreted
 
 from .conftest import DEVICE, needs_triton_backend
-from .parity import assert_close
+from .parity import assert_close, rel_err
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2 if interpreted() else 1.5e-2}
-SCALING = 1.75
+SCALINGS = {"gate_up": 1.75, "down": 0.5}
 
 # name -> tokens T, experts E, top-k, renormalize, experts that get no token, LoRA on, rank, hidden, intermediate,
-# whether the expert weights train, backends. Odd token counts; H 48 spans two column tiles and two K steps.
+# whether the expert weights train, backends. Odd token counts; H 48 (and I 40) span two column tiles and two K steps.
 CASES = {
     "top2-renorm-two-idle-experts": dict(T=13, E=6, k=2, renorm=True, idle=(1, 4), lora=("gate_up", "down")),
     "top1-no-renorm": dict(T=9, E=4, k=1, renorm=False, idle=(2,), lora=("gate_up", "down")),
-    "top3-no-renorm-every-expert": dict(T=11, E=5, k=3, renorm=False, idle=(), lora=("gate_up", "down")),
+    "top3-no-renorm-every-expert-wide": dict(T=11, E=5, k=3, renorm=False, idle=(), lora=("gate_up", "down"), I=40),
     "one-token": dict(T=1, E=4, k=2, renorm=True, idle=(0, 3), lora=("gate_up", "down")),
     "two-experts-take-all-many-tiles": dict(T=37, E=4, k=2, renorm=False, idle=(0, 3), lora=("gate_up", "down")),
     "lora-gate-up-only": dict(T=7, E=5, k=2, renorm=True, idle=(2,), lora=("gate_up",)),
@@ -37,16 +38,16 @@ CASES = {
 
 def make(case: dict, dtype):
     """Inputs of one case: x, router logits (idle experts far below the rest), weights, fp32 adapters."""
-    T, E, H, I, r = case["T"], case["E"], case.get("H", 48), case.get("I", 24), case.get("r", 8)
+    T, E, H, inter, r = case["T"], case["E"], case.get("H", 48), case.get("I", 24), case.get("r", 8)
     logits = torch.randn(T, E, device=DEVICE)
     logits[:, list(case["idle"])] = -30.0
     tensors = {
         "x": torch.randn(T, H, device=DEVICE).to(dtype),
         "logits": logits.to(dtype),
-        "gate_up": (torch.randn(E, 2 * I, H, device=DEVICE) / H**0.5).to(dtype),
-        "down": (torch.randn(E, H, I, device=DEVICE) / I**0.5).to(dtype),
+        "gate_up": (torch.randn(E, 2 * inter, H, device=DEVICE) / H**0.5).to(dtype),
+        "down": (torch.randn(E, H, inter, device=DEVICE) / inter**0.5).to(dtype),
     }
-    for name, (n_in, n_out) in (("gate_up", (H, 2 * I)), ("down", (I, H))):
+    for name, (n_in, n_out) in (("gate_up", (H, 2 * inter)), ("down", (inter, H))):
         if name in case["lora"]:
             tensors[f"{name}_A"] = torch.randn(E, r, n_in, device=DEVICE) / n_in**0.5
             tensors[f"{name}_B"] = torch.randn(E, n_out, r, device=DEVICE) / r**0.5
@@ -57,13 +58,14 @@ def run(fn, tensors: dict, case: dict, grad: torch.Tensor, **kwargs):
     trains = {name: case.get("train_experts", False) if name in ("gate_up", "down") else True for name in tensors}
     leaves = {name: t.detach().clone().requires_grad_(trains[name]) for name, t in tensors.items()}
     weights, ids = route(leaves["logits"], case["k"], case["renorm"])
+    weights.retain_grad()
     lora = {
-        name: (leaves[f"{name}_A"], leaves[f"{name}_B"]) if f"{name}_A" in leaves else None
+        name: (leaves[f"{name}_A"], leaves[f"{name}_B"], SCALINGS[name]) if f"{name}_A" in leaves else None
         for name in ("gate_up", "down")
     }
-    out = fn(leaves["x"], ids, weights, leaves["gate_up"], leaves["down"], lora["gate_up"], lora["down"], SCALING, **kwargs)
+    out = fn(leaves["x"], ids, weights, leaves["gate_up"], leaves["down"], lora["gate_up"], lora["down"], **kwargs)
     out.backward(grad.to(out.dtype))
-    return out, ids, {name: leaf.grad for name, leaf in leaves.items()}
+    return out, ids, {"weights": weights.grad} | {name: leaf.grad for name, leaf in leaves.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -81,6 +83,14 @@ def test_parity_with_the_reference_loop(case, backend, dtype):
     grad = torch.randn(spec["T"], tensors["x"].shape[1], device=DEVICE)
     out, ids, grads = run(moe_experts, tensors, spec, grad, backend=backend)
     ref, ref_ids, ref_grads = run(moe_experts_reference, {n: t.double() for n, t in tensors.items()}, spec, grad)
+    # The model's own loop in this dtype: how far rounding alone takes a quantity from the float64 one.
+    own, _, own_grads = run(moe_experts_reference, tensors, spec, grad)
+
+    def limit(name):
+        return (
+            TOL[dtype] if dtype == torch.float32 else max(TOL[dtype], 1.5 * rel_err(own_grads[name], ref_grads[name]))
+        )
+
     assert torch.equal(ids, ref_ids), "the float64 reference routed differently"
     assert not set(spec["idle"]) & set(ids.unique().tolist()), "an idle expert got tokens"
     assert out.dtype == dtype
@@ -89,8 +99,9 @@ def test_parity_with_the_reference_loop(case, backend, dtype):
         if name in ("gate_up", "down") and not spec.get("train_experts"):
             assert g is None, f"a gradient for the frozen {name}"
             continue
-        assert g.dtype == tensors[name].dtype, f"d{name}: {g.dtype} != {tensors[name].dtype}"
-        assert_close(g, ref_grads[name], dtype, f"d{name}", TOL[dtype] * (2 if name == "logits" else 1))
+        expected_dtype = tensors[name].dtype if name in tensors else dtype
+        assert g.dtype == expected_dtype, f"d{name}: {g.dtype} != {expected_dtype}"
+        assert_close(g, ref_grads[name], dtype, f"d{name}", limit(name))
         if name.endswith(("_A", "_B")) or name in ("gate_up", "down"):
             for expert in spec["idle"]:
                 assert torch.equal(g[expert], torch.zeros_like(g[expert])), f"d{name}[{expert}] of an idle expert"
@@ -102,14 +113,14 @@ def test_gradient_of_x_alone_and_autocast():
     spec = CASES["top2-renorm-two-idle-experts"]
     t = make(spec, torch.float32)
     weights, ids = route(t["logits"], spec["k"], spec["renorm"])
-    lora = (t["gate_up_A"], t["gate_up_B"]), (t["down_A"], t["down_B"])
+    lora = [(t[f"{n}_A"], t[f"{n}_B"], SCALINGS[n]) for n in ("gate_up", "down")]
     x = t["x"].clone().requires_grad_()
     x64 = t["x"].double().requires_grad_()
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        out = moe_experts(x, ids, weights, t["gate_up"], t["down"], *lora, SCALING, backend="triton")
+        out = moe_experts(x, ids, weights, t["gate_up"], t["down"], *lora, backend="triton")
     ref = moe_experts_reference(
         x64, ids, weights.double(), t["gate_up"].double(), t["down"].double(),
-        *[(a.double(), b.double()) for a, b in lora], SCALING,
+        *[(a.double(), b.double(), s) for a, b, s in lora],
     )  # fmt: skip
     assert out.dtype == torch.float32
     assert_close(out, ref, torch.bfloat16, "out", TOL[torch.bfloat16])
@@ -133,12 +144,13 @@ def test_gradient_of_x_alone_and_autocast():
 )
 def test_refusals(change, message):
     dtype = change.get("dtype", torch.float32)
-    E, H, I, r = 3, 48, 24, change.get("r", 8)
+    E, H, inter, r = 3, 48, 24, change.get("r", 8)
     x = torch.randn(6, H, device=DEVICE).to(dtype)
     weights, ids = route(torch.randn(change.get("tokens", 6), E, device=DEVICE), 2, True)
-    gate_up = torch.randn(E, 2 * I, H, device=DEVICE).to(dtype)
-    down = torch.randn(*change.get("down_shape", (E, H, I)), device=DEVICE).to(dtype)
-    lora = (torch.randn(E, r, H, device=DEVICE), torch.randn(*change.get("lora_b_shape", (E, 2 * I, r)), device=DEVICE))
+    gate_up = torch.randn(E, 2 * inter, H, device=DEVICE).to(dtype)
+    down = torch.randn(*change.get("down_shape", (E, H, inter)), device=DEVICE).to(dtype)
+    lora_b = torch.randn(*change.get("lora_b_shape", (E, 2 * inter, r)), device=DEVICE)
+    lora = (torch.randn(E, r, H, device=DEVICE), lora_b, 2.0)
     with pytest.raises(ValueError, match=message):
         moe_experts(x, ids, weights, gate_up, down, lora, None, backend=change.get("backend", "auto"))
 
@@ -159,7 +171,9 @@ def _block(family: str, renorm: bool = True):
         from transformers.models.olmoe.configuration_olmoe import OlmoeConfig as Config
         from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock as Block
 
-        config = Config(hidden_size=48, intermediate_size=24, num_experts=6, num_experts_per_tok=2, norm_topk_prob=renorm)
+        config = Config(
+            hidden_size=48, intermediate_size=24, num_experts=6, num_experts_per_tok=2, norm_topk_prob=renorm
+        )
         routing = dict(renormalize=renorm)
     elif family == "mixtral":
         from transformers.models.mixtral.configuration_mixtral import MixtralConfig as Config
@@ -247,7 +261,7 @@ def test_kernel_with_peft_expert_lora_matches_the_peft_block(family):
     def factors(m):
         E, r = m.num_experts, m.r["default"]
         a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
-        return a.view(E, r, a.shape[1]), b.view(b.shape[0], r, E).permute(2, 0, 1)
+        return a.view(E, r, a.shape[1]), b.view(b.shape[0], r, E).permute(2, 0, 1), m.scaling["default"]
 
     def ours(x_):
         flat = x_.view(-1, 48)
@@ -255,9 +269,8 @@ def test_kernel_with_peft_expert_lora_matches_the_peft_block(family):
         base = by_param["gate_up_proj"].get_base_layer()
         while hasattr(base, "get_base_layer"):
             base = base.get_base_layer()
-        scaling = by_param["gate_up_proj"].scaling["default"]
         out = moe_experts(flat, ids, weights, base.gate_up_proj, base.down_proj, factors(by_param["gate_up_proj"]),
-                          factors(by_param["down_proj"]), scaling, backend="triton")  # fmt: skip
+                          factors(by_param["down_proj"]), backend="triton")  # fmt: skip
         return out.view(x_.shape)
 
     expected, got = grads(model.mlp), grads(ours)
