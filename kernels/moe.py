@@ -267,11 +267,15 @@ class _Plan:
     def __init__(self, top_k_index: torch.Tensor, num_experts: int, block_m: int):
         self.tokens, self.k = top_k_index.shape
         ids = top_k_index.reshape(-1)
-        order = torch.sort(ids, stable=True).indices
+        sorted_ids, order = torch.sort(ids, stable=True)
+        # An id outside [0, E) would leave its row unwritten; checked on the device, without a host sync.
+        torch._assert_async((sorted_ids[0] >= 0) & (sorted_ids[-1] < num_experts), "expert id outside [0, E)")
         self.order = order.to(torch.int32)  # row i of the sorted rows is (token, slot) pair order[i]
         self.token = (order // self.k).to(torch.int32)
-        counts = torch.bincount(ids, minlength=num_experts)
-        ends = torch.cumsum(counts, 0)
+        # Segment ends from the sorted ids (bincount would size its output from the data: a host sync).
+        experts = torch.arange(num_experts, device=ids.device, dtype=sorted_ids.dtype)
+        ends = torch.searchsorted(sorted_ids, experts, right=True)
+        counts = ends - torch.searchsorted(sorted_ids, experts)
         self.counts, self.ends = counts.to(torch.int32), ends.to(torch.int32)
         self.num_experts = num_experts
         # Tile t covers rows [tile_start[t], +block_m) of expert tile_expert[t] (-1: no tile); no host sync.
@@ -284,7 +288,6 @@ class _Plan:
         start = ends[e] - counts[e] + (t - (tile_ends[e] - tiles[e])) * block_m
         self.tile_expert = torch.where(expert < num_experts, expert, -1).to(torch.int32)
         self.tile_start = start.to(torch.int32)
-        self.block_m = block_m
 
 
 def _blocks():

@@ -107,28 +107,32 @@ def test_parity_with_the_reference_loop(case, backend, dtype):
                 assert torch.equal(g[expert], torch.zeros_like(g[expert])), f"d{name}[{expert}] of an idle expert"
 
 
-def test_gradient_of_x_alone_and_autocast():
-    """Only x trains (frozen adapters, fixed routing); under bf16 autocast fp32 x is computed in bf16."""
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_gradient_of_x_alone_strided_x_and_autocast(backend):
+    """Only x trains (frozen adapters, fixed routing); x is a column slice (rows strided), with a strided
+    output gradient; under bf16 autocast, fp32 x is computed in bf16 and its output and gradient are fp32."""
     needs_triton_backend()
     spec = CASES["top2-renorm-two-idle-experts"]
     t = make(spec, torch.float32)
     weights, ids = route(t["logits"], spec["k"], spec["renorm"])
     lora = [(t[f"{n}_A"], t[f"{n}_B"], SCALINGS[n]) for n in ("gate_up", "down")]
-    x = t["x"].clone().requires_grad_()
+    wide = torch.cat([t["x"], torch.randn_like(t["x"])], dim=1).requires_grad_()
+    x = wide[:, : t["x"].shape[1]]
     x64 = t["x"].double().requires_grad_()
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        out = moe_experts(x, ids, weights, t["gate_up"], t["down"], *lora, backend="triton")
+        out = moe_experts(x, ids, weights, t["gate_up"], t["down"], *lora, backend=backend)
     ref = moe_experts_reference(
         x64, ids, weights.double(), t["gate_up"].double(), t["down"].double(),
         *[(a.double(), b.double(), s) for a, b, s in lora],
     )  # fmt: skip
     assert out.dtype == torch.float32
     assert_close(out, ref, torch.bfloat16, "out", TOL[torch.bfloat16])
-    grad = torch.randn_like(out)
+    grad = torch.randn(out.shape[1], out.shape[0], device=DEVICE).t()
     out.backward(grad)
     ref.backward(grad.double())
-    assert x.grad.dtype == torch.float32
-    assert_close(x.grad, x64.grad, torch.bfloat16, "dx", TOL[torch.bfloat16])
+    assert wide.grad.dtype == torch.float32
+    assert_close(wide.grad[:, : x.shape[1]], x64.grad, torch.bfloat16, "dx", TOL[torch.bfloat16])
+    assert torch.equal(wide.grad[:, x.shape[1] :], torch.zeros_like(x))
 
 
 @pytest.mark.parametrize(
@@ -153,6 +157,18 @@ def test_refusals(change, message):
     lora = (torch.randn(E, r, H, device=DEVICE), lora_b, 2.0)
     with pytest.raises(ValueError, match=message):
         moe_experts(x, ids, weights, gate_up, down, lora, None, backend=change.get("backend", "auto"))
+
+
+@pytest.mark.parametrize("bad_id", [-1, 3])
+def test_an_expert_id_out_of_range_is_an_error(bad_id):
+    if DEVICE == "cuda":
+        pytest.skip("on CUDA the check is a device-side assert, which ends the process's CUDA context")
+    x = torch.randn(4, 48, device=DEVICE)
+    ids = torch.tensor([[0, 1], [1, 2], [2, bad_id], [0, 2]], device=DEVICE)
+    weights = torch.full((4, 2), 0.5, device=DEVICE)
+    gate_up, down = torch.randn(3, 48, 48, device=DEVICE), torch.randn(3, 48, 24, device=DEVICE)
+    with pytest.raises(RuntimeError, match=r"expert id outside \[0, E\)"):
+        moe_experts(x, ids, weights, gate_up, down, backend="torch")
 
 
 # ----------------------------------------------------------------------------- transformers' blocks
