@@ -387,7 +387,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _quiet() -> None:
+def quiet() -> None:
     import logging
     import os
     import warnings
@@ -483,5 +483,5 @@ def _main(argv, stdin, out, notes) -> int:
 
 
 if __name__ == "__main__":
-    _quiet()
+    quiet()
     sys.exit(main())
