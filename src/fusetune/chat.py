@@ -388,6 +388,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def quiet() -> None:
+    """The chat's terminal holds answers and one-line errors: library warnings and progress bars are silenced."""
     import logging
     import os
     import warnings

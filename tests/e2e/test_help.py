@@ -2,11 +2,13 @@
 --help lists the groups and every key with its description, hides the *_schema entries, and answers in under
 3 s (from the cache that the first one fills)."""
 
+import os
 import re
 import runpy
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
@@ -28,6 +30,23 @@ def test_the_tables_cover_the_known_entry_points():
     assert {"fusetune", "fusetune.tiny", "fusetune.chat", "fusetune.report", "fusetune.coverage"} <= set(MODULES)
 
 
+@pytest.fixture
+def kept_global_state(monkeypatch):
+    """What an entry point's start changes for its process (fusetune.chat.quiet), given back to this one."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", os.environ.get("TOKENIZERS_PARALLELISM", "true"))
+    verbosity, bars, peft = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), logging.getLogger("peft")
+    peft_level = peft.level
+    with warnings.catch_warnings():
+        yield
+    hf_logging.set_verbosity(verbosity)
+    (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+    peft.setLevel(peft_level)
+
+
 def _help_of(run, argv0, monkeypatch, capsys, tmp_path) -> str:
     monkeypatch.chdir(tmp_path)  # what the entry point creates would land here
     monkeypatch.setattr(sys, "argv", [argv0, "--help"])
@@ -40,14 +59,14 @@ def _help_of(run, argv0, monkeypatch, capsys, tmp_path) -> str:
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_script_has_help(script, monkeypatch, capsys, tmp_path):
+def test_every_script_has_help(script, monkeypatch, capsys, tmp_path, kept_global_state):
     path = str(ROOT / "scripts" / script)
     out = _help_of(lambda: runpy.run_path(path, run_name="__main__"), path, monkeypatch, capsys, tmp_path)
     assert out.startswith("usage: ") and len(out.splitlines()) >= 3, out
 
 
 @pytest.mark.parametrize("module", MODULES)
-def test_every_module_has_help(module, monkeypatch, capsys, tmp_path):
+def test_every_module_has_help(module, monkeypatch, capsys, tmp_path, kept_global_state):
     """As ``python -m MODULE --help`` in tmp_path (runpy, in-process): fusetune.tiny made a folder named --help."""
     out = _help_of(lambda: runpy.run_module(module, run_name="__main__"), module, monkeypatch, capsys, tmp_path)
     assert out.startswith("usage: ") and len(out.splitlines()) >= 3, out
@@ -152,7 +171,7 @@ COMMANDS = "train, report, chat, presets"
         (["presets", "--help"], 0, "usage: fusetune presets", ""),
     ],
 )
-def test_the_fusetune_command(argv, code, out, err, capsys):
+def test_the_fusetune_command(argv, code, out, err, capsys, kept_global_state):
     try:
         got = fusetune_main(argv)
     except SystemExit as exited:
