@@ -111,9 +111,11 @@ def test_train_help_lists_groups_and_described_keys(help_cache, capsys):
         (["trainer.max_steps=7"], {"trainer.max_steps": "7"}),  # the overrides shape the config it lists
         (["-m", "trainer=packing"], {"trainer.packing": "true"}),  # Hydra's flags are no overrides
         (["--config-dir", "{user}", "model=mine"], {"model.max_seq_length": "32"}),  # a user's own option
+        (["--config-dir=user", "model=mine"], {"model.max_seq_length": "32"}),  # relative to where it runs
     ],
 )
-def test_train_help_follows_the_command_line(argv, expected, help_cache, capsys, tmp_path):
+def test_train_help_follows_the_command_line(argv, expected, help_cache, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "user" / "model").mkdir(parents=True)
     mine = tmp_path / "user" / "model" / "mine.yaml"
     mine.write_text("defaults:\n  - tiny_llama\n  - _self_\nmax_seq_length: 32\n")

@@ -5,6 +5,7 @@ transformers' fields, FastSFTConfig's own) or the comment beside or above it (th
 import dataclasses
 import inspect
 import io
+import os
 import re
 import sys
 import textwrap
@@ -131,16 +132,15 @@ def key_lines(cfg, prefix: str = "") -> list[tuple[str, str]]:
 
 
 def compose_for_help(overrides: list[str], config_dir: str, extra_dirs: list[str]):
+    """The config the app would compose (with hydra.*), ``extra_dirs`` on the search path."""
     from hydra import compose, initialize_config_dir
 
-    from .config import expand_resume_shorthand, register_configs
-    from .gpus import register_resolvers
-    from .launcher import register_launcher
+    from .config import expand_resume_shorthand
+    from .train import register
 
-    register_configs()
-    register_resolvers()
-    register_launcher()
-    searchpath = [f"hydra.searchpath=[{','.join('file://' + str(d) for d in extra_dirs)}]"] if extra_dirs else []
+    register()
+    folders = ",".join("file://" + os.path.abspath(d) for d in extra_dirs)  # as --config-dir adds them
+    searchpath = [f"hydra.searchpath=[{folders}]"] if extra_dirs else []
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         return compose("train", expand_resume_shorthand(overrides) + searchpath, return_hydra_config=True)
 

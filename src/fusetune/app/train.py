@@ -19,12 +19,17 @@ def train(cfg) -> float | None:
     return run_or_exit(cfg)
 
 
-def main(argv: list[str], config_dir: str) -> int:
-    """Compose ``config_dir``'s train.yaml with the overrides and Hydra flags of ``argv``, and run it. A config that
-    does not compose exits 2 with one line (hydra_errors); Hydra reads ``sys.argv``, so it is set to ``argv``."""
+def register() -> None:
+    """What the configs need before they compose: the schemas, the resolvers and the launcher."""
     register_configs()
     register_resolvers()  # conf/hydra/launcher/local.yaml: ${fusetune.visible_gpus:}, ${fusetune.parallel_jobs:}
     register_launcher()  # its class, hydra_plugins.fusetune_launcher.JoblibLauncher
+
+
+def main(argv: list[str], config_dir: str) -> int:
+    """Compose ``config_dir``'s train.yaml with the overrides and Hydra flags of ``argv``, and run it. A config that
+    does not compose exits 2 with one line (hydra_errors); Hydra reads ``sys.argv``, so it is set to ``argv``."""
+    register()
     sys.argv[1:] = expand_resume_shorthand(list(argv))  # resume=auto: resume.checkpoint=auto
     task = hydra.main(version_base="1.3", config_path=str(config_dir), config_name="train")(train)
     main_exits_2(task)
