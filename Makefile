@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) train.py --help > /dev/null  # composes the help once and caches it: later --help answers at once
 	touch $@
 
 run: install

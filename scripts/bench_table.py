@@ -1,7 +1,7 @@
 """Turn the op benchmark JSON (pytest --benchmark-json) into a markdown table, speedups against the reference."""
 
+import argparse
 import json
-import sys
 from collections import defaultdict
 
 
@@ -37,4 +37,6 @@ def table(path: str) -> str:
 
 
 if __name__ == "__main__":
-    print(table(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("json", help="the file of `pytest --benchmark-json` over tests/bench")
+    print(table(parser.parse_args().json))

@@ -47,8 +47,8 @@ def measure(arch: str, backend: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--archs", nargs="+", default=["llama3_1b"])
-    parser.add_argument("--backend", default="triton")
+    parser.add_argument("--archs", nargs="+", default=["llama3_1b"], help="folders of src/fusetune/assets/archs")
+    parser.add_argument("--backend", default="triton", help="triton (default) or reference")
     parser.add_argument("--inner", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:

@@ -65,11 +65,11 @@ def measure(name: str, out_f: int, in_f: int, tokens: int, rank: int, reps: int)
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--out", default=None)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=8192, help="rows of x (default: 8192)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank r (default: 16)")
+    p.add_argument("--reps", type=int, default=50, help="timed repetitions per order (default: 50)")
+    p.add_argument("--out", default=None, help="also write the rows to this JSON file")
     args = p.parse_args()
     torch.manual_seed(0)
     rows = []

@@ -387,7 +387,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _quiet() -> None:
+def quiet() -> None:
+    """The chat's terminal holds answers and one-line errors: library warnings and progress bars are silenced."""
     import logging
     import os
     import warnings
@@ -483,5 +484,5 @@ def _main(argv, stdin, out, notes) -> int:
 
 
 if __name__ == "__main__":
-    _quiet()
+    quiet()
     sys.exit(main())

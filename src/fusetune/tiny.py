@@ -5,8 +5,8 @@ model folder without weights, so the real loading code reads them. The files
 are generated deterministically; ``python -m fusetune.tiny`` writes them again.
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models
@@ -88,4 +88,6 @@ def write_tiny_llama(folder: Path = TINY_LLAMA) -> Path:
 
 
 if __name__ == "__main__":
-    print(write_tiny_llama(Path(sys.argv[1]) if len(sys.argv) > 1 else TINY_LLAMA))
+    parser = argparse.ArgumentParser(prog="python -m fusetune.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", nargs="?", type=Path, default=TINY_LLAMA, help=f"where (default: {TINY_LLAMA})")
+    print(write_tiny_llama(parser.parse_args().folder))
