@@ -4,9 +4,9 @@ cannot be loaded without it fails at once, in one line that says how to point at
 The verdict: offline where HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is true; online where it is set and false;
 otherwise one request to the hub's endpoint (HF_ENDPOINT, through the environment's proxies) that gets any
 answer within ``PROBE_S``. ``import fusetune`` takes it, before anything else asks the hub (bitsandbytes fetches a
-CPU kernel at import, and waits on a network that does not answer), and it is kept for the process and those it
-starts (HF_HUB_OFFLINE is set to it). An offline verdict turns huggingface_hub's offline mode on, so that nothing
-later waits on its retries.
+CPU kernel at import, and waits on a network that does not answer), and it is kept for the process. An offline
+verdict turns huggingface_hub's offline mode on, and sets HF_HUB_OFFLINE for the processes this one starts, so
+that nothing later waits on the hub's retries.
 """
 
 import functools
@@ -64,7 +64,6 @@ def _verdict() -> tuple[bool, str]:
     if setting is not None:
         return setting, "HF_HUB_OFFLINE is set"
     if _answers(constants.ENDPOINT, PROBE_S):
-        os.environ["HF_HUB_OFFLINE"] = "0"  # the processes this one starts (ranks, workers) take the verdict as it is
         return False, ""
     log.info("the Hugging Face hub (%s) did not answer within %g s: offline for this run", constants.ENDPOINT, PROBE_S)
     os.environ["HF_HUB_OFFLINE"] = "1"  # for the processes this one starts
