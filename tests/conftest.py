@@ -8,13 +8,14 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from fusetune.app.config import expand_resume_shorthand, register_configs
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before fusetune is imported: it asks the hub once unless this is set
+
+from fusetune.app.config import expand_resume_shorthand, register_configs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-os.environ.setdefault("WANDB_MODE", "offline")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The self-check's verdicts: shared by this worker and the runs it starts, never by the user's cache.
 os.environ.setdefault("FUSETUNE_CACHE_DIR", tempfile.mkdtemp(prefix="fusetune-cache-"))
 register_configs()

@@ -10,6 +10,10 @@ from .noise import drop_known_noise  # noqa: E402
 
 drop_known_noise()  # before anything imports bitsandbytes
 
+from .offline import hub_offline  # noqa: E402
+
+hub_offline()  # decided once, before anything asks the hub (bitsandbytes fetches a CPU kernel at import)
+
 from .compat.trl import point_trl_at  # noqa: E402
 from .fast_model import FastModel  # noqa: E402
 from .trainer import FastSFTConfig, FastSFTTrainer  # noqa: E402

@@ -12,10 +12,12 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from . import precision
 from .errors import FusetuneError
 from .modules import is_quantized
+from .offline import require_local_or_hub
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).parent / "assets"
 PREFIX = "fusetune:"
+TOKENIZER_FILES = ("tokenizer_config.json", "config.json")  # one of them is cached where the tokenizer is
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -97,6 +99,7 @@ def load_config(name_or_path: str, **hub):
 
 
 def _whole_config(name_or_path: str, what: str, hub: dict):
+    require_local_or_hub(resolve(name_or_path), what)
     refuse_remote_code(name_or_path, hub["trust_remote_code"])
     try:
         return AutoConfig.from_pretrained(resolve(name_or_path), **hub)
@@ -132,6 +135,7 @@ def text_part(config):
 def load_tokenizer(name_or_path: str, **hub):
     """The tokenizer, with a pad token (its eos token where it has none). ``hub``: token, revision, ..."""
     path = resolve(name_or_path)
+    require_local_or_hub(path, "model.tokenizer", TOKENIZER_FILES)
     hub = _hub(hub)
     refuse_remote_code(name_or_path, hub["trust_remote_code"])
     try:

@@ -1,32 +1,61 @@
-"""Third-party log lines that say nothing a user can act on, dropped by their exact text, never by level.
+"""Third-party log lines that say nothing a user can act on, dropped by package, level and a stable marker.
 
-bitsandbytes, on a CPU with AVX512-BF16, tries at import to fetch an optional CPU kernel from the Hugging
-Face hub through the `kernels` package, and logs a warning at every start when it cannot: `Failed to load
-CPU gemm_4bit_forward from kernels-community: ...`. Its own CPU path is used instead, as intended. Every
-other message of those loggers still shows. In offline mode, the `kernels` package (0.19 on) first logs that
-it skips its publisher check for that same repository; that line goes too.
+One kind today: bitsandbytes, on a CPU with AVX512-BF16, fetches at import an optional CPU kernel from the hub
+organization ``kernels-community`` through the ``kernels`` package. Where that cannot work (no network, offline
+mode, no ``kernels``), both packages log warnings about it at every start, and bitsandbytes uses its own CPU path,
+as intended. A rule drops a record that comes from its package's logger or any logger under it, at WARNING or
+below, and names the marker: a reworded line, or one from a module the package adds later, goes too, and every
+other message of those packages (an error, another publisher's kernel) still shows.
 """
 
 import logging
-
-KNOWN = {
-    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
-    "kernels._internals.hf_hub": ("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",),
-}
+from dataclasses import dataclass
 
 
-class DropKnownLines(logging.Filter):
-    def __init__(self, prefixes: tuple[str, ...]):
+@dataclass(frozen=True)
+class Noise:
+    package: str  # the logger of this name and every logger under it
+    marker: str  # a record at WARNING or below whose message contains this is dropped
+    seen: str  # the versions and the line it was seen with
+
+
+KNOWN = (
+    Noise(
+        "bitsandbytes",
+        "kernels-community",
+        "bitsandbytes 0.49-0.50.2: 'Failed to load CPU gemm_4bit_forward from kernels-community: ...'",
+    ),
+    Noise(
+        "kernels",
+        "'kernels-community/",
+        "kernels 0.19.1, offline: \"Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' "
+        'because Hugging Face Hub is in offline mode."',
+    ),
+)
+
+
+def is_noise(rule: Noise, record: logging.LogRecord) -> bool:
+    return record.levelno <= logging.WARNING and rule.marker in record.getMessage()
+
+
+class DropNoise(logging.Handler):
+    """On the package's logger, in place of propagation: passes every record of the package on to the parent's
+    handlers, as propagation would, except the rule's noise. (A logger's own filters see only the records made
+    by that logger, not those of the loggers under it.)"""
+
+    def __init__(self, logger: logging.Logger, rule: Noise):
         super().__init__()
-        self.prefixes = prefixes
+        self.logger, self.rule = logger, rule
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefixes)
+    def emit(self, record: logging.LogRecord) -> None:
+        if not is_noise(self.rule, record) and self.logger.parent is not None:
+            self.logger.parent.callHandlers(record)
 
 
 def drop_known_noise() -> None:
-    """Install the filters (once); call before the noisy package is imported."""
-    for name, prefixes in KNOWN.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, DropKnownLines) for f in logger.filters):
-            logger.addFilter(DropKnownLines(prefixes))
+    """Install the rules (once); call before the noisy package is imported."""
+    for rule in KNOWN:
+        logger = logging.getLogger(rule.package)
+        if not any(isinstance(h, DropNoise) for h in logger.handlers):
+            logger.addHandler(DropNoise(logger, rule))
+            logger.propagate = False

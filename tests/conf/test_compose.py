@@ -45,7 +45,7 @@ def test_default_is_the_embedded_run(compose_cfg):
     cfg = compose_cfg()
     assert cfg.model.name_or_path == "fusetune:tiny_llama" and cfg.model.random_init
     assert cfg.data.formatter.value == "synthetic"
-    assert cfg.kernels.backend.value == "auto" and cfg.logger.kind.value == "wandb"
+    assert cfg.kernels.backend.value == "auto" and cfg.logger.kind.value == "tensorboard"  # local; W&B is opt-in
     validate(cfg)
 
 

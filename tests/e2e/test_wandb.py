@@ -91,7 +91,7 @@ def test_offline_run_holds_the_config_the_name_and_every_logging_step(tmp_path):
     assert w.config["model"]["name_or_path"] == "fusetune:tiny_llama" and w.config["model"]["lora"] is None
     assert "learning_rate" in w.config["trainer"] and w.config["trainer"]["logging_steps"] == 1
     assert w.config["data"]["num_train"] == 256 and w.config["logger"]["mode"] == "offline"
-    assert w.config["kernels"] == {"backend": "auto"}, "the config's, not the TrainingArguments field's"
+    assert w.config["kernels"] == {"backend": "auto", "fp8": False}, "the config's, not the TrainingArguments field's"
     assert w.config["export"] == {"merged": False} and w.config["output_dir"] == str(run_dir)
     assert w.config["choices"]["model"] == "tiny_llama" and w.config["choices"]["logger"] == "wandb"
     assert w.config["per_device_train_batch_size"] == 64 and w.config["model/num_parameters"] > 0  # HF's own
@@ -131,7 +131,7 @@ def test_multirun_groups_its_runs_by_the_sweep_and_numbers_them(tmp_path):
 @pytest.mark.parametrize(
     "error,code,status",
     [
-        (FusetuneError("data.path: no such file: x.jsonl"), 2, "failed"),
+        (FusetuneError("training stopped: a non-finite loss at step 1"), 2, "failed"),
         (RuntimeError("something broke"), 1, "failed"),
         (KeyboardInterrupt(), 130, "interrupted"),
         (Interrupted("interrupted at step 3", 143), 143, "interrupted"),
@@ -142,13 +142,32 @@ def test_a_run_that_does_not_finish_is_marked_failed_in_wandb(compose_cfg, tmp_p
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(run_module, "build_splits", fail)  # the first step of _train, after the W&B run started
+    monkeypatch.setattr(run_module, "_train_steps", fail)  # training, after the W&B run started
     with pytest.raises(type(error)):
         run(compose_cfg([*OFFLINE, *FAST], output_dir=tmp_path))
     w = recorded(tmp_path)
     assert w.exit_code == code and w.summary["status"] == status
     assert w.summary["error"] == (str(error) or type(error).__name__)
     assert "global_step" not in w.summary  # there is no summary.json to add
+
+
+@pytest.mark.parametrize("where", ["build_splits", "from_pretrained", "FastSFTTrainer"])
+def test_no_wandb_run_before_the_config_the_data_and_the_model_have_loaded(compose_cfg, tmp_path, monkeypatch, where):
+    """A mistake found while the data, the model or the trainer load leaves no W&B run, not even a failed one, with
+    W&B chosen and an API key set."""
+
+    def fail(*args, **kwargs):
+        raise FusetuneError(f"a mistake found in {where}")
+
+    monkeypatch.setenv("WANDB_API_KEY", API_KEY)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    if where == "from_pretrained":
+        monkeypatch.setattr(run_module.FastModel, "from_pretrained", fail)
+    else:
+        monkeypatch.setattr(run_module, where, fail)
+    with pytest.raises(FusetuneError, match=where):
+        run(compose_cfg(["logger=wandb", *FAST], output_dir=tmp_path))
+    assert not (tmp_path / "wandb").exists()
 
 
 def test_a_resumed_run_continues_its_wandb_run(compose_cfg, tmp_path, monkeypatch):
@@ -193,3 +212,59 @@ def test_rank_comes_from_torchrun_variables(monkeypatch):
     assert rank() == 2
     monkeypatch.setenv("RANK", "5")  # the global rank wins: LOCAL_RANK is 0 on every node's first process
     assert rank() == 5
+
+
+ENV = {"WANDB_PROJECT": "my-team", "WANDB_ENTITY": "lab", "WANDB_MODE": "disabled", "WANDB_TAGS": "smoke, cpu"}
+EXPLICIT = ["logger.project=mine", "logger.entity=me", "logger.mode=offline", "logger.tags=[x]"]
+
+
+@pytest.mark.parametrize(
+    "env,overrides,expected",
+    [
+        ({}, [], ("fusetune", None, "offline", None)),
+        ({"WANDB_API_KEY": API_KEY}, [], ("fusetune", None, "online", None)),  # W&B's own convention, once chosen
+        ({"WANDB_API_KEY": API_KEY, "WANDB_MODE": "offline"}, [], ("fusetune", None, "offline", None)),
+        (ENV, [], ("my-team", "lab", "disabled", ["smoke", "cpu"])),
+        (ENV, EXPLICIT, ("mine", "me", "offline", ["x"])),
+        (ENV, ["logger.project=mine"], ("mine", "lab", "disabled", ["smoke", "cpu"])),
+        (ENV, ["logger.tags=[]"], ("my-team", "lab", "disabled", None)),  # explicitly none
+    ],
+    ids=["defaults", "api-key", "api-key-offline", "environment", "config-wins", "one-explicit", "no-tags"],
+)
+def test_wandb_environment_wins_over_defaults_never_over_the_config(
+    compose_cfg, tmp_path, monkeypatch, env, overrides, expected
+):
+    from fusetune.app.loggers import wandb_settings
+
+    for name in ("WANDB_API_KEY", *ENV):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = wandb_settings(compose_cfg(["logger=wandb", *overrides]))
+    assert (settings["project"], settings["entity"], settings["mode"], settings["tags"]) == expected
+
+
+def test_wandb_project_and_tags_from_the_environment_reach_the_offline_run(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_PROJECT", "my-team")
+    monkeypatch.setenv("WANDB_TAGS", "smoke,cpu")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run(compose_cfg(["logger=wandb", "trainer.max_steps=1", *FAST], output_dir=tmp_path))
+    w = recorded(tmp_path)
+    assert w.run["project"] == "my-team" and w.run["tags"] == ["smoke", "cpu"]
+    assert w.config["logger"]["project"] is None  # the config left it to the environment
+
+
+def test_the_default_logger_is_local_and_starts_no_wandb_run_with_an_api_key(compose_cfg, tmp_path, monkeypatch):
+    """A smoke test on a machine logged into W&B: TensorBoard files in the run folder, nothing sent anywhere."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_API_KEY", API_KEY)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # were anything to try, it could not reach W&B
+    monkeypatch.setattr(wandb, "init", lambda *a, **k: pytest.fail("the default logger started a W&B run"))
+    cfg = compose_cfg(["trainer.max_steps=1", *FAST], output_dir=tmp_path)
+    assert cfg.logger.kind.value == "tensorboard"
+    assert run(cfg)["global_step"] == 1
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert not (tmp_path / "wandb").exists()

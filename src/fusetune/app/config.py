@@ -285,12 +285,13 @@ class LoggerConfig:
     """The logger group (app.loggers). The W&B keys matter only for kind=wandb."""
 
     kind: LoggerKind = LoggerKind.none
-    project: str = "fusetune"
-    entity: str | None = None  # null: W&B's default (WANDB_ENTITY, or the account's)
+    # null (project, entity, mode, tags): W&B's environment wins, then fusetune's default (app.loggers)
+    project: str | None = None  # null: WANDB_PROJECT, else "fusetune"
+    entity: str | None = None  # null: WANDB_ENTITY, else the account's default
     # null: WANDB_MODE if set, else online when an API key is configured (WANDB_API_KEY or ~/.netrc), else offline
     mode: WandbMode | None = None
     group: str | None = None  # null: the sweep folder's name in a multirun, no group in a single run
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] | None = None  # null: WANDB_TAGS (comma-separated), else none
 
 
 @dataclass

@@ -1,8 +1,12 @@
-"""The run's logger (the logger group): W&B, TensorBoard or none.
+"""The run's logger (the logger group): TensorBoard (the default, local), W&B or none.
 
-W&B: ``setup_logger`` starts the W&B run itself, before the Trainer exists, with the whole resolved config, a name
-and a group. HF's WandbCallback (``report_to=["wandb"]``) then finds that run and logs every logging step into it;
-nothing here logs metrics by hand. ``WandbRunConfig`` puts the config back after the callback has merged the
+The logger starts only once the config, the data and the model have loaded (``start_logger``, called by run()
+with the Trainer built): a run that dies on a mistake before that starts no W&B run at all. ``trainer_report_to``
+says what the Trainer reports to before that, and refuses a logger that is not installed.
+
+W&B: ``start_logger`` starts the W&B run itself, with the whole resolved config, a name and a group. HF's
+WandbCallback (``report_to=["wandb"]``) then finds that run and logs every logging step into it; nothing here
+logs metrics by hand. ``WandbRunConfig`` puts the config back after the callback has merged the
 TrainingArguments into it (``kernels``, ``seed``, ``run_name`` and ``output_dir`` are names in both).
 ``close_logger`` adds summary.json's scalars and finishes the run, on every way out of ``run()``: exit code 0
 when it finished, otherwise the code the app exits with (2 for a user mistake, 128 + the signal for an
@@ -11,14 +15,17 @@ interruption, 1 for anything else), so that W&B marks it failed.
 - Name: ``run_name``, else the group choices ``model-data-kernels-trainer`` (Hydra's runtime.choices; without
   Hydra, the same read from the config). In a multirun the job number is appended, and the group is the sweep
   folder's name unless ``logger.group`` is set.
-- Mode: ``logger.mode``, else the environment's WANDB_MODE, else online where an API key is configured
-  (WANDB_API_KEY or ~/.netrc) and offline otherwise. The files go into ``<run>/wandb/``.
+- W&B's environment wins over fusetune's defaults, never over a value the config sets: ``logger.project``,
+  ``entity``, ``mode`` and ``tags`` left null are WANDB_PROJECT (else "fusetune"), WANDB_ENTITY (else the
+  account's), WANDB_MODE (else online where an API key is configured, WANDB_API_KEY or ~/.netrc, and offline
+  otherwise) and WANDB_TAGS (comma-separated). The files go into ``<run>/wandb/``.
 - Only the process of rank 0 (RANK, else LOCAL_RANK, as torchrun sets them) starts a W&B run.
 - A resumed run (``resume=auto|PATH`` from a checkpoint) continues the W&B run of the first, whose id is kept in
   ``<run>/wandb/fusetune-run-id``; its steps continue from the checkpoint's.
 - The API key is read by wandb from the environment or ~/.netrc; no config key holds it (config.refuse_secrets).
 """
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -37,7 +44,7 @@ NAMED_BY = ("model", "data", "kernels", "trainer")  # the groups whose choices n
 
 @dataclass
 class _Started:
-    run: object  # the wandb Run that setup_logger started
+    run: object  # the wandb Run that start_logger started
     config: dict  # the resolved config it was given
 
 
@@ -62,6 +69,18 @@ def wandb_mode(cfg) -> str:
     if cfg.logger.mode is not None:
         return cfg.logger.mode.value
     return os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
+
+
+def wandb_settings(cfg) -> dict:
+    """project, entity, mode and tags: the config's where it sets them, else W&B's environment, else fusetune's."""
+    logger = cfg.logger
+    tags = logger.tags if logger.tags is not None else os.environ.get("WANDB_TAGS", "").split(",")
+    return {
+        "project": logger.project or os.environ.get("WANDB_PROJECT") or "fusetune",
+        "entity": logger.entity or os.environ.get("WANDB_ENTITY") or None,
+        "mode": wandb_mode(cfg),
+        "tags": [tag.strip() for tag in tags if tag.strip()] or None,
+    }
 
 
 def _hydra():
@@ -103,27 +122,34 @@ def wandb_config(cfg) -> dict:
     return config
 
 
-def setup_logger(cfg, out: Path, resuming: bool = False) -> list[str]:
-    """Start the chosen logger; returns the Trainer's ``report_to``. A resumed run continues its W&B run."""
+def trainer_report_to(cfg, out: Path) -> list[str]:
+    """The Trainer's ``report_to`` for the chosen logger; starts nothing (``start_logger`` does, later)."""
     kind = cfg.logger.kind.value
     if kind == "wandb":
-        return _start_wandb(cfg, out, resuming)
+        if rank() != 0:
+            log.info("W&B: this process has rank %d; rank 0 logs the run", rank())
+            return []
+        if importlib.util.find_spec("wandb") is None:
+            raise FusetuneError("logger=wandb needs the wandb package (pip install wandb), or choose logger=none")
+        return ["wandb"]
     if kind == "tensorboard":
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
         return ["tensorboard"]
     return []
 
 
-def _start_wandb(cfg, out: Path, resuming: bool) -> list[str]:
+def start_logger(cfg, out: Path, resuming: bool = False) -> None:
+    """Start the W&B run where the logger is W&B and this is rank 0; a resumed run continues its W&B run."""
+    if cfg.logger.kind.value == "wandb" and rank() == 0:
+        _start_wandb(cfg, out, resuming)
+
+
+def _start_wandb(cfg, out: Path, resuming: bool) -> None:
     global _started
-    if rank() != 0:
-        log.info("W&B: this process has rank %d; rank 0 logs the run", rank())
-        return []
-    try:
-        import wandb
-    except ImportError:
-        raise FusetuneError("logger=wandb needs the wandb package (pip install wandb), or choose logger=none") from None
-    mode = wandb_mode(cfg)
+    import wandb
+
+    settings = wandb_settings(cfg)
+    mode = settings["mode"]
     name, group = run_identity(cfg)
     config = wandb_config(cfg)
     wandb.teardown()  # settings left by an earlier run in this process (another trainer's callback) go first
@@ -131,14 +157,11 @@ def _start_wandb(cfg, out: Path, resuming: bool) -> list[str]:
     run_id = id_file.read_text().strip() if resuming and id_file.is_file() else None
     try:
         run = wandb.init(
-            project=cfg.logger.project,
-            entity=cfg.logger.entity,
+            **settings,
             name=name,
             group=group,
-            tags=list(cfg.logger.tags) or None,
             config=config,
             dir=str(out),
-            mode=mode,
             id=run_id,
             resume="allow" if run_id else None,
         )
@@ -152,8 +175,8 @@ def _start_wandb(cfg, out: Path, resuming: bool) -> list[str]:
     id_file.write_text(run.id)
     if run_id:
         log.info("W&B: resumed run %s", run_id)
-    log.info("W&B run '%s'%s, %s, into %s", name, f" in group '{group}'" if group else "", mode, out / "wandb")
-    return ["wandb"]
+    where = f"project '{settings['project']}'" + (f", group '{group}'" if group else "")
+    log.info("W&B run '%s' in %s, %s, into %s", name, where, mode, out / "wandb")
 
 
 class WandbRunConfig(TrainerCallback):
@@ -169,7 +192,7 @@ class WandbRunConfig(TrainerCallback):
 
 
 def logger_callbacks() -> list[TrainerCallback]:
-    """The Trainer callbacks the started logger needs besides ``report_to``."""
+    """The Trainer callbacks the started logger needs besides ``report_to`` (none before ``start_logger``)."""
     return [WandbRunConfig(_started.run, _started.config)] if _started is not None else []
 
 
@@ -195,7 +218,7 @@ def exit_code(error: BaseException | None) -> int:
 
 
 def close_logger(cfg, summary: dict | None, error: BaseException | None = None) -> None:
-    """Finish the W&B run that setup_logger started: summary.json's scalars, how it ended, and its exit code."""
+    """Finish the W&B run that start_logger started: summary.json's scalars, how it ended, and its exit code."""
     global _started
     started, _started = _started, None
     if started is None:

@@ -16,14 +16,15 @@ from ..errors import FusetuneError, Interrupted
 from ..evaluate import exact_match
 from ..fast_model import FastModel, enable_fusetune_checkpointing
 from ..faults import SignalStop, StopOnSignal
-from ..loading import count_parameters, load_tokenizer, pick_dtype
+from ..loading import TOKENIZER_FILES, count_parameters, load_tokenizer, pick_dtype, resolve
+from ..offline import require_local_or_hub
 from ..patching import remove_kernels
 from ..trainer import FastSFTConfig, FastSFTTrainer
 from . import distributed, run_folder
 from . import run_record as record
 from .config import SFT_DEFAULTS, TRAINER_FIELDS, checkpointing_mode, validate
 from .export import export_merged
-from .loggers import close_logger, logger_callbacks, setup_logger
+from .loggers import close_logger, logger_callbacks, start_logger, trainer_report_to
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +78,24 @@ def run(cfg) -> dict:
     out = Path(cfg.output_dir)
     with run_folder.owned(out, cfg) as checkpoint:  # rank 0 owns the folder and keeps the record; all ranks train
         validate(cfg)
+        require_local_models(cfg.model)
         return _run(cfg, out, checkpoint)
+
+
+def require_local_models(m) -> None:
+    """A hub name that cannot be loaded offline fails here, in a second, before any work (offline.py)."""
+    require_local_or_hub(resolve(m.name_or_path), "model.name_or_path")
+    if m.tokenizer:
+        require_local_or_hub(resolve(m.tokenizer), "model.tokenizer", TOKENIZER_FILES)
+    if m.config:
+        require_local_or_hub(resolve(m.config), "model.config")
 
 
 def _run(cfg, out: Path, checkpoint: Path | None) -> dict:
     lead = distributed.is_rank_zero()  # every rank trains; rank 0 keeps the record
     if lead:
         record.write_status(out, "running", step=step_of(checkpoint) if checkpoint else 0, resumed_from=checkpoint)
-    report_to = setup_logger(cfg, out, resuming=checkpoint is not None)
+    report_to = trainer_report_to(cfg, out)  # W&B starts once the data and the model have loaded
     summary = error = None
     try:
         with StopOnSignal(last_words=_last_words(out, lead)) as stop:
@@ -168,9 +179,12 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         train_dataset=splits.train,
         eval_dataset=splits.eval if cfg.trainer.eval_strategy != "no" else None,
         processing_class=tokenizer,
-        callbacks=[recorder, stop, *logger_callbacks()],
+        callbacks=[recorder, stop],
         dataset_cache=splits.cache,
     )
+    start_logger(cfg, out, resuming=checkpoint is not None)  # the config, the data and the model have loaded
+    for callback in logger_callbacks():
+        trainer.add_callback(callback)
     record.reset_peak_memory()
     tokens_before = recorder.last_train.get("num_tokens", 0)
     result = _train_steps(trainer, checkpoint, stop)
