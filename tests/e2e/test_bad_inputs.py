@@ -46,8 +46,13 @@ ROWS = [
         "data.path {tmp}/a.jsonl: cannot be read as JSON Lines: 4 bad lines: line 2: not valid JSON (Expecting "
         "property name enclosed in double quotes at column 2); line 3: 'output' is missing or null; line 4: not a "
         "JSON object (got a list); line 5: 'output' must be a string, got a number",
-        {"a.jsonl": jsonl(ALPACA) + "{not json\n" + jsonl({"instruction": "x"}) + "[1, 2]\n"
-         + jsonl({"instruction": "y", "output": 3}, ALPACA)},
+        {
+            "a.jsonl": jsonl(ALPACA)
+            + "{not json\n"
+            + jsonl({"instruction": "x"})
+            + "[1, 2]\n"
+            + jsonl({"instruction": "y", "output": 3}, ALPACA)
+        },
     ),  # fmt: skip
     Row(
         "bad-records-and-empty-content-at-once",
@@ -55,8 +60,13 @@ ROWS = [
         "data.path {tmp}/c.jsonl: 1 bad record: line 2: message 2 has role 'bot', not one of system, user, assistant; "
         "1 record with empty content (data.empty_content=error; warn keeps them, drop removes them): "
         "line 3: message 2 (assistant) is empty",
-        {"c.jsonl": jsonl({"messages": [USER, ANSWER]}, {"messages": [USER, {"role": "bot", "content": "yo"}]},
-                          {"messages": [USER, {"role": "assistant", "content": ""}]})},
+        {
+            "c.jsonl": jsonl(
+                {"messages": [USER, ANSWER]},
+                {"messages": [USER, {"role": "bot", "content": "yo"}]},
+                {"messages": [USER, {"role": "assistant", "content": ""}]},
+            )
+        },
     ),  # fmt: skip
     Row(
         "each-kind-its-first-five-and-count",

@@ -55,7 +55,11 @@ ROWS = [
         "data.path {tmp}/a.jsonl: 1 bad record: line 2: 'output' is missing or null",
         {"a.jsonl": json.dumps(ALPACA) + "\n" + json.dumps({"instruction": "x"}) + "\n"},
     ),
-    Row("a-model-that-is-not-there", ("model.name_or_path={tmp}/no-model",), "model.tokenizer: cannot load '{tmp}/no-model"),
+    Row(
+        "a-model-that-is-not-there",
+        ("model.name_or_path={tmp}/no-model",),
+        "model.tokenizer: cannot load '{tmp}/no-model",
+    ),
     Row("a-config-refused-in-a-library-call", ("trainer.max_steps=0",), "trainer.max_steps=0 trains nothing"),
 ]
 

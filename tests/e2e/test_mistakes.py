@@ -154,8 +154,13 @@ ROWS = [
     ),
     Row(
         "every-mistake-at-once",
-        ("+trainer.max_step=2", "trainer.optim=adamw_8bitt", "trainer.lr_scheduler_type=cosin",
-         "trainer.eval_strategy=stpes", "trainer.learning_rate=-1"),
+        (
+            "+trainer.max_step=2",
+            "trainer.optim=adamw_8bitt",
+            "trainer.lr_scheduler_type=cosin",
+            "trainer.eval_strategy=stpes",
+            "trainer.learning_rate=-1",
+        ),
         "trainer.max_step: not a key of TrainerConfig (did you mean max_steps?); trainer.extra holds FastSFTConfig "
         "fields that no trainer key holds; trainer.learning_rate must be >= 0, got -1.0; trainer.optim: "
         "'adamw_8bitt' is not a name the installed transformers accepts (did you mean adamw_8bit?); "

@@ -250,7 +250,7 @@ ROWS = [
         FAILED_EARLY,
         (),
         None,
-        warning=f"replaced the record of an attempt that failed before its first step ({EARLY_ERROR})",
+        warning=f"replaced the record of an attempt that failed before its first step: {EARLY_ERROR}",
     ),
     Row(
         "a-run-that-failed-after-its-first-step-is-kept",

@@ -18,7 +18,6 @@ from ..report import STATUS, jobs_table, write_report
 from .cli import exception_line
 from .job_names import set_swept, swept_keys
 
-
 _active: list["AblationReport"] = []  # the multirun's report, for end_multirun
 
 

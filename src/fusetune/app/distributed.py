@@ -60,7 +60,10 @@ def check(mode: str, on_gpu: bool, quantized: bool) -> None:
         raise FusetuneError("distributed=fsdp with a 4-bit base is not supported: use distributed=ddp for QLoRA")
 
 
-LAUNCHERS = "torchrun --nproc_per_node=N train.py ..., or accelerate launch --num_processes N train.py ... (--multi_cpu on a host without CUDA)"
+LAUNCHERS = (
+    "torchrun --nproc_per_node=N train.py ..., or accelerate launch --num_processes N train.py ... "
+    "(--multi_cpu on a host without CUDA)"
+)
 
 
 def single_process(mode: str) -> str | None:

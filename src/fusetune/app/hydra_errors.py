@@ -91,8 +91,12 @@ def main_exits_2(main: Callable[[], object]) -> object:
     try:
         return main()
     except CompactHydraException as error:
-        if _state["job_started"] or isinstance(error, InstantiationException):  # not a config mistake
-            raise
+        if isinstance(error, InstantiationException) or (_state["job_started"] and not _state["multirun"]):
+            raise  # not a config mistake
+        if _state["job_started"]:  # the config of a later job of the multirun
+            from .callbacks import end_multirun
+
+            end_multirun()
         print(f"fusetune: error: {one_line(error)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except AssertionError as error:  # OmegaConf asserts when an override adds a key under a null node

@@ -182,10 +182,8 @@ def inspect(folder: Path, cfg, hydra=(), hydra_wrote: bool = False) -> Claim:
         failed = failed_before_training(folder) if manifest is not None and not foreign else None
         if failed is not None:  # nothing there to keep: this run takes the folder over
             found.remove = ours
-            found.notes.append(
-                (logging.INFO, f"run folder {folder}: replaced the record of an attempt that failed before its first "
-                 f"step ({failed})")
-            )
+            line = f"run folder {folder}: replaced the record of an attempt that failed before its first step: {failed}"
+            found.notes.append((logging.INFO, line))
             return found
         if manifest is not None:
             ours = sorted(ours, key=lambda n: (not _matches(n, RECORD_LIKE), n))  # the record's files first

@@ -217,6 +217,7 @@ def _hold_out(count: int, fraction: float, seed: int, key: str) -> tuple[np.ndar
 
 
 def _part(read: Read, cfg, seed: int, how: Reading) -> Part:
+    check = record_check(read.formatter, read.field)  # a file that cannot be read is refused with its bad records
     if read.formatter == "synthetic":
         train, held_out = synthetic_splits(cfg.num_train, cfg.num_eval, seed)
         identity = {"kind": "synthetic", "num_train": cfg.num_train, "num_eval": cfg.num_eval, "seed": seed}
@@ -225,11 +226,11 @@ def _part(read: Read, cfg, seed: int, how: Reading) -> Part:
         if held_out:
             part.eval_unit = _unit((Dataset.from_list(held_out), source, {**identity, "part": "eval"}), read, how)
     elif read.path is not None:
-        part = Part(read, _unit(_local(read.path, f"{read.key}.path", record_check(read.formatter, read.field)), read, how))
+        part = Part(read, _unit(_local(read.path, f"{read.key}.path", check), read, how))
     else:
         part = Part(read, _unit(_hub(read, read.split), read, how))
     if read.eval_path:
-        part.eval_unit = _unit(_local(read.eval_path, f"{read.key}.eval_path", record_check(read.formatter, read.field)), read, how)
+        part.eval_unit = _unit(_local(read.eval_path, f"{read.key}.eval_path", check), read, how)
     elif read.eval_split:
         part.eval_unit = _unit(_hub(read, read.eval_split), read, how)
     elif part.eval_unit is None and cfg.eval_fraction > 0:
