@@ -166,7 +166,6 @@ ROWS = [
         "'adamw_8bitt' is not a name the installed transformers accepts (did you mean adamw_8bit?); "
         "trainer.lr_scheduler_type: 'cosin' is not a name the installed transformers accepts (did you mean cosine?); "
         "trainer.eval_strategy: 'stpes' is not a name the installed transformers accepts (did you mean steps?)",
-        cli=True,
     ),  # fmt: skip
     Row(
         "ddp-in-one-process",

@@ -83,7 +83,8 @@ def study_ended(error: Exception) -> str | None:
 def main_exits_2(main: Callable[[], object]) -> object:
     """Call a ``@hydra.main`` function; a config that does not compose exits 2 with one line on stderr, and a run
     stopped by a signal (exit 128 + the signal) ends the process without the interpreter's teardown."""
-    _state["job_started"] = _state["multirun"] = False
+    _state["job_started"] = False
+    _state["multirun"] = bool({"-m", "--multirun"} & set(sys.argv[1:]))  # jobs may run in other processes
     if FULL_ERROR in os.environ:  # the user's own choice
         return main()
     os.environ[FULL_ERROR] = "1"
@@ -105,7 +106,7 @@ def main_exits_2(main: Callable[[], object]) -> object:
         print(f"fusetune: error: {NULL_PARENT}", file=sys.stderr, flush=True)
         sys.exit(2)
     except Exception as error:  # a multirun's sweeper ended it: the report, then one line
-        line = study_ended(error) if _state["multirun"] and _state["job_started"] else None
+        line = study_ended(error) if _state["multirun"] else None
         if line is None:
             raise
         from .callbacks import end_multirun
