@@ -559,6 +559,8 @@ def write_report(sweep_dir: Path, plots: bool = True) -> Report:
                 if plot(sweep_dir, report, tmp):
                     os.replace(tmp, sweep_dir / name)
                     made.append(sweep_dir / name)
+                elif name == LOSS_PNG and report.rows:  # said, not skipped in silence
+                    report.plot_note = f"no {name}: no job has logged a loss yet"
             except Exception as error:  # a broken matplotlib, odd numbers: the tables matter more than the plots
                 report.plot_note = f"no {name}: {type(error).__name__}: {one_line(error)}"
                 tmp.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ def test_not_a_bool_fails_at_composition(compose_cfg):
         ([LORA, "kernels.fp8=true", "model.dtype=float32"], "kernels.fp8 computes in bfloat16: model.dtype is float32"),
         ([LORA, "kernels.fp8=true", "model.dtype=float16"], "kernels.fp8 computes in bfloat16: model.dtype is float16"),
         (
-            [LORA, "kernels.fp8=true", "distributed=ddp"],
+            [LORA, "kernels.fp8=true", "distributed=ddp", "allow_single_process=true"],
             "kernels.fp8 trains in one process: distributed=ddp is not supported",
         ),
         (

@@ -117,17 +117,19 @@ def build(tokenizer, formatter, path, **values):
     return build_splits(data_cfg(formatter=formatter, path=str(path), **values), tokenizer, seed=0)
 
 
-def test_five_bad_records_are_shown_then_the_count(tiny_tokenizer, tmp_path):
+def test_every_kind_of_bad_record_is_shown_first_five_then_the_count(tiny_tokenizer, tmp_path):
     rows = [GOOD, {"instruction": "a"}, {"output": "b"}, GOOD, {"instruction": "c", "output": 1}]
-    rows += [{"instruction": "d", "output": None}] * 3 + [GOOD, {"instruction": None, "output": "e"}]
+    rows += [{"instruction": "d", "output": None}] * 5 + [GOOD, {"instruction": None, "output": "e"}]
     path = tmp_path / "alpaca.jsonl"
     path.write_text(jsonl(rows))
     with pytest.raises(FusetuneError) as caught:
         build(tiny_tokenizer, "alpaca", path)
     assert str(caught.value) == (
-        f"data.path {path}: 7 bad records: line 2: 'output' is missing or null; "
-        "line 3: 'instruction' is missing or null; line 5: 'output' must be a string, got a number; "
-        "line 6: 'output' is missing or null; line 7: 'output' is missing or null; (2 more)"
+        f"data.path {path}: 9 bad records: line 2: 'output' is missing or null; "
+        "line 6: 'output' is missing or null; line 7: 'output' is missing or null; "
+        "line 8: 'output' is missing or null; line 9: 'output' is missing or null; (1 more); "
+        "line 3: 'instruction' is missing or null; line 12: 'instruction' is missing or null; "
+        "line 5: 'output' must be a string, got a number"
     )
 
 

@@ -41,6 +41,43 @@ USER, ANSWER = {"role": "user", "content": "hi"}, {"role": "assistant", "content
 
 ROWS = [
     Row(
+        "jsonl-every-kind-of-bad-line-at-once",
+        ("data=alpaca", "data.path={tmp}/a.jsonl"),
+        "data.path {tmp}/a.jsonl: cannot be read as JSON Lines: 4 bad lines: line 2: not valid JSON (Expecting "
+        "property name enclosed in double quotes at column 2); line 3: 'output' is missing or null; line 4: not a "
+        "JSON object (got a list); line 5: 'output' must be a string, got a number",
+        {
+            "a.jsonl": jsonl(ALPACA)
+            + "{not json\n"
+            + jsonl({"instruction": "x"})
+            + "[1, 2]\n"
+            + jsonl({"instruction": "y", "output": 3}, ALPACA)
+        },
+    ),  # fmt: skip
+    Row(
+        "bad-records-and-empty-content-at-once",
+        ("data=chat", "data.path={tmp}/c.jsonl", "data.empty_content=error"),
+        "data.path {tmp}/c.jsonl: 1 bad record: line 2: message 2 has role 'bot', not one of system, user, assistant; "
+        "1 record with empty content (data.empty_content=error; warn keeps them, drop removes them): "
+        "line 3: message 2 (assistant) is empty",
+        {
+            "c.jsonl": jsonl(
+                {"messages": [USER, ANSWER]},
+                {"messages": [USER, {"role": "bot", "content": "yo"}]},
+                {"messages": [USER, {"role": "assistant", "content": ""}]},
+            )
+        },
+    ),  # fmt: skip
+    Row(
+        "each-kind-its-first-five-and-count",
+        ("data=alpaca", "data.path={tmp}/a.jsonl"),
+        "8 bad records: line 2: 'output' is missing or null; line 3: 'output' is missing or null; "
+        "line 4: 'output' is missing or null; line 5: 'output' is missing or null; "
+        "line 6: 'output' is missing or null; (1 more); line 8: 'instruction' must be a string, got a list; "
+        "line 9: 'instruction' must be a string, got a list",
+        {"a.jsonl": jsonl(ALPACA, *[{"instruction": "x"}] * 6, *[{"instruction": [1], "output": "y"}] * 2)},
+    ),
+    Row(
         "alpaca-answer-missing-down-the-file",
         ("data=alpaca", "data.path={tmp}/a.jsonl"),
         "data.path {tmp}/a.jsonl: 1 bad record: line 3: 'output' is missing or null",

@@ -122,6 +122,59 @@ ROWS = [
         "model.lora.alpah: not a key of LoraConfig (did you mean alpha?)",
     ),
     Row("unknown-top-level-key", ("+sed=3",), "sed: not a key of TrainConfig (did you mean seed?)"),
+    Row(
+        "optimizer-typo",
+        ("trainer.optim=adamw_8bitt",),
+        "trainer.optim: 'adamw_8bitt' is not a name the installed transformers accepts (did you mean adamw_8bit?)",
+    ),
+    Row(
+        "scheduler-typo",
+        ("trainer.lr_scheduler_type=cosin",),
+        "trainer.lr_scheduler_type: 'cosin' is not a name the installed transformers accepts (did you mean cosine?)",
+    ),
+    Row(
+        "logging-strategy-typo",
+        ("trainer.logging_strategy=epochs",),
+        "trainer.logging_strategy: 'epochs' is not a name the installed transformers accepts (did you mean epoch?)",
+    ),
+    Row(
+        "save-strategy-unknown",
+        ("trainer.save_strategy=always",),
+        "trainer.save_strategy: 'always' is not one of no, steps, epoch, best",
+    ),
+    Row(
+        "attention-typo",
+        ("model.attn_implementation=sdpaa",),
+        "model.attn_implementation: 'sdpaa' is not a name the installed transformers accepts (did you mean sdpa?)",
+    ),
+    Row(
+        "attention-unknown",
+        ("model.attn_implementation=fast",),
+        "model.attn_implementation: 'fast' is not one of eager, ",
+    ),
+    Row(
+        "every-mistake-at-once",
+        (
+            "+trainer.max_step=2",
+            "trainer.optim=adamw_8bitt",
+            "trainer.lr_scheduler_type=cosin",
+            "trainer.eval_strategy=stpes",
+            "trainer.learning_rate=-1",
+        ),
+        "trainer.max_step: not a key of TrainerConfig (did you mean max_steps?); trainer.extra holds FastSFTConfig "
+        "fields that no trainer key holds; trainer.learning_rate must be >= 0, got -1.0; trainer.optim: "
+        "'adamw_8bitt' is not a name the installed transformers accepts (did you mean adamw_8bit?); "
+        "trainer.lr_scheduler_type: 'cosin' is not a name the installed transformers accepts (did you mean cosine?); "
+        "trainer.eval_strategy: 'stpes' is not a name the installed transformers accepts (did you mean steps?)",
+    ),  # fmt: skip
+    Row(
+        "ddp-in-one-process",
+        ("distributed=ddp",),
+        "distributed=ddp, but only 1 process was launched: start it with torchrun --nproc_per_node=N train.py ..., "
+        "or accelerate launch --num_processes N train.py ... (--multi_cpu on a host without CUDA); "
+        "allow_single_process=true trains in one process anyway",
+    ),
+    Row("fsdp-in-one-process", ("distributed=fsdp",), "distributed=fsdp, but only 1 process was launched"),
     Row("unknown-key-under-export", ("+export.gguf=true",), "export.gguf: not a key of ExportConfig"),
     Row(
         "tokenizer-larger-than-embeddings",
@@ -190,6 +243,16 @@ def test_mistake_exits_2_with_one_line(row, tmp_path, compose_cfg, capsys, monke
     assert error_line(stderr).startswith(f"fusetune: error: {row.message.format(tmp=tmp_path)}")
     assert not (row.cli and run_dir.exists()), "refused before Hydra writes anything"
     assert not (tmp_path / "MARKER").exists()
+
+
+def test_ddp_in_one_process_when_allowed_warns(compose_cfg, monkeypatch):
+    from fusetune.app.config import validate
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(UserWarning, match=r"^distributed=ddp, but only 1 process was launched: .*: training in one"):
+        validate(compose_cfg(["distributed=ddp", "allow_single_process=true"]))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched as two: nothing to say
+    validate(compose_cfg(["distributed=ddp"]))
 
 
 LIBRARY = [

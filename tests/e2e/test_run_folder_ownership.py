@@ -144,6 +144,10 @@ OWN_RECORD = {MANIFEST: manifest(*RECORD), "status.json": '{"status": "failed"}'
               "metrics.jsonl": "", "model/": "", "model/w.bin": "w", "checkpoint-3/": "", "checkpoint-3/x": "x",
               "checkpoint-4.nonfinite/": "", ".hydra/": "", ".hydra/config.yaml": "seed: 1\n", "app.log": "log",
               ".status.json.tmp": "half"}  # fmt: skip
+EARLY_ERROR = "data.path x.jsonl: no such file"
+FAILED_EARLY = {MANIFEST: manifest("status.json", "metrics.jsonl", "checkpoint-N", ".hydra", "app.log"),
+                "status.json": json.dumps({"status": "failed", "error": EARLY_ERROR, "last_step": 0}),
+                "metrics.jsonl": "", ".hydra/": "", ".hydra/config.yaml": "seed: 1\n", "app.log": "log"}  # fmt: skip
 USERS_OWN = {"model/": "", "model/model.safetensors": "mine", "checkpoint-final/": "", "checkpoint-final/w": "mine"}
 
 ROWS = [
@@ -240,6 +244,37 @@ ROWS = [
         (),
         "resume=auto continues that run, or choose another hydra.run.dir; it also holds n.txt",
         not_in_message="overwrite=true replaces",
+    ),
+    Row(
+        "an-attempt-that-failed-before-its-first-step-is-replaced",
+        FAILED_EARLY,
+        (),
+        None,
+        warning=f"replaced the record of an attempt that failed before its first step: {EARLY_ERROR}",
+    ),
+    Row(
+        "a-run-that-failed-after-its-first-step-is-kept",
+        {**FAILED_EARLY, "status.json": json.dumps({"status": "failed", "error": "boom", "last_step": 3})},
+        (),
+        "holds another run's record (metrics.jsonl, status.json, .hydra, app.log): resume=auto continues",
+    ),
+    Row(
+        "a-failed-run-with-a-checkpoint-is-kept",
+        {**FAILED_EARLY, "checkpoint-2/": "", "checkpoint-2/x": "x"},
+        (),
+        "holds another run's record (checkpoint-2, metrics.jsonl, status.json",
+    ),
+    Row(
+        "an-attempt-interrupted-before-its-first-step-is-kept",
+        {**FAILED_EARLY, "status.json": json.dumps({"status": "interrupted", "last_step": 0})},
+        (),
+        "holds another run's record (metrics.jsonl, status.json",
+    ),
+    Row(
+        "a-failed-attempt-beside-a-foreign-file-is-kept",
+        {**FAILED_EARLY, "notes.txt": "mine"},
+        (),
+        "resume=auto continues that run, or choose another hydra.run.dir; it also holds notes.txt",
     ),
     Row("new-run-beside-an-unrelated-file", {"notes.txt": "mine"}, (), None, kept=("notes.txt",)),
     Row(

@@ -75,11 +75,33 @@ def test_a_failed_trial_is_marked_failed_and_the_study_goes_on(tmp_path):
     assert results["best_params"] == {"trainer.max_steps": 2} and results["best_value"] == rows[1]["eval_loss"]
 
 
+def test_a_study_where_no_trial_finished_ends_with_the_report_and_one_line(tmp_path):
+    """Every trial fails (in validation, before anything loads): no traceback, the report, then one line."""
+    proc = train_cli(
+        "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failure_rate=1.0",
+        "seed=choice(1,2)", "trainer.max_steps=0", "trainer.eval_strategy=steps", "logger=none",
+        f"hydra.sweep.dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "No trials are completed" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "fusetune: error: no trial of the study finished: every one failed (the report above lists why)"
+    )
+    assert "ablation report (2 jobs, 2 failed)" in proc.stdout
+    rows = json.loads((tmp_path / "report.json").read_text())
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all("trainer.max_steps=0 trains nothing" in r["error"] for r in rows)
+    assert not (tmp_path / "optimization_results.yaml").exists()
+
+
 def test_an_objective_without_evaluation_fails_before_training(tmp_path):
     sweep = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1", "seed=choice(1)", f"hydra.sweep.dir={tmp_path}"]
     proc = train_cli(*sweep, "logger=none", *TINY[2:])
     assert proc.returncode == 1
     assert "fusetune: error: objective eval_loss needs evaluation: set trainer.eval_strategy=steps" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith(
+        "fusetune: error: the study stopped: more trials failed than hydra.sweeper.max_failure_rate allows"
+    )
     assert not (tmp_path / "optimization_results.yaml").exists()  # max_failure_rate 0: the study stops
     assert json.loads((tmp_path / "report.json").read_text())[0]["status"] == "failed"
 

@@ -18,6 +18,15 @@ from ..report import STATUS, jobs_table, write_report
 from .cli import exception_line
 from .job_names import set_swept, swept_keys
 
+_active: list["AblationReport"] = []  # the multirun's report, for end_multirun
+
+
+def end_multirun() -> None:
+    """The sweeper ended the multirun with an error (hydra_errors.study_ended): the whole report now, as at its
+    normal end, so that the error's one line comes last."""
+    for report in _active:
+        report.finish()
+
 
 class AblationReport(Callback):
     """Writes the ablation report into the sweep folder: tables after each job, everything when the multirun ends."""
@@ -33,6 +42,7 @@ class AblationReport(Callback):
         self.sweep_dir = Path(config.hydra.sweep.dir)
         self.done = False
         atexit.register(self._at_exit)
+        _active[:] = [self]
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs) -> None:
         if job_return.status == JobStatus.FAILED:  # an error that got past cli.run_or_exit (another task function)
@@ -54,6 +64,12 @@ class AblationReport(Callback):
             print(message, file=sys.stderr, flush=True)
             # After the other callbacks (on_multirun_end runs them in reverse order; this one is listed first).
             sys.exit(self.fail_exit_code)
+
+    def finish(self) -> None:
+        if not self.done and self.sweep_dir is not None:
+            self.done = True
+            atexit.unregister(self._at_exit)
+            self._write(self.sweep_dir)
 
     def _at_exit(self) -> None:
         """The multirun ended without on_multirun_end: Ctrl-C, or an error that stopped the sweep."""

@@ -3,7 +3,8 @@
 How a run ends, and what its folder's status.json then says (run() writes "running" at its start, and
 "finished" or "interrupted" itself; this module writes "failed", and "interrupted" for a Ctrl-C outside training):
 
-- a user mistake (FusetuneError): `fusetune: error: ...` on stderr; "failed" with that line;
+- a user mistake (FusetuneError): `fusetune: error: ...` on stderr; "failed" with that line (a single run in a
+  default folder that failed so before its first step removes the folder instead: nothing in it is worth keeping);
 - anything else: "failed" with the exception's last line (`ValueError: ...`) and the traceback;
 - a signal during the run (Interrupted: run() recorded "interrupted", the signal and the phase, with a checkpoint
   where a consistent one exists): `fusetune: interrupted at step ...` or `... during data preparation ...` and exit
@@ -96,6 +97,30 @@ def record_end(out: Path | None, before: str | None, status: str, error: str) ->
         log.warning("could not write %s: %s", out / STATUS, failure)
 
 
+def default_run_folder() -> bool:
+    """Whether this single run's folder is Hydra's default (outputs/runs/<time>), not one the user named."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    named = (o.lstrip("+~").partition("=")[0] for o in HydraConfig.get().overrides.hydra)
+    return "hydra.run.dir" not in named
+
+
+def drop_default_folder(out: Path | None) -> None:
+    """A user mistake found before the first step leaves no folder behind in outputs/runs/: the one line says
+    it all. A folder the user named keeps its record, which a rerun into it replaces (app.run_folder)."""
+    from . import run_folder
+
+    if out is None or not default_run_folder() or not run_folder.claimed(out):
+        return
+    if run_folder.failed_before_training(out) is not None:
+        try:
+            run_folder.remove_attempt(out)
+        except OSError as failure:
+            log.warning("could not remove %s: %s", out, failure)
+
+
 def exit_now(code: int) -> None:
     """Exit without the interpreter's teardown, which takes seconds after a run (a collection over every object
     of torch, transformers and the data): the record is written and the logger closed by then. The run folder's
@@ -129,6 +154,8 @@ def _run_or_exit(cfg, out: Path | None) -> float | None:
         return objective.value_of(summary, objective.name_of(cfg), required=optimizing)
     except FusetuneError as error:
         record_end(out, before, "failed", str(error))
+        if not multirun:
+            drop_default_folder(out)
         print(f"fusetune: error: {error}", file=sys.stderr, flush=True)
         if not multirun:
             sys.exit(2)

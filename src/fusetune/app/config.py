@@ -31,6 +31,7 @@ from ..fast_model import check_memory_budget
 from ..modules import PROJECTIONS
 from ..trainer import FastSFTConfig
 from . import distributed, job_names
+from .choices import choice_problems
 
 
 class Backend(str, Enum):
@@ -192,6 +193,7 @@ class AppTrainerKeys:
     name: str = "sft"  # the trainer option, recorded in summary.json
     learning_rate: float | None = None  # null: model.learning_rate
     per_device_train_batch_size: int | None = None  # null: model.batch_size
+    logging_steps: float | None = None  # null: logging_steps_for(max_steps), at least ten points in a short run
     extra: dict[str, Any] = field(default_factory=dict)  # FastSFTConfig fields that no trainer key holds
 
 
@@ -337,8 +339,15 @@ class TrainConfig:
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     overwrite: bool = False  # replace another run's record in the run folder
     distributed: Distributed = Distributed.none  # how several processes (torchrun, accelerate launch) train
+    allow_single_process: bool = False  # distributed=ddp|fsdp launched as one process: warn instead of refusing
     objective: str = "eval_loss"  # what a sweeper optimizes: a summary.json key or a key of its eval block
     export: ExportConfig = field(default_factory=ExportConfig)
+
+
+def logging_steps_for(max_steps: int) -> int:
+    """The logging interval when trainer.logging_steps is null: ten points or more in a run of max_steps (every
+    10 steps in long runs, and in runs by epochs, whose length is not known here)."""
+    return min(10, max(1, max_steps // 10)) if max_steps > 0 else 10
 
 
 CHECKPOINTING = {"true": True, "false": False, "offload": "offload", "unsloth": "offload", "smart": "smart"}
@@ -476,9 +485,10 @@ def range_problems(cfg) -> list[str]:
 
 def check_composed(cfg) -> None:
     """What the composed config alone shows, checked before Hydra writes it (run_folder.GuardRunFolder) and again
-    by ``validate``: a secret, a key added with ``+`` that its group does not have, a number out of range."""
+    by ``validate``: a secret, a key added with ``+`` that its group does not have, a number out of range, a name
+    the installed libraries do not accept (app.choices); every problem found, in one line."""
     refuse_secrets(cfg)
-    problems = unknown_keys(cfg) + range_problems(cfg)
+    problems = unknown_keys(cfg) + range_problems(cfg) + choice_problems(cfg)
     if problems:
         raise FusetuneError("; ".join(problems))
 
@@ -520,6 +530,11 @@ def validate(cfg) -> None:
             "export.merged with distributed=fsdp and no LoRA: rank 0 holds only its shard of the model; "
             "use the run's model/ (saved whole), or convert it to 16 bits afterwards"
         )
+    if (alone := distributed.single_process(cfg.distributed.value)) is not None:
+        if not cfg.allow_single_process:
+            problems.append(alone)
+        else:
+            warnings.warn(alone.partition("; allow_single_process")[0] + ": training in one process", stacklevel=2)
     if cfg.kernels.fp8:
         problems += fp8_problems(cfg)
     if cfg.trainer.packing and cfg.trainer.padding_free:

@@ -60,6 +60,22 @@ def check(mode: str, on_gpu: bool, quantized: bool) -> None:
         raise FusetuneError("distributed=fsdp with a 4-bit base is not supported: use distributed=ddp for QLoRA")
 
 
+LAUNCHERS = (
+    "torchrun --nproc_per_node=N train.py ..., or accelerate launch --num_processes N train.py ... "
+    "(--multi_cpu on a host without CUDA)"
+)
+
+
+def single_process(mode: str) -> str | None:
+    """Why ``mode`` (ddp or fsdp) launched as a single process is most likely a mistake in the launch, or None."""
+    if mode == "none" or world_size() > 1:
+        return None
+    return (
+        f"distributed={mode}, but only 1 process was launched: start it with {LAUNCHERS}; "
+        "allow_single_process=true trains in one process anyway"
+    )
+
+
 def trainer_options(mode: str, model) -> dict:
     """The FastSFTConfig values that select the strategy (empty for none and ddp: the Trainer's default)."""
     if mode != "fsdp":

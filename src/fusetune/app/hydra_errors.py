@@ -8,7 +8,9 @@ Hydra prints these errors itself and exits, unless ``HYDRA_FULL_ERROR=1``: then 
 sets that while Hydra parses and composes, and turns Hydra's compact errors (the ones it would print without a
 traceback) into the one line. ``job_started``, the task function's first call, takes the variable back, so an
 error inside the run is reported by Hydra exactly as before. A user who sets ``HYDRA_FULL_ERROR=1`` gets Hydra's
-full stack traces, as Hydra documents.
+full stack traces, as Hydra documents. In a multirun the variable stays set, so that an optimizing sweeper's own
+end (Optuna with no finished trial, or more failed trials than ``max_failure_rate`` allows) comes back here: the
+ablation report, then one line, and exit code 1.
 """
 
 import dataclasses
@@ -20,8 +22,10 @@ from difflib import get_close_matches
 from hydra.errors import CompactHydraException, InstantiationException, MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from ..errors import FusetuneError
+
 FULL_ERROR = "HYDRA_FULL_ERROR"
-_state = {"set_here": False, "job_started": False}
+_state = {"set_here": False, "job_started": False, "multirun": False}
 
 
 def _first_line(text) -> str:
@@ -47,8 +51,12 @@ def one_line(error: CompactHydraException) -> str:
 
 def job_started() -> None:
     """The config composed and the run begins: Hydra reports what goes wrong from here, as it always has."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     _state["job_started"] = True
-    if _state["set_here"]:
+    _state["multirun"] = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if _state["set_here"] and not _state["multirun"]:  # a sweeper's own end comes back here (study_ended)
         os.environ.pop(FULL_ERROR, None)
         _state["set_here"] = False
 
@@ -59,10 +67,24 @@ NULL_PARENT = (
 )
 
 
+def study_ended(error: Exception) -> str | None:
+    """The one line for how an optimizing sweeper (Optuna) ends a study that it cannot finish, or None."""
+    from .cli import exception_line
+    from .objective import TrialFailed
+
+    if isinstance(error, ValueError) and "No trials are completed" in str(error):
+        return "no trial of the study finished: every one failed (the report above lists why)"
+    if isinstance(error, TrialFailed | FusetuneError):  # a batch of trials failed more than max_failure_rate allows
+        why = str(error) if isinstance(error, FusetuneError) else exception_line(error)
+        return f"the study stopped: more trials failed than hydra.sweeper.max_failure_rate allows ({why})"
+    return None
+
+
 def main_exits_2(main: Callable[[], object]) -> object:
     """Call a ``@hydra.main`` function; a config that does not compose exits 2 with one line on stderr, and a run
     stopped by a signal (exit 128 + the signal) ends the process without the interpreter's teardown."""
     _state["job_started"] = False
+    _state["multirun"] = bool({"-m", "--multirun"} & set(sys.argv[1:]))  # jobs may run in other processes
     if FULL_ERROR in os.environ:  # the user's own choice
         return main()
     os.environ[FULL_ERROR] = "1"
@@ -70,8 +92,12 @@ def main_exits_2(main: Callable[[], object]) -> object:
     try:
         return main()
     except CompactHydraException as error:
-        if _state["job_started"] or isinstance(error, InstantiationException):  # not a config mistake
-            raise
+        if isinstance(error, InstantiationException) or (_state["job_started"] and not _state["multirun"]):
+            raise  # not a config mistake
+        if _state["job_started"]:  # the config of a later job of the multirun
+            from .callbacks import end_multirun
+
+            end_multirun()
         print(f"fusetune: error: {one_line(error)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except AssertionError as error:  # OmegaConf asserts when an override adds a key under a null node
@@ -79,6 +105,15 @@ def main_exits_2(main: Callable[[], object]) -> object:
             raise
         print(f"fusetune: error: {NULL_PARENT}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except Exception as error:  # a multirun's sweeper ended it: the report, then one line
+        line = study_ended(error) if _state["multirun"] else None
+        if line is None:
+            raise
+        from .callbacks import end_multirun
+
+        end_multirun()
+        print(f"fusetune: error: {line}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except SystemExit as exiting:
         if isinstance(exiting.code, int) and exiting.code > 128:  # a signal stopped the run, its record written
             from .cli import exit_now

@@ -19,6 +19,7 @@ import math
 
 from omegaconf import OmegaConf
 
+from ..data.rules import eval_requested
 from ..errors import FusetuneError
 
 DEFAULT = "eval_loss"
@@ -49,7 +50,8 @@ def name_of(cfg) -> str:
 def check(cfg) -> None:
     """Before training: an objective that evaluation computes needs evaluation on."""
     name = name_of(cfg)
-    if name.removeprefix("eval.").startswith("eval_") and cfg.trainer.eval_strategy == "no":
+    evaluated = cfg.trainer.eval_strategy != "no" or eval_requested(cfg.data)  # at the end, at least
+    if name.removeprefix("eval.").startswith("eval_") and not evaluated:
         raise FusetuneError(
             f"objective {name} needs evaluation: set trainer.eval_strategy=steps (or epoch); the synthetic data "
             "has an eval split, other data needs data.eval_path, data.eval_split or data.eval_fraction"

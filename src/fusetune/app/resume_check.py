@@ -24,6 +24,7 @@ NOT_MATH = (
     "save_model",
     "objective",
     "cpu_threads",
+    "allow_single_process",
     "data.cache",
     "data.cache_dir",
     "data.num_generate",

@@ -12,6 +12,7 @@ from transformers import set_seed
 from ..checkpoints import newest_complete, saving, step_of, trainable_weights_finite
 from ..compat.trl import trained_tokens
 from ..data import build_splits
+from ..data.rules import eval_requested
 from ..errors import FusetuneError, Interrupted
 from ..evaluate import exact_match
 from ..fast_model import FastModel, enable_fusetune_checkpointing
@@ -22,7 +23,7 @@ from ..patching import remove_kernels
 from ..trainer import FastSFTConfig, FastSFTTrainer
 from . import distributed, run_folder
 from . import run_record as record
-from .config import SFT_DEFAULTS, TRAINER_FIELDS, checkpointing_mode, validate
+from .config import SFT_DEFAULTS, TRAINER_FIELDS, checkpointing_mode, logging_steps_for, validate
 from .export import export_merged
 from .loggers import close_logger, logger_callbacks, start_logger, trainer_report_to
 
@@ -40,6 +41,8 @@ def sft_config(
     values["learning_rate"] = t.learning_rate if t.learning_rate is not None else cfg.model.learning_rate
     if t.per_device_train_batch_size is None:
         values["per_device_train_batch_size"] = cfg.model.batch_size
+    if t.logging_steps is None:
+        values["logging_steps"] = logging_steps_for(t.max_steps)
     # Only what differs: a default given again changes nothing, and FastSFTConfig warns about logging_dir if given.
     changed = {k: v for k, v in values.items() if k in TRAINER_FIELDS and v != SFT_DEFAULTS[k]}
     on_gpu = torch.cuda.is_available()
@@ -177,7 +180,8 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         model=model,
         args=args,
         train_dataset=splits.train,
-        eval_dataset=splits.eval if cfg.trainer.eval_strategy != "no" else None,
+        # an eval set asked for in the data config is evaluated at the end, if not during training too
+        eval_dataset=splits.eval if cfg.trainer.eval_strategy != "no" or eval_requested(cfg.data) else None,
         processing_class=tokenizer,
         callbacks=[recorder, stop],
         dataset_cache=splits.cache,

@@ -91,6 +91,21 @@ def previous_status(folder: Path) -> str | None:
         return None
 
 
+def failed_before_training(folder: Path) -> str | None:
+    """The error of a run in ``folder`` that failed before its first step (no step logged, no checkpoint, no
+    summary): nothing in it is worth keeping. None for any other folder."""
+    folder = Path(folder)
+    try:
+        status = json.loads((folder / STATUS).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(status, dict) or status.get("status") != "failed" or status.get("last_step") not in (0, None):
+        return None
+    if (folder / "summary.json").exists() or any(_CHECKPOINT.match(p.name) for p in folder.iterdir()):
+        return None
+    return status.get("error") or "failed"
+
+
 def writes_of(cfg, hydra_names) -> list[str]:
     """What a run of ``cfg`` writes into its folder."""
     names = [*OWN, *ALWAYS_WRITTEN, MODEL_CARD, "model" if cfg.model.lora is None else "adapter", *hydra_names]
@@ -164,6 +179,12 @@ def inspect(folder: Path, cfg, hydra=(), hydra_wrote: bool = False) -> Claim:
     if record_like:
         raise _refuse_foreign(folder, foreign)
     if not resume:
+        failed = failed_before_training(folder) if manifest is not None and not foreign else None
+        if failed is not None:  # nothing there to keep: this run takes the folder over
+            found.remove = ours
+            line = f"run folder {folder}: replaced the record of an attempt that failed before its first step: {failed}"
+            found.notes.append((logging.INFO, line))
+            return found
         if manifest is not None:
             ours = sorted(ours, key=lambda n: (not _matches(n, RECORD_LIKE), n))  # the record's files first
             rest = f"; it also holds {_shown(foreign, folder)}, which fusetune did not write" if foreign else ""
@@ -265,6 +286,18 @@ def owned(folder: Path, cfg):
         yield found.checkpoint
     finally:
         run_lock.give_back(folder)
+
+
+def remove_attempt(folder: Path) -> None:
+    """Delete a run folder of an attempt that failed before its first step: what its manifest lists, then the
+    folder itself if nothing else is left in it."""
+    folder = Path(folder)
+    manifest = read_manifest(folder) or {"writes": []}
+    for entry in folder.iterdir():
+        if _matches(entry.name, manifest["writes"]) or entry.name in OWN:
+            _remove(entry)
+    if not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _writable(folder: Path, what: str) -> None:

@@ -66,6 +66,11 @@ class MetricsRecorder(TrainerCallback):
         self.final_loss: tuple[int, float] | None = last_finite_loss(kept)
         self.skipped_before = self.last_train.get("skipped_steps", 0)  # counted before a resume
 
+    def on_step_end(self, args, state, control, **kwargs):
+        """The last step is always logged, so a run records its final loss whatever logging_steps is."""
+        if state.global_step >= state.max_steps and args.logging_strategy != "no":
+            control.should_log = True
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs or any(k in logs for k in SUMMARY_KEYS):
             return

@@ -25,7 +25,7 @@ from jinja2 import TemplateError
 
 from ..errors import FusetuneError
 from .cache import DatasetCache, DatasetCacheHook, Plan, Unit, code_hash
-from .checks import Source, checked
+from .checks import Source, checked, record_check
 from .files import LOCAL_BUILDERS, content_hash, load_local, one_line
 from .formatters import FORMATTERS
 from .rules import data_problems, is_mixture, value
@@ -126,15 +126,16 @@ def _hub(read: Read, split: str) -> tuple[Dataset, Source, dict]:
     return dataset, source, {**identity, "fingerprint": getattr(dataset, "_fingerprint", None)}
 
 
-def _local(path: str, key: str) -> tuple[Dataset, Source, dict]:
-    """The file's records, keyed by its content: a SHA-256 of its bytes names every cache entry of it."""
+def _local(path: str, key: str, check=None) -> tuple[Dataset, Source, dict]:
+    """The file's records, keyed by its content: a SHA-256 of its bytes names every cache entry of it. ``check``:
+    a record's problem, named with the file's unreadable lines when it cannot be read (files.load_local)."""
     file = Path(path).expanduser()
     if not file.is_file():
         return load_local(path, key), Source(f"{key} {path}", file), {}  # raises the one line that says why
     before = file.stat()
     hashed = content_hash(file)
     log.debug("data: %s hashed (%d bytes) in %.3f s", path, hashed["bytes"], hashed["seconds"])
-    dataset = load_local(path, key, sha256=hashed["sha256"])
+    dataset = load_local(path, key, sha256=hashed["sha256"], check=check)
     after = file.stat()
     if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
         raise FusetuneError(f"{key} {path}: the file changed while it was read; run again once it is written")
@@ -216,6 +217,7 @@ def _hold_out(count: int, fraction: float, seed: int, key: str) -> tuple[np.ndar
 
 
 def _part(read: Read, cfg, seed: int, how: Reading) -> Part:
+    check = record_check(read.formatter, read.field)  # a file that cannot be read is refused with its bad records
     if read.formatter == "synthetic":
         train, held_out = synthetic_splits(cfg.num_train, cfg.num_eval, seed)
         identity = {"kind": "synthetic", "num_train": cfg.num_train, "num_eval": cfg.num_eval, "seed": seed}
@@ -224,11 +226,11 @@ def _part(read: Read, cfg, seed: int, how: Reading) -> Part:
         if held_out:
             part.eval_unit = _unit((Dataset.from_list(held_out), source, {**identity, "part": "eval"}), read, how)
     elif read.path is not None:
-        part = Part(read, _unit(_local(read.path, f"{read.key}.path"), read, how))
+        part = Part(read, _unit(_local(read.path, f"{read.key}.path", check), read, how))
     else:
         part = Part(read, _unit(_hub(read, read.split), read, how))
     if read.eval_path:
-        part.eval_unit = _unit(_local(read.eval_path, f"{read.key}.eval_path"), read, how)
+        part.eval_unit = _unit(_local(read.eval_path, f"{read.key}.eval_path", check), read, how)
     elif read.eval_split:
         part.eval_unit = _unit(_hub(read, read.eval_split), read, how)
     elif part.eval_unit is None and cfg.eval_fraction > 0:

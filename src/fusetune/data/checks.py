@@ -8,6 +8,7 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import repeat
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import numpy as np
 from datasets import Dataset
 
 from ..errors import FusetuneError
-from .files import BLANK, MAX_SHOWN, is_json_lines, line_numbers, listing, plural
+from .files import BLANK, MAX_SHOWN, Tally, is_json_lines, line_numbers, listing, plural
 from .formatters import FORMATTERS, Empty, Formatter
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,12 @@ class Source:
 
 @dataclass
 class Findings:
-    bad: list[tuple[int, str]] = field(default_factory=list)  # (index, problem): the first MAX_SHOWN
-    bad_count: int = 0
+    bad: Tally = field(default_factory=Tally)  # (index, problem) by kind: the first MAX_SHOWN of each
     empty: list[tuple[int, str]] = field(default_factory=list)  # (index, problem): all, for drop
+
+    @property
+    def bad_count(self) -> int:
+        return self.bad.total
 
 
 def scan(rows: Iterable[tuple], names: tuple[str, ...], formatter: Formatter) -> Findings:
@@ -59,10 +63,20 @@ def scan(rows: Iterable[tuple], names: tuple[str, ...], formatter: Formatter) ->
         if isinstance(problem, Empty):
             findings.empty.append((index, problem))
         else:
-            findings.bad_count += 1
-            if len(findings.bad) < MAX_SHOWN:
-                findings.bad.append((index, problem))
+            findings.bad.add(index, problem)
     return findings
+
+
+def record_check(formatter_name: str, field: str | None):
+    """A record's problem (not its empty content), as ``scan`` finds it: for records read outside a dataset."""
+    formatter = FORMATTERS[formatter_name]
+    names = formatter.column_names(field)
+
+    def check(record: dict) -> str | None:
+        problem = formatter.check(tuple(record.get(name) for name in names), names)
+        return None if problem is None or isinstance(problem, Empty) else problem
+
+    return check
 
 
 def _rows(dataset: Dataset, names: tuple[str, ...]) -> Iterator[tuple]:
@@ -133,20 +147,21 @@ def checked(
     if empty_content not in EMPTY_CONTENT:
         raise FusetuneError(f"data.empty_content must be one of {', '.join(EMPTY_CONTENT)}, got {empty_content!r}")
     findings = find_problems(dataset, source, formatter_name, field)
-    if findings.bad_count:
-        count = findings.bad_count
-        raise FusetuneError(
-            f"{source.label}: {plural(count, 'bad record')}: {_listed(findings.bad, count, source, len(dataset))}"
-        )
     count = len(findings.empty)
-    if not count:
-        return dataset, None
-    shown = _listed(findings.empty, count, source, len(dataset))
-    if empty_content == "error":
-        raise FusetuneError(
-            f"{source.label}: {plural(count, 'record')} with empty content "
+    shown = _listed(findings.empty, count, source, len(dataset)) if count else ""
+    refused = []  # every kind of problem, in one message
+    if findings.bad_count:
+        where = partial(source.where, total=len(dataset))
+        refused.append(f"{plural(findings.bad_count, 'bad record')}: {findings.bad.text(where)}")
+    if count and empty_content == "error":
+        refused.append(
+            f"{plural(count, 'record')} with empty content "
             f"(data.empty_content=error; warn keeps them, drop removes them): {shown}"
         )
+    if refused:
+        raise FusetuneError(f"{source.label}: " + "; ".join(refused))
+    if not count:
+        return dataset, None
     if empty_content == "warn":
         log.warning(
             "%s: %s with empty content, kept (data.empty_content=warn; error refuses them, drop removes them): %s",

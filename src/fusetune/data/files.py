@@ -8,7 +8,9 @@ other files number them from 1 in file order. The slow work here (reading a file
 import csv
 import json
 import logging
+import re
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +29,35 @@ def listing(items: list[tuple[str, str]], count: int) -> str:
     """'line 3: problem; line 9: problem; (2 more)': the first MAX_SHOWN of count (where, problem) pairs."""
     shown = "; ".join(f"{where}: {problem}" for where, problem in items[:MAX_SHOWN])
     return shown + (f"; ({count - MAX_SHOWN} more)" if count > MAX_SHOWN else "")
+
+
+class Tally:
+    """Problems grouped by kind (a problem's text with its numbers left out), in the order first found: the
+    first MAX_SHOWN of each kind, and how many of each there are. One message then names every kind."""
+
+    def __init__(self):
+        self.shown: dict[str, list[tuple]] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, at, problem: str) -> None:
+        kind_of = re.sub(r"\d+", "#", problem)
+        seen = self.counts.get(kind_of, 0)
+        self.counts[kind_of] = seen + 1
+        if seen < MAX_SHOWN:
+            self.shown.setdefault(kind_of, []).append((at, problem))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def text(self, where=None) -> str:
+        """Each kind's listing, joined; ``where`` turns the positions of one kind into the words shown."""
+        parts = []
+        for kind_of, found in self.shown.items():
+            places = [at for at, _ in found]
+            shown = where(places) if where is not None else places
+            parts.append(listing(list(zip(shown, [p for _, p in found], strict=True)), self.counts[kind_of]))
+        return "; ".join(parts)
 
 
 def plural(count: int, noun: str) -> str:
@@ -80,8 +111,12 @@ def content_hash(file: Path) -> dict:
     return {"sha256": file_hash(file), "bytes": size, "seconds": round(time.perf_counter() - started, 4)}
 
 
-def load_local(path: str, key: str = "data.path", sha256: str | None = None) -> Dataset:
-    """Load a local .jsonl/.json/.parquet/.csv file; ``key`` is the config field that named it.
+def load_local(
+    path: str, key: str = "data.path", sha256: str | None = None, check: Callable[[dict], str | None] | None = None
+) -> Dataset:
+    """Load a local .jsonl/.json/.parquet/.csv file; ``key`` is the config field that named it. A JSON Lines file
+    that cannot be read is refused with every kind of bad line in it, and ``check`` (a record's problem, or None)
+    adds the records that parse but would be refused later.
 
     ``sha256`` (the file's content hash) names the datasets library's cache entry, which otherwise keys on the
     path and modification time alone: a file edited in place with its mtime kept never reads back stale rows."""
@@ -108,7 +143,7 @@ def load_local(path: str, key: str = "data.path", sha256: str | None = None) -> 
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as error:
-        raise FusetuneError(f"{key} {path}: {_why_unreadable(file, builder, error)}") from error
+        raise FusetuneError(f"{key} {path}: {_why_unreadable(file, builder, error, check)}") from error
     if len(dataset) == 0:
         raise FusetuneError(f"{key} {path}: no records (0 records)")
     return dataset
@@ -133,22 +168,23 @@ def _root(error: BaseException) -> BaseException:
     return seen
 
 
-def _why_unreadable(file: Path, builder: str, error: Exception) -> str:
+def _why_unreadable(file: Path, builder: str, error: Exception, check=None) -> str:
     root = _root(error)
     if isinstance(root, ValueError) and "corresponds to no data" in str(root):
         return "no records (0 records)"
     if builder == "json":
-        found = _json_lines_problems(file) if is_json_lines(file) else _json_problem(file)
+        found = _json_lines_problems(file, check) if is_json_lines(file) else _json_problem(file)
         if found:
             return found
         return f"cannot be read as JSON: {one_line(root)}"
     return f"cannot be read as {'CSV' if builder == 'csv' else 'Parquet'}: {one_line(root)}"
 
 
-def _json_lines_problems(file: Path) -> str | None:
-    """'cannot be read as JSON Lines: 2 bad lines: line 3: ...', or None when every line is a JSON object."""
-    bad = []
-    count = 0
+def _json_lines_problems(file: Path, check=None) -> str | None:
+    """'cannot be read as JSON Lines: 2 bad lines: line 3: ...', or None when every line is a JSON object; with
+    ``check``, the lines whose record it refuses too."""
+    bad = Tally()
+    unreadable = False
     with file.open("rb") as f:
         for number, line in enumerate(f, 1):
             line = line.rstrip(BLANK)  # so that a column counts within the line
@@ -161,15 +197,16 @@ def _json_lines_problems(file: Path) -> str | None:
             except json.JSONDecodeError as error:
                 problem = f"not valid JSON ({error.msg} at column {error.colno})"
             else:
-                if isinstance(record, dict):
+                problem = None if isinstance(record, dict) else f"not a JSON object (got {kind(record)})"
+                if problem is None:
+                    if check is not None and (problem := check(record)) is not None:
+                        bad.add(f"line {number}", problem)
                     continue
-                problem = f"not a JSON object (got {kind(record)})"
-            count += 1
-            if len(bad) < MAX_SHOWN:
-                bad.append((f"line {number}", problem))
-    if not count:
+            unreadable = True
+            bad.add(f"line {number}", problem)
+    if not unreadable:
         return None
-    return f"cannot be read as JSON Lines: {plural(count, 'bad line')}: {listing(bad, count)}"
+    return f"cannot be read as JSON Lines: {plural(bad.total, 'bad line')}: {bad.text()}"
 
 
 def _json_problem(file: Path) -> str | None:

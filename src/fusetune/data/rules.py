@@ -36,6 +36,11 @@ def has_eval_data(cfg) -> bool:
     return bool(cfg.eval_path or cfg.eval_split or cfg.eval_fraction > 0)
 
 
+def eval_requested(cfg) -> bool:
+    """Whether the data config asks for held-out records itself (the synthetic data always has its eval split)."""
+    return value(cfg.formatter) != "synthetic" and has_eval_data(cfg)
+
+
 def _field_problem(key: str, formatter: str, field: str | None) -> str | None:
     spec = FORMATTERS.get(formatter)
     if field and spec is not None and not spec.takes_field:
