@@ -231,3 +231,62 @@ def test_triton_and_reference_train_the_same(monkeypatch):
     assert (losses - ref_losses).abs().max() <= 1e-4 * ref_losses.abs().max()
     for name, weight in lora.items():
         assert_close(weight, ref_lora[name], torch.float32, f"LoRA {name}", tol=1e-4)
+
+
+@pytest.mark.parametrize("patched, target_parameters", [(True, None), (True, []), (False, None)])
+def test_default_lora_targets_the_patched_experts(patched, target_parameters):
+    """FastModel.get_peft_model's default: attention plus the experts' gate_up_proj and down_proj where the
+    expert kernel computes them; the router stays frozen."""
+    from fusetune import FastModel
+
+    model = tiny_moe("qwen3_moe")
+    if patched:
+        apply_kernels(model, "reference")
+    model = FastModel.get_peft_model(
+        model, r=4, target_modules=ATTENTION, target_parameters=target_parameters, use_gradient_checkpointing=False
+    )
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    on_experts = {n.split("mlp.experts.")[1] for n in trained if "mlp.experts." in n and "layers.0." in n}
+    if patched and target_parameters is None:
+        assert on_experts == {f"{b}lora_{ab}.default.weight" for b in ("", "base_layer.") for ab in "AB"}
+    else:
+        assert on_experts == set()
+    assert not any(".gate." in n for n in trained), "the router trains"
+    assert any("q_proj.lora_A" in n for n in trained)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_trainer_adds_and_logs_the_load_balancing_loss(tmp_path, tiny_tokenizer, monkeypatch, accumulation):
+    """FastSFTTrainer's fused pass: TRL's loss (cross-entropy plus the weighted load-balancing loss, averaged
+    over accumulated micro-batches) and its aux_loss metric, as TRL's own compute_loss logs them."""
+    from datasets import Dataset
+
+    from fusetune import FastSFTConfig, FastSFTTrainer
+    from fusetune.compat.trl import original
+    from fusetune.data.synthetic import synthetic_splits
+
+    def run(fused: bool):
+        remove_kernels()
+        model = lora_moe("qwen3_moe", vocab_size=len(tiny_tokenizer), router_aux_loss_coef=0.5)
+        args = FastSFTConfig(
+            output_dir=str(tmp_path / str(fused)), report_to=[], max_steps=2, logging_steps=1, seed=3,
+            per_device_train_batch_size=2, kernels="reference", fused_loss=fused, learning_rate=1e-2,
+            gradient_accumulation_steps=accumulation, padding_free=False,
+        )  # fmt: skip
+        rows = Dataset.from_list(synthetic_splits(8, 0, seed=1)[0])
+        trainer = FastSFTTrainer(model=model, processing_class=tiny_tokenizer, train_dataset=rows, args=args)
+        trainer.train()
+        return [(log["loss"], log["aux_loss"]) for log in trainer.state.log_history if "loss" in log]
+
+    calls = []
+    trl_compute_loss = original("SFTTrainer").compute_loss
+    monkeypatch.setattr(
+        original("SFTTrainer"), "compute_loss", lambda *a, **k: calls.append(1) or trl_compute_loss(*a, **k)
+    )
+    fused = run(True)
+    assert calls == [], "the fused run took TRL's compute_loss"
+    trl = run(False)
+    assert calls and len(fused) == len(trl) == 2
+    for (loss, aux), (want_loss, want_aux) in zip(fused, trl, strict=True):
+        assert aux > 0 and aux == pytest.approx(want_aux, rel=1e-5)
+        assert loss == pytest.approx(want_loss, rel=1e-5)
