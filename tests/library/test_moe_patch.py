@@ -203,7 +203,7 @@ def test_experts_of_another_layout_are_refused_with_the_reason(caplog):
     assert f"gpt_oss: experts left unpatched: {why}" in caplog.text
 
 
-CONVERGENCE_STEPS = 50 if DEVICE == "cuda" else 8  # each interpreted step costs seconds on a CPU
+CONVERGENCE_STEPS = 50  # about 40 s on the CPU interpreter, the issue's bar
 
 
 def train(backend: str, steps: int, monkeypatch) -> tuple[torch.Tensor, dict]:
@@ -224,7 +224,7 @@ def train(backend: str, steps: int, monkeypatch) -> tuple[torch.Tensor, dict]:
 
 
 def test_triton_and_reference_train_the_same(monkeypatch):
-    """kernels=triton and kernels=reference: the same per-step losses and final adapters (50 steps on a GPU)."""
+    """kernels=triton and kernels=reference: the same per-step losses and final adapters over 50 AdamW steps."""
     ref_losses, ref_lora = train("reference", CONVERGENCE_STEPS, monkeypatch)
     losses, lora = train("triton", CONVERGENCE_STEPS, monkeypatch)
     assert ref_losses[-2:].mean() < ref_losses[:2].mean(), "the reference run did not learn"
