@@ -46,6 +46,8 @@ CASES = {
     ),
     "phi4_mini": ("Phi3ForCausalLM", "phi3", 3.836e9, {"partial_rotary_factor": 0.75, "tie_word_embeddings": True}),
     "smollm3_3b": ("SmolLM3ForCausalLM", "smollm3", 3.075e9, {"no_rope_layers": [1, 0]}),
+    "qwen3_moe_30b_a3b": ("Qwen3MoeForCausalLM", "qwen3_moe", 30.53e9, {"num_experts": 4}),
+    "olmoe_1b_7b": ("OlmoeForCausalLM", "olmoe", 6.919e9, {"num_experts": 4}),
 }
 
 
@@ -99,7 +101,8 @@ PRESETS = sorted(
 
 
 def test_the_new_presets_are_there():
-    assert {"qwen3_5_2b", "gemma3_1b", "gemma3_4b", "phi4_mini", "llama3_2_3b", "smollm3_3b"} <= set(PRESETS)
+    new = {"qwen3_5_2b", "gemma3_1b", "gemma3_4b", "phi4_mini", "llama3_2_3b", "smollm3_3b"}
+    assert new | {"qwen3_moe_30b_a3b", "olmoe_1b_7b"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

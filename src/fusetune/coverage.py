@@ -65,7 +65,8 @@ def markdown(found: list[Outcome]) -> str:
         head,
         "",
         f"{len(dense)} model types patched with RMSNorm, gated MLP and RoPE kernels (in MoE models the dense "
-        "and shared-expert MLPs; routed experts keep their own code), then those with fewer ops:",
+        "and shared-expert MLPs), then those with fewer ops. `experts`: routed experts through the grouped "
+        "expert kernel, LoRA on them included:",
         "",
     ]
     lines += ["| model type | patched | left unpatched (why) |", "|---|---|---|"]

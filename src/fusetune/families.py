@@ -5,7 +5,7 @@ classes (and whether each scales by ``weight`` or ``1 + weight``), its gated MLP
 ``gate_proj``/``up_proj`` or one fused ``gate_up_proj``), the modules whose ``apply_rotary_pos_emb``
 its attention calls, its pre-norm decoder layers (``prenorm``), and its causal-LM class.
 ``derive(config)`` builds a small random model from the config (``small_config``) and reads all of
-this from the module instances, so a family needs no
+this from the module instances (and its routed experts: ``experts_refusal``), so a family needs no
 hand-written row; ``OVERRIDES`` holds the few facts the structure cannot show. What a row offers
 is only a candidate: ``self_check`` runs each op against the model's own code before it is patched.
 """
@@ -23,7 +23,8 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from . import prenorm
 from .errors import first_line
 
-FAMILY_OPS = ("rms_norm", "add_norm", "rope", "glu", "loss")  # the ops a family row offers (lora is family-free)
+# The ops a family row offers (lora is family-free).
+FAMILY_OPS = ("rms_norm", "add_norm", "rope", "glu", "experts", "loss")
 # Activation module classes the fused gated kernels compute, by the kind of gate they are.
 ACTIVATIONS = {
     "SiLU": "silu",
@@ -53,6 +54,7 @@ class Family:
     # The decoder layer only adds the MLP's output to the residual (no norm after the MLP), so the
     # checkpointing recompute may leave the down projection's output uncomputed.
     mlp_output_feeds_residual_only: bool = False
+    experts: tuple[tuple[str, str], ...] = ()  # (module, class) of routed experts the fused kernel computes
     missing: tuple[tuple[str, str], ...] = ()  # (op, why the structure offers no candidate)
 
     def offers(self) -> set[str]:
@@ -61,6 +63,7 @@ class Family:
             "rms_norm": self.norms,
             "add_norm": self.prenorm_layers,
             "glu": self.mlps,
+            "experts": self.experts,
             "rope": self.rope_modules,
             "loss": self.causal_lm,
         }
@@ -273,6 +276,42 @@ def mlp_layout(mlp: torch.nn.Module) -> bool | None:
     return None
 
 
+def is_experts(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds routed experts as one 3-D ``down_proj`` parameter [E, H, I]."""
+    down = module._parameters.get("down_proj")
+    return isinstance(down, torch.Tensor) and down.dim() == 3
+
+
+def experts_refusal(experts: torch.nn.Module) -> str | None:
+    """Why the fused kernel (``fusetune_kernels.moe``) does not compute these experts, or None where it does:
+    transformers' experts layout (``use_experts_implementation``) with a gate, gate and up concatenated in one
+    ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I], not transposed, no bias, no norm after the experts,
+    transformers' own gating (``silu(gate) * up``)."""
+    from transformers.integrations import moe
+
+    name = type(experts).__name__
+    if not hasattr(experts, "has_gate"):
+        return f"{name} is not transformers' experts layout (no use_experts_implementation)"
+    layout = {
+        "has no gate": not experts.has_gate,
+        "interleaves gate and up": not getattr(experts, "is_concatenated", False),
+        "is transposed": getattr(experts, "is_transposed", False),
+        "has biases": getattr(experts, "has_bias", False),
+        "has a norm after the experts": getattr(experts, "has_post_expert_norm", False),
+        "has its own gating": getattr(type(experts), "_apply_gate", None) is not moe._default_apply_gate,
+    }
+    found = [why for why, differs in layout.items() if differs]
+    if found:
+        return f"{name} {', '.join(found)}"
+    if activation_kind(experts) != "silu":
+        act = getattr(experts, "act_fn", None)
+        return f"{name}'s activation is {type(act).__name__}, not SiLU"
+    gate_up, down = experts._parameters.get("gate_up_proj"), experts.down_proj
+    if not isinstance(gate_up, torch.Tensor) or gate_up.shape != (down.shape[0], 2 * down.shape[2], down.shape[1]):
+        return f"{name}'s gate_up_proj is not [E, 2I, H] for its down_proj [E, H, I]"
+    return None
+
+
 def _feeds_residual_only(layer_cls: type) -> bool:
     """The decoder layer's forward adds the MLP's output straight to the residual and nothing else reads it."""
     try:
@@ -313,7 +352,11 @@ def read_structure(model: torch.nn.Module) -> Family:
     """The row of ``model``'s type, read off its module instances."""
     norms, mlps, rope, missing = {}, {}, set(), []
     unknown_norms, unknown_mlps = [], []
+    experts, unknown_experts = set(), []
     for module in model.modules():
+        if is_experts(module) and type(module) not in experts:
+            why = experts_refusal(module)
+            (unknown_experts.append(why) if why else experts.add(type(module)))
         cls = type(module)
         name = cls.__name__
         if name.endswith("RMSNorm") and cls not in norms:
@@ -341,6 +384,8 @@ def read_structure(model: torch.nn.Module) -> Family:
             else "no *MLP module with gate/up/down projections"
         )
         missing.append(("glu", why))
+    if unknown_experts and not experts:  # a dense family has no experts op to miss
+        missing.append(("experts", "; ".join(dict.fromkeys(unknown_experts))))
     if not rope:
         missing.append(("rope", "its attention modules have no apply_rotary_pos_emb"))
     layers = {type(layer) for layer in _decoder_layers(model)}
@@ -359,6 +404,7 @@ def read_structure(model: torch.nn.Module) -> Family:
         rope_modules=tuple(sorted(rope)),
         prenorm_layers=tuple(sorted(prenorm_layers)),
         mlp_output_feeds_residual_only=bool(layers) and all(_feeds_residual_only(c) for c in layers),
+        experts=tuple(sorted(_owner_name(c) for c in experts)),
         missing=tuple(missing),
     )
 

@@ -18,7 +18,8 @@ from fusetune_kernels.offloaded_checkpoint import enable_checkpointing
 from . import fp8_base as fp8
 from . import limits, loading
 from .errors import FusetuneError
-from .modules import EMBEDDINGS, PROJECTIONS, base_model, is_quantized
+from .families import is_experts
+from .modules import EMBEDDINGS, EXPERT_PARAMETERS, PROJECTIONS, base_model, is_quantized
 from .patching import apply_kernels, choose_backend
 from .smart_checkpointing import enable_smart_checkpointing
 
@@ -173,6 +174,7 @@ class FastModel:
         use_gradient_checkpointing: bool | str | None = None,
         random_state: int = 3407,
         *,
+        target_parameters: list[str] | None = None,
         bias: str = "none",
         use_rslora: bool = False,
         init_lora_weights=True,
@@ -183,7 +185,10 @@ class FastModel:
         memory_budget: float | None = None,
         **unused,
     ):
-        """LoRA adapters on ``target_modules`` (default: every attention and MLP projection present).
+        """LoRA adapters on ``target_modules`` (default: every attention and MLP projection present) and on
+        ``target_parameters`` (PEFT's LoRA on 3-D parameters; default: the ``gate_up_proj`` and ``down_proj``
+        of routed experts that fusetune's expert kernel computes, so their adapters ride in its grouped GEMMs;
+        ``[]``: none). The routers stay frozen.
 
         ``use_gradient_checkpointing``: True (non-reentrant), False, "unsloth" / "offload" (every layer's
         input offloaded to pinned CPU memory), or "smart" (as many layers as ``memory_budget`` allows keep
@@ -201,6 +206,8 @@ class FastModel:
             use_gradient_checkpointing = getattr(model, "fusetune_gradient_checkpointing", True)
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         targets = list(target_modules) if target_modules else [p for p in PROJECTIONS if p in present]
+        if target_parameters is None:
+            target_parameters = patched_expert_parameters(model)
         lora_on_embeddings = sorted(set(targets) & set(EMBEDDINGS))
         if lora_on_embeddings:
             warnings.warn(
@@ -231,6 +238,7 @@ class FastModel:
             init_lora_weights=init_lora_weights,
             layers_to_transform=layers_to_transform,
             layers_pattern=layers_pattern,
+            target_parameters=list(target_parameters) or None,
         )
         peft_model.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
         if getattr(base_model(peft_model), "fusetune_fp8_base", False):
@@ -302,3 +310,12 @@ class FastModel:
         merged.save_pretrained(save_directory, safe_serialization=True)
         tokenizer.save_pretrained(save_directory)
         return save_directory
+
+
+def patched_expert_parameters(model) -> list[str]:
+    """The dotted names of the ``EXPERT_PARAMETERS`` of routed experts whose forward is fusetune's kernel."""
+    names = []
+    for name, module in model.named_modules():
+        if is_experts(module) and getattr(type(module).forward, "_fusetune", False):
+            names += [f"{name}.{param}" for param in EXPERT_PARAMETERS if param in module._parameters]
+    return names

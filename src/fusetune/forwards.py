@@ -2,15 +2,17 @@
 
 import contextvars
 import functools
+import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.utils import ModelOutput
 from trl.trainer.utils import FusedCausalLMOutput
 
-from fusetune_kernels import add_rms_norm, fused_linear_cross_entropy, glu, lora, lora_nf4, rms_norm, rope
+from fusetune_kernels import add_rms_norm, fused_linear_cross_entropy, glu, lora, lora_nf4, moe, rms_norm, rope
 from fusetune_kernels.fused_linear_cross_entropy import find_kept_rows
 from fusetune_kernels.nf4 import NF4Weight
 from fusetune_kernels.offloaded_checkpoint import recomputing
@@ -30,8 +32,14 @@ class Ops:
     fused_linear_cross_entropy: Callable
     lora_linear: Callable
     lora_nf4_linear: Callable
+    moe_experts: Callable
 
 
+def _moe_experts_triton(*args, **kwargs):
+    return moe.moe_experts(*args, backend=MOE_EXECUTOR, **kwargs)
+
+
+MOE_EXECUTOR = "auto"  # fusetune_kernels.moe's grouped GEMMs: torch's grouped_mm where it fits, else Triton's
 OPS = {
     "triton": Ops(
         rms_norm.rms_norm,
@@ -42,6 +50,7 @@ OPS = {
         fused_linear_cross_entropy.fused_linear_cross_entropy,
         lora.lora_linear,
         lora_nf4.lora_nf4_linear,
+        _moe_experts_triton,
     ),
     "reference": Ops(
         rms_norm.rms_norm_reference,
@@ -52,6 +61,7 @@ OPS = {
         fused_linear_cross_entropy.fused_linear_cross_entropy_reference,
         lora.lora_linear_reference,
         lora_nf4.lora_nf4_linear_reference,
+        moe.moe_experts_reference,
     ),
 }
 IGNORE_INDEX = -100
@@ -150,6 +160,88 @@ def mlp_forward(ops: Ops, fused_gate_up: bool, output_feeds_residual_only: bool)
     return forward
 
 
+def _routed(experts, hidden_states, args, kwargs):
+    """``(top_k_index, top_k_weights)`` where the call is the fused kernel's: the experts module's plain
+    ``(hidden_states, top_k_index, top_k_weights)``, not expert-parallel; else None."""
+    if kwargs or len(args) != 2 or getattr(experts, "_is_expert_parallel", False):
+        return None
+    if not hidden_states.is_floating_point() or hidden_states.dim() != 2:
+        return None
+    return args
+
+
+def experts_forward(ops: Ops, original_forward):
+    """The routed experts (``families.experts_refusal`` is None for their class) through ``ops.moe_experts``;
+    any other call (expert-parallel, another signature) keeps the original forward, and with it transformers'
+    ``experts_implementation`` dispatch."""
+
+    @functools.wraps(original_forward)
+    def forward(self, hidden_states, *args, **kwargs):
+        routed = _routed(self, hidden_states, args, kwargs)
+        if routed is None:
+            return original_forward(self, hidden_states, *args, **kwargs)
+        return ops.moe_experts(hidden_states, *routed, self.gate_up_proj, self.down_proj)
+
+    forward._fusetune = True
+    return forward
+
+
+def _expert_factors(wrapper, name: str, experts):
+    """``(A [E, r, in], B [E, out, r], scaling)`` of a PEFT ParamWrapper on ``experts``' 3-D parameter: its
+    lora_A [E r, in] and lora_B [out, r E] as PEFT's (experts, out, in) layout lays them out. Another layout
+    (an older PEFT's) is one line, not a silently different adapter."""
+    param = getattr(experts, wrapper.parameter_name)
+    num_experts, n_out, n_in = param.shape
+    a, b = wrapper.lora_A[name].weight, wrapper.lora_B[name].weight
+    rank = wrapper.r[name]
+    fits = getattr(wrapper, "_did_swap_in_out_features", False) and a.shape == (num_experts * rank, n_in)
+    if not fits or b.shape != (n_out, num_experts * rank):
+        import peft
+
+        raise FusetuneError(
+            f"model.lora: PEFT {peft.__version__} lays out the LoRA factors of {type(experts).__name__}."
+            f"{wrapper.parameter_name} as [{a.shape[0]}, {a.shape[1]}] and [{b.shape[0]}, {b.shape[1]}], not the "
+            "(experts, out, in) layout fusetune's expert kernel reads; upgrade PEFT (pip install -U peft)"
+        )
+    # B [E, out, r] laid out afresh (r E out values): torch's grouped_mm takes no permuted operand
+    b = b.view(n_out, rank, num_experts).permute(2, 0, 1).contiguous()
+    return a.view(num_experts, rank, n_in), b, wrapper.scaling[name]
+
+
+def lora_experts_forward(ops: Ops, original_forward):
+    """PEFT's ParamWrapper forward (LoRA on ``target_parameters``): where its chain of wrappers ends in routed
+    experts whose forward is ours and every wrapper is plain LoRA on a different one of ``gate_up_proj`` /
+    ``down_proj``, one ``ops.moe_experts`` call with both adapters (no merged copy of the experts);
+    PEFT's own forward otherwise."""
+
+    @functools.wraps(original_forward)
+    def forward(self, x, *args, **kwargs):
+        wrappers, experts = [], self
+        while hasattr(experts, "parameter_name") and hasattr(experts, "lora_A"):
+            wrappers.append(experts)
+            experts = experts.base_layer
+        routed = None
+        if getattr(type(experts).forward, "_fusetune", False):
+            routed = _routed(experts, x, args, kwargs)
+        names = [_plain_adapter(w) for w in wrappers]
+        params = [w.parameter_name for w in wrappers]
+        plain = None not in names and len(set(params)) == len(params) <= 2
+        if routed is None or not plain or not set(params) <= {"gate_up_proj", "down_proj"}:
+            return original_forward(self, x, *args, **kwargs)
+        lora_of = {w.parameter_name: _expert_factors(w, n, experts) for w, n in zip(wrappers, names, strict=True)}
+        return ops.moe_experts(
+            x,
+            *routed,
+            experts.gate_up_proj,
+            experts.down_proj,
+            lora_of.get("gate_up_proj"),
+            lora_of.get("down_proj"),
+        )
+
+    forward._fusetune = True
+    return forward
+
+
 def _partial_rope(ops: Ops, q, k, cos, sin, unsqueeze_dim):
     rotary = cos.shape[-1]
     if rotary == q.shape[-1]:
@@ -190,9 +282,12 @@ def logit_scale(config) -> float:
 
 @dataclass
 class TokenStatsOutput(ModelOutput):
-    """The loss, with the sums behind TRL's entropy and token-accuracy metrics (no per-token tensors)."""
+    """The loss, with the sums behind TRL's entropy and token-accuracy metrics (no per-token tensors). Where the
+    router's logits are asked for, ``loss`` is the cross-entropy alone and ``aux_loss`` the unweighted
+    load-balancing loss: the trainer weights it, as TRL's does."""
 
     loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
     entropy_sum: torch.Tensor | None = None
     num_correct: torch.Tensor | None = None
     num_valid: int | torch.Tensor | None = None  # a tensor with static_shapes=True
@@ -204,6 +299,28 @@ def _kept_rows(targets: torch.Tensor, static_shapes: bool) -> torch.Tensor:
     return find_kept_rows(targets, IGNORE_INDEX)
 
 
+def router_aux_loss(model, original_forward, args, kwargs, router_logits):
+    """The family's own load-balancing loss (its module's ``load_balancing_loss_func``) of ``router_logits``,
+    over the tokens of the call's attention mask, as the model's own forward computes it; one line where the
+    family has none fusetune can call."""
+    text = model.config.get_text_config()
+    function = getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
+    experts = getattr(model, "num_experts", getattr(text, "num_experts", None))
+    top_k = getattr(model, "num_experts_per_tok", getattr(text, "num_experts_per_tok", None))
+    if function is None or experts is None or top_k is None:
+        raise FusetuneError(
+            f"kernels: the fused loss head cannot add {type(model).__name__}'s router load-balancing loss; "
+            "set router_aux_loss_coef=0 or train without the loss kernel"
+        )
+    mask = inspect.signature(original_forward).bind_partial(model, *args, **kwargs).arguments.get("attention_mask")
+    return function(router_logits, experts, top_k, mask)
+
+
+def aux_loss_coef(model) -> float:
+    """The weight the model's own forward gives its router's load-balancing loss."""
+    return getattr(model, "router_aux_loss_coef", getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0))
+
+
 def causal_lm_forward(ops: Ops, original_forward):
     """The causal-LM forward with a fused loss head.
 
@@ -212,6 +329,8 @@ def causal_lm_forward(ops: Ops, original_forward):
     With ``fused_lm_head=True`` (TRL 1.16's SFTTrainer) it returns TRL's FusedCausalLMOutput:
     per-token log-probabilities, entropy and top-1 hits from the same chunked pass. With
     ``token_stats=True`` (FastSFTTrainer) it returns the loss and the sums of those statistics.
+    Where the router's logits are asked for (``output_router_logits``, else the config's), the family's
+    load-balancing loss is added as the model's own forward adds it (``TokenStatsOutput``: returned apart).
 
     The rows that carry a label are found before the backbone is queued: that costs a host sync,
     which here waits only for the inputs, not for the whole forward. With ``static_shapes=True``
@@ -238,7 +357,14 @@ def causal_lm_forward(ops: Ops, original_forward):
         lm_head = self.get_output_embeddings()
         targets = (labels[:, 1:] if shift_labels is None else shift_labels).to(lm_head.weight.device)
         kept = _kept_rows(targets, static_shapes)
-        hidden = getattr(self, self.base_model_prefix)(*args, **kwargs).last_hidden_state
+        router = kwargs.pop("output_router_logits", None)
+        if router is None:
+            router = getattr(self.config.get_text_config(), "output_router_logits", False)
+        if router:
+            kwargs["output_router_logits"] = True
+        backbone_out = getattr(self, self.base_model_prefix)(*args, **kwargs)
+        hidden = backbone_out.last_hidden_state
+        aux = router_aux_loss(self, original_forward, args, kwargs, backbone_out.router_logits) if router else None
         if shift_labels is None:
             hidden = hidden[:, :-1]
         # The half precision of the two wins: a trained lm_head may be an fp32 master weight (QLoRA), and a
@@ -265,11 +391,14 @@ def causal_lm_forward(ops: Ops, original_forward):
                 **common,
             )
             if not token_stats:
-                return CausalLMOutputWithPast(loss=out, logits=None)
+                if aux is None:
+                    return CausalLMOutputWithPast(loss=out, logits=None)
+                loss = out + aux_loss_coef(self) * aux.to(out.device)
+                return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=None)
             loss, entropy, is_top1 = out
             num_valid = (targets != IGNORE_INDEX).sum() if static_shapes else kept.numel()
             return TokenStatsOutput(
-                loss=loss, entropy_sum=entropy.sum(), num_correct=is_top1.sum(), num_valid=num_valid
+                loss=loss, aux_loss=aux, entropy_sum=entropy.sum(), num_correct=is_top1.sum(), num_valid=num_valid
             )
         per_token, entropy, is_top1 = ops.fused_linear_cross_entropy(
             flat_hidden, head_weight, flat_targets, reduction="none", return_stats=True, **common
@@ -278,8 +407,12 @@ def causal_lm_forward(ops: Ops, original_forward):
         shape = targets.shape
         log_probs = -per_token.view(shape)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        loss = per_token.sum() / count
+        if aux is not None:  # as TRL's fused head adds it: the config's weight
+            loss = loss + getattr(self.config.get_text_config(), "router_aux_loss_coef", 0.0) * aux.to(loss.device)
         return FusedCausalLMOutput(
-            loss=per_token.sum() / count,
+            loss=loss,
+            aux_loss=aux,
             log_probs=log_probs,
             entropy=entropy.view(shape),
             is_top1=is_top1.view(shape).bool(),
@@ -297,12 +430,20 @@ def _plain_lora(layer, x, args, kwargs, base_type: type) -> str | None:
     variants, a LoRA bias, dropout while training, per-example adapter names, another or a
     hooked base layer, fan_in_fan_out) keeps PEFT's own forward.
     """
-    if args or kwargs or layer.disable_adapters or layer.merged or getattr(layer, "fan_in_fan_out", False):
+    if args or kwargs or getattr(layer, "fan_in_fan_out", False):
         return None
     base = layer.base_layer
     if type(base) is not base_type or base._forward_hooks or base._forward_pre_hooks:
         return None
     if hasattr(base, "_hf_hook") or not x.is_floating_point():
+        return None
+    return _plain_adapter(layer)
+
+
+def _plain_adapter(layer) -> str | None:
+    """The one active adapter of a PEFT LoRA layer where it is plain LoRA (not merged or disabled, no DoRA or
+    other variant, no LoRA bias, no dropout while training); else None."""
+    if layer.disable_adapters or layer.merged:
         return None
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}):

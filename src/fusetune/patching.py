@@ -2,12 +2,14 @@
 
 ``apply_kernels(model, backend)`` patches the family's classes and functions in place: its
 RMSNorm forwards, its pre-norm decoder layers' forwards (the attention's residual add and the
-post-attention RMSNorm in one launch), its ``apply_rotary_pos_emb``, its gated MLP forwards, and its
+post-attention RMSNorm in one launch), its ``apply_rotary_pos_emb``, its gated MLP forwards, its routed
+experts' forwards (grouped GEMMs, ``fusetune_kernels.moe``; the routers keep their own code), and its
 causal-LM forward, whose loss head becomes the fused linear cross-entropy (the full ``[tokens, vocab]``
 logits never exist while training). The family's row is read off its own modules
 (``families.derive``), and each op is patched only after it agrees with the model's own code on
 a small random model (``self_check``); the rest stay as they are, with the reason logged. PEFT's LoRA ``Linear`` forward
-becomes one fused node where the call is plain LoRA (PEFT's own forward otherwise). ``triton`` uses fusetune's
+becomes one fused node where the call is plain LoRA (PEFT's own forward otherwise), and so does its
+``ParamWrapper`` (LoRA on the experts' 3-D parameters) over patched experts. ``triton`` uses fusetune's
 kernels, ``reference`` their plain-PyTorch twins on the same code path, so any run can
 be repeated for parity. ``remove_kernels()`` restores every original.
 
@@ -33,9 +35,10 @@ from .modules import base_model
 
 log = logging.getLogger(__name__)
 KERNEL_BACKENDS = ("auto", "triton", "reference")  # what a user asks for; "none" is an unpatched model
-OPS = ("rms_norm", "add_norm", "rope", "glu", "loss", "lora")  # the switches of apply_kernels, one per op
+OPS = ("rms_norm", "add_norm", "rope", "glu", "experts", "loss", "lora")  # the switches of apply_kernels, one per op
 TRL_FUSED_HEAD = ("trl.trainer.sft_trainer", "add_fused_lm_head")
 PEFT_LORA_LINEAR = ("peft.tuners.lora.layer", "Linear")  # its forward: one fused node for plain LoRA
+PEFT_LORA_PARAM = ("peft.tuners.lora.layer", "ParamWrapper")  # LoRA on 3-D expert parameters
 # PEFT's LoRA over a bitsandbytes 4-bit base (and that base's class): one fused node, NF4 dequantized inside
 PEFT_LORA_NF4 = ("peft.tuners.lora.bnb", "Linear4bit", "bitsandbytes.nn", "Linear4bit")
 
@@ -95,6 +98,9 @@ def family_rows(family: Family) -> list[tuple]:
     for module, name, fused in family.mlps:
         owner = getattr(importlib.import_module(module), name)
         rows.append(("glu", owner, "forward", lambda ops, _, f=fused: forwards.mlp_forward(ops, f, feeds)))
+    for module, name in family.experts:
+        owner = getattr(importlib.import_module(module), name)
+        rows.append(("experts", owner, "forward", forwards.experts_forward))
     for module in family.rope_modules:
         rows.append(
             (
@@ -130,6 +136,9 @@ def shared_rows() -> list[tuple]:
             forwards.lora_forward,
         ),
     ]
+    param_wrapper = getattr(importlib.import_module(PEFT_LORA_PARAM[0]), PEFT_LORA_PARAM[1], None)
+    if param_wrapper is not None:
+        rows.append(("lora", param_wrapper, "forward", forwards.lora_experts_forward))
     lora_nf4 = getattr(importlib.import_module(PEFT_LORA_NF4[0]), PEFT_LORA_NF4[1], None)
     if lora_nf4 is not None:  # PEFT defines it where bitsandbytes imports
         linear4bit = getattr(importlib.import_module(PEFT_LORA_NF4[2]), PEFT_LORA_NF4[3])
@@ -197,6 +206,7 @@ def apply_kernels(
     add_norm=True,
     rope=True,
     glu=True,
+    experts=True,
     loss=True,
     lora=True,
 ) -> str:
@@ -210,7 +220,7 @@ def apply_kernels(
     base.fusetune_kernels = backend  # the trainer leaves a model with this set as it is
     if backend == "none":
         return backend
-    switches = dict(rms_norm=rms_norm, add_norm=add_norm, rope=rope, glu=glu, loss=loss, lora=lora)
+    switches = dict(rms_norm=rms_norm, add_norm=add_norm, rope=rope, glu=glu, experts=experts, loss=loss, lora=lora)
     ops = frozenset(op for op, on in switches.items() if on)
     device = base.get_input_embeddings().weight.device
     device = device if device.type != "meta" else ("cuda" if on_cuda else "cpu")

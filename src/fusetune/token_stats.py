@@ -24,6 +24,7 @@ class StepStats:
     num_correct: torch.Tensor
     num_valid: int | torch.Tensor
     num_tokens: int | torch.Tensor  # 0 in eval
+    aux_loss: torch.Tensor | None = None  # the router's load-balancing loss (MoE models that return it)
 
 
 def batch_tokens(inputs: dict) -> int | torch.Tensor:
@@ -62,11 +63,14 @@ class TokenStats:
                 continue
             device = pending[0].entropy_sum.device
             table = torch.tensor(
-                [[0.0, 0.0, _number(p.num_valid), _number(p.num_tokens)] for p in pending],
+                [[0.0, 0.0, _number(p.num_valid), _number(p.num_tokens), 0.0] for p in pending],
                 dtype=torch.float64,
                 device=device,
             )
             table[:, 0] = torch.stack([p.entropy_sum for p in pending])
+            has_aux = all(p.aux_loss is not None for p in pending)
+            if has_aux:
+                table[:, 4] = torch.stack([p.aux_loss.detach().double() for p in pending])
             table[:, 1] = torch.stack([p.num_correct for p in pending])
             for column, field_name in ((2, "num_valid"), (3, "num_tokens")):
                 # still on the device: graphed steps' label counts, padded batches' attention_mask sums
@@ -78,7 +82,11 @@ class TokenStats:
             pending.clear()
             metrics = metric_lists(trainer, mode)
             tp_size = tensor_parallel_size(trainer)
-            for entropy_sum, correct, n_valid, tokens in trainer.accelerator.reduce(table, reduction="sum").tolist():
+            processes = trainer.accelerator.num_processes
+            reduced = trainer.accelerator.reduce(table, reduction="sum").tolist()
+            for entropy_sum, correct, n_valid, tokens, aux in reduced:
+                if has_aux:  # as TRL logs it: the mean over processes, per micro-batch
+                    metrics["aux_loss"].append(aux / processes)
                 metrics["entropy"].append(entropy_sum / n_valid if n_valid > 0 else 0.0)
                 metrics["mean_token_accuracy"].append(correct / n_valid if n_valid > 0 else 0.0)
                 add_trained_tokens(trainer, int(tokens) // tp_size)

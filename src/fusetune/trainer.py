@@ -43,6 +43,7 @@ from .compat.renames import accepts_older_names, merge_into_config, pop_trainer_
 from .compat.trl import PrepareDatasetHook, ResumeTokenCount
 from .data.cache import DatasetCacheHook
 from .errors import FusetuneError
+from .families import is_experts
 from .faults import NAN_POLICIES, NonFiniteGuard
 from .graphs import StepGraphs
 from .loading import pick_dtype
@@ -220,8 +221,6 @@ def fused_loss_blocker(trainer, model) -> str | None:
         return "label smoothing is on"
     if args.loss_type != "nll":
         return f"loss_type={args.loss_type!r} (the fused loss head computes nll)"
-    if trainer.aux_loss_enabled:
-        return "the router's auxiliary loss is on"
     if args.use_liger_kernel:
         return "use_liger_kernel is on"
     if getattr(getattr(trainer.accelerator, "parallelism_config", None), "sp_enabled", False):
@@ -251,6 +250,8 @@ def cuda_graph_blocker(trainer) -> str | None:
         return f"the loss is not fusetune's fused loss head: {reason}"
     if is_quantized(base):
         return "the base weights are quantized"
+    if any(is_experts(m) for m in base.modules()):
+        return "routed experts (mixture of experts): their token segments and load-balancing loss vary per batch"
     if args.torch_compile or getattr(args, "activation_offloading", False):
         return "torch_compile or activation offloading is on"
     return None
@@ -372,12 +373,20 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
         training = mode == "train" and torch.is_grad_enabled()
         out = self._graphed_step(model, inputs, num_items_in_batch) if training else None
         if out is None:
-            out = model(**{**inputs, "use_cache": False}, token_stats=True, num_items_in_batch=num_items_in_batch)
+            router = {"output_router_logits": True} if self.aux_loss_enabled else {}
+            out = model(
+                **{**inputs, "use_cache": False, **router}, token_stats=True, num_items_in_batch=num_items_in_batch
+            )
         loss = out.loss
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None:  # as TRL weighs it: per micro-batch, averaged over the accumulation steps
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + self.router_aux_loss_coef * aux / steps
         tokens = batch_tokens(inputs) if mode == "train" else 0
-        self.token_stats.add(self, mode, StepStats(out.entropy_sum, out.num_correct, out.num_valid, tokens))
+        stats = StepStats(out.entropy_sum, out.num_correct, out.num_valid, tokens, aux)
+        self.token_stats.add(self, mode, stats)
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

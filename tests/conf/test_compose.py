@@ -122,6 +122,11 @@ LORA = {
         for twin in ("", "_qlora")
     },
     "tiny_llama_lora": {**DEFAULT_LORA, "r": 8, "modules_to_save": ["embed_tokens", "lm_head"]},
+    # mixture of experts: the experts are 3-D parameters (FastModel.get_peft_model adds them where patched)
+    **{
+        m: {**DEFAULT_LORA, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+        for m in ("qwen3_moe_30b_a3b", "olmoe_1b_7b")
+    },
 }
 
 
