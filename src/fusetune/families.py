@@ -99,6 +99,12 @@ SMALL_ALIASES = dict(
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
+def routed_experts(config) -> int:
+    """How many routed experts a layer of this config has (its text config's, for a composite), 0 for a dense one."""
+    counts = [getattr(c, key, 0) for c in (config, getattr(config, "text_config", None)) for key in EXPERT_COUNTS]
+    return max([c for c in counts if isinstance(c, int)], default=0)
+
+
 def _layer_lists(values: dict) -> list[str]:
     layers = values.get("num_hidden_layers")
     return [k for k, v in values.items() if isinstance(v, list) and layers and len(v) == layers]

@@ -18,7 +18,7 @@ from fusetune_kernels.offloaded_checkpoint import enable_checkpointing
 from . import fp8_base as fp8
 from . import limits, loading
 from .errors import FusetuneError
-from .families import is_experts
+from .families import is_experts, routed_experts
 from .modules import EMBEDDINGS, EXPERT_PARAMETERS, PROJECTIONS, base_model, is_quantized
 from .patching import apply_kernels, choose_backend
 from .smart_checkpointing import enable_smart_checkpointing
@@ -135,6 +135,12 @@ class FastModel:
         hub = {"token": token, "revision": revision, "trust_remote_code": trust_remote_code}
         limits.refuse({"max_seq_length": max_seq_length}, limits.MODEL)
         model_config = loading.load_config(config or model_name, **hub)
+        if quantized and routed_experts(model_config) > 1:
+            raise FusetuneError(
+                f"load_in_4bit/load_in_8bit: {model_config.model_type} holds its {routed_experts(model_config)} "
+                "routed experts as 3-D weights, which bitsandbytes leaves unquantized (4-bit experts are not "
+                "implemented); load it in bf16 (load_in_4bit=False) for LoRA on the experts"
+            )
         backend = choose_backend(kernels, model_config)  # an unsupported family fails before the weights
         tokenizer = loading.load_tokenizer(tokenizer_name or model_name, **hub)
         _refuse_ids_beyond_embeddings(tokenizer, tokenizer_name or model_name, model_config, config or model_name)

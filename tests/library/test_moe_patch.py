@@ -290,3 +290,18 @@ def test_trainer_adds_and_logs_the_load_balancing_loss(tmp_path, tiny_tokenizer,
     for (loss, aux), (want_loss, want_aux) in zip(fused, trl, strict=True):
         assert aux > 0 and aux == pytest.approx(want_aux, rel=1e-5)
         assert loss == pytest.approx(want_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_4bit_on_routed_experts_is_one_line_before_the_weights(family, tmp_path):
+    """bitsandbytes quantizes Linear layers only: 3-D experts would train unquantized, so 4-bit is refused."""
+    from fusetune import FastModel
+
+    tiny_moe(family).config.save_pretrained(tmp_path)  # a config alone: the refusal comes before any weights
+    with pytest.raises(FusetuneError) as refused:
+        FastModel.from_pretrained(str(tmp_path), load_in_4bit=True)
+    assert str(refused.value) == (
+        f"load_in_4bit/load_in_8bit: {family} holds its 6 routed experts as 3-D weights, which bitsandbytes "
+        "leaves unquantized (4-bit experts are not implemented); load it in bf16 (load_in_4bit=False) for LoRA "
+        "on the experts"
+    )
