@@ -209,9 +209,10 @@ def layer_kinds(cfg: dict) -> list[str]:
 
 
 def matmul_params(cfg: dict) -> int:
-    """N: the parameters of every matmul (attention or linear attention, MLP, lm_head); the embedding lookup is
-    not one, nor are the linear-attention layers' depthwise convolutions."""
-    d, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    """N: the parameters of every matmul a token goes through (attention or linear attention, MLP or router and
+    top-k experts, lm_head); the embedding lookup is not one, nor are the linear-attention layers' depthwise
+    convolutions."""
+    d, mlp = cfg["hidden_size"], mlp_params(cfg)
     heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     hd = cfg.get("head_dim") or d // heads
     gate = 2 if cfg.get("attn_output_gate") else 1  # Qwen3.5: q_proj also gives a gate per head
@@ -224,8 +225,19 @@ def matmul_params(cfg: dict) -> int:
             total += d * (2 * keys + values) + 2 * d * values + 2 * d * cfg["linear_num_value_heads"]
         else:
             total += attention
-        total += 3 * d * inter
+        total += mlp
     return total + d * cfg["vocab_size"]
+
+
+def mlp_params(cfg: dict) -> int:
+    """A layer's MLP matmul parameters that a token goes through: the gated MLP, or for routed experts the
+    router and the top-k experts it picks."""
+    d = cfg["hidden_size"]
+    experts = max(cfg.get(k) or 0 for k in ("num_experts", "num_local_experts"))
+    if experts <= 1:
+        return 3 * d * cfg["intermediate_size"]
+    inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    return d * experts + cfg["num_experts_per_tok"] * 3 * d * inter
 
 
 def attended(length: int, window: int | None) -> int:

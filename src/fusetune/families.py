@@ -75,7 +75,14 @@ class NotPatchable(Exception):
 
 
 # Hand-written facts, by model type: fields of Family that replace the derived ones.
-OVERRIDES: dict[str, dict] = {}
+OVERRIDES: dict[str, dict] = {
+    # The experts' self-check passes with one CPU thread and fails with two (max rel error 1.1e-01): a later
+    # layer's top-k routing flips on a near tie, so the verdict is not a property of the kernel. Left unpatched.
+    "hunyuan_v1_moe": {
+        "experts": (),
+        "missing": (("experts", "its self-check verdict changes with the CPU's thread count (a routing near-tie)"),),
+    },
+}
 
 SMALL = dict(hidden_size=64, num_attention_heads=4, head_dim=16, vocab_size=256, intermediate_size=96)
 # Other names for the same sizes in older or non-Llama configs, and sizes that must shrink with them.

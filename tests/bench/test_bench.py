@@ -117,7 +117,8 @@ def test_tiny_new_families(family_run):
 @pytest.mark.parametrize("arch", sorted(p.name for p in bench.ARCHS.iterdir()))
 def test_matmul_params_are_the_models_linear_weights(arch):
     """N counts exactly the weights of the model's nn.Linear modules (lm_head included, even when tied), at the
-    real shape: attention with Qwen3.5's output gate, its gated delta-net projections, Phi-3's fused ones."""
+    real shape: attention with Qwen3.5's output gate, its gated delta-net projections, Phi-3's fused ones; and
+    of routed experts, the top k a token goes through."""
     import torch
 
     from fusetune import loading
@@ -125,7 +126,15 @@ def test_matmul_params_are_the_models_linear_weights(arch):
     with torch.device("meta"):
         model = loading.load_model("unused", torch.bfloat16, config=f"fusetune:archs/{arch}", random_init=True)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert bench.matmul_params(bench.arch_config(arch)) == linear
+    config = bench.arch_config(arch)
+    for module in model.modules():  # routed experts (3-D weights): the top k that a token goes through; routers
+        experts = getattr(module, "gate_up_proj", None)
+        if isinstance(experts, torch.Tensor) and experts.dim() == 3:
+            routed = experts.numel() + module.down_proj.numel()
+            linear += routed * config["num_experts_per_tok"] // experts.shape[0]
+        elif type(module).__name__.endswith("Router") and not isinstance(module, torch.nn.Linear):
+            linear += module.weight.numel()
+    assert bench.matmul_params(config) == linear
 
 
 def test_attention_flops_follow_sliding_windows():

@@ -193,8 +193,9 @@ def test_packed_rows_train_as_the_padded_batch(monkeypatch):
         assert_close(grad, ref_grads[name], torch.float32, f"grad {name}", tol=1e-4)
 
 
-def test_experts_of_another_layout_are_refused_with_the_reason(caplog):
+def test_experts_of_another_layout_are_refused_with_the_reason(caplog, monkeypatch):
     """gpt-oss keeps its experts (interleaved, transposed, biased, its own gating), saying why in the log."""
+    monkeypatch.setattr(patching, "_told", set())  # a reason is logged once a process: another test may have
     config = AutoConfig.for_model("gpt_oss", **{**COMMON, "intermediate_size": 32, "num_local_experts": 4})
     with caplog.at_level(logging.INFO, logger="fusetune.patching"):
         accepted, rejected = check_family(config, "reference", "cpu")
