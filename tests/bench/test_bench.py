@@ -86,7 +86,7 @@ def family_run(tmp_path_factory):
     """The new families' scenarios, their architectures shrunk (S9, 4-bit, skipped on the CPU)."""
     out, scratch = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("scratch")
     cmd = [sys.executable, str(SCRIPTS / "bench.py"), "--tiny", "--out", str(out), "--scratch", str(scratch)]
-    cmd += ["--variants", "hf,fusetune_reference,liger", "--scenarios", "S6,S7,S8,S9", "--timeout", "240"]
+    cmd += ["--variants", "hf,fusetune_reference", "--scenarios", "S6,S7,S8,S9", "--timeout", "240"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (jsonl,) = out.glob("*-cpu-peers.jsonl")
@@ -99,16 +99,16 @@ FAMILIES = {"S6": ("qwen3_5_2b", "q_proj"), "S7": ("gemma3_4b", "q_proj"), "S8":
 @pytest.mark.slow
 def test_tiny_new_families(family_run):
     rows = family_run
-    assert set(rows) == {(s, v) for s in ("S6", "S7", "S8", "S9") for v in ("hf", "fusetune_reference", "liger")}
-    for variant in ("hf", "fusetune_reference", "liger"):
+    # liger's per-family skip: test_liger_without_a_patch_for_the_family_is_a_skip
+    assert set(rows) == {(s, v) for s in ("S6", "S7", "S8", "S9") for v in ("hf", "fusetune_reference")}
+    for variant in ("hf", "fusetune_reference"):
         assert rows["S9", variant]["status"] == "skipped" and rows["S9", variant]["reason"] == "4-bit needs CUDA"
     for scenario, (arch, first_target) in FAMILIES.items():
-        hf, ours, liger = (rows[scenario, v] for v in ("hf", "fusetune_reference", "liger"))
+        hf, ours = (rows[scenario, v] for v in ("hf", "fusetune_reference"))
         assert hf["status"] == "ok", hf.get("reason")
         assert hf["model"] == arch and hf["lora"]["targets"][0] == first_target and hf["tokens_per_step"] == 2 * 64
         assert all(math.isfinite(x) for x in hf["losses"]) and len(hf["losses"]) == 3
         assert hf["matmul_params"] == bench.matmul_params(bench.arch_config(arch, shrink=True))
-        assert liger["status"] == "skipped" and ("not installed" in liger["reason"] or "CUDA" in liger["reason"])
         assert ours["status"] == "ok", ours.get("reason")  # the same model and batches: the same losses
         assert ours["losses"] == pytest.approx(hf["losses"], rel=1e-4)
         assert ours["self_check_s"] >= 0
