@@ -14,5 +14,6 @@ fi
 link_once() { [ "$(readlink "/tmp/site/$1")" = "$2" ] || { rm -rf "/tmp/site/$1" && ln -s "$2" "/tmp/site/$1"; }; }
 link_once fusetune "$PWD/src/fusetune"
 link_once fusetune_kernels "$PWD/kernels"
+link_once fusetune_cli "$PWD/src/fusetune_cli"
 link_once hydra_plugins/fusetune_launcher "$PWD/src/hydra_plugins/fusetune_launcher"  # beside the launchers' plugins
 export PYTHONPATH=/tmp/site
