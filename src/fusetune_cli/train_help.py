@@ -57,6 +57,9 @@ def print_train_help(argv: list[str], config_dir: str, prog: str) -> int:
     try:
         text = cached.read_text()
     except OSError:
+        if sys.stderr.isatty():  # a person waiting: say why this once is slow
+            print(f"{prog}: composing the help once for this install and config (torch and TRL load: seconds); "
+                  "later --help answers at once", file=sys.stderr, flush=True)  # fmt: skip
         from fusetune.app.help import help_text_or_exit
 
         folders = [config_dir, *user_config_dirs(argv)]
