@@ -27,7 +27,10 @@ where the variant can; long1b / long8b 1x65,536; S5 the longest batch-1 context 
 found by probes (one subprocess each) between ``--s5-min`` and ``--s5-max``; ``--s5-memory-gib`` caps each
 probe at a smaller card's memory, and then ``--s5-together`` probes all variants at once. New families, 8x2048
 LoRA: S6 Qwen3.5-2B (three of four layers gated delta-net), S7 Gemma 3 4B (text), S8 Phi-4-mini; S9 Phi-4-mini
-as QLoRA. fusetune rows record ``self_check_s``, the load-time self-check of its patched ops.
+as QLoRA. S10: mixture of experts, Qwen3-30B-A3B's shapes at 24 of its 48 layers, 4x2048, LoRA on attention and
+on every layer's 128 experts (PEFT ``target_parameters``; hf runs transformers' default experts_implementation,
+grouped_mm in 5.x, recorded in the row). fusetune rows record ``self_check_s``, the load-time self-check of its
+patched ops.
 
 Measures: CUDA events around every step; ``step_ms`` the median of the measured steps after warm-up;
 ``tok_s`` tokens per step over the median step (S4: real tokens over the summed step time, since its
@@ -52,7 +55,7 @@ liger and unsloth.
     python scripts/bench.py --render a.jsonl b.jsonl --out bench/results                # merge calls
     python scripts/bench.py --readme-table bench/results                                # README table
 
-``--tiny`` runs S1 and S4 on the embedded tiny Llama, and S6-S9 on their architectures shrunk to toy size
+``--tiny`` runs S1 and S4 on the embedded tiny Llama, and S6-S10 on their architectures shrunk to toy size
 (``fusetune.tiny.shrunk``), on the CPU in fp32 (S9, 4-bit, is skipped there). liger and fusetune_triton
 are reported as skipped there (Triton kernels: the CPU interpreter is far too slow for training steps,
 and tests/kernels covers them); unsloth, where installed, runs its own CPU fallback.
@@ -65,6 +68,7 @@ import datetime
 import gc
 import importlib.machinery
 import importlib.metadata
+import inspect
 import json
 import math
 import os
@@ -90,6 +94,8 @@ FUSETUNE_CHECKPOINTING = {"offload": "unsloth", "plain": True, "smart": "smart"}
 VARIANTS = (*PEERS, "fusetune_reference", "fusetune_triton")
 # = fusetune.modules.PROJECTIONS (tested), not imported: the Unsloth process imports unsloth before fusetune
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ATTENTION_TARGETS = TARGETS[:4]
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # transformers' routed-experts layout: [E, 2I, H] and [E, H, I]
 # Families whose projections have other names: the same layers adapted (as conf/model/phi4_mini.yaml)
 FAMILY_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 LORA = {"r": 16, "alpha": 16, "dropout": 0.0}
@@ -142,6 +148,17 @@ SCENARIOS = {
     "S6": {"arch": "qwen3_5_2b", "kind": "fixed", "batch": 8, "seq": 2048, "warmup": 3, "steps": 10},
     "S7": {"arch": "gemma3_4b", "kind": "fixed", "batch": 8, "seq": 2048, "warmup": 3, "steps": 10},
     "S8": {"arch": "phi4_mini", "kind": "fixed", "batch": 8, "seq": 2048, "warmup": 3, "steps": 10},
+    # Qwen3-30B-A3B's layer shapes at half its depth (24 of 48 layers: the bf16 weights of all 48, 61 GB, leave
+    # too little of an 80 GB card for 4x2048 under the peers' checkpointing); LoRA on attention and the experts
+    "S10": {
+        "arch": "qwen3_moe_30b_a3b",
+        "kind": "fixed",
+        "batch": 4,
+        "seq": 2048,
+        "layers": 24,
+        "warmup": 3,
+        "steps": 10,
+    },
     "S9": {
         "arch": "phi4_mini",
         "kind": "fixed",
@@ -170,7 +187,7 @@ TINY_SCENARIOS = {
     # the new families' architectures at toy size (fusetune.tiny.shrunk); S9 is 4-bit, skipped on the CPU
     **{
         name: {**SCENARIOS[name], "shrink": True, "batch": 2, "seq": 64, "warmup": 1, "steps": 2}
-        for name in ("S6", "S7", "S8", "S9")
+        for name in ("S6", "S7", "S8", "S9", "S10")
     },
 }
 
@@ -186,15 +203,29 @@ def split_list(value: str) -> list[str]:
 # ---------------------------------------------------------------- model shapes and FLOPs (no torch needed)
 
 
-def arch_config(arch: str, shrink: bool = False) -> dict:
-    """The language model's config.json (a composite config's text part); ``shrink``: at toy size."""
+def arch_config(arch: str, shrink: bool = False, layers: int | None = None) -> dict:
+    """The language model's config.json (a composite config's text part); ``shrink``: at toy size; ``layers``:
+    the first that many layers (a scenario whose full depth does not fit; ignored at toy size)."""
     folder = TINY if arch == "tiny" else ARCHS / arch
     cfg = json.loads((folder / "config.json").read_text())
     if shrink:
         from fusetune.tiny import shrunk  # the parent and prepare only: never before unsloth in its worker
 
         cfg = shrunk(cfg)
-    return cfg.get("text_config", cfg)
+    cfg = cfg.get("text_config", cfg)
+    if layers and not shrink:
+        cfg = {
+            **cfg,
+            "num_hidden_layers": layers,
+            "max_window_layers": min(layers, cfg.get("max_window_layers", layers)),
+        }
+        if cfg.get("layer_types"):
+            cfg["layer_types"] = cfg["layer_types"][:layers]
+    return cfg
+
+
+def scenario_config(sc: dict) -> dict:
+    return arch_config(sc["arch"], sc.get("shrink"), sc.get("layers"))
 
 
 def layer_kinds(cfg: dict) -> list[str]:
@@ -259,8 +290,26 @@ def useful_flops(cfg: dict, doc_lengths: list[int]) -> float:
     )
 
 
+def routed_experts(cfg: dict) -> bool:
+    return max(cfg.get(k) or 0 for k in ("num_experts", "num_local_experts")) > 1
+
+
 def lora_targets(cfg: dict) -> list[str]:
+    """The modules LoRA adapts: attention and MLP projections; with routed experts, attention only (the experts'
+    3-D parameters are adapted as ``target_parameters``, see expert_parameters; the router stays frozen)."""
+    if routed_experts(cfg):
+        return ATTENTION_TARGETS
     return FAMILY_TARGETS.get(cfg.get("model_type"), TARGETS)
+
+
+def expert_parameters(model) -> list[str]:
+    """The dotted names of every routed-experts module's 3-D gate_up_proj and down_proj (PEFT target_parameters)."""
+    return [
+        f"{name}.{param}"
+        for name, module in model.named_modules()
+        for param in EXPERT_PARAMETERS
+        if getattr(module._parameters.get(param), "ndim", 0) == 3
+    ]
 
 
 def document_lengths(sc: dict, seed: int, n_steps: int) -> list[list[int]]:
@@ -373,6 +422,7 @@ def build_hf(spec: dict, torch, dtype, liger: bool = False):
         lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"],
         target_modules=spec["targets"],
+        target_parameters=expert_parameters(model) or None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -420,8 +470,12 @@ def build_unsloth(spec: dict, torch, dtype):
         load_in_4bit=spec["scenario"].get("quant") == "nf4",
         full_finetuning=False,
     )
+    experts = {"target_parameters": expert_parameters(model)} if routed_experts(spec["arch_config"]) else {}
+    if experts and "target_parameters" not in inspect.signature(FastLanguageModel.get_peft_model).parameters:
+        raise Unsupported("Unsloth's get_peft_model takes no target_parameters (LoRA on the routed experts)")
     return FastLanguageModel.get_peft_model(
         model,
+        **experts,
         r=LORA["r"],
         lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"],
@@ -450,6 +504,7 @@ def build_fusetune(spec: dict, torch, dtype):
         lora_alpha=LORA["alpha"],
         lora_dropout=LORA["dropout"],
         target_modules=spec["targets"],
+        target_parameters=expert_parameters(model),  # as the peers: every expert module, patched or not
         use_gradient_checkpointing=FUSETUNE_CHECKPOINTING[spec.get("fusetune_checkpointing", "offload")],
         random_state=spec["seed"],
         memory_budget=spec.get("memory_cap_gib") if spec.get("fusetune_checkpointing") == "smart" else None,
@@ -590,6 +645,8 @@ def run_worker(spec: dict) -> dict:
         result["load_s"] = time.perf_counter() - start
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         result["attn_implementation"] = getattr(base.config, "_attn_implementation", None)
+        if routed_experts(spec["arch_config"]):  # transformers' default for 3-D experts is grouped_mm (5.x)
+            result["experts_implementation"] = getattr(base.config, "_experts_implementation", None)
         vocab = base.config.vocab_size
         if cuda:
             result["peak_load_gib"] = torch.cuda.max_memory_allocated() / GIB
@@ -765,7 +822,7 @@ def prepare(spec: dict) -> dict:
         info["save_s"] = time.perf_counter() - mid
         AutoTokenizer.from_pretrained(spec["source"]).save_pretrained(tmp)
     else:
-        cfg = arch_config(spec["arch"], spec.get("shrink"))  # a multimodal arch: its language model
+        cfg = arch_config(spec["arch"], spec.get("shrink"), spec.get("layers"))  # a multimodal arch: its LM
         config = AutoConfig.for_model(**cfg)
         torch.manual_seed(spec["seed"])
         with torch.device("cuda" if cuda else "cpu"):  # initialise the random weights on the GPU: fast
@@ -791,7 +848,7 @@ def prepare(spec: dict) -> dict:
 
 
 def marker(spec: dict) -> dict:
-    return {k: spec.get(k) for k in ("format", "arch", "seed", "cuda", "quant", "shrink")}
+    return {k: spec.get(k) for k in ("format", "arch", "seed", "cuda", "quant", "shrink", "layers")}
 
 
 def gpu_info() -> dict:
@@ -932,7 +989,7 @@ def checkpointing(variant: str, args) -> str:
 
 
 def base_row(scenario: str, variant: str, sc: dict, gpu: dict, args) -> dict:
-    cfg = arch_config(sc["arch"], sc.get("shrink"))
+    cfg = scenario_config(sc)
     return {
         "scenario": scenario,
         "variant": variant,
@@ -943,7 +1000,8 @@ def base_row(scenario: str, variant: str, sc: dict, gpu: dict, args) -> dict:
         "batch": sc.get("batch"),
         "docs_per_step": sc.get("docs"),
         "seq": sc.get("seq"),
-        "lora": {**LORA, "targets": lora_targets(cfg)},
+        "layers": cfg["num_hidden_layers"],
+        "lora": {**LORA, "targets": lora_targets(cfg), "experts": routed_experts(cfg)},
         "optimizer": "torch AdamW (fused)" if gpu["cuda"] else "torch AdamW",
         "gradient_checkpointing": checkpointing(variant, args),
         "memory_cap_gib": args.memory_gib,
@@ -964,7 +1022,7 @@ def worker_spec(scenario, variant, sc, folder, source, gpu, args, *, seq=None, m
     warmup = args.warmup if args.warmup is not None else sc["warmup"]
     steps = args.steps if args.steps is not None else sc["steps"]
     lengths = document_lengths(sc, args.seed, warmup + steps)
-    cfg = arch_config(sc["arch"], sc.get("shrink"))
+    cfg = scenario_config(sc)
     widest = max(sum(d) if mode == "padding_free" else max(d) for d in lengths)
     return {
         "variant": variant,
@@ -1090,7 +1148,7 @@ def start_together(runner, scenario, sc, folder, source, gpu, args) -> dict:
 
 def prepare_folder(runner, sc: dict, gpu: dict, args) -> tuple[Path | None, str, dict]:
     """The model folder a scenario loads (building it, or the bf16 one it derives from, if missing)."""
-    arch = sc["arch"] + ("-tiny" if sc.get("shrink") else "")
+    arch = sc["arch"] + ("-tiny" if sc.get("shrink") else f"-{sc['layers']}l" if sc.get("layers") else "")
     want_nf4 = sc.get("quant") == "nf4" and args.qlora_source == "nf4"
     setup = {}
     plan = [("bf16", arch, None)] + ([("nf4", f"{arch}-nf4", "nf4")] if want_nf4 else [])
@@ -1099,6 +1157,7 @@ def prepare_folder(runner, sc: dict, gpu: dict, args) -> tuple[Path | None, str,
             "format": FORMAT,
             "arch": sc["arch"],
             "shrink": sc.get("shrink"),
+            "layers": sc.get("layers"),
             "seed": args.seed,
             "cuda": gpu["cuda"],
             "quant": quant,
@@ -1311,7 +1370,8 @@ def render(rows: list[dict]) -> str:
         "against the best of hf, liger and unsloth in the scenario (tok/s: the fastest; memory: the smallest peak); "
         "peak: torch.cuda.max_memory_allocated from the start of timing (load: from process start); MFU: useful "
         "FLOPs (4N per token + attention; see flops_convention in the JSON) over the measured matmul peak. "
-        "Every variant: LoRA r=16, alpha=16 on q,k,v,o,gate,up,down (Phi-3: qkv,o,gate_up,down), bf16 autocast "
+        "Every variant: LoRA r=16, alpha=16 on q,k,v,o,gate,up,down (Phi-3: qkv,o,gate_up,down; routed experts: "
+        "q,k,v,o and every expert's gate_up and down), bf16 autocast "
         "and fused AdamW on CUDA "
         "(fp32 on the CPU), the same batches, a plain loop. Gradient checkpointing: "
         + "; ".join(sorted({f"{r['variant']}: {r.get('gradient_checkpointing')}" for r in rows}))

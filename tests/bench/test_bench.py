@@ -83,24 +83,25 @@ def test_tiny_tables(tiny_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def family_run(tmp_path_factory):
-    """The new families' scenarios, their architectures shrunk (S9, 4-bit, skipped on the CPU)."""
+    """The new families' scenarios, their architectures shrunk (S9, 4-bit, skipped on the CPU; S10 MoE)."""
     out, scratch = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("scratch")
     cmd = [sys.executable, str(SCRIPTS / "bench.py"), "--tiny", "--out", str(out), "--scratch", str(scratch)]
-    cmd += ["--variants", "hf,fusetune_reference", "--scenarios", "S6,S7,S8,S9", "--timeout", "240"]
+    cmd += ["--variants", "hf,fusetune_reference", "--scenarios", "S6,S7,S8,S9,S10", "--timeout", "240"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (jsonl,) = out.glob("*-cpu-peers.jsonl")
     return {(r["scenario"], r["variant"]): r for r in map(json.loads, jsonl.read_text().splitlines())}
 
 
-FAMILIES = {"S6": ("qwen3_5_2b", "q_proj"), "S7": ("gemma3_4b", "q_proj"), "S8": ("phi4_mini", "qkv_proj")}
+FAMILIES = {"S6": ("qwen3_5_2b", "q_proj"), "S7": ("gemma3_4b", "q_proj"), "S8": ("phi4_mini", "qkv_proj"),
+            "S10": ("qwen3_moe_30b_a3b", "q_proj")}  # fmt: skip
 
 
 @pytest.mark.slow
 def test_tiny_new_families(family_run):
     rows = family_run
     # liger's per-family skip: test_liger_without_a_patch_for_the_family_is_a_skip
-    assert set(rows) == {(s, v) for s in ("S6", "S7", "S8", "S9") for v in ("hf", "fusetune_reference")}
+    assert set(rows) == {(s, v) for s in ("S6", "S7", "S8", "S9", "S10") for v in ("hf", "fusetune_reference")}
     for variant in ("hf", "fusetune_reference"):
         assert rows["S9", variant]["status"] == "skipped" and rows["S9", variant]["reason"] == "4-bit needs CUDA"
     for scenario, (arch, first_target) in FAMILIES.items():
@@ -112,6 +113,10 @@ def test_tiny_new_families(family_run):
         assert ours["status"] == "ok", ours.get("reason")  # the same model and batches: the same losses
         assert ours["losses"] == pytest.approx(hf["losses"], rel=1e-4)
         assert ours["self_check_s"] >= 0
+    moe = rows["S10", "hf"]  # attention modules, and the experts' 3-D parameters as target_parameters
+    assert moe["lora"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and moe["lora"]["experts"]
+    assert not rows["S8", "hf"]["lora"]["experts"]
+    assert moe["trainable_params"] == rows["S10", "fusetune_reference"]["trainable_params"]
 
 
 @pytest.mark.parametrize("arch", sorted(p.name for p in bench.ARCHS.iterdir()))
