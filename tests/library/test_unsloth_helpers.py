@@ -103,7 +103,8 @@ def test_a_mapping_reads_sharegpt_turns_as_they_are():
 def test_unknown_names_and_missing_tokens_are_refused_in_one_line():
     with pytest.raises(FusetuneError, match=r"no template named 'vicuna'; known: llama-3, .*llama-3\.1, .*chatml"):
         get_chat_template(tokenizer_with(), "vicuna")
-    with pytest.raises(FusetuneError, match=r"get_chat_template\('qwen-2.5'\): the tokenizer has no tokens <\|im_st"):
+    missing = r"get_chat_template\('qwen-2.5'\): the tokenizer has no tokens <\|im_start\|>, <\|im_end\|>, so "
+    with pytest.raises(FusetuneError, match=missing + r".* or pass \(jinja_text, stop_token\)$"):
         get_chat_template(tokenizer_with(), "qwen-2.5")
     with pytest.raises(FusetuneError, match="mapping takes string values for the keys role, content"):
         get_chat_template(tokenizer_with(*LLAMA3_TOKENS), "llama-3", mapping={"speaker": "from"})
@@ -112,8 +113,13 @@ def test_unknown_names_and_missing_tokens_are_refused_in_one_line():
 def test_a_custom_template_and_its_stop_token():
     tokenizer = tokenizer_with()
     custom = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|end|>{% endfor %}"
-    get_chat_template(tokenizer, (custom, "<|end|>"))
+    get_chat_template(tokenizer, (custom, "<|user|>"))
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "user: hi<|end|>"
+    assert tokenizer.eos_token == "<|user|>"  # the stop token given (an odd one: the test sees it moved)
+    get_chat_template(tokenizer, (custom, "eos_token"))
+    assert tokenizer.eos_token == "<|user|>"  # "eos_token": the tokenizer's own, left as it is
+    with pytest.raises(FusetuneError, match=r"a custom template\): the tokenizer has no token <\|im_end\|>"):
+        get_chat_template(tokenizer, (custom, "<|im_end|>"))
 
 
 # standardize_sharegpt

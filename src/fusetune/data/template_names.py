@@ -104,11 +104,13 @@ def mapped(text: str, mapping: dict) -> str:
 def get_chat_template(tokenizer, chat_template="llama-3.1", mapping: dict | None = None, map_eos_token: bool = True):
     """Set ``tokenizer.chat_template`` to the template Unsloth calls ``chat_template``; returns the tokenizer.
 
-    ``chat_template`` may also be ``(jinja_text, stop_token)``, as Unsloth takes a custom one. ``map_eos_token``:
+    ``chat_template`` may also be ``(jinja_text, stop_token)``, as Unsloth takes a custom one (``"eos_token"``: the
+    tokenizer's own). ``map_eos_token``:
     the template's end-of-turn token becomes the tokenizer's ``eos_token``.
     """
     if isinstance(chat_template, tuple) and len(chat_template) == 2 and all(isinstance(p, str) for p in chat_template):
         text, stop = chat_template
+        stop = None if stop in ("", "eos_token") else stop  # Unsloth's "eos_token": the tokenizer's own
         needs, label = ((stop,) if stop else ()), "get_chat_template(a custom template)"
     elif isinstance(chat_template, str) and chat_template.lower() in NAMED:
         named = NAMED[chat_template.lower()]
@@ -123,7 +125,7 @@ def get_chat_template(tokenizer, chat_template="llama-3.1", mapping: dict | None
             f"get_chat_template: no template named {chat_template!r}; known: {', '.join(NAMED)}; "
             "or pass (jinja_text, stop_token)"
         )
-    install_template(mapped(text, mapping or {}), tokenizer, label, needs)
+    install_template(mapped(text, mapping or {}), tokenizer, label, needs, "or pass (jinja_text, stop_token)")
     if map_eos_token and stop and tokenizer.eos_token != stop:
         tokenizer.eos_token = stop
     return tokenizer

@@ -201,9 +201,13 @@ def use_chat_template(choice: str, tokenizer) -> str:
     return install_template(text, tokenizer, f"data.chat_template={choice}", needs)
 
 
-def install_template(text: str, tokenizer, label: str, needs: tuple[str, ...] | None) -> str:
+FILE_HINT = "or give a Jinja file (used as written)"
+
+
+def install_template(text: str, tokenizer, label: str, needs: tuple[str, ...] | None, hint: str = FILE_HINT) -> str:
     """Make ``text`` the tokenizer's chat template; returns it. ``needs``: the special tokens it writes (refused where
-    the tokenizer lacks one; None: a user's file, used as written). It must render a conversation."""
+    the tokenizer lacks one, with ``hint`` for another way; None: a user's file, used as written). It must render
+    a conversation."""
     if needs is not None:
         vocab = tokenizer.get_vocab()
         missing = [token for token in needs if token not in vocab]
@@ -211,7 +215,7 @@ def install_template(text: str, tokenizer, label: str, needs: tuple[str, ...] | 
             raise FusetuneError(
                 f"{label}: the tokenizer has no {'token' if len(missing) == 1 else 'tokens'} {', '.join(missing)}, "
                 "so the template's turn markers would be written in pieces and the model would not learn to stop; "
-                "choose the template of the tokenizer's own family, or give a Jinja file (used as written)"
+                f"choose the template of the tokenizer's own family, {hint}"
             )
         if "eos_token" in text and tokenizer.eos_token is None:
             raise FusetuneError(f"{label}: the template ends each answer with the tokenizer's eos_token; it has none")
