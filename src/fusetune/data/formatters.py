@@ -13,6 +13,8 @@ with nothing in it to learn from or to condition on: ``data.empty_content`` deci
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..errors import FusetuneError
+
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{context}. "
     "Write a response that appropriately completes the request.\n\n"
@@ -148,8 +150,38 @@ def chat(values: tuple, chat_template: bool) -> dict:
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in values[0]]}
 
 
+def as_messages(turns: list[dict]) -> list[dict]:
+    """ShareGPT turns (checked by ``check_sharegpt``) as TRL's messages: {from, value} -> {role, content}."""
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+
+
 def sharegpt(values: tuple, chat_template: bool) -> dict:
-    return {"messages": [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in values[0]]}
+    return {"messages": as_messages(values[0])}
+
+
+def standardize_sharegpt(dataset, field: str = "conversations"):
+    """Unsloth's ``standardize_sharegpt``: the dataset with each ShareGPT conversation in ``field`` turned into
+    role/content messages (human -> user, gpt -> assistant), in the same column; other columns are kept.
+
+    The records are checked as ``data=sharegpt`` checks them (a record that is well formed but has an empty turn
+    passes); the first bad one is refused in one line with its index. Records already in role/content form pass."""
+    columns = list(getattr(dataset, "column_names", None) or [])
+    if field not in columns:
+        raise FusetuneError(f"standardize_sharegpt: the dataset has no '{field}' column (it has {columns})")
+    standard = []
+    for index, turns in enumerate(dataset[field]):
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict) and turns[0].get("role") is not None:
+            problem, style = check_conversation(turns, field, CHAT_TURNS), CHAT_TURNS
+        else:
+            problem, style = check_conversation(turns, field, SHAREGPT_TURNS), SHAREGPT_TURNS
+        if problem and not isinstance(problem, Empty):
+            raise FusetuneError(f"standardize_sharegpt: record {index}: {problem}")
+        standard.append(as_messages(turns) if style is SHAREGPT_TURNS else [_role_content(t) for t in turns])
+    return dataset.remove_columns(field).add_column(field, standard).select_columns(columns)
+
+
+def _role_content(message: dict) -> dict:
+    return {"role": message["role"], "content": message["content"]}
 
 
 def alpaca(values: tuple, chat_template: bool) -> dict:

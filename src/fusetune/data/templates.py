@@ -197,15 +197,25 @@ def use_chat_template(choice: str, tokenizer) -> str:
     """Make data.chat_template the tokenizer's template; returns its text. Checks that the tokenizer can write a
     shipped template's markers, and that the template renders a conversation."""
     text, name = find_chat_template(choice)
-    label = f"data.chat_template={choice}"
-    if name is not None:
+    needs = SHIPPED_TOKENS[name] if name is not None else None
+    return install_template(text, tokenizer, f"data.chat_template={choice}", needs)
+
+
+FILE_HINT = "or give a Jinja file (used as written)"
+
+
+def install_template(text: str, tokenizer, label: str, needs: tuple[str, ...] | None, hint: str = FILE_HINT) -> str:
+    """Make ``text`` the tokenizer's chat template; returns it. ``needs``: the special tokens it writes (refused where
+    the tokenizer lacks one, with ``hint`` for another way; None: a user's file, used as written). It must render
+    a conversation."""
+    if needs is not None:
         vocab = tokenizer.get_vocab()
-        missing = [token for token in SHIPPED_TOKENS[name] if token not in vocab]
+        missing = [token for token in needs if token not in vocab]
         if missing:
             raise FusetuneError(
                 f"{label}: the tokenizer has no {'token' if len(missing) == 1 else 'tokens'} {', '.join(missing)}, "
                 "so the template's turn markers would be written in pieces and the model would not learn to stop; "
-                "choose the template of the tokenizer's own family, or give a Jinja file (used as written)"
+                f"choose the template of the tokenizer's own family, {hint}"
             )
         if "eos_token" in text and tokenizer.eos_token is None:
             raise FusetuneError(f"{label}: the template ends each answer with the tokenizer's eos_token; it has none")
