@@ -141,6 +141,8 @@ def test_standardize_sharegpt_maps_roles_and_keeps_other_columns():
         {"role": "assistant", "content": said[2]},
     ]
     assert out[1]["conversations"] == rows[1]["conversations"]
+    alone = standardize_sharegpt(Dataset.from_list([{"conversations": rows[0]["conversations"]}] * 3))
+    assert alone.column_names == ["conversations"] and alone["conversations"] == [out[0]["conversations"]] * 3
 
 
 def test_standardize_sharegpt_names_the_bad_record():

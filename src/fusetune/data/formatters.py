@@ -177,6 +177,8 @@ def standardize_sharegpt(dataset, field: str = "conversations"):
         if problem and not isinstance(problem, Empty):
             raise FusetuneError(f"standardize_sharegpt: record {index}: {problem}")
         standard.append(as_messages(turns) if style is SHAREGPT_TURNS else [_role_content(t) for t in turns])
+    if columns == [field]:  # removing the only column leaves no rows to add the new one to
+        return type(dataset).from_dict({field: standard})
     return dataset.remove_columns(field).add_column(field, standard).select_columns(columns)
 
 
