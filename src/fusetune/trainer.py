@@ -40,7 +40,7 @@ from trl import SFTConfig, SFTTrainer
 from . import fp8_base, limits, precision
 from .checkpoints import MarkComplete, saving
 from .compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
-from .compat.trl import PrepareDatasetHook, ResumeTokenCount
+from .compat.trl import PrepareDatasetHook, ResumeTokenCount, head_adapter_allowed
 from .data.cache import DatasetCacheHook
 from .errors import FusetuneError
 from .families import is_experts
@@ -297,8 +297,11 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
                 self._truncate_to, args.max_length = args.max_length, None
             if args.padding_free or args.packing:
                 log.info("attention for packed rows: %s", enable_varlen_attention(model, device=args.device))
+        # TRL refuses LoRA on lm_head for its own fused head; fusetune's forward trains it (forwards.head_adapter)
+        ours = not isinstance(model, str) and getattr(type(base_model(model)).forward, "_fusetune", False)
         try:
-            super().__init__(model, args, data_collator, *pos, processing_class=processing_class, **kwargs)
+            with head_adapter_allowed(ours):
+                super().__init__(model, args, data_collator, *pos, processing_class=processing_class, **kwargs)
         finally:
             if self._truncate_to is not None:
                 args.max_length = self._truncate_to
