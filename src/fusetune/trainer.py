@@ -257,6 +257,23 @@ def cuda_graph_blocker(trainer) -> str | None:
     return None
 
 
+def refuse_head_adapter_unfused(model) -> bool:
+    """Whether a PEFT adapter sits on the lm_head; one line if it does where fusetune's fused loss head is off.
+
+    TRL refuses such an adapter, as its own fused head reads ``lm_head.weight`` and would never train it;
+    fusetune's forward adds it (``forwards.head_adapter``), so the caller lifts TRL's check when this is True."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "lora_A"):
+        return False
+    if not getattr(type(base_model(model)).forward, "_fusetune", False):
+        raise FusetuneError(
+            "LoRA on lm_head (target_modules) trains only through fusetune's fused loss head, which is off here "
+            "(no kernels backend, or its loss op is off); use kernels=auto|triton|reference, or "
+            "modules_to_save=['lm_head'] to train the whole head"
+        )
+    return True
+
+
 class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
     """TRL's SFTTrainer with fusetune's kernels, padding-free batches, fused loss and CUDA graphs.
 
@@ -297,10 +314,9 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
                 self._truncate_to, args.max_length = args.max_length, None
             if args.padding_free or args.packing:
                 log.info("attention for packed rows: %s", enable_varlen_attention(model, device=args.device))
-        # TRL refuses LoRA on lm_head for its own fused head; fusetune's forward trains it (forwards.head_adapter)
-        ours = not isinstance(model, str) and getattr(type(base_model(model)).forward, "_fusetune", False)
+        head_adapter = not isinstance(model, str) and refuse_head_adapter_unfused(model)
         try:
-            with head_adapter_allowed(ours):
+            with head_adapter_allowed(head_adapter):
                 super().__init__(model, args, data_collator, *pos, processing_class=processing_class, **kwargs)
         finally:
             if self._truncate_to is not None:
