@@ -17,9 +17,15 @@ dW and dbias accumulate in fp32 across chunks (for fp16/bf16 via torch's out_dty
 one chunk needs no accumulator and goes straight to the weight dtype). dW/dbias are computed only
 when weight/bias require grad (a frozen LoRA lm_head pays nothing), dhidden only when hidden does.
 
+A LoRA adapter on the head (logits of h (W + s B A)^T) enters as an optional low-rank term
+lora_in @ lora_b^T, lora_in = s h A^T [N, r] (made by the caller, so that its autograd carries A, s and any
+dropout on the adapter input) and lora_b = B [V, r]: per chunk the logits gain lora_in_c @ B^T (C*V*r
+multiply-adds, r << H), and backward makes dlora_in_c = dlogits @ B and dB += dlogits^T @ lora_in_c
+(fp32 accumulator across chunks, like dW). The adapted head W + s B A is never formed.
+
 So gradients are made in forward and backward only scales them by grad_output (in place, so
-backward may run once). For reduction="none" the grad_output is per token: dhidden rows are scaled
-in backward, but dW cannot be, so when weight (or bias) needs grad, forward keeps only the
+backward may run once). For reduction="none" the grad_output is per token: dhidden (and dlora_in) rows are scaled
+in backward, but dW (dB) cannot be, so when weight, bias or lora_b needs grad, forward keeps only the
 per-row lse and backward recomputes each chunk's logits with the per-token scale (one extra
 matmul per chunk).
 
@@ -31,13 +37,15 @@ C=512 95 ms, C=1024 77 ms, C=2048 72 ms).
 
 Peak extra memory of one call (N tokens, n of them not ignored, bf16, e = 2 bytes):
     chunk buffer C*V*e + gathered hidden n*H*e + dhidden n*H*e (+ scatter N*H*e in backward)
-    + if weight trains: fp32 accumulator V*H*4 and the final dW V*H*e (+ fp32 dbias V*4).
+    + if weight trains: fp32 accumulator V*H*4 and the final dW V*H*e (+ fp32 dbias V*4)
+    + with a head adapter of rank r: gathered lora_in n*r*e + dlora_in n*r*e (r elements a token each, against
+      H for hidden) and for dB an fp32 accumulator V*r*4 and dB V*r*e: N=8192, V=128256, r=16, bf16: ~13 MB.
 N=8192, H=4096, V=128256: 263 MB + 2 * 67 MB ~= 0.4 GB with a frozen lm_head (0.34 GiB measured
 on an H100), and with a trained one 1.05 GB (C=4096) + 2.1 GB + 1.05 GB ~= 4.3 GB (4.0 GiB
 measured), versus 2.1 GB for the bf16 logits alone and 11.7 GiB measured for the materialised
 reference (bf16 logits, their fp32 copy, fp32 and bf16 dlogits).
-Saved for backward: the gradients (n*H, V*H, V in the input dtypes), or for "none" with a trained
-weight: the inputs (references), the kept-row index and the per-row lse (fp32).
+Saved for backward: the gradients (n*H, V*H, V, n*r, V*r in the input dtypes), or for "none" with a
+trained weight or adapter: the inputs (references), the kept-row index and the per-row lse (fp32).
 """
 
 import torch

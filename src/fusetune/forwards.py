@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.utils import ModelOutput
 from trl.trainer.utils import FusedCausalLMOutput
@@ -326,10 +327,17 @@ def head_adapter(lm_head, hidden: torch.Tensor, dtype: torch.dtype):
     lora_in @ lora_b.T = sum over the active adapters of s * dropout(hidden) @ A.T @ B.T, as PEFT's forward adds
     it (several active adapters are stacked along the rank); ``bias``: the head's bias plus any LoRA bias
     (s * B's bias), or None. ``(None, None, bias)`` where the head has no adapter in use: not a LoRA layer, adapters
-    disabled (unmerged first, as PEFT does) or merged into the weight. DoRA and other variants: one line."""
+    disabled (unmerged first, as PEFT does) or merged into the weight. DoRA and other variants: one line.
+    Costs r values a token (lora_in); a LoRA dropout while training makes a dropped copy of the hidden states,
+    as PEFT's forward does."""
     bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
-    if not hasattr(lm_head, "lora_A"):  # an nn.Linear, or a ModulesToSaveWrapper: its weight is the one in use
+    if not isinstance(lm_head, BaseTunerLayer):  # an nn.Linear, or a ModulesToSaveWrapper: its weight is in use
         return None, None, bias
+    if not hasattr(lm_head, "lora_A"):
+        raise FusetuneError(
+            f"kernels: the adapter on lm_head ({type(lm_head).__module__}.{type(lm_head).__name__}) is not LoRA, "
+            "which the fused loss head does not compute; leave lm_head out of the adapter's target_modules"
+        )
     if lm_head.disable_adapters:
         if lm_head.merged:
             lm_head.unmerge()
