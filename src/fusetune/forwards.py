@@ -358,7 +358,8 @@ def head_adapter(lm_head, hidden: torch.Tensor, dtype: torch.dtype):
             raise FusetuneError(
                 f"kernels: LoRA adapter '{name}' on lm_head has a bias on lora_A, which the fused loss head lacks"
             )
-        ins.append(lm_head.lora_dropout[name](hidden) @ a.weight.to(dtype).t() * scale)
+        # .to(dtype): under autocast the product comes out in autocast's dtype, whatever its inputs'
+        ins.append((lm_head.lora_dropout[name](hidden) @ a.weight.to(dtype).t() * scale).to(dtype))
         bs.append(b.weight.to(dtype))
         if b.bias is not None:
             lora_bias = b.bias.to(dtype) * scale
