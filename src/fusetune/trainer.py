@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import DistributedType
+from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from . import fp8_base, limits, precision
@@ -257,13 +258,15 @@ def cuda_graph_blocker(trainer) -> str | None:
     return None
 
 
-def refuse_head_adapter_unfused(model) -> bool:
-    """Whether a PEFT adapter sits on the lm_head; one line if it does where fusetune's fused loss head is off.
+def head_adapter_trains(model, peft_config=None) -> bool:
+    """Whether a LoRA adapter sits on the lm_head (or ``peft_config``, which TRL applies, puts one there); one line
+    if so where fusetune's fused loss head is off.
 
     TRL refuses such an adapter, as its own fused head reads ``lm_head.weight`` and would never train it;
     fusetune's forward adds it (``forwards.head_adapter``), so the caller lifts TRL's check when this is True."""
     head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "lora_A"):
+    targets = getattr(peft_config, "target_modules", None) or ()
+    if not hasattr(head, "lora_A") and not (isinstance(peft_config, LoraConfig) and "lm_head" in targets):
         return False
     if not getattr(type(base_model(model)).forward, "_fusetune", False):
         raise FusetuneError(
@@ -314,7 +317,7 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
                 self._truncate_to, args.max_length = args.max_length, None
             if args.padding_free or args.packing:
                 log.info("attention for packed rows: %s", enable_varlen_attention(model, device=args.device))
-        head_adapter = not isinstance(model, str) and refuse_head_adapter_unfused(model)
+        head_adapter = not isinstance(model, str) and head_adapter_trains(model, kwargs.get("peft_config"))
         try:
             with head_adapter_allowed(head_adapter):
                 super().__init__(model, args, data_collator, *pos, processing_class=processing_class, **kwargs)

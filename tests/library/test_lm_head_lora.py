@@ -166,18 +166,19 @@ def test_an_adapter_the_loss_head_cannot_compute_is_refused(adapter):
         model(**fresh_inputs())
 
 
-def test_twenty_steps_move_the_head_adapter_not_the_head(tmp_path):
+@pytest.mark.parametrize("adapters_by", ["get_peft_model", "peft_config"])
+def test_twenty_steps_move_the_head_adapter_not_the_head(adapters_by, tmp_path):
     from datasets import Dataset
 
     from fusetune.data.synthetic import synthetic_splits
 
     model, tokenizer = FastModel.from_pretrained("fusetune:tiny_llama", max_seq_length=64, random_init=True)
-    model = FastModel.get_peft_model(
-        model, r=4, target_modules=["q_proj", "v_proj", "lm_head"], use_gradient_checkpointing=False
-    )
-    head = model.base_model.model.lm_head
-    before = {n: p.detach().clone() for n, p in head.named_parameters()}
-    assert head.lora_A["default"].weight.requires_grad and not head.base_layer.weight.requires_grad
+    targets = ["q_proj", "v_proj", "lm_head"]
+    extra = {}
+    if adapters_by == "get_peft_model":
+        model = FastModel.get_peft_model(model, r=4, target_modules=targets, use_gradient_checkpointing=False)
+    else:  # TRL adds them while the trainer is built, past its own check on lm_head
+        extra["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=targets)
     args = FastSFTConfig(
         output_dir=str(tmp_path),
         report_to=[],
@@ -189,17 +190,26 @@ def test_twenty_steps_move_the_head_adapter_not_the_head(tmp_path):
         kernels="reference",
     )
     train = Dataset.from_list(synthetic_splits(40, 0, seed=1)[0])
-    FastSFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer).train()
+    trainer = FastSFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer, **extra)
+    head = trainer.model.base_model.model.lm_head
+    before = {n: p.detach().clone() for n, p in head.named_parameters()}
+    assert head.lora_A["default"].weight.requires_grad and not head.base_layer.weight.requires_grad
+    trainer.train()
     after = dict(head.named_parameters())
     assert torch.equal(after["base_layer.weight"], before["base_layer.weight"])
     for name in ("lora_A.default.weight", "lora_B.default.weight"):
         assert not torch.allclose(after[name], before[name]), f"{name} did not move"
 
 
-def test_head_adapter_without_the_fused_loss_is_refused(tmp_path, tiny_tokenizer):
+@pytest.mark.parametrize("given", ["peft_model", "peft_config"])
+def test_head_adapter_without_the_fused_loss_is_refused(given, tmp_path, tiny_tokenizer):
     # The loss op off: TRL's own fused head would read lm_head.weight alone and never train the adapter.
-    model = head_lora_model(("lm_head",))
+    lora = LoraConfig(r=4, target_modules=["lm_head"])
+    model = tiny_model("llama").to(DEVICE)
+    if given == "peft_model":
+        model = get_peft_model(model, lora)
     apply_kernels(model, "reference", loss=False)
     args = FastSFTConfig(output_dir=str(tmp_path), report_to=[], max_steps=1)
+    extra = {"peft_config": lora} if given == "peft_config" else {}
     with pytest.raises(FusetuneError, match="LoRA on lm_head .* trains only through fusetune's fused loss head"):
-        FastSFTTrainer(model=model, args=args, train_dataset=None, processing_class=tiny_tokenizer)
+        FastSFTTrainer(model=model, args=args, train_dataset=None, processing_class=tiny_tokenizer, **extra)
