@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 from transformers.utils import ModelOutput
 from trl.trainer.utils import FusedCausalLMOutput
@@ -321,6 +322,55 @@ def aux_loss_coef(model) -> float:
     return getattr(model, "router_aux_loss_coef", getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0))
 
 
+def head_adapter(lm_head, hidden: torch.Tensor, dtype: torch.dtype):
+    """PEFT LoRA on the lm_head as the fused loss's low-rank term: ``(lora_in, lora_b, bias)``, where
+    lora_in @ lora_b.T = sum over the active adapters of s * dropout(hidden) @ A.T @ B.T, as PEFT's forward adds
+    it (several active adapters are stacked along the rank); ``bias``: the head's bias plus any LoRA bias
+    (s * B's bias), or None. ``(None, None, bias)`` where the head has no adapter in use: not a LoRA layer, adapters
+    disabled (unmerged first, as PEFT does) or merged into the weight. DoRA and other variants: one line.
+    Costs r values a token (lora_in); a LoRA dropout while training makes a dropped copy of the hidden states,
+    as PEFT's forward does."""
+    bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
+    if not isinstance(lm_head, BaseTunerLayer):  # an nn.Linear, or a ModulesToSaveWrapper: its weight is in use
+        return None, None, bias
+    if not hasattr(lm_head, "lora_A"):
+        raise FusetuneError(
+            f"kernels: the adapter on lm_head ({type(lm_head).__module__}.{type(lm_head).__name__}) is not LoRA, "
+            "which the fused loss head does not compute; leave lm_head out of the adapter's target_modules"
+        )
+    if lm_head.disable_adapters:
+        if lm_head.merged:
+            lm_head.unmerge()
+        return None, None, bias
+    if lm_head.merged:
+        return None, None, bias
+    ins, bs = [], []
+    for name in lm_head.active_adapters:
+        if name not in lm_head.lora_A:
+            continue
+        if name in getattr(lm_head, "lora_variant", {}) or getattr(lm_head, "use_dora", {}).get(name, False):
+            raise FusetuneError(
+                f"kernels: LoRA adapter '{name}' on lm_head is DoRA or another LoRA variant, which the fused loss "
+                "head does not compute; use plain LoRA on lm_head, or leave lm_head out of target_modules"
+            )
+        a, b, scale = lm_head.lora_A[name], lm_head.lora_B[name], lm_head.scaling[name]
+        if a.bias is not None:
+            raise FusetuneError(
+                f"kernels: LoRA adapter '{name}' on lm_head has a bias on lora_A, which the fused loss head lacks"
+            )
+        # .to(dtype): under autocast the product comes out in autocast's dtype, whatever its inputs'
+        ins.append((lm_head.lora_dropout[name](hidden) @ a.weight.to(dtype).t() * scale).to(dtype))
+        bs.append(b.weight.to(dtype))
+        if b.bias is not None:
+            lora_bias = b.bias.to(dtype) * scale
+            bias = lora_bias if bias is None else bias + lora_bias
+    if not bs:
+        return None, None, bias
+    if len(bs) == 1:
+        return ins[0], bs[0], bias
+    return torch.cat(ins, dim=-1), torch.cat(bs, dim=1), bias
+
+
 def causal_lm_forward(ops: Ops, original_forward):
     """The causal-LM forward with a fused loss head.
 
@@ -331,6 +381,8 @@ def causal_lm_forward(ops: Ops, original_forward):
     ``token_stats=True`` (FastSFTTrainer) it returns the loss and the sums of those statistics.
     Where the router's logits are asked for (``output_router_logits``, else the config's), the family's
     load-balancing loss is added as the model's own forward adds it (``TokenStatsOutput``: returned apart).
+    A PEFT LoRA adapter on the lm_head trains through the same pass (``head_adapter``): its two small
+    products join each chunk's logits, so the head is W + s B A without a [tokens, vocab] tensor.
 
     The rows that carry a label are found before the backbone is queued: that costs a host sync,
     which here waits only for the inputs, not for the whole forward. With ``static_shapes=True``
@@ -376,8 +428,10 @@ def causal_lm_forward(ops: Ops, original_forward):
             flat_hidden = flat_hidden * scale
         head_weight = lm_head.weight.to(dtype)
         softcap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
-        bias = None if lm_head.bias is None else lm_head.bias.to(dtype)
-        common = dict(bias=bias, softcap=softcap, ignore_index=IGNORE_INDEX, kept_rows=kept)
+        lora_in, lora_b, bias = head_adapter(lm_head, flat_hidden, dtype)
+        common = dict(
+            bias=bias, softcap=softcap, ignore_index=IGNORE_INDEX, kept_rows=kept, lora_in=lora_in, lora_b=lora_b
+        )
         flat_targets = targets.reshape(-1)
         if not fused_lm_head:
             reduction = "sum" if num_items_in_batch is not None else "mean"

@@ -35,12 +35,13 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import DistributedType
+from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
 from . import fp8_base, limits, precision
 from .checkpoints import MarkComplete, saving
 from .compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
-from .compat.trl import PrepareDatasetHook, ResumeTokenCount
+from .compat.trl import PrepareDatasetHook, ResumeTokenCount, head_adapter_allowed
 from .data.cache import DatasetCacheHook
 from .errors import FusetuneError
 from .families import is_experts
@@ -257,6 +258,25 @@ def cuda_graph_blocker(trainer) -> str | None:
     return None
 
 
+def head_adapter_trains(model, peft_config=None) -> bool:
+    """Whether a LoRA adapter sits on the lm_head (or ``peft_config``, which TRL applies, puts one there); one line
+    if so where fusetune's fused loss head is off.
+
+    TRL refuses such an adapter, as its own fused head reads ``lm_head.weight`` and would never train it;
+    fusetune's forward adds it (``forwards.head_adapter``), so the caller lifts TRL's check when this is True."""
+    head = model.get_output_embeddings()
+    targets = getattr(peft_config, "target_modules", None) or ()
+    if not hasattr(head, "lora_A") and not (isinstance(peft_config, LoraConfig) and "lm_head" in targets):
+        return False
+    if not getattr(type(base_model(model)).forward, "_fusetune", False):
+        raise FusetuneError(
+            "LoRA on lm_head (target_modules) trains only through fusetune's fused loss head, which is off here "
+            "(no kernels backend, or its loss op is off); use kernels=auto|triton|reference, or "
+            "modules_to_save=['lm_head'] to train the whole head"
+        )
+    return True
+
+
 class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
     """TRL's SFTTrainer with fusetune's kernels, padding-free batches, fused loss and CUDA graphs.
 
@@ -297,8 +317,10 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
                 self._truncate_to, args.max_length = args.max_length, None
             if args.padding_free or args.packing:
                 log.info("attention for packed rows: %s", enable_varlen_attention(model, device=args.device))
+        head_adapter = not isinstance(model, str) and head_adapter_trains(model, kwargs.get("peft_config"))
         try:
-            super().__init__(model, args, data_collator, *pos, processing_class=processing_class, **kwargs)
+            with head_adapter_allowed(head_adapter):
+                super().__init__(model, args, data_collator, *pos, processing_class=processing_class, **kwargs)
         finally:
             if self._truncate_to is not None:
                 args.max_length = self._truncate_to

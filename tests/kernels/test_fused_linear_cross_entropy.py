@@ -170,6 +170,76 @@ def test_frozen_inputs(train, reduction, small_blocks):
     check_parity(hidden, weight, bias, labels, train=train, reduction=reduction, chunk_size=8)
 
 
+def low_rank_reference(hidden, weight, bias, lora_in, lora_b, labels, reduction, items):
+    """Plain float64 PyTorch: the full logits with the low-rank term, then F.cross_entropy."""
+    logits = F.linear(hidden, weight, bias) + lora_in @ lora_b.t()
+    per_token = F.cross_entropy(logits.flatten(0, -2), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    if reduction == "none":
+        return per_token.view(labels.shape)
+    total = per_token.sum()
+    if reduction == "sum" and items is None:
+        return total
+    return total / (items if items is not None else (labels != IGNORE).sum())
+
+
+@pytest.mark.parametrize(
+    "trains",
+    # which of hidden, weight, bias, lora_in, lora_b train
+    [(True, False, False, True, True), (True, True, True, True, True), (True, False, False, True, False)],
+    ids=["frozen_head", "trained_head", "frozen_lora_b"],
+)
+@pytest.mark.parametrize(
+    "reduction,items", [("mean", None), ("none", None), ("sum", 23)], ids=["mean", "none", "items"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_low_rank_term(dtype, reduction, items, trains, small_blocks):
+    # logits + lora_in @ lora_b.T (LoRA on the head): loss, stats and the gradients of all five inputs against
+    # plain PyTorch in float64, over several chunks; "none" with a trained head or lora_b recomputes in backward,
+    # else scales the per-row gradients (dhidden, dlora_in) there.
+    needs_triton_backend()
+    hidden, weight, bias, labels = make_case((3, 11), 72, 1000, dtype)
+    rank = 5
+    lora_in = torch.randn(3, 11, rank, device=DEVICE).to(dtype)
+    lora_b = (torch.randn(1000, rank, device=DEVICE) / rank**0.5).to(dtype)
+    inputs = [hidden, weight, bias, lora_in, lora_b]
+    fast = [t.detach().clone().requires_grad_(on) for t, on in zip(inputs, trains, strict=True)]
+    slow = [t.detach().double().requires_grad_(on) for t, on in zip(inputs, trains, strict=True)]
+    h, w, b, u, lb = fast
+    loss, entropy, _ = fused_linear_cross_entropy(
+        h, w, labels, b, IGNORE, reduction, items, chunk_size=8, return_stats=True, lora_in=u, lora_b=lb
+    )
+    h64, w64, b64, u64, lb64 = slow
+    ref = low_rank_reference(h64, w64, b64, u64, lb64, labels, reduction, items)
+    assert_close(loss, ref, dtype, "loss")
+    _, ref_entropy, _ = fused_linear_cross_entropy_reference(
+        h64, w64, labels, b64, IGNORE, reduction, items, return_stats=True, lora_in=u64, lora_b=lb64
+    )
+    assert_close(entropy, ref_entropy, dtype, "entropy")
+    grad = torch.randn_like(loss)
+    loss.backward(grad)
+    ref.backward(grad.double())
+    for name, f, s, on in zip(["dhidden", "dweight", "dbias", "dlora_in", "dlora_b"], fast, slow, trains, strict=True):
+        if not on:
+            assert f.grad is None, f"{name} computed for a frozen input"
+            continue
+        assert f.grad.dtype == dtype
+        assert_close(f.grad, s.grad, dtype, name)
+
+
+def test_low_rank_term_reference_and_bad_inputs():
+    hidden, weight, _, labels = make_case((2, 6), 16, 50, torch.float64, bias=False)
+    lora_in, lora_b = torch.randn(2, 6, 3, dtype=torch.float64), torch.randn(50, 3, dtype=torch.float64)
+    ref = fused_linear_cross_entropy_reference(hidden, weight, labels, lora_in=lora_in, lora_b=lora_b)
+    expected = low_rank_reference(hidden, weight, None, lora_in, lora_b, labels, "mean", None)
+    torch.testing.assert_close(ref, expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="both or neither"):
+        fused_linear_cross_entropy(hidden, weight, labels, lora_in=lora_in)
+    with pytest.raises(ValueError, match="lora_b"):
+        fused_linear_cross_entropy(hidden, weight, labels, lora_in=lora_in, lora_b=lora_b[:, :2])
+    with pytest.raises(ValueError, match="dtype"):
+        fused_linear_cross_entropy(hidden, weight, labels, lora_in=lora_in.float(), lora_b=lora_b.float())
+
+
 def test_top1_ties_pick_first_index(small_blocks):
     # torch.argmax returns the first of tied maxima: tied columns across blocks (100, 700) and
     # within a block (300, 301).

@@ -10,8 +10,11 @@
   ``prepare_dataset``, which a subclass overrides.
 - ``ResumeTokenCount``: TRL starts its count of trained tokens at 0 on a resumed run; this callback
   continues it from the checkpoint's last logged ``num_tokens``.
+- ``head_adapter_allowed(lift)``: TRL's SFTTrainer refuses a PEFT adapter on lm_head (its own fused head
+  reads ``lm_head.weight`` alone); with ``lift`` its check is off while the trainer is built.
 """
 
+import contextlib
 import importlib
 
 from transformers import TrainerCallback
@@ -108,3 +111,24 @@ def label_options(trainer) -> dict:
         "chat_template": getattr(trainer, "chat_template", None),
         "completion_only_loss": getattr(trainer, "completion_only_loss", None),
     }
+
+
+class _NoTunerLayer:
+    """Matches nothing: TRL's ``isinstance(head, BaseTunerLayer)`` check for an adapter on lm_head, lifted."""
+
+
+@contextlib.contextmanager
+def head_adapter_allowed(lift: bool):
+    """While the block runs, TRL's SFTTrainer accepts a PEFT adapter on lm_head, if ``lift``. TRL refuses one
+    because its own fused head would ignore it; fusetune's fused loss trains it (``forwards.head_adapter``), so
+    the caller lifts the check only where the model's forward is fusetune's."""
+    module = importlib.import_module("trl.trainer.sft_trainer")
+    if not lift or not hasattr(module, "BaseTunerLayer"):
+        yield
+        return
+    real = module.BaseTunerLayer
+    module.BaseTunerLayer = _NoTunerLayer
+    try:
+        yield
+    finally:
+        module.BaseTunerLayer = real
