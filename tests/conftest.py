@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,10 @@ CONF = ROOT / "conf"
 os.environ.setdefault("FUSETUNE_CACHE_DIR", tempfile.mkdtemp(prefix="fusetune-cache-"))
 register_configs()
 torch.set_num_threads(1)
+
+
+# W&B is an optional extra (GPU hosts are often carried without it): its tests skip, saying so, where it is absent
+needs_wandb = pytest.mark.skipif(find_spec("wandb") is None, reason="wandb is not installed (the wandb extra)")
 
 
 @pytest.fixture

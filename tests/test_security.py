@@ -12,7 +12,7 @@ import yaml
 from fusetune import FastModel
 from fusetune.patching import remove_kernels
 
-from .conftest import ROOT
+from .conftest import ROOT, needs_wandb
 
 SOURCES = [p for folder in ("src", "kernels", "scripts") for p in (ROOT / folder).rglob("*.py")]
 # Every _target_ the shipped configs may instantiate (Hydra builds only these; the app calls no instantiate).
@@ -110,6 +110,7 @@ def test_secrets_in_the_config_are_refused_before_they_reach_disk(tmp_path):
     assert not any("hf_not_a_real_token" in p.read_text(errors="ignore") for p in written)
 
 
+@needs_wandb
 def test_environment_secrets_stay_out_of_the_record(tmp_path):
     secrets = {"WANDB_API_KEY": "local-" + "0123456789abcdef" * 3, "HF_TOKEN": "hf_secret_0123456789"}
     run_dir = tmp_path / "run"

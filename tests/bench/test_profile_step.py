@@ -28,7 +28,7 @@ def test_profile_step_smoke_on_cpu(tmp_path):
     assert graphed["graphs"]["replays"] in expected and graphed["graphs"]["disabled"] is None
     eager_losses = [s["loss"] for s in report["backends"]["varlen"]["steps"]]
     graph_losses = [s["loss"] for s in graphed["steps"]]
-    assert graph_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert graph_losses == pytest.approx(eager_losses, rel=1e-4)  # 1.03e-5 seen on an H100: another reduction order
     assert all(report["trainer"][v]["summary"]["step_ms"] > 0 for v in ("fused", "fused_async"))
     assert "varlen_graphs" in (tmp_path / "profile.md").read_text()
 

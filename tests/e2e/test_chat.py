@@ -58,6 +58,11 @@ def saved(full_run):
     return model, AutoTokenizer.from_pretrained(full_run / "model")
 
 
+# Answers are compared with greedy() of plain transformers on the CPU in fp32: the chat runs there too, on any host
+# (on a GPU, auto would pick bf16 on CUDA, whose greedy answers may differ from fp32's)
+ON_CPU = ["--device", "cpu"]
+
+
 def greedy(model, tokenizer, messages: list[dict] | None = None, text: str | None = None) -> str:
     """Plain transformers: render, generate greedily, decode the new tokens."""
     if messages is not None:
@@ -91,7 +96,7 @@ def cli(full_run, lora_random_init_run) -> dict[str, subprocess.CompletedProcess
     procs = {}
     try:
         for name, (args, _) in runs.items():
-            command = [sys.executable, "-m", "fusetune.chat", "--max-new-tokens", str(NEW), *map(str, args)]
+            command = [sys.executable, "-m", "fusetune.chat", "--max-new-tokens", str(NEW), *ON_CPU, *map(str, args)]
             pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
             procs[name] = subprocess.Popen(command, cwd=ROOT, env=env, text=True, **pipes)
         done = {}
@@ -107,7 +112,8 @@ def cli(full_run, lora_random_init_run) -> dict[str, subprocess.CompletedProcess
 
 def call_main(*args, stdin: str = ""):
     out, notes = io.StringIO(), io.StringIO()
-    code = chat.main(["--max-new-tokens", str(NEW), *map(str, args)], io.StringIO(stdin), out, notes)
+    device = [] if "--device" in args else ON_CPU
+    code = chat.main(["--max-new-tokens", str(NEW), *device, *map(str, args)], io.StringIO(stdin), out, notes)
     return code, out.getvalue(), notes.getvalue()
 
 
@@ -148,7 +154,7 @@ def test_answers_stream_piece_by_piece(full_run, saved):
             writes.append(text)
             return super().write(text)
 
-    loaded = chat.load(full_run)
+    loaded = chat.load(full_run, device="cpu")
     session = chat.Chat(loaded.model, loaded.tokenizer, max_new_tokens=NEW)
     out = Recorder()
     answer = session.reply("add 2 3=", out)
@@ -184,7 +190,7 @@ def test_adapter_on_its_base_then_merged_preferred(full_run, tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     tokenizer.save_pretrained(tmp_path / "adapter")
 
-    loaded = chat.load(tmp_path)
+    loaded = chat.load(tmp_path, device="cpu")
     assert loaded.kind == "adapter" and loaded.base == str(full_run / "model")
     session = chat.Chat(loaded.model, loaded.tokenizer, max_new_tokens=NEW)
     assert session.reply("add 2 3=", io.StringIO()) == greedy(peft_model, tokenizer, [user("add 2 3=")])

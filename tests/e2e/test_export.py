@@ -62,11 +62,12 @@ def test_lora_run_exports_a_merged_model_that_plain_transformers_loads(compose_c
     plain = torch.load(loaded)
     assert plain["dtype"] == "torch.bfloat16"  # 16-bit weights (bf16 on CPU)
 
-    model = trained["model"].eval()  # the trained PeftModel, fp32 on CPU
+    model = trained["model"].eval()  # the trained PeftModel: fp32 on a CPU, where the trainer left it on a GPU
+    ids = plain["ids"].to(model.device)
     with torch.no_grad():
-        live = model(input_ids=plain["ids"]).logits.float()
+        live = model(input_ids=ids).logits.float().cpu()
         with model.disable_adapter():
-            base = model(input_ids=plain["ids"]).logits.float()
+            base = model(input_ids=ids).logits.float().cpu()
     scale = live.abs().max().item()
     merge_error = (plain["logits"] - live).abs().max().item()
     adapter_effect = (base - live).abs().max().item()

@@ -17,7 +17,7 @@ from huggingface_hub import constants
 from fusetune import offline
 from fusetune.errors import FusetuneError
 
-from ..conftest import ROOT
+from ..conftest import ROOT, needs_wandb
 from .app_runs import exit_and_stderr
 
 HUB_NAME = "someone/no-such-model-here"
@@ -172,6 +172,7 @@ def test_the_app_fails_a_hub_name_in_a_second_with_one_line(
     assert stderr.splitlines() == ["fusetune: error: " + refusal(key, HUB_NAME, f"no answer from {url} within 1 s")]
 
 
+@needs_wandb
 def test_train_py_offline_says_one_line_and_starts_no_wandb_run(tmp_path):
     """The app as a user runs it, with W&B chosen and an API key set, the hub's endpoint silent: one line, no
     retries, no W&B run."""

@@ -10,7 +10,7 @@ import torch
 from fusetune.app.run import run
 from fusetune.app.run_record import read_metrics
 
-from ..conftest import ROOT
+from ..conftest import ROOT, needs_wandb
 
 AUTO_BACKEND = "triton" if torch.cuda.is_available() else "reference"  # what kernels=auto picks here
 
@@ -97,6 +97,7 @@ def test_lora_with_embedding_lr_saves_a_loadable_adapter(compose_cfg, tmp_path):
     PeftModel.from_pretrained(base, adapter)
 
 
+@needs_wandb
 def test_wandb_offline_and_tensorboard_write_logs(compose_cfg, tmp_path):
     run(
         compose_cfg(

@@ -16,7 +16,9 @@ from fusetune.app.run import run
 from fusetune.app.run_record import read_metrics
 from fusetune.errors import FusetuneError, Interrupted
 
-from ..conftest import ROOT
+from ..conftest import ROOT, needs_wandb
+
+pytestmark = needs_wandb
 
 FAST = ["data.num_train=256", "data.num_eval=16", "data.num_generate=4", "trainer.logging_steps=1", "save_model=false"]
 OFFLINE = ["logger=wandb", "logger.mode=offline"]
