@@ -28,6 +28,7 @@ def _run(args, cwd, env, timeout=300):
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     """(the venv's bin folder, an environment without this checkout on the path)."""
+    pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools in this interpreter")
     tmp = tmp_path_factory.mktemp("installed")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     source, wheels = tmp / "source", tmp / "wheels"  # a copy: the build writes build/ and *.egg-info beside it
@@ -45,7 +46,10 @@ def installed(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     site = Path(_run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                      tmp, env).stdout.strip())  # fmt: skip
-    (site / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # this venv's torch, TRL, ...
+    # this interpreter's torch, TRL, ...: its site-packages and PYTHONPATH (a GPU host carries wheels there); after
+    # the venv's own site-packages, so the wheel's fusetune comes first
+    carried = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    (site / "dependencies.pth").write_text("".join(f"{p}\n" for p in [sysconfig.get_paths()["purelib"], *carried]))
     (wheel,) = wheels.glob("fusetune-*.whl")
     pip = _run([str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)],
                tmp, env)  # fmt: skip
