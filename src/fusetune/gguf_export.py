@@ -4,8 +4,8 @@ Families: llama and mistral (llama.cpp's ``llama`` architecture) and qwen2; othe
 (every matrix in f16) and ``q8_0`` (matrices whose rows are a multiple of 32 long in blocks of 32 int8 values with an
 f16 scale; other matrices f16). Norms, biases and other 1-D tensors stay f32, as llama.cpp keeps them.
 
-llama.cpp's ``llama`` architecture applies RoPE to interleaved pairs (0,1), (2,3), ... of each head, where Hugging Face's
-Llama rotates halves (i, i + head_dim/2). So the rows of each Q and K head are reordered on the way out
+llama.cpp's ``llama`` architecture applies RoPE to interleaved pairs (0,1), (2,3), ... of each head, where Hugging
+Face's Llama rotates halves (i, i + head_dim/2). So the rows of each Q and K head are reordered on the way out
 (``interleave_rope_rows``): row i of a head's first half goes to 2i, row i of its second half to 2i + 1. qwen2 runs as
 rotate-half (NEOX) in llama.cpp and is written as it is.
 
@@ -32,7 +32,7 @@ BLOCK = 32  # q8_0's block length
 
 
 def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """A Q or K projection (heads * head_dim rows) with each head's rotate-half rows in llama.cpp's interleaved order."""
+    """A Q or K projection (heads * head_dim rows), each head's rotate-half rows in llama.cpp's interleaved order."""
     rows, cols = weight.shape
     return weight.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 

@@ -1,5 +1,6 @@
-"""Unsloth's saving methods on the models FastModel returns: ``model.save_pretrained_merged``, ``model.push_to_hub_merged``
-and ``model.save_pretrained_gguf``, with Unsloth's names and arguments, so its notebooks' last cells run unchanged.
+"""Unsloth's saving methods on the models FastModel returns: ``model.save_pretrained_merged``,
+``model.push_to_hub_merged`` and ``model.save_pretrained_gguf``, with Unsloth's names and arguments, so its
+notebooks' last cells run unchanged.
 
 ``add_saving_methods`` binds them to one model object (``FastModel.from_pretrained`` and ``get_peft_model`` call it);
 each is a thin call into ``FastModel.save_merged``, ``FastModel.save_gguf`` or PEFT's ``save_pretrained``.
