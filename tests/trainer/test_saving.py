@@ -27,6 +27,9 @@ LAYER_TENSORS = {  # GGUF name in block i -> Hugging Face name in layer i (writt
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
     "ffn_down.weight": "mlp.down_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",  # qwen2
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
 }
 
 
@@ -139,15 +142,20 @@ def test_gguf_reads_back_as_the_merged_model(trained, quantization, tmp_path):
         assert kind == gguf.TokenType[want] if want else kind in (gguf.TokenType.NORMAL, gguf.TokenType.CONTROL), i
     assert sum(t == gguf.TokenType.NORMAL for t in types) == len(tokenizer.get_vocab()) - 7  # seven special tokens
 
+    assert_tensors_match(reader, reference, quantization, heads={"q_proj": 6, "k_proj": 2})
+
+
+def assert_tensors_match(reader, reference: dict, quantization: str, heads: dict) -> None:
+    """Every tensor of the file, dequantized (Q/K rows back in Hugging Face's order where ``heads`` names them),
+    against ``reference``: f32 vectors exactly, f16 matrices to f16 rounding, q8_0 within its error."""
     seen = set()
     for tensor in reader.tensors:
         name = hf_name(tensor.name)
         seen.add(name)
         want = reference[name]
         got = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).copy()).reshape(want.shape)
-        heads = {"q_proj": 6, "k_proj": 2}.get(name.split(".")[-2])
-        if heads:
-            got = got[hf_rows(want.shape[0], heads).argsort()]  # back to Hugging Face's row order
+        if name.split(".")[-2] in heads and want.ndim == 2:
+            got = got[hf_rows(want.shape[0], heads[name.split(".")[-2]]).argsort()]  # back to Hugging Face's order
         if want.ndim == 1:
             assert tensor.tensor_type == gguf.GGMLQuantizationType.F32 and torch.equal(got, want), name
         elif quantization == "f16":
@@ -160,6 +168,56 @@ def test_gguf_reads_back_as_the_merged_model(trained, quantization, tmp_path):
             assert ((got_blocks - blocks).abs() <= bound).all(), name
             assert (got_blocks - blocks).abs().max() > 0, name  # really quantized
     assert seen == set(reference)
+
+
+SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "llama3-rope"])
+def test_other_families_read_back(family, tiny_tokenizer, tmp_path):
+    """mistral: llama.cpp's llama architecture; qwen2: its own, Q/K rows as they are, q/k/v biases, a tied head;
+    a llama with llama3 RoPE scaling: the frequency factors as a rope_freqs tensor."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    build = {
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**SMALL)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)),
+        "llama3-rope": lambda: LlamaForCausalLM(LlamaConfig(**SMALL, rope_parameters=LLAMA3_ROPE)),
+    }
+    model = build[family]()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    path = FastModel.save_gguf(model, tiny_tokenizer, str(tmp_path / "m.gguf"), quantization_method="f16")
+    reader = gguf.GGUFReader(path)
+    arch = "qwen2" if family == "qwen2" else "llama"
+    assert field(reader, "general.architecture") == arch and field(reader, f"{arch}.attention.head_count_kv") == 2
+    reference = {k: v.detach().float() for k, v in model.state_dict().items()}
+    if family == "qwen2":
+        del reference["lm_head.weight"]  # tied: llama.cpp reads token_embd as the head
+        assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.v_proj.bias"} <= set(reference)
+    if family == "llama3-rope":
+        factors = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+        assert len(factors) == 1
+        # Llama 3.1's rule: wavelengths under 64/4 keep their frequency, those over 64/1 are slowed 8 times, and
+        # between the two the slow-down blends smoothly: 1 / ((1 - s) / 8 + s), s = (64 / wavelength - 1) / (4 - 1)
+        wavelength = 2 * np.pi * 500000.0 ** (np.arange(0, 16, 2) / 16)
+        s = np.clip((64 / wavelength - 1) / 3, 0, 1)
+        np.testing.assert_allclose(factors[0].data, 1 / ((1 - s) / 8 + s), rtol=1e-5)
+        assert factors[0].data[0] == 1 and factors[0].data[-1] == pytest.approx(8)  # both regimes are present
+        reader.tensors = [t for t in reader.tensors if t.name != "rope_freqs.weight"]
+    heads = {} if family == "qwen2" else {"q_proj": 4, "k_proj": 2}
+    assert_tensors_match(reader, reference, "f16", heads)
 
 
 def test_unsupported_families_and_types_are_refused_by_name(trained, tmp_path):
@@ -227,7 +285,7 @@ def test_merged_4bit_is_the_merge_requantized_to_nf4(trained, tmp_path):
     assert isinstance(four_bit.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     ids = torch.randint(7, 103, (2, 9))
     with torch.no_grad():
-        want = model.cpu()(input_ids=ids).logits
+        want = model(input_ids=ids.to(model.device)).logits.float().cpu()
         got = four_bit(input_ids=ids.cuda()).logits.float().cpu()
     assert ((got - want).norm() / want.norm()).item() < 0.2  # nf4: about 1.5 significant digits per weight
 
