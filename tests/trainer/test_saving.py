@@ -170,6 +170,19 @@ def assert_tensors_match(reader, reference: dict, quantization: str, heads: dict
     assert seen == set(reference)
 
 
+def sentencepiece_bpe():
+    """A SentencePiece-style BPE tokenizer: byte-fallback pieces <0x00>..<0xFF>, then pieces in merge order."""
+    from tokenizers import Tokenizer, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), "\u2581", "a", "b", "\u2581a", "ab"]
+    merges = [("\u2581", "a"), ("a", "b")]
+    backend = Tokenizer(models.BPE({p: i for i, p in enumerate(pieces)}, merges, unk_token="<unk>", byte_fallback=True))
+    backend.add_special_tokens(["<unk>", "<s>", "</s>"])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 SMALL = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}  # fmt: skip
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -190,7 +203,7 @@ def test_other_families_read_back(family, tiny_tokenizer, tmp_path):
     )
 
     build = {
-        "mistral": lambda: MistralForCausalLM(MistralConfig(**SMALL)),
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**{**SMALL, "vocab_size": 320})),
         "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)),
         "llama3-rope": lambda: LlamaForCausalLM(LlamaConfig(**SMALL, rope_parameters=LLAMA3_ROPE)),
     }
@@ -198,8 +211,17 @@ def test_other_families_read_back(family, tiny_tokenizer, tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
-    path = FastModel.save_gguf(model, tiny_tokenizer, str(tmp_path / "m.gguf"), quantization_method="f16")
+    tokenizer = sentencepiece_bpe() if family == "mistral" else tiny_tokenizer
+    path = FastModel.save_gguf(model, tokenizer, str(tmp_path / "m.gguf"), quantization_method="f16")
     reader = gguf.GGUFReader(path)
+    if family == "mistral":  # SentencePiece BPE (byte fallback), as Llama 2 and Mistral ship it
+        assert field(reader, "tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in reader.fields
+        types, scores = field(reader, "tokenizer.ggml.token_type"), field(reader, "tokenizer.ggml.scores")
+        assert types[:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL, 6]  # 6: BYTE
+        assert types[3:259] == [gguf.TokenType.BYTE] * 256 and types[259:264] == [gguf.TokenType.NORMAL] * 5
+        assert types[264:] == [gguf.TokenType.UNUSED] * (320 - 264)  # padded to the embedding's rows
+        assert scores[259:264] == [-259.0, -260.0, -261.0, -262.0, -263.0]  # the earlier piece merges first
+        assert field(reader, "tokenizer.ggml.add_bos_token") is True
     arch = "qwen2" if family == "qwen2" else "llama"
     assert field(reader, "general.architecture") == arch and field(reader, f"{arch}.attention.head_count_kv") == 2
     reference = {k: v.detach().float() for k, v in model.state_dict().items()}
