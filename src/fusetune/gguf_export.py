@@ -62,12 +62,17 @@ def save_gguf(model, tokenizer, path: str | Path, quantization: str = "q8_0", to
     from peft import PeftModel
 
     from .fast_model import merged_copy
-    from .modules import base_model
+    from .modules import base_model, is_quantized
 
     config = base_model(model).config.get_text_config()
     arch, reorder = check_exportable(config.model_type, quantization)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if is_quantized(model) and not isinstance(model, PeftModel):
+        raise FusetuneError(
+            "GGUF export: the model's weights are quantized (bitsandbytes) and it has no adapters to "
+            "merge into a 16-bit reload; export the 16-bit model it was loaded from"
+        )
     source = merged_copy(model, token=token) if isinstance(model, PeftModel) else model
     _write(source.state_dict(), config, tokenizer, path, arch, reorder, quantization)
     return path

@@ -19,6 +19,7 @@ from .errors import FusetuneError
 log = logging.getLogger(__name__)
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
+GGUF_ALIASES = {"not_quantized": "f16", "fast_quantized": "q8_0"}  # Unsloth's names
 MERGED_4BIT = (
     "save_method='merged_4bit': the adapters merged into 16-bit weights, then every linear layer but lm_head "
     "re-quantized to bitsandbytes nf4 (double-quantized, blocks of 64), saved as a bitsandbytes 4-bit model that "
@@ -33,6 +34,8 @@ def save_pretrained_merged(
     bitsandbytes nf4, on CUDA) or "lora" (the adapter alone, PEFT's ``save_pretrained``); the tokenizer beside it."""
     from .fast_model import FastModel
 
+    if unused.pop("push_to_hub", False):
+        raise FusetuneError("save_pretrained_merged: push_to_hub=True is not supported; use model.push_to_hub_merged")
     _warn_unused("save_pretrained_merged", unused)
     if save_method not in SAVE_METHODS:
         raise FusetuneError(f"save_method: expected one of {', '.join(SAVE_METHODS)}, got '{save_method}'")
@@ -104,10 +107,14 @@ def push_to_hub_merged(
 def save_pretrained_gguf(
     model, save_directory: str, tokenizer, quantization_method: str = "q8_0", token=None, **unused
 ) -> str:
-    """``<save_directory>/model-<quantization_method>.gguf`` (``FastModel.save_gguf``): "f16" or "q8_0"."""
+    """``<save_directory>/model-<quantization_method>.gguf`` (``FastModel.save_gguf``): "f16" or "q8_0" (also by
+    Unsloth's names for them, "not_quantized" and "fast_quantized")."""
     from .fast_model import FastModel
 
+    if unused.pop("push_to_hub", False):
+        raise FusetuneError("save_pretrained_gguf: push_to_hub=True is not supported; upload the file it writes")
     _warn_unused("save_pretrained_gguf", unused)
+    quantization_method = GGUF_ALIASES.get(quantization_method.lower(), quantization_method.lower())
     path = Path(save_directory) / f"model-{quantization_method}.gguf"
     FastModel.save_gguf(model, tokenizer, str(path), quantization_method, token=token)
     log.info("save_pretrained_gguf: %s", path)

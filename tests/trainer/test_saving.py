@@ -99,12 +99,12 @@ def test_the_interleaved_rows_give_llama_cpp_the_rope_that_hugging_face_computes
     torch.testing.assert_close(cpp.reshape(-1)[hf_rows(heads * d, heads).argsort()], hf.reshape(-1))
 
 
-@pytest.mark.parametrize("quantization", ["f16", "q8_0"])
-def test_gguf_reads_back_as_the_merged_model(trained, quantization, tmp_path):
+@pytest.mark.parametrize("quantization, asked", [("f16", "f16"), ("q8_0", "fast_quantized")])  # Unsloth's name too
+def test_gguf_reads_back_as_the_merged_model(trained, quantization, asked, tmp_path):
     model, tokenizer = trained
     reference = reference_merge(model)
     live = copy.deepcopy(model.state_dict())
-    path = model.save_pretrained_gguf(str(tmp_path), tokenizer, quantization_method=quantization)
+    path = model.save_pretrained_gguf(str(tmp_path), tokenizer, quantization_method=asked)
     assert path == str(tmp_path / f"model-{quantization}.gguf")
     for name, value in model.state_dict().items():  # the user's model is not merged in place
         assert torch.equal(value, live[name]), name
