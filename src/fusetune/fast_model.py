@@ -1,8 +1,12 @@
-"""FastModel: load a causal LM with fusetune's kernels, add LoRA, save a merged 16-bit model.
+"""FastModel: load a causal LM with fusetune's kernels, add LoRA, save a merged 16-bit model or a GGUF file.
 
 model, tokenizer = FastModel.from_pretrained("path-or-hub-id", max_seq_length=2048, load_in_4bit=True)
 model = FastModel.get_peft_model(model, r=16, modules_to_save=["embed_tokens", "lm_head"])
 FastModel.save_merged(model, tokenizer, "out/merged")
+FastModel.save_gguf(model, tokenizer, "out/model-q8_0.gguf", "q8_0")
+
+The models returned also carry Unsloth's ``save_pretrained_merged``, ``push_to_hub_merged`` and
+``save_pretrained_gguf`` (``fusetune.saving``).
 """
 
 import copy
@@ -21,6 +25,7 @@ from .errors import FusetuneError
 from .families import is_experts, routed_experts
 from .modules import EMBEDDINGS, EXPERT_PARAMETERS, PROJECTIONS, base_model, is_quantized
 from .patching import apply_kernels, choose_backend
+from .saving import add_saving_methods
 from .smart_checkpointing import enable_smart_checkpointing
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,7 @@ def _dtype(dtype) -> torch.dtype:
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "adapter_config.json", "*.gguf")
 
 
-def _clear_for_weights(folder: Path, overwrite: bool) -> None:
+def clear_for_weights(folder: Path, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise FusetuneError(f"save_merged: {folder} is a file, not a folder")
     if not folder.is_dir() or not any(folder.iterdir()):
@@ -167,7 +172,7 @@ class FastModel:
         if use_gradient_checkpointing is not None:
             model.fusetune_gradient_checkpointing = use_gradient_checkpointing
         model.fusetune_fp8_base = fp8_base  # get_peft_model turns the wrapped projections to FP8
-        return model, tokenizer
+        return add_saving_methods(model), tokenizer
 
     @staticmethod
     def get_peft_model(
@@ -255,7 +260,7 @@ class FastModel:
                 use_gradient_checkpointing,
                 enable_fusetune_checkpointing(peft_model, use_gradient_checkpointing, memory_budget),
             )
-        return peft_model
+        return add_saving_methods(peft_model)
 
     @staticmethod
     def for_inference(model):
@@ -292,30 +297,51 @@ class FastModel:
         anything is refused unless ``overwrite``; then every weight, index and adapter file in it is
         removed first, so none of them can load beside the merge.
         """
-        from peft import PeftModel
+        clear_for_weights(Path(save_directory), overwrite)
 
-        _clear_for_weights(Path(save_directory), overwrite)
-
-        if dtype is None:  # the hardware's 16-bit type; bf16 on CPU
-            dtype = torch.float16 if loading.pick_dtype("auto") == torch.float16 else torch.bfloat16
-        if not isinstance(model, PeftModel):
-            merged = copy.deepcopy(model)
-        elif is_quantized(model):
-            base_path = model.peft_config[model.active_adapter].base_model_name_or_path
-            with tempfile.TemporaryDirectory() as adapter_dir:
-                model.save_pretrained(adapter_dir)
-                hub = getattr(base_model(model), "fusetune_hub", {})
-                base = loading.load_model(base_path, dtype, token=token, **hub)
-                merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-        else:
-            merged = copy.deepcopy(model)
-            fp8.restore_weights(merged)
-            merged = merged.merge_and_unload()
-        merged = merged.to(dtype)
+        dtype = dtype or sixteen_bit()
+        merged = merged_copy(model, dtype, token).to(dtype)
         merged.config.use_cache = True
         merged.save_pretrained(save_directory, safe_serialization=True)
-        tokenizer.save_pretrained(save_directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
         return save_directory
+
+    @staticmethod
+    def save_gguf(model, tokenizer, path: str, quantization_method: str = "q8_0", token: str | None = None) -> str:
+        """One GGUF file at ``path`` that llama.cpp runs: ``quantization_method`` "f16" or "q8_0", the LoRA adapters
+        merged in (on a copy, as ``save_merged``), the tokenizer and its chat template included. Families: llama,
+        mistral, qwen2 (``fusetune.gguf_export``)."""
+        from .gguf_export import save_gguf
+
+        return str(save_gguf(model, tokenizer, path, quantization_method, token=token))
+
+
+def sixteen_bit() -> torch.dtype:
+    """The hardware's 16-bit type: fp16 on GPUs without bf16, else bf16 (on CPU too)."""
+    return torch.float16 if loading.pick_dtype("auto") == torch.float16 else torch.bfloat16
+
+
+def merged_copy(model, dtype: torch.dtype | None = None, token: str | None = None):
+    """A plain transformers model holding ``model``'s weights with its LoRA adapters merged in; ``model`` is left
+    as it is (the merge happens on a copy). A quantized base is reloaded in ``dtype`` (default: the hardware's
+    16-bit type) from its original weights first (``FastModel.save_merged`` says why); an FP8 base merges as
+    its dequantized weights."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return copy.deepcopy(model)
+    if is_quantized(model):
+        dtype = dtype or sixteen_bit()
+        base_path = model.peft_config[model.active_adapter].base_model_name_or_path
+        with tempfile.TemporaryDirectory() as adapter_dir:
+            model.save_pretrained(adapter_dir)
+            hub = getattr(base_model(model), "fusetune_hub", {})
+            base = loading.load_model(base_path, dtype, token=token, **hub)
+            return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged = copy.deepcopy(model)
+    fp8.restore_weights(merged)
+    return merged.merge_and_unload()
 
 
 def patched_expert_parameters(model) -> list[str]:

@@ -68,6 +68,10 @@ def composition_error(overrides) -> HydraException:
             "Invalid value 'cuda', expected one of [auto, triton, reference]",
         ),
         (
+            "export.gguf=q4_k_m",
+            "Error merging override export.gguf=q4_k_m: Invalid value 'q4_k_m', expected one of [f16, q8_0]",
+        ),
+        (
             "trainer=nonexistent",
             "In 'train': Could not find 'trainer/nonexistent' (options: embedding_lr, packing, padding_free, sft)",
         ),

@@ -2,10 +2,12 @@
 adapter model does (to bf16 rounding); a full fine-tune leaves its whole model there, in 16 bits."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
 
+import gguf
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -75,11 +77,29 @@ def test_lora_run_exports_a_merged_model_that_plain_transformers_loads(compose_c
     assert adapter_effect > 10 * merge_error, (adapter_effect, merge_error)  # the merge carries what training did
 
 
-def test_full_finetune_exports_its_whole_model_in_16_bits(compose_cfg, tmp_path):
-    """Never silently ignored: merged/ holds the fully fine-tuned model, as it holds a merged adapter."""
-    summary = run(compose_cfg(["trainer.max_steps=1", "save_model=false", *FAST], output_dir=tmp_path))
+def test_full_finetune_exports_its_whole_model_in_16_bits_and_a_gguf_file(compose_cfg, tmp_path, caplog):
+    """Never silently ignored: merged/ holds the fully fine-tuned model, as it holds a merged adapter, and one log
+    line says there was nothing to merge. export.gguf=q8_0 writes the GGUF file beside it, from the same weights."""
+    caplog.set_level(logging.INFO, logger="fusetune")
+    summary = run(
+        compose_cfg(["trainer.max_steps=1", "save_model=false", "export.gguf=q8_0", *FAST], output_dir=tmp_path)
+    )
     merged = tmp_path / "merged"
     assert summary["merged_to"] == str(merged) and not (tmp_path / "model").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(merged, dtype="auto")
     assert reloaded.dtype == torch.bfloat16  # 16-bit weights (bf16 on CPU), like a merge
     assert (merged / "tokenizer.json").is_file() and not (merged / "adapter_config.json").exists()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("export.")]
+    assert said[0] == (
+        "export.merged: a full fine-tune has no adapters to merge: the model is already whole (save_model=false); "
+        f"{merged} holds a 16-bit copy"
+    )
+
+    path = tmp_path / "gguf" / "model-q8_0.gguf"
+    assert summary["gguf_to"] == str(path) and said[1].startswith(f"export.gguf: {path} (q8_0, ")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "llama" and len(reader.tensors) == 2 + 4 * 9 + 1
+    down = next(t for t in reader.tensors if t.name == "blk.3.ffn_down.weight")
+    got = torch.from_numpy(gguf.quants.dequantize(down.data, down.tensor_type).copy())
+    want = reloaded.model.layers[3].mlp.down_proj.weight.float()  # trained in fp32, both rounded from it
+    assert (got - want).abs().max() <= want.abs().max() / 100

@@ -175,7 +175,7 @@ ROWS = [
         "allow_single_process=true trains in one process anyway",
     ),
     Row("fsdp-in-one-process", ("distributed=fsdp",), "distributed=fsdp, but only 1 process was launched"),
-    Row("unknown-key-under-export", ("+export.gguf=true",), "export.gguf: not a key of ExportConfig"),
+    Row("unknown-key-under-export", ("+export.onnx=true",), "export.onnx: not a key of ExportConfig"),
     Row(
         "tokenizer-larger-than-embeddings",
         ("model.name_or_path={tmp}/small-vocab",),

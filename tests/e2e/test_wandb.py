@@ -94,7 +94,7 @@ def test_offline_run_holds_the_config_the_name_and_every_logging_step(tmp_path):
     assert "learning_rate" in w.config["trainer"] and w.config["trainer"]["logging_steps"] == 1
     assert w.config["data"]["num_train"] == 256 and w.config["logger"]["mode"] == "offline"
     assert w.config["kernels"] == {"backend": "auto", "fp8": False}, "the config's, not the TrainingArguments field's"
-    assert w.config["export"] == {"merged": False} and w.config["output_dir"] == str(run_dir)
+    assert w.config["export"] == {"merged": False, "gguf": None} and w.config["output_dir"] == str(run_dir)
     assert w.config["choices"]["model"] == "tiny_llama" and w.config["choices"]["logger"] == "wandb"
     assert w.config["per_device_train_batch_size"] == 64 and w.config["model/num_parameters"] > 0  # HF's own
 

@@ -80,6 +80,11 @@ class WandbMode(str, Enum):
     disabled = "disabled"
 
 
+class GGUFType(str, Enum):
+    f16 = "f16"  # every matrix in f16
+    q8_0 = "q8_0"  # matrices in blocks of 32 int8 values with an f16 scale (about half of f16's size)
+
+
 class DType(str, Enum):
     auto = "auto"  # bf16 where supported, else fp16 on GPU; fp32 on CPU
     float32 = "float32"
@@ -303,6 +308,9 @@ class ExportConfig:
     # <run>/merged/: 16-bit weights that plain transformers loads (FastModel.save_merged): the LoRA adapters merged
     # into the base, or a full fine-tune's whole model (a 16-bit copy of model/, also without save_model)
     merged: bool = False
+    # <run>/gguf/model-<type>.gguf: one GGUF file that llama.cpp runs (fusetune.gguf_export: llama, mistral, qwen2),
+    # the adapters merged in, the tokenizer and its chat template included; null: none
+    gguf: GGUFType | None = None
 
 
 @dataclass
@@ -525,11 +533,12 @@ def validate(cfg) -> None:
             )
         except FusetuneError as error:
             problems.append(str(error))
-    if cfg.export.merged and cfg.model.lora is None and cfg.distributed == Distributed.fsdp:
-        problems.append(
-            "export.merged with distributed=fsdp and no LoRA: rank 0 holds only its shard of the model; "
-            "use the run's model/ (saved whole), or convert it to 16 bits afterwards"
-        )
+    for key, wanted in (("export.merged", cfg.export.merged), ("export.gguf", cfg.export.gguf is not None)):
+        if wanted and cfg.model.lora is None and cfg.distributed == Distributed.fsdp:
+            problems.append(
+                f"{key} with distributed=fsdp and no LoRA: rank 0 holds only its shard of the model; "
+                "use the run's model/ (saved whole), or convert it afterwards"
+            )
     if (alone := distributed.single_process(cfg.distributed.value)) is not None:
         if not cfg.allow_single_process:
             problems.append(alone)

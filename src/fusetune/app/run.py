@@ -24,7 +24,7 @@ from ..trainer import FastSFTConfig, FastSFTTrainer
 from . import distributed, run_folder
 from . import run_record as record
 from .config import SFT_DEFAULTS, TRAINER_FIELDS, checkpointing_mode, logging_steps_for, validate
-from .export import export_merged
+from .export import check_gguf, export_gguf, export_merged
 from .loggers import close_logger, logger_callbacks, start_logger, trainer_report_to
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     m = cfg.model
     dtype = pick_dtype(m.dtype.value)
     full_finetune = m.lora is None
+    gguf_type = cfg.export.gguf.value if cfg.export.gguf is not None else None
     hub = {"trust_remote_code": m.trust_remote_code}
     # The data first: a mistake in it shows before the weights load.
     stop.enter("data preparation")
@@ -151,6 +152,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         **hub,
     )
     backend = model.fusetune_kernels
+    check_gguf(model, gguf_type)
     distributed.check(cfg.distributed.value, torch.cuda.is_available(), m.load_in_4bit)
     if splits.chat_template is not None:
         tokenizer.chat_template = splits.chat_template  # trained with, and saved with the tokenizer
@@ -207,7 +209,10 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
                 tokenizer.save_pretrained(saved_to)
     merged_to = None
     if cfg.export.merged and trainer.is_world_process_zero():  # one process writes it
-        merged_to = export_merged(trainer.model, tokenizer, out)
+        merged_to = export_merged(trainer.model, tokenizer, out, saved_to)
+    gguf_to = None
+    if gguf_type is not None and trainer.is_world_process_zero():
+        gguf_to = export_gguf(trainer.model, tokenizer, out, gguf_type)
 
     stop.enter("the final evaluation")
     evals = {}
@@ -265,6 +270,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         "trainable_parameters": trainable_params,
         "saved_to": str(saved_to) if saved_to else None,
         "merged_to": str(merged_to) if merged_to else None,
+        "gguf_to": str(gguf_to) if gguf_to else None,
         "output_dir": str(out),
         "versions": record.versions(),
     }

@@ -111,6 +111,8 @@ def writes_of(cfg, hydra_names) -> list[str]:
     names = [*OWN, *ALWAYS_WRITTEN, MODEL_CARD, "model" if cfg.model.lora is None else "adapter", *hydra_names]
     if cfg.export.merged:
         names.append("merged")
+    if cfg.export.gguf is not None:
+        names.append("gguf")
     kind = getattr(cfg.logger.kind, "value", cfg.logger.kind)
     if kind in ("tensorboard", "wandb"):
         names.append(kind)
