@@ -138,3 +138,28 @@ def test_an_unreachable_store_is_one_line(compose_cfg, tmp_path, monkeypatch):
     folder.write_text("not a folder")
     with pytest.raises(FusetuneError, match=r"^logger=mlflow: MLflow could not start the run in sqlite:///"):
         run(compose_cfg([*FAST, f"logger.tracking_uri={folder / 'sub' / 'x.db'}"], output_dir=tmp_path / "run"))
+
+
+def test_a_resumed_run_continues_its_mlflow_run(compose_cfg, tmp_path):
+    """start_logger and close_logger alone (no training): a second session of the run folder with resume continues
+    the MLflow run that the first one left KILLED, keeping its params; a new run would start afresh."""
+    from mlflow import MlflowClient
+
+    from fusetune.app.loggers import close_logger, start_logger
+
+    store = tmp_path / "mlflow.db"
+    cfg = compose_cfg([*FAST, f"logger.tracking_uri={store}"], output_dir=tmp_path / "run")
+    start_logger(cfg, tmp_path / "run")
+    close_logger(cfg, None, KeyboardInterrupt())
+    cfg.trainer.learning_rate = 0.5  # changed on resume (resume.allow_changes): MLflow keeps the first value
+    start_logger(cfg, tmp_path / "run", resuming=True)
+    client = MlflowClient(f"sqlite:///{store}")
+    (running,) = client.search_runs([client.get_experiment_by_name("fusetune").experiment_id])
+    assert running.info.status == "RUNNING" and running.data.tags["status"] == "interrupted"
+    close_logger(cfg, {"global_step": 3, "kernels": "reference"})
+    (logged,) = client.search_runs([running.info.experiment_id])
+    assert logged.info.run_id == running.info.run_id and logged.info.status == "FINISHED"
+    assert logged.data.tags["status"] == "finished" and logged.data.params["trainer.learning_rate"] == "null"
+    start_logger(cfg, tmp_path / "run")  # not a resume: a new MLflow run
+    close_logger(cfg, None)
+    assert len(client.search_runs([running.info.experiment_id])) == 2
