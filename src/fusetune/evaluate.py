@@ -59,7 +59,8 @@ def score_generations(
     started = time.perf_counter()
     log.info("exact match: generating greedy answers to %d held-out prompts", len(pairs))
     config = base_model(model).config
-    was_training, side, cache = model.training, tokenizer.padding_side, getattr(config, "use_cache", None)
+    was_training, side = model.training, tokenizer.padding_side
+    had_cache, cache = hasattr(config, "use_cache"), getattr(config, "use_cache", None)
     model.eval()
     config.use_cache = True  # training turns it off; generation wants its KV cache
     tokenizer.padding_side = "left"
@@ -90,8 +91,10 @@ def score_generations(
                     samples.append({"prompt": prompt, "expected": expected, "answer": answer.strip()})
     finally:
         tokenizer.padding_side = side
-        if cache is not None:
+        if had_cache:
             config.use_cache = cache
+        else:
+            del config.use_cache
         model.train(was_training)
     seconds = time.perf_counter() - started  # the answers were decoded on the host: the device has finished
     f1 = sum(f1s) / len(f1s) if f1s else None
