@@ -303,10 +303,10 @@ def _sqlite_file(uri: str) -> Path | None:
 def _name(key: str) -> str:
     """A key as MLflow accepts it: its characters, and at most KEY_LIMIT of them (a cut key ends with a hash of the
     whole, so two long keys stay apart)."""
-    key = _NOT_IN_A_NAME.sub("_", key)
-    if len(key) > KEY_LIMIT:
-        key = f"{key[: KEY_LIMIT - 9]}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
-    return key
+    name = _NOT_IN_A_NAME.sub("_", key)
+    if len(name) > KEY_LIMIT:
+        name = f"{name[: KEY_LIMIT - 9]}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+    return name
 
 
 def _param_text(value) -> str:
