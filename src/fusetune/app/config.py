@@ -296,7 +296,7 @@ class LoggerConfig:
     mode: WandbMode | None = None
     group: str | None = None  # null: the sweep folder's name in a multirun, no group in a single run
     tags: list[str] | None = None  # null: WANDB_TAGS (comma-separated), else none
-    # MLflow. null: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/outputs/mlflow/mlflow.db; a path ending .db: a sqlite file
+    # MLflow's store; null: MLFLOW_TRACKING_URI, else outputs/mlflow/mlflow.db (sqlite) in the working folder
     tracking_uri: str | None = None
     experiment: str | None = None  # null: MLFLOW_EXPERIMENT_NAME, else "fusetune"
 
