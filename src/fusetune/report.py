@@ -13,8 +13,9 @@ differ only in `seed` form a group, reported as mean ± std over its finished jo
 - report.md: the groups (when some group has more than one job), then every job, then the plots;
 - report.json: one row per job (overrides, status, error, last_step, the metrics);
 - report_groups.json: one entry per group: its jobs, n finished, and mean/std/n of each metric;
-- loss_curves.png: train loss by step of every job (eval loss as points); speed_memory.png: tok/s and peak
-  memory as bars per group (mean, with the std and each seed's value).
+- loss_curves.png: train loss by step of every job (eval loss as points); generation.png: exact match and token
+  F1 of the held-out generation by step (jobs that evaluated while training with data.num_generate > 0);
+  speed_memory.png: tok/s and peak memory as bars per group (mean, with the std and each seed's value).
 
 This module only reads files (no Hydra); `fusetune.app.callbacks.AblationReport` runs it when a multirun ends.
 """
@@ -33,7 +34,7 @@ from pathlib import Path
 import yaml
 
 SUMMARY, STATUS, METRICS = "summary.json", "status.json", "metrics.jsonl"
-LOSS_PNG, SPEED_PNG = "loss_curves.png", "speed_memory.png"
+LOSS_PNG, SPEED_PNG, GENERATION_PNG = "loss_curves.png", "speed_memory.png", "generation.png"
 STATUSES = ("running", "finished", "failed", "interrupted")  # status.json's values
 INCOMPLETE = "incomplete"  # neither status.json nor summary.json: still running, or killed without a word
 DIED, ELSEWHERE = "died", "running?"  # "running", and its process is gone; "running" on a host not checked from here
@@ -449,48 +450,89 @@ def _short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def plot_losses(sweep_dir: Path, report: Report, path: Path) -> bool:
-    """Train loss by step of every job on one chart, eval loss as points; a group shares a colour."""
+def _curves(sweep_dir: Path, report: Report):
+    """Every job's metrics.jsonl lines with a step, and how its curves are drawn: (row, lines, colour, line style,
+    label). A group shares a colour; its jobs (seeds) differ by line style."""
     from matplotlib import colormaps
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     keys = varying_keys(report.rows)
     colours = colormaps["tab10"]
     group_index = {g["overrides"]: i for i, g in enumerate(report.groups)}
     seen_in_group: dict[str, int] = {}
-    fig = Figure(figsize=(7.5, 4.5), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    plotted = 0
     for r in report.rows:
-        lines = read_jsonl(sweep_dir / r["dir"] / METRICS)
-        lines = [m for m in lines if _number(m.get("step"))]
-        train = [(m["step"], m["loss"]) for m in lines if m.get("split") == "train" and _number(m.get("loss"))]
-        evals = [(m["step"], m["eval_loss"]) for m in lines if m.get("split") == "eval" and _number(m.get("eval_loss"))]
-        if not train and not evals:
-            continue
+        lines = [m for m in read_jsonl(sweep_dir / r["dir"] / METRICS) if _number(m.get("step"))]
         k = seen_in_group.get(r["group"], 0)
-        seen_in_group[r["group"]] = k + 1
-        colour = colours(group_index[r["group"]] % 10)
         label = f"{r['job']}: {_short(_label(r, keys) or 'run')}"
         if r["status"] != "finished":
             label += f" ({r['status']})"
+        yield r, lines, colours(group_index[r["group"]] % 10), LINESTYLES[k % 4], label
+        seen_in_group[r["group"]] = k + 1 if lines else k
+
+
+def _series(lines: list[dict], split: str, key: str) -> list[tuple]:
+    return [(m["step"], m[key]) for m in lines if m.get("split") == split and _number(m.get(key))]
+
+
+def _label_axes(ax, plotted: int, ylabel: str, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if plotted > 8 else 1)
+
+
+POINTS = {"marker": "o", "markersize": 6, "markeredgecolor": "white", "linestyle": "none", "zorder": 3}
+
+
+def plot_losses(sweep_dir: Path, report: Report, path: Path) -> bool:
+    """Train loss by step of every job on one chart, eval loss as points; a group shares a colour."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    plotted = 0
+    for _, lines, colour, linestyle, label in _curves(sweep_dir, report):
+        train, evals = _series(lines, "train", "loss"), _series(lines, "eval", "eval_loss")
+        if not train and not evals:
+            continue
         if train:
-            style = {"linestyle": LINESTYLES[k % 4], "marker": "." if len(train) == 1 else None}
+            style = {"linestyle": linestyle, "marker": "." if len(train) == 1 else None}
             ax.plot(*zip(*train, strict=True), color=colour, linewidth=1.3, label=label, **style)
             label = None
         if evals:
-            points = {"marker": "o", "markersize": 6, "markeredgecolor": "white", "linestyle": "none", "zorder": 3}
-            ax.plot(*zip(*evals, strict=True), color=colour, label=label, **points)
+            ax.plot(*zip(*evals, strict=True), color=colour, label=label, **POINTS)
         plotted += 1
     if not plotted:
         return False
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (train: lines, eval: points)")
-    ax.set_title(f"{sweep_dir.name}: loss by step", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if plotted > 8 else 1)
+    _label_axes(ax, plotted, "loss (train: lines, eval: points)", f"{sweep_dir.name}: loss by step")
+    fig.savefig(path)
+    return True
+
+
+def plot_generation(sweep_dir: Path, report: Report, path: Path) -> bool:
+    """Exact match (left) and token F1 (right) of the held-out generation by step, of every job that scored it
+    while training (fusetune.evaluate.GenerationEval: each eval step); a group shares a colour."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    plotted = 0
+    for _, lines, colour, linestyle, label in _curves(sweep_dir, report):
+        curves = [_series(lines, "eval", key) for key in ("eval_exact_match", "eval_token_f1")]
+        if not any(curves):
+            continue
+        for ax, curve in zip(axes, curves, strict=True):
+            if curve:
+                ax.plot(*zip(*curve, strict=True), color=colour, linestyle=linestyle, marker="o", label=label)
+        plotted += 1
+    if not plotted:
+        return False
+    axes[0].set_ylim(-0.03, 1.03)
+    _label_axes(axes[0], plotted, "exact match", f"{sweep_dir.name}: held-out generation, exact match")
+    _label_axes(axes[1], plotted, "token F1", "token F1")
     fig.savefig(path)
     return True
 
@@ -553,7 +595,7 @@ def write_report(sweep_dir: Path, plots: bool = True) -> Report:
     md = report.markdown
     if plots:
         made = []
-        for name, plot in ((LOSS_PNG, plot_losses), (SPEED_PNG, plot_speed_memory)):
+        for name, plot in ((LOSS_PNG, plot_losses), (GENERATION_PNG, plot_generation), (SPEED_PNG, plot_speed_memory)):
             tmp = sweep_dir / f".{name}.{os.getpid()}.tmp.png"
             try:
                 if plot(sweep_dir, report, tmp):

@@ -152,6 +152,43 @@ def test_plots_are_png_files(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_generation_scores_are_plotted_by_step_per_job(tmp_path, monkeypatch):
+    import random
+
+    from matplotlib.axes import Axes
+
+    scores = {job: [(step, random.random(), random.random()) for step in (2, 4)] for job in (0, 1)}
+    for job, points in scores.items():
+        generated = [{"step": s, "split": "eval", "eval_exact_match": em, "eval_token_f1": f1} for s, em, f1 in points]
+        make_job(tmp_path, str(job), job, [f"seed={job}"], summary(1.0), metrics=curve(2, 1, 1, 1) + generated)
+    make_job(tmp_path, "2", 2, ["seed=2"], summary(1.0), metrics=curve(2, 1, evals=[(2, 1.5)]))  # none generated
+    built = report.write_report(tmp_path)
+    png = (tmp_path / report.GENERATION_PNG).read_bytes()
+    assert png[:8] == PNG_SIGNATURE and f"]({report.GENERATION_PNG})" in built.markdown
+
+    drawn = []
+    plot = Axes.plot
+
+    def recording(self, *args, **kwargs):
+        drawn.append((list(args[0]), list(args[1]), kwargs.get("label")))
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", recording)
+    assert report.plot_generation(tmp_path, built, tmp_path / "again.png")
+    expected = []
+    for job, points in scores.items():  # exact match, then token F1, of each job that scored generation
+        steps = [s for s, _, _ in points]
+        label = f"{job}: seed={job}"
+        expected += [(steps, [em for _, em, _ in points], label), (steps, [f1 for _, _, f1 in points], label)]
+    assert drawn == expected
+
+    for job in scores:
+        shutil.rmtree(tmp_path / str(job))
+    (tmp_path / report.GENERATION_PNG).unlink()
+    report.write_report(tmp_path)
+    assert not (tmp_path / report.GENERATION_PNG).exists()  # no job scored generation while training
+
+
 def test_a_plot_that_fails_leaves_the_tables_and_the_other_plot(tmp_path, monkeypatch):
     make_job(tmp_path, "0", 0, ["seed=0"], summary(1.0), metrics=curve(2, 1))
 

@@ -71,6 +71,7 @@ class Distributed(str, Enum):
 class LoggerKind(str, Enum):
     wandb = "wandb"
     tensorboard = "tensorboard"
+    mlflow = "mlflow"
     none = "none"
 
 
@@ -289,7 +290,8 @@ TRAINER_FIELDS = SFT_FIELDS & {f.name for f in dataclasses.fields(TrainerConfig)
 
 @dataclass
 class LoggerConfig:
-    """The logger group (app.loggers). The W&B keys matter only for kind=wandb."""
+    """The logger group (app.loggers). The W&B keys matter only for kind=wandb, the MLflow keys for kind=mlflow;
+    ``group`` for both."""
 
     kind: LoggerKind = LoggerKind.none
     # null (project, entity, mode, tags): W&B's environment wins, then fusetune's default (app.loggers)
@@ -299,6 +301,9 @@ class LoggerConfig:
     mode: WandbMode | None = None
     group: str | None = None  # null: the sweep folder's name in a multirun, no group in a single run
     tags: list[str] | None = None  # null: WANDB_TAGS (comma-separated), else none
+    # MLflow's store; null: MLFLOW_TRACKING_URI, else outputs/mlflow/mlflow.db (sqlite) in the working folder
+    tracking_uri: str | None = None
+    experiment: str | None = None  # null: MLFLOW_EXPERIMENT_NAME, else "fusetune"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from ..compat.trl import trained_tokens
 from ..data import build_splits
 from ..data.rules import eval_requested
 from ..errors import FusetuneError, Interrupted
-from ..evaluate import exact_match
+from ..evaluate import GenerationEval, score_generations
 from ..fast_model import FastModel, enable_fusetune_checkpointing
 from ..faults import SignalStop, StopOnSignal
 from ..loading import TOKENIZER_FILES, count_parameters, load_tokenizer, pick_dtype, resolve
@@ -177,6 +177,8 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     args = sft_config(cfg, out, dtype, report_to, backend, distributed.trainer_options(cfg.distributed.value, model))
     resume_step = step_of(checkpoint) if checkpoint else None
     recorder = record.MetricsRecorder(out / "metrics.jsonl", resume_step, write=distributed.is_rank_zero())
+    # generation on rank 0 alone: a DDP model is whole on every rank (FSDP would need every rank: none there)
+    generating = distributed.is_rank_zero() and cfg.distributed.value != "fsdp"
     stop.enter("data preparation")  # the trainer tokenizes the splits
     trainer = FastSFTTrainer(
         model=model,
@@ -188,6 +190,9 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         callbacks=[recorder, stop],
         dataset_cache=splits.cache,
     )
+    # the held-out prompts scored each time the trainer evaluates during training (eval_steps)
+    generation_eval = GenerationEval(trainer, tokenizer, splits.generation if generating else [])
+    trainer.add_callback(generation_eval)
     start_logger(cfg, out, resuming=checkpoint is not None)  # the config, the data and the model have loaded
     for callback in logger_callbacks():
         trainer.add_callback(callback)
@@ -218,13 +223,15 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     evals = {}
     if trainer.eval_dataset is not None:
         evals.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")})
-    # generation on rank 0 alone: a DDP model is whole on every rank (FSDP would need every rank: none there)
     stop.enter("generation")
-    generation = splits.generation if trainer.is_world_process_zero() and cfg.distributed.value != "fsdp" else []
-    accuracy, samples = exact_match(trainer.model, tokenizer, generation)
-    if accuracy is not None:
-        evals["exact_match"] = accuracy
-        evals["exact_match_n"] = len(splits.generation)
+    generation = splits.generation if generating else []
+    # the callback scored these weights already where the last step was an eval step: not twice
+    scores = generation_eval.scores_at(result.global_step) or score_generations(trainer.model, tokenizer, generation)
+    samples = []
+    if scores is not None:
+        evals.update(scores.metrics())
+        evals["exact_match_n"] = scores.count
+        samples = scores.samples
 
     metrics = result.metrics
     skipped = recorder.skipped_before + trainer.nonfinite_guard.skipped

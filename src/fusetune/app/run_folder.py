@@ -43,7 +43,7 @@ CHECKPOINTS = "checkpoint-N"  # in a manifest: every checkpoint-<step> folder (a
 _CHECKPOINT = re.compile(r"^checkpoint-\d+(\.\w+)?$")
 ALWAYS_WRITTEN = (STATUS, "summary.json", "metrics.jsonl", CHECKPOINTS)
 # names that look like a run's record, in a folder with no manifest
-RECORD_LIKE = (*ALWAYS_WRITTEN, "model", "adapter", "merged", "tensorboard", "wandb")
+RECORD_LIKE = (*ALWAYS_WRITTEN, "model", "adapter", "merged", "tensorboard", "wandb", "mlflow")
 OWN = (run_lock.LOCK, MANIFEST)  # the claim's own files: never another run's record, never deleted
 MODEL_CARD = "README.md"  # TRL writes one into the run folder with each checkpoint
 
@@ -114,7 +114,7 @@ def writes_of(cfg, hydra_names) -> list[str]:
     if cfg.export.gguf is not None:
         names.append("gguf")
     kind = getattr(cfg.logger.kind, "value", cfg.logger.kind)
-    if kind in ("tensorboard", "wandb"):
+    if kind in ("tensorboard", "wandb", "mlflow"):  # mlflow: run.json, where the run went (the store is elsewhere)
         names.append(kind)
     return names
 
