@@ -310,15 +310,15 @@ def preference_loss(
         metrics["nll_loss"] = chosen_nll.detach()
 
     chosen_rewards, rejected_rewards = beta * chosen_scores.detach(), beta * rejected_scores.detach()
-    metrics["rewards/chosen"] = chosen_rewards.mean()
-    metrics["rewards/rejected"] = rejected_rewards.mean()
-    if loss_type == "kto":
-        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    else:
+    if loss_type != "kto":
         metrics["rewards/margins"] = (chosen_rewards - rejected_rewards).mean()
         metrics["rewards/accuracies"] = (chosen_rewards > rejected_rewards).float().mean()
-    metrics["logps/chosen"] = chosen.detach().mean()
-    metrics["logps/rejected"] = rejected.detach().mean()
+    for side, rewards, logps in (("chosen", chosen_rewards, chosen), ("rejected", rejected_rewards, rejected)):
+        if rewards.numel():  # kto's batch may lack a side: no metric rather than the NaN mean of nothing
+            metrics[f"rewards/{side}"] = rewards.mean()
+            metrics[f"logps/{side}"] = logps.detach().mean()
+    if loss_type == "kto" and chosen.numel() and rejected.numel():
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return loss, metrics
 
 

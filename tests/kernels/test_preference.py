@@ -168,6 +168,43 @@ def test_zero_label_sequence():
             fused_linear_preference_loss_reference(hidden, weight, labels, loss_type=loss_type)
 
 
+def test_layout_chosen_then_rejected():
+    """The first half of the rows is chosen, the second rejected (num_chosen moves the split for kto), each with
+    its own token counts: the fused loss is preference_loss over the halves of sequence_logps."""
+    needs_triton_backend()
+    hidden, weight, labels = make_batch(6, 9, 16, 200, torch.float32)
+    ref = torch.randn(6, device=DEVICE) - 20
+    logps, counts = sequence_logps_reference(hidden.double(), weight.double(), labels)
+    loss, metrics = fused_linear_preference_loss(
+        hidden, weight, labels, ref_chosen_logps=ref[:3], ref_rejected_logps=ref[3:], loss_type="ipo"
+    )
+    expected, expected_metrics = preference_loss(
+        logps[:3], logps[3:], ref[:3], ref[3:], "ipo", chosen_counts=counts[:3], rejected_counts=counts[3:]
+    )
+    swapped, _ = preference_loss(
+        logps[3:], logps[:3], ref[3:], ref[:3], "ipo", chosen_counts=counts[3:], rejected_counts=counts[:3]
+    )
+    assert_close(loss, expected, torch.float32, "loss")
+    assert_close(metrics["logps/chosen"], expected_metrics["logps/chosen"], torch.float32, "logps/chosen")
+    assert (expected - swapped).abs() > 1e-3
+    kl = {"policy_kl_logps": ref - 1, "ref_kl_logps": ref - 2}
+    loss, metrics = fused_linear_preference_loss(
+        hidden,
+        weight,
+        labels,
+        ref_chosen_logps=ref[:4],
+        ref_rejected_logps=ref[4:],
+        loss_type="kto",
+        num_chosen=4,
+        **kl,
+    )
+    expected, _ = preference_loss(logps[:4], logps[4:], ref[:4], ref[4:], "kto", **kl)
+    assert_close(loss, expected, torch.float32, "kto loss")
+    _, metrics = preference_loss(logps[:0], logps, ref[:0], ref, "kto", **kl)  # no desirable row in this batch
+    assert "rewards/chosen" not in metrics and "rewards/margins" not in metrics
+    assert all(torch.isfinite(value) for value in metrics.values())
+
+
 def test_reference_logps_match_cross_entropy():
     # log_softmax + gather per sequence = minus the summed per-token cross-entropy of the FLCE reference.
     hidden, weight, labels = make_batch(3, 10, 16, 120, torch.float64)
