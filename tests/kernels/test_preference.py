@@ -200,6 +200,15 @@ def test_layout_chosen_then_rejected():
     )
     expected, _ = preference_loss(logps[:4], logps[4:], ref[:4], ref[4:], "kto", **kl)
     assert_close(loss, expected, torch.float32, "kto loss")
+    # The reference from hidden states: its own head, no head adapter, no gradient.
+    ref_hidden, ref_weight = hidden + 0.2 * torch.randn_like(hidden), weight + 0.1 * torch.randn_like(weight)
+    lora = {"lora_in": torch.randn(6, 9, 2, device=DEVICE), "lora_b": 0.3 * torch.randn(200, 2, device=DEVICE)}
+    loss, _ = fused_linear_preference_loss(hidden, weight, labels, ref_hidden=ref_hidden, ref_weight=ref_weight, **lora)
+    ref_logps, _ = sequence_logps_reference(ref_hidden, ref_weight, labels)
+    expected, _ = fused_linear_preference_loss(
+        hidden, weight, labels, ref_chosen_logps=ref_logps[:3], ref_rejected_logps=ref_logps[3:], **lora
+    )
+    assert_close(loss, expected, torch.float32, "loss with ref_hidden")
     _, metrics = preference_loss(logps[:0], logps, ref[:0], ref, "kto", **kl)  # no desirable row in this batch
     assert "rewards/chosen" not in metrics and "rewards/margins" not in metrics
     assert all(torch.isfinite(value) for value in metrics.values())
