@@ -24,7 +24,9 @@ CPOTrainer for SimPO, ORPOTrainer, KTOTrainer):
 
 each averaged over the batch. nll (ORPO always, any loss with ``nll_weight``, TRL's cpo_alpha) is the
 token-mean cross-entropy over the chosen rows' label tokens. TRL's ORPOTrainer counts the prompt tokens
-in that NLL too; pass ``chosen_nll`` to use another one. A sequence with no label token has logp 0 and
+in that NLL too: give ``nll_labels`` (the chosen rows' labels with the prompt kept) to
+fused_linear_preference_loss, which then runs one pass over the union of the two label sets, or ``chosen_nll``
+to preference_loss. A sequence with no label token has logp 0 and
 count 0; ipo clamps its count to 1 as TRL does, and simpo and orpo, which average, refuse it
 (ValueError) instead of dividing 0 by 0.
 
@@ -45,15 +47,17 @@ frozen lm_head; a trained one, e.g. in modules_to_save, keeps its original for `
 reference gets no head adapter (``lora_in``/``lora_b`` apply to the policy only). Gradients reach the
 policy only: hidden, weight (if it requires grad), bias, lora_in, lora_b.
 
-Memory, N tokens of which n are label tokens, H hidden, V vocab, e bytes per element (2 in bf16): beyond what
-fused_linear_cross_entropy holds during the call (its chunk buffer, see there), the graph saves for backward
+Memory, N tokens of which n are label tokens (of ``labels``, or with ``nll_labels`` of the union), H hidden,
+V vocab, e bytes per element (2 in bf16): beyond what fused_linear_cross_entropy holds during the call (its
+chunk buffer, see there), the graph saves for backward
     frozen head (LoRA):  dhidden of the label tokens, made in forward: n*H*e, and their int64 index: n*8
     trained head:        the gathered hidden of the label tokens n*H*e (none if every token is a label
                          token), their labels and index n*16 and logsumexp n*4; backward recomputes the logits
 i.e. H*e + 8 (frozen) or H*e + 20 bytes per label token (8 KiB for H = 4096 in bf16), plus for a packed batch
-12 bytes per token (the segment sum's int64 index and fp32 values), against V*4 bytes per token for the fp32
-log_softmax that the materialised reference saves (513 KB for V = 128256). The reference pass (``ref_hidden``)
-runs without grad and saves nothing. Per-sequence values are [S] floats.
+12 bytes per token (the segment sum's int64 index and fp32 values) and with ``nll_labels`` 2 (two bool masks),
+against V*4 bytes per token for the fp32 log_softmax that the materialised reference saves (513 KB for
+V = 128256). The reference pass (``ref_hidden``) runs without grad and saves nothing. Per-sequence values are
+[S] floats.
 """
 
 import torch
@@ -107,6 +111,39 @@ def _per_sequence(per_token, labels, seq_ids, n_seq, ignore_index):
     return sums, counts
 
 
+def _token_logps(hidden, weight, labels, bias, ignore_index, softcap, logit_scale, chunk_size, lora_in, lora_b):
+    """Log-probs of the label tokens (fp32, 0 where ignored) by fused_linear_cross_entropy's chunks."""
+    per_token_loss = fused_linear_cross_entropy(
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index,
+        "none",
+        softcap=softcap,
+        logit_scale=logit_scale,
+        chunk_size=chunk_size,
+        lora_in=lora_in,
+        lora_b=lora_b,
+    )
+    return -per_token_loss
+
+
+def _token_logps_reference(
+    hidden, weight, labels, bias, ignore_index, softcap, logit_scale, chunk_size, lora_in, lora_b
+):
+    """The same from materialised logits: the matmul in the input dtype, then fp32 (float64 stays float64)."""
+    logits = F.linear(hidden, weight, bias)
+    if lora_b is not None:
+        logits = logits + lora_in @ lora_b.t()
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    kept = labels != ignore_index
+    token_logps = z.log_softmax(-1).gather(-1, torch.where(kept, labels, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(kept, token_logps, torch.zeros_like(token_logps))
+
+
 def sequence_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -128,21 +165,10 @@ def sequence_logps(
     fused_linear_cross_entropy differentiates (hidden, weight, bias, lora_in, lora_b), without [N, V] logits.
     """
     n_seq, seq_ids = _sequence_ids(hidden, labels, cu_seqlens)
-    per_token = fused_linear_cross_entropy(
-        hidden,
-        weight,
-        labels,
-        bias,
-        ignore_index,
-        "none",
-        softcap=softcap,
-        logit_scale=logit_scale,
-        chunk_size=chunk_size,
-        lora_in=lora_in,
-        lora_b=lora_b,
+    token_logps = _token_logps(
+        hidden, weight, labels, bias, ignore_index, softcap, logit_scale, chunk_size, lora_in, lora_b
     )
-    sums, counts = _per_sequence(per_token, labels, seq_ids, n_seq, ignore_index)
-    return -sums, counts
+    return _per_sequence(token_logps, labels, seq_ids, n_seq, ignore_index)
 
 
 def sequence_logps_reference(
@@ -159,18 +185,12 @@ def sequence_logps_reference(
     lora_in: torch.Tensor | None = None,
     lora_b: torch.Tensor | None = None,
 ):
-    """Materialises the logits (the matmul in the input dtype, then fp32, or float64 for float64 inputs),
-    log_softmax, gathers the labels' log-probs and sums them per sequence. ``chunk_size`` is ignored."""
+    """``sequence_logps`` from materialised fp32 logits: log_softmax, gather, sum per sequence.
+    ``chunk_size`` is ignored."""
     n_seq, seq_ids = _sequence_ids(hidden, labels, cu_seqlens)
-    logits = F.linear(hidden, weight, bias)
-    if lora_b is not None:
-        logits = logits + lora_in @ lora_b.t()
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    kept = labels != ignore_index
-    token_logps = z.log_softmax(-1).gather(-1, torch.where(kept, labels, 0).unsqueeze(-1)).squeeze(-1)
-    token_logps = torch.where(kept, token_logps, torch.zeros_like(token_logps))
+    token_logps = _token_logps_reference(
+        hidden, weight, labels, bias, ignore_index, softcap, logit_scale, chunk_size, lora_in, lora_b
+    )
     return _per_sequence(token_logps, labels, seq_ids, n_seq, ignore_index)
 
 
@@ -325,19 +345,40 @@ def preference_loss(
 # ---------------------------------------------------------------------------- from hidden states
 
 
-def _split(values, num_chosen):
-    n_seq = values.shape[0]
+def _chosen_count(n_seq, num_chosen):
     if num_chosen is None:
         if n_seq % 2:
             raise ValueError(f"chosen then rejected rows: need an even number of sequences, got {n_seq}")
-        num_chosen = n_seq // 2
+        return n_seq // 2
     if not 0 <= num_chosen <= n_seq:
         raise ValueError(f"num_chosen must be in [0, {n_seq}], got {num_chosen}")
-    return values[:num_chosen], values[num_chosen:]
+    return num_chosen
+
+
+def _nll_term(token_fn, hidden, weight, labels, nll_labels, seq_ids, n_chosen, head):
+    """One pass for the log-probs (``labels``) and the chosen rows' NLL (``nll_labels``, e.g. prompt and
+    completion for TRL's ORPO): the union of the two label sets, then a mask for each. Returns
+    (token log-probs on ``labels``' tokens, chosen NLL)."""
+    ignore_index = head["ignore_index"]
+    if nll_labels.shape != labels.shape:
+        raise ValueError(f"nll_labels must have the labels' shape {tuple(labels.shape)}, got {tuple(nll_labels.shape)}")
+    if seq_ids is None:
+        rows = torch.arange(labels.shape[0], device=labels.device)
+        chosen_tokens = (rows < n_chosen)[:, None].expand(labels.shape)
+    else:
+        chosen_tokens = (seq_ids < n_chosen).reshape(labels.shape)
+    kept, nll_kept = labels != ignore_index, chosen_tokens & (nll_labels != ignore_index)
+    if bool((kept & nll_kept & (labels != nll_labels)).any()):  # one host sync
+        raise ValueError("nll_labels and labels name different tokens at the same position")
+    union = torch.where(kept, labels, torch.where(nll_kept, nll_labels, ignore_index))
+    token_logps = token_fn(hidden, weight, union, **head)
+    zero = torch.zeros_like(token_logps)
+    chosen_nll = -torch.where(nll_kept, token_logps, zero).sum() / nll_kept.sum().clamp(min=1)
+    return torch.where(kept, token_logps, zero), chosen_nll
 
 
 def _preference_from_hidden(
-    logps_fn,
+    token_fn,
     hidden,
     weight,
     labels,
@@ -349,11 +390,15 @@ def _preference_from_hidden(
     ref_rejected_logps,
     ref_hidden,
     ref_weight,
+    nll_labels,
     head_options,
     lora_in,
     lora_b,
     loss_options,
 ):
+    ignore_index = head_options["ignore_index"]
+    n_seq, seq_ids = _sequence_ids(hidden, labels, cu_seqlens)
+    n_chosen = _chosen_count(n_seq, num_chosen)
     if ref_hidden is not None:
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             raise ValueError("give the reference as ref_hidden or as ref_*_logps, not both")
@@ -361,22 +406,28 @@ def _preference_from_hidden(
             raise ValueError(
                 f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, got {tuple(ref_hidden.shape)}"
             )
-        head = weight if ref_weight is None else ref_weight
-        with torch.no_grad():
-            ref_logps, _ = logps_fn(ref_hidden, head, labels, bias, cu_seqlens=cu_seqlens, **head_options)
-        ref_chosen_logps, ref_rejected_logps = _split(ref_logps, num_chosen)
-    logps, counts = logps_fn(
-        hidden, weight, labels, bias, cu_seqlens=cu_seqlens, lora_in=lora_in, lora_b=lora_b, **head_options
-    )
-    chosen, rejected = _split(logps, num_chosen)
-    chosen_counts, rejected_counts = _split(counts, num_chosen)
+        ref_head = weight if ref_weight is None else ref_weight
+        with torch.no_grad():  # the reference: no head adapter, no gradient
+            ref_tokens = token_fn(ref_hidden, ref_head, labels, bias, lora_in=None, lora_b=None, **head_options)
+            ref_logps, _ = _per_sequence(ref_tokens, labels, seq_ids, n_seq, ignore_index)
+        ref_chosen_logps, ref_rejected_logps = ref_logps[:n_chosen], ref_logps[n_chosen:]
+    head = {"bias": bias, "lora_in": lora_in, "lora_b": lora_b, **head_options}
+    if nll_labels is None:
+        token_logps = token_fn(hidden, weight, labels, **head)
+    else:
+        if "chosen_nll" in loss_options:
+            raise ValueError("give the chosen NLL as nll_labels or as chosen_nll, not both")
+        token_logps, loss_options["chosen_nll"] = _nll_term(
+            token_fn, hidden, weight, labels, nll_labels, seq_ids, n_chosen, head
+        )
+    logps, counts = _per_sequence(token_logps, labels, seq_ids, n_seq, ignore_index)
     return preference_loss(
-        chosen,
-        rejected,
+        logps[:n_chosen],
+        logps[n_chosen:],
         ref_chosen_logps,
         ref_rejected_logps,
-        chosen_counts=chosen_counts,
-        rejected_counts=rejected_counts,
+        chosen_counts=counts[:n_chosen],
+        rejected_counts=counts[n_chosen:],
         **loss_options,
     )
 
@@ -393,6 +444,7 @@ def fused_linear_preference_loss(
     ref_rejected_logps: torch.Tensor | None = None,
     ref_hidden: torch.Tensor | None = None,
     ref_weight: torch.Tensor | None = None,
+    nll_labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     softcap: float | None = None,
     logit_scale: float = 1.0,
@@ -406,10 +458,11 @@ def fused_linear_preference_loss(
     ``preference_loss(**loss_options)`` (loss_type, beta, label_smoothing, simpo_gamma, nll_weight, chosen_nll,
     kto's KL log-probs and weights). The reference: ``ref_*_logps`` precomputed, or ``ref_hidden`` (the same batch
     through the backbone with adapters disabled, no grad) with head ``ref_weight`` (default ``weight``).
-    Returns (loss, metrics) as ``preference_loss``.
+    ``nll_labels``: labels of the NLL term where they differ from ``labels`` (TRL's ORPO: prompt and completion),
+    read on the chosen rows only. Returns (loss, metrics) as ``preference_loss``.
     """
     return _preference_from_hidden(
-        sequence_logps,
+        _token_logps,
         hidden,
         weight,
         labels,
@@ -420,6 +473,7 @@ def fused_linear_preference_loss(
         ref_rejected_logps=ref_rejected_logps,
         ref_hidden=ref_hidden,
         ref_weight=ref_weight,
+        nll_labels=nll_labels,
         head_options={
             "ignore_index": ignore_index,
             "softcap": softcap,
@@ -444,6 +498,7 @@ def fused_linear_preference_loss_reference(
     ref_rejected_logps: torch.Tensor | None = None,
     ref_hidden: torch.Tensor | None = None,
     ref_weight: torch.Tensor | None = None,
+    nll_labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     softcap: float | None = None,
     logit_scale: float = 1.0,
@@ -454,7 +509,7 @@ def fused_linear_preference_loss_reference(
 ):
     """``fused_linear_preference_loss`` on ``sequence_logps_reference``: the [N, V] logits materialised in fp32."""
     return _preference_from_hidden(
-        sequence_logps_reference,
+        _token_logps_reference,
         hidden,
         weight,
         labels,
@@ -465,6 +520,7 @@ def fused_linear_preference_loss_reference(
         ref_rejected_logps=ref_rejected_logps,
         ref_hidden=ref_hidden,
         ref_weight=ref_weight,
+        nll_labels=nll_labels,
         head_options={
             "ignore_index": ignore_index,
             "softcap": softcap,

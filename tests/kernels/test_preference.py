@@ -214,6 +214,43 @@ def test_layout_chosen_then_rejected():
     assert all(torch.isfinite(value) for value in metrics.values())
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_orpo_nll_over_prompt_and_completion(packed, small_blocks):
+    """nll_labels (TRL's ORPO: the NLL over the chosen rows' prompt and completion) in the same pass: the NLL is
+    fused_linear_cross_entropy's mean over the chosen rows' nll_labels, the odds use labels only, the
+    rejected rows' nll_labels are not read; gradients match the reference."""
+    needs_triton_backend()
+    hidden, weight, labels = make_batch(4, 11, 24, 400, torch.float32)
+    prompt = (labels == IGNORE) & (torch.rand(labels.shape, device=DEVICE) < 0.7)
+    nll_labels = torch.where(prompt, torch.randint(0, 400, labels.shape, device=DEVICE), labels)
+    layout = {}
+    if packed:
+        hidden, labels, nll_labels = hidden.flatten(0, 1), labels.flatten(), nll_labels.flatten()
+        layout = {"cu_seqlens": torch.arange(0, 45, 11, device=DEVICE)}
+    results = []
+    for fn, cast in (
+        (fused_linear_preference_loss, torch.clone),
+        (fused_linear_preference_loss_reference, torch.Tensor.double),
+    ):
+        h, w = cast(hidden).requires_grad_(), cast(weight).requires_grad_()
+        loss, metrics = fn(h, w, labels, nll_labels=nll_labels, loss_type="orpo", beta=0.2, chunk_size=8, **layout)
+        loss.backward()
+        results.append((loss, metrics["nll_loss"], h.grad, w.grad))
+    for name, fast, slow in zip(["loss", "nll_loss", "dhidden", "dweight"], *results, strict=True):
+        assert_close(fast, slow, torch.float32, name)
+    h64 = hidden.double().reshape(4, 11, -1)
+    chosen_nll = fused_linear_cross_entropy_reference(h64[:2], weight.double(), nll_labels.reshape(4, 11)[:2])
+    logps, counts = sequence_logps_reference(h64, weight.double(), labels.reshape(4, 11))
+    expected, _ = preference_loss(
+        logps[:2], logps[2:], loss_type="orpo", beta=0.2, chosen_counts=counts[:2], rejected_counts=counts[2:],
+        chosen_nll=chosen_nll,
+    )  # fmt: skip
+    assert_close(results[0][0], expected, torch.float32, "loss against TRL's definition")
+    assert_close(results[0][1], chosen_nll, torch.float32, "nll against TRL's definition")
+    with pytest.raises(ValueError, match="different tokens"):
+        fused_linear_preference_loss(hidden, weight, labels, nll_labels=labels.roll(1), loss_type="orpo", **layout)
+
+
 def test_reference_logps_match_cross_entropy():
     # log_softmax + gather per sequence = minus the summed per-token cross-entropy of the FLCE reference.
     hidden, weight, labels = make_batch(3, 10, 16, 120, torch.float64)
