@@ -26,9 +26,8 @@ each averaged over the batch. nll (ORPO always, any loss with ``nll_weight``, TR
 token-mean cross-entropy over the chosen rows' label tokens. TRL's ORPOTrainer counts the prompt tokens
 in that NLL too: give ``nll_labels`` (the chosen rows' labels with the prompt kept) to
 fused_linear_preference_loss, which then runs one pass over the union of the two label sets, or ``chosen_nll``
-to preference_loss. A sequence with no label token has logp 0 and
-count 0; ipo clamps its count to 1 as TRL does, and simpo and orpo, which average, refuse it
-(ValueError) instead of dividing 0 by 0.
+to preference_loss. A sequence with no label token has logp 0 and count 0; ipo clamps its count to 1 as TRL
+does, and simpo and orpo, which average, refuse it (ValueError) instead of dividing 0 by 0.
 
 Batch layout: chosen sequences first, then rejected (TRL concatenates the two halves the same way);
 ``num_chosen`` moves the split, for KTO's unpaired desirable/undesirable rows. Labels are already shifted,
