@@ -56,8 +56,10 @@ tokenizer = get_chat_template(tokenizer, chat_template="llama-3.1")
 # 2. ShareGPT conversations, standardized to role/content, rendered by the template.
 train_rows, eval_rows = synthetic_splits(num_train=args.steps * 16, num_eval=4, seed=SEED)
 sharegpt = Dataset.from_list(
-    [{"conversations": [{"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": r["completion"]}]}
-     for r in train_rows]  # fmt: skip
+    [
+        {"conversations": [{"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": r["completion"]}]}
+        for r in train_rows
+    ]  # fmt: skip
 )
 dataset = standardize_sharegpt(sharegpt)
 dataset = dataset.map(
@@ -104,7 +106,9 @@ prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, ret
 prompt = prompt.to(model.device)
 greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 print("streamed answer: ", end="")
-streamed = model.generate(**prompt, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), **greedy)
+streamed = model.generate(
+    **prompt, streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True), **greedy
+)
 plain = model.generate(**prompt, **greedy)
 assert torch.equal(streamed, plain), (streamed, plain)
 
@@ -123,6 +127,9 @@ mask = batch["attention_mask"].bool()
 relative = ((reloaded - trained)[mask].norm() / trained[mask].norm()).item()
 print(f"merged model reloaded by transformers: relative logit difference {relative:.2e}")
 assert relative < 3e-2, relative
+again = merged.generate(**prompt, **greedy)[0, prompt["input_ids"].shape[1] :]
+print("the reloaded model answers:", repr(tokenizer.decode(again, skip_special_tokens=True)))
+assert len(again) > 0
 
 import gguf  # noqa: E402  (only this step needs it)
 
