@@ -16,9 +16,18 @@ hub_offline()  # decided once, before anything asks the hub (bitsandbytes fetche
 
 from .compat.trl import point_trl_at  # noqa: E402
 from .fast_model import FastModel  # noqa: E402
+from .preference_trainer import FastDPOConfig, FastDPOTrainer  # noqa: E402
 from .trainer import FastSFTConfig, FastSFTTrainer  # noqa: E402
 
 FastLanguageModel = FastModel  # Unsloth's name; fusetune.compat.unsloth has the others
 point_trl_at(FastSFTTrainer, FastSFTConfig)
 
-__all__ = ["FastLanguageModel", "FastModel", "FastSFTConfig", "FastSFTTrainer", "__version__"]
+__all__ = [
+    "FastDPOConfig",
+    "FastDPOTrainer",
+    "FastLanguageModel",
+    "FastModel",
+    "FastSFTConfig",
+    "FastSFTTrainer",
+    "__version__",
+]

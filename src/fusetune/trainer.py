@@ -67,6 +67,17 @@ def hardware_precision() -> tuple[bool, bool]:
     return dtype == torch.bfloat16, dtype == torch.float16
 
 
+def settle_precision(args) -> None:
+    """bf16/fp16 from the hardware where neither is set; a half precision asked for without CUDA becomes fp32
+    on the CPU, with one warning. Called before TRL's __post_init__ (which would turn bf16=None into True)."""
+    half = [name for name in ("bf16", "fp16") if getattr(args, name)]
+    if half and not torch.cuda.is_available():
+        warnings.warn(f"{half[0]}=True, but there is no CUDA GPU: training in fp32 on the CPU", stacklevel=5)
+        args.bf16, args.fp16 = False, False
+    if args.bf16 is None and not args.fp16:
+        args.bf16, args.fp16 = (False, False) if args.use_cpu else hardware_precision()
+
+
 @accepts_older_names
 @dataclass
 class FastSFTConfig(SFTConfig):
@@ -127,12 +138,7 @@ class FastSFTConfig(SFTConfig):
 
     def __post_init__(self):
         limits.refuse(self, limits.TRAINER)  # one line, not a ZeroDivisionError mid-run
-        half = [name for name in ("bf16", "fp16") if getattr(self, name)]
-        if half and not torch.cuda.is_available():
-            warnings.warn(f"{half[0]}=True, but there is no CUDA GPU: training in fp32 on the CPU", stacklevel=4)
-            self.bf16, self.fp16 = False, False
-        if self.bf16 is None and not self.fp16:
-            self.bf16, self.fp16 = (False, False) if self.use_cpu else hardware_precision()
+        settle_precision(self)
         on_gpu = torch.cuda.is_available() and not self.use_cpu
         if self.accelerator_config is None and self.dataloader_pin_memory and on_gpu:
             # a blocking copy waits for the GPU to finish the previous step; this one does not
