@@ -15,6 +15,7 @@ from fusetune import FastDPOConfig, FastDPOTrainer
 from fusetune.data.synthetic import LETTERS, synthetic_splits
 from fusetune.errors import FusetuneError
 from fusetune.loading import resolve
+from fusetune.modules import base_model
 from fusetune.patching import apply_kernels, remove_kernels
 from fusetune_kernels.preference import fused_linear_preference_loss, fused_linear_preference_loss_reference
 
@@ -82,50 +83,61 @@ def first_step(trainer):
     return loss.detach(), grads, metrics
 
 
-@pytest.mark.parametrize("kernels", ["reference", "triton"])
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
-def test_loss_and_gradients_equal_trls(tmp_path, kernels, loss_type):
-    if kernels == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("no CUDA and TRITON_INTERPRET is not 1: Triton kernels cannot run")
+def trainer_pair(tmp_path, kernels, setup, **options):
+    """TRL's own DPOTrainer and a FastDPOTrainer on the same model, data and seed. setup: "lora" (the reference is
+    the base model, adapters disabled), "checkpointing" (that, with gradient checkpointing), "precomputed" (that,
+    with the reference log-probs precomputed once) or "ref_model" (full fine-tuning against a second model)."""
     data = preference_pairs(8, seed=3)
-    options = dict(loss_type=loss_type, beta=0.5)
-    theirs = DPOTrainer(
-        tiny_model(),
-        args=dpo_args(DPOConfig, tmp_path, **options),
-        train_dataset=data,
-        processing_class=_tokenizer(),
-        peft_config=lora(),
-    )
-    assert theirs.ref_model is None  # the reference is the base model, adapters disabled
-    want_loss, want_grads, want_metrics = first_step(theirs)
+    options = {"beta": 0.5, "gradient_checkpointing": setup == "checkpointing", **options}
+    options["precompute_ref_log_probs"] = setup == "precomputed"
 
+    def build(trainer_cls, config_cls, model, **extra):
+        ref = {"ref_model": tiny_model(seed=1)} if setup == "ref_model" else {"peft_config": lora()}
+        args = dpo_args(config_cls, tmp_path, **options, **extra)
+        return trainer_cls(model, args=args, train_dataset=data, processing_class=_tokenizer(), **ref)
+
+    theirs = build(DPOTrainer, DPOConfig, tiny_model())
     model = tiny_model()
     if kernels == "triton":  # the preference kernel on Triton; the layers' kernels (tested elsewhere) stay off,
         # as the interpreter would take half a minute over them
         apply_kernels(model, "triton", rms_norm=False, add_norm=False, rope=False, glu=False, lora=False)
-    ours = FastDPOTrainer(
-        model,
-        args=dpo_args(FastDPOConfig, tmp_path, kernels=kernels, fused_loss=True, **options),
-        train_dataset=data,
-        processing_class=_tokenizer(),
-        peft_config=lora(),
-    )
-    assert ours.fused_preference and ours.ref_model is None
-    assert ours.model.get_base_model().fusetune_kernels == kernels
+    ours = build(FastDPOTrainer, FastDPOConfig, model, kernels=kernels, fused_loss=True)
+    assert ours.fused_preference and (ours.ref_model is None) == (setup != "ref_model")
+    assert base_model(ours.model).fusetune_kernels == kernels
     assert ours._preference_op() is (
         fused_linear_preference_loss if kernels == "triton" else fused_linear_preference_loss_reference
     )
-    loss, grads, metrics = first_step(ours)
+    return theirs, ours
 
+
+def assert_same_step(theirs, ours):
+    want_loss, want_grads, want_metrics = first_step(theirs)
+    loss, grads, metrics = first_step(ours)
     assert abs(want_metrics["rewards/margins"]) > 1e-3  # the policy is not its reference: a real test
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == want_grads.keys() and len(grads) == 16  # A and B of q and v, 4 layers
+    assert grads.keys() == want_grads.keys()
     for name, grad in grads.items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
         assert metrics[key] == pytest.approx(want_metrics[key], rel=1e-5, abs=1e-6), key
     assert metrics["num_tokens"] == want_metrics["num_tokens"]
+    return grads
+
+
+@pytest.mark.parametrize("kernels", ["reference", "triton"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge", "robust"])
+def test_loss_and_gradients_equal_trls(tmp_path, kernels, loss_type):
+    if kernels == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1: Triton kernels cannot run")
+    smoothing = {"label_smoothing": 0.2} if loss_type == "robust" else {}
+    grads = assert_same_step(*trainer_pair(tmp_path, kernels, "lora", loss_type=loss_type, **smoothing))
+    assert len(grads) == 16  # LoRA A and B of q and v in 4 layers
+
+
+@pytest.mark.parametrize("setup", ["checkpointing", "precomputed", "ref_model"])
+def test_the_reference_equals_trls_however_it_is_given(tmp_path, setup):
+    assert_same_step(*trainer_pair(tmp_path, "reference", setup, loss_type="sigmoid"))
 
 
 def test_a_short_run_learns_the_preference(tmp_path):
