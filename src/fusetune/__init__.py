@@ -1,7 +1,9 @@
 """fusetune: fast, correct supervised fine-tuning on TRL.
 
 Import it first: ``import fusetune`` makes ``trl.SFTTrainer`` and ``trl.SFTConfig`` fusetune's
-FastSFTTrainer and FastSFTConfig, so plain TRL code gets the kernels and defaults too.
+FastSFTTrainer and FastSFTConfig, so plain TRL code gets the kernels and defaults too. FastDPOTrainer and
+FastDPOConfig (TRL's DPO classes with the kernels and the fused preference loss) are imported by name:
+``trl.DPOTrainer`` stays TRL's, whose fuller per-token metrics (entropy, logits/*) plain TRL code may read.
 """
 
 __version__ = "0.1.0"

@@ -100,7 +100,7 @@ def fused_preference_blocker(trainer) -> str | None:
         return "use_weighting is on"
     if trainer.aux_loss_enabled:
         return "the router's load-balancing loss is on"
-    if trainer._is_vision_dataset:
+    if getattr(trainer, "_is_vision_dataset", False):
         return "a vision dataset"
     if is_peft_model(model) and model.active_peft_config.is_prompt_learning:
         return "prompt-learning PEFT (virtual tokens)"
@@ -157,10 +157,12 @@ class FastDPOTrainer(DPOTrainer):
             }
         else:
             reference = self._reference_hidden(model_inputs)
+        hidden, weight, bias = self._in_head_dtype(hidden, head.weight, head.bias)
         loss, metrics = self._preference_op()(
-            *self._in_head_dtype(hidden, head.weight),
-            labels.to(head.weight.device),
-            head.bias,
+            hidden,
+            weight,
+            labels.to(weight.device),
+            bias,
             loss_type=self.loss_types[0],
             beta=self.beta,
             label_smoothing=self.label_smoothing,
@@ -177,11 +179,11 @@ class FastDPOTrainer(DPOTrainer):
         return fused_linear_preference_loss if backend == "triton" else fused_linear_preference_loss_reference
 
     @staticmethod
-    def _in_head_dtype(hidden, weight):
-        """As the fused loss head does: the half precision of the two (an fp32 master head, or fp32 hidden states
-        under autocast, meet the other's half precision)."""
+    def _in_head_dtype(hidden, weight, bias=None):
+        """(hidden, weight, bias) as the fused loss head casts them: to the half precision of the two (an fp32
+        master head, or fp32 hidden states under autocast, meet the other's half precision)."""
         dtype = hidden.dtype if hidden.dtype != torch.float32 else weight.dtype
-        return hidden.to(weight.device, dtype), weight.to(dtype)
+        return hidden.to(weight.device, dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
     def _reference_hidden(self, model_inputs: dict) -> dict:
         """The reference's final hidden states of the batch and its head weight, without gradients: the policy
@@ -195,7 +197,7 @@ class FastDPOTrainer(DPOTrainer):
             else:
                 hidden = final_hidden_states(self.ref_model, model_inputs)
                 weight = self.accelerator.unwrap_model(self.ref_model).get_output_embeddings().weight
-        hidden, weight = self._in_head_dtype(hidden, weight)
+        hidden, weight, _ = self._in_head_dtype(hidden, weight)
         return {"ref_hidden": hidden, "ref_weight": weight}
 
     def _log_metrics(self, mode: str, metrics: dict, inputs: dict) -> None:

@@ -155,6 +155,9 @@ def test_a_short_run_learns_the_preference(tmp_path):
     assert len(logs) == 10 and logs[0]["rewards/margins"] == 0.0  # LoRA starts as its reference
     assert logs[-1]["rewards/margins"] > 0.5 and logs[-1]["rewards/accuracies"] == 1.0, logs[-1]
     assert logs[-1]["loss"] < logs[0]["loss"]
+    evaluated = trainer.evaluate(preference_pairs(4, seed=6))  # the fused path under no_grad, TRL's eval_ names
+    assert evaluated["eval_loss"] > 0 and "eval_rewards/margins" in evaluated and "eval_logps/rejected" in evaluated
+    assert "eval_entropy" not in evaluated  # TRL's path would log it
 
 
 def test_a_loss_type_the_fused_loss_lacks_trains_on_trls_path(tmp_path, caplog):
@@ -185,3 +188,17 @@ def _tokenizer():
     from fusetune.loading import load_tokenizer
 
     return load_tokenizer("fusetune:tiny_llama")
+
+
+def test_the_config_shares_the_sft_configs_kernels_field_and_precision(tmp_path):
+    from fusetune import FastSFTConfig
+
+    assert (
+        FastDPOConfig.__dataclass_fields__["kernels"].metadata == FastSFTConfig.__dataclass_fields__["kernels"].metadata
+    )
+    config = FastDPOConfig(output_dir=str(tmp_path), report_to=[])
+    assert config.kernels == "auto" and config.fused_loss is None
+    if not torch.cuda.is_available():  # TRL's DPOConfig would say bf16=True
+        assert (config.bf16, config.fp16) == (False, False)
+        with pytest.warns(UserWarning, match="bf16=True, but there is no CUDA GPU: training in fp32 on the CPU"):
+            assert FastDPOConfig(output_dir=str(tmp_path), report_to=[], bf16=True).bf16 is False
