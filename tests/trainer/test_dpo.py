@@ -202,3 +202,16 @@ def test_the_config_shares_the_sft_configs_kernels_field_and_precision(tmp_path)
         assert (config.bf16, config.fp16) == (False, False)
         with pytest.warns(UserWarning, match="bf16=True, but there is no CUDA GPU: training in fp32 on the CPU"):
             assert FastDPOConfig(output_dir=str(tmp_path), report_to=[], bf16=True).bf16 is False
+
+
+def test_a_lora_adapter_on_lm_head_is_refused_in_one_line(tmp_path):
+    head_lora = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], lora_dropout=0.0)
+    with pytest.raises(ValueError, match="Applying a PEFT adapter to `lm_head` is not supported") as refused:
+        FastDPOTrainer(
+            tiny_model(),
+            args=dpo_args(FastDPOConfig, tmp_path, kernels="reference"),
+            train_dataset=preference_pairs(4, seed=3),
+            processing_class=_tokenizer(),
+            peft_config=head_lora,
+        )
+    assert "\n" not in str(refused.value)
