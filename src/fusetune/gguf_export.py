@@ -61,7 +61,7 @@ def save_gguf(model, tokenizer, path: str | Path, quantization: str = "q8_0", to
     """Write ``model`` (LoRA adapters merged in, on a copy) and ``tokenizer`` as one GGUF file at ``path``."""
     from peft import PeftModel
 
-    from .fast_model import merged_copy
+    from .merging import merged_copy
     from .modules import base_model, is_quantized
 
     config = base_model(model).config.get_text_config()

@@ -3,7 +3,8 @@
 notebooks' last cells run unchanged.
 
 ``add_saving_methods`` binds them to one model object (``FastModel.from_pretrained`` and ``get_peft_model`` call it);
-each is a thin call into ``FastModel.save_merged``, ``FastModel.save_gguf`` or PEFT's ``save_pretrained``.
+each is a thin call into ``merging.save_merged`` (``FastModel.save_merged``), ``gguf_export.save_gguf``
+(``FastModel.save_gguf``) or PEFT's ``save_pretrained``.
 """
 
 import logging
@@ -15,6 +16,8 @@ from pathlib import Path
 import torch
 
 from .errors import FusetuneError
+from .gguf_export import save_gguf
+from .merging import clear_for_weights, save_merged
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +35,13 @@ def save_pretrained_merged(
 ) -> str:
     """``save_method``: "merged_16bit" (``FastModel.save_merged``), "merged_4bit" (that merge re-quantized to
     bitsandbytes nf4, on CUDA) or "lora" (the adapter alone, PEFT's ``save_pretrained``); the tokenizer beside it."""
-    from .fast_model import FastModel
-
     if unused.pop("push_to_hub", False):
         raise FusetuneError("save_pretrained_merged: push_to_hub=True is not supported; use model.push_to_hub_merged")
     _warn_unused("save_pretrained_merged", unused)
     if save_method not in SAVE_METHODS:
         raise FusetuneError(f"save_method: expected one of {', '.join(SAVE_METHODS)}, got '{save_method}'")
     if save_method == "merged_16bit":
-        FastModel.save_merged(model, tokenizer, save_directory, overwrite=overwrite, token=token)
+        save_merged(model, tokenizer, save_directory, overwrite=overwrite, token=token)
         log.info("save_method='merged_16bit': the adapters merged into 16-bit weights in %s", save_directory)
         return save_directory
     if save_method == "lora":
@@ -57,8 +58,6 @@ def save_pretrained_merged(
 def _save_merged_4bit(model, tokenizer, save_directory: str, token, overwrite: bool) -> str:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from .fast_model import FastModel, clear_for_weights
-
     if not torch.cuda.is_available():
         raise FusetuneError(
             "save_method='merged_4bit' re-quantizes with bitsandbytes, which needs CUDA; use merged_16bit"
@@ -66,7 +65,7 @@ def _save_merged_4bit(model, tokenizer, save_directory: str, token, overwrite: b
     clear_for_weights(Path(save_directory), overwrite)
     log.info(MERGED_4BIT)
     with tempfile.TemporaryDirectory() as merged:
-        FastModel.save_merged(model, tokenizer, merged, token=token, overwrite=True)
+        save_merged(model, tokenizer, merged, token=token, overwrite=True)
         nf4 = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -109,14 +108,12 @@ def save_pretrained_gguf(
 ) -> str:
     """``<save_directory>/model-<quantization_method>.gguf`` (``FastModel.save_gguf``): "f16" or "q8_0" (also by
     Unsloth's names for them, "not_quantized" and "fast_quantized")."""
-    from .fast_model import FastModel
-
     if unused.pop("push_to_hub", False):
         raise FusetuneError("save_pretrained_gguf: push_to_hub=True is not supported; upload the file it writes")
     _warn_unused("save_pretrained_gguf", unused)
     quantization_method = GGUF_ALIASES.get(quantization_method.lower(), quantization_method.lower())
     path = Path(save_directory) / f"model-{quantization_method}.gguf"
-    FastModel.save_gguf(model, tokenizer, str(path), quantization_method, token=token)
+    save_gguf(model, tokenizer, str(path), quantization_method, token=token)
     log.info("save_pretrained_gguf: %s", path)
     return str(path)
 
