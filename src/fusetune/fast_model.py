@@ -258,17 +258,7 @@ class FastModel:
         base_model(model).config.use_cache = not use_gradient_checkpointing
         return model
 
-    @staticmethod
-    def save_merged(
-        model,
-        tokenizer,
-        save_directory: str,
-        dtype: torch.dtype | None = None,
-        overwrite: bool = False,
-        token: str | None = None,
-    ) -> str:
-        """Merge the LoRA adapters into 16-bit weights that plain transformers loads (``fusetune.merging``)."""
-        return merging.save_merged(model, tokenizer, save_directory, dtype, overwrite, token)
+    save_merged = staticmethod(merging.save_merged)  # the adapters merged into 16-bit weights (see there)
 
     @staticmethod
     def save_gguf(model, tokenizer, path: str, quantization_method: str = "q8_0", token: str | None = None) -> str:

@@ -42,7 +42,7 @@ from .errors import FusetuneError
 from .forwards import IGNORE_INDEX, logit_scale
 from .modules import base_model
 from .patching import apply_kernels, is_applied
-from .trainer import FastSFTConfig, settle_precision
+from .trainer import FastSFTConfig, as_fast_config, settle_precision
 
 log = logging.getLogger(__name__)
 # TRL's DPO loss types that fusetune_kernels.preference computes as TRL does.
@@ -72,16 +72,6 @@ class FastDPOConfig(DPOConfig):
     def __post_init__(self):
         settle_precision(self)
         super().__post_init__()
-
-
-def as_fast_dpo_config(args) -> FastDPOConfig:
-    """``args`` as a FastDPOConfig: a default one, or one built from a DPOConfig or plain TrainingArguments."""
-    if args is None:
-        return FastDPOConfig(output_dir="outputs/trainer")
-    if isinstance(args, FastDPOConfig):
-        return args
-    fields = FastDPOConfig.__dataclass_fields__
-    return FastDPOConfig(**{k: v for k, v in args.to_dict().items() if k in fields and not k.startswith("_")})
 
 
 def fused_preference_blocker(trainer) -> str | None:
@@ -126,7 +116,7 @@ class FastDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer with fusetune's kernels and the fused preference loss (see the module docstring)."""
 
     def __init__(self, model, ref_model=None, args=None, *pos, **kwargs):
-        args = as_fast_dpo_config(args)
+        args = as_fast_config(args, FastDPOConfig)
         on_cuda = torch.cuda.is_available() and not args.use_cpu
         if not isinstance(model, str) and not is_applied(model):  # by FastModel or the user: left as it is
             apply_kernels(model, args.kernels, on_cuda=on_cuda)

@@ -164,14 +164,16 @@ def check_sft_columns(dataset, text_field: str, dataset_name: str | None) -> Non
         )
 
 
-def as_fast_config(args) -> FastSFTConfig:
-    """``args`` as a FastSFTConfig: a default one, or one built from plain TrainingArguments."""
+def as_fast_config(args, config_class: type | None = None):
+    """``args`` as a ``config_class`` (default FastSFTConfig): a default one, or one built from another config or
+    plain TrainingArguments (the fields the class has)."""
+    config_class = config_class or FastSFTConfig
     if args is None:
-        return FastSFTConfig(output_dir="outputs/trainer")
-    if isinstance(args, FastSFTConfig):
+        return config_class(output_dir="outputs/trainer")
+    if isinstance(args, config_class):
         return args
-    fields = FastSFTConfig.__dataclass_fields__
-    return FastSFTConfig(**{k: v for k, v in args.to_dict().items() if k in fields and not k.startswith("_")})
+    fields = config_class.__dataclass_fields__
+    return config_class(**{k: v for k, v in args.to_dict().items() if k in fields and not k.startswith("_")})
 
 
 def padding_free_blocker(model, data_collator, processing_class, device=None) -> str | None:
