@@ -16,7 +16,7 @@ from fusetune import FastModel, FastSFTConfig, FastSFTTrainer
 from fusetune.compat.trl import metric_lists, original
 from fusetune.data.synthetic import synthetic_splits
 from fusetune.errors import FusetuneError
-from fusetune.patching import remove_kernels
+from fusetune.patching import apply_kernels, is_applied, remove_kernels
 from fusetune.token_stats import TokenStats
 from fusetune.trainer import fused_loss_blocker
 
@@ -46,6 +46,9 @@ def run(tmp_path, kernels: str, fused: bool, monkeypatch, steps=4, batch=4, **ov
     model, tokenizer = FastModel.from_pretrained(
         "fusetune:tiny_llama", max_seq_length=64, random_init=True, kernels=kernels
     )
+    if kernels == "triton" and not torch.cuda.is_available():  # interpreted: the loss head alone (what is compared)
+        remove_kernels()
+        apply_kernels(model, "triton", rms_norm=False, add_norm=False, rope=False, glu=False, lora=False)
     model = FastModel.get_peft_model(model, r=4, modules_to_save=["lm_head"], use_gradient_checkpointing=False)
     rows, eval_rows = synthetic_splits(12 * batch, 3 * batch, seed=1)
     args = FastSFTConfig(
@@ -70,6 +73,7 @@ def run(tmp_path, kernels: str, fused: bool, monkeypatch, steps=4, batch=4, **ov
     )
     trainer.train()
     trainer.evaluate()
+    assert is_applied(trainer.model) and trainer.args.kernels == kernels
     return trainer, len(calls)
 
 
@@ -82,7 +86,7 @@ def logged(trainer, keys):
     [
         ("reference", {}),  # padding-free, completion-only loss (the prompt/completion data)
         ("reference", {"padding_free": False, "gradient_accumulation_steps": 2}),  # padded, num_items_in_batch
-        # the Triton interpreter runs every program instance in Python: 2 steps of 2 rows keep it to seconds
+        # the Triton interpreter runs every program instance in Python: 2 steps of 2 rows, the loss op alone
         ("triton", {"completion_only_loss": False, "steps": 2, "batch": 2}),
     ],
     ids=["padding-free", "padded-accumulated", "triton-all-tokens"],
