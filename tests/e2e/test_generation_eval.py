@@ -9,10 +9,10 @@ from transformers import TrainerCallback
 
 from fusetune.app import run as run_module
 from fusetune.app.run import run
-from fusetune.app.run_record import read_metrics
 from fusetune.evaluate import score_generations, token_f1
 from fusetune.modules import base_model
 from fusetune.patching import is_applied
+from fusetune.report import read_jsonl
 
 GENERATION_KEYS = {"eval_exact_match", "eval_token_f1", "eval_generation_seconds"}
 
@@ -88,7 +88,7 @@ def test_generation_is_scored_at_every_eval_step_on_the_model_in_place(compose_c
     ]
     summary = run(compose_cfg(overrides, output_dir=tmp_path))
 
-    lines = read_metrics(tmp_path / "metrics.jsonl")
+    lines = read_jsonl(tmp_path / "metrics.jsonl")
     scored = [m for m in lines if GENERATION_KEYS & set(m)]
     assert [m["step"] for m in scored] == [2, 4] and all(m["split"] == "eval" for m in scored)
     for m in scored:

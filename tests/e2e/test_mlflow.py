@@ -11,8 +11,8 @@ import pytest
 from fusetune.app import run as run_module
 from fusetune.app.loggers import KEY_LIMIT, PARAM_VALUE_LIMIT, mlflow_params
 from fusetune.app.run import run
-from fusetune.app.run_record import read_metrics
 from fusetune.errors import FusetuneError
+from fusetune.report import read_jsonl
 
 from .app_runs import error_line, exit_and_stderr
 
@@ -59,7 +59,7 @@ def test_a_finished_run_in_the_default_store(compose_cfg, tmp_path, monkeypatch)
     assert params["kernels.fp8"] == "false" and params["output_dir"] == str(tmp_path / "run")
 
     # every logging step, as metrics.jsonl has it, under W&B's names
-    lines = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    lines = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     losses = sorted(client.get_metric_history(logged.info.run_id, "train/loss"), key=lambda m: m.step)
     train = [m for m in lines if m["split"] == "train"]
     assert [m.step for m in losses] == [m["step"] for m in train] == [1, 2, 3, 4]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fusetune.app.run import run
-from fusetune.app.run_record import read_metrics
+from fusetune.report import read_jsonl
 
 from ..conftest import ROOT, needs_wandb
 
@@ -46,7 +46,7 @@ def test_smoke_run_writes_the_record(tmp_path):
     assert summary["train_tokens_per_second"] > 0 and summary["peak_memory_gib"] > 0
     assert 0.0 <= summary["eval"]["exact_match"] <= 1.0 and summary["eval"]["exact_match_n"] == 8
     assert {"torch", "triton", "transformers", "trl", "peft", "fusetune"} <= set(summary["versions"])
-    lines = [m for m in read_metrics(tmp_path / "metrics.jsonl") if m["split"] == "train"]
+    lines = [m for m in read_jsonl(tmp_path / "metrics.jsonl") if m["split"] == "train"]
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
     assert all(isinstance(m["loss"], float) for m in lines)
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
@@ -56,7 +56,7 @@ def test_smoke_run_writes_the_record(tmp_path):
 
 
 def losses(metrics_file):
-    return [m["loss"] for m in read_metrics(metrics_file) if m["split"] == "train"]
+    return [m["loss"] for m in read_jsonl(metrics_file) if m["split"] == "train"]
 
 
 def test_same_seed_gives_identical_losses(compose_cfg, tmp_path):

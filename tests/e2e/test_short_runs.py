@@ -8,7 +8,7 @@ import pytest
 from fusetune import report
 from fusetune.app.config import logging_steps_for
 from fusetune.app.run import run
-from fusetune.app.run_record import read_metrics
+from fusetune.report import read_jsonl
 
 from .test_report import curve, make_job, summary
 
@@ -33,7 +33,7 @@ def test_the_default_logging_interval(max_steps, every):
 )
 def test_a_short_run_records_its_losses(steps, overrides, logged, compose_cfg, tmp_path):
     done = run(compose_cfg([*FAST, f"trainer.max_steps={steps}", *overrides], output_dir=tmp_path))
-    train = [m for m in read_metrics(tmp_path / "metrics.jsonl") if m["split"] == "train"]
+    train = [m for m in read_jsonl(tmp_path / "metrics.jsonl") if m["split"] == "train"]
     assert [m["step"] for m in train] == logged
     assert all(isinstance(m["loss"], float) for m in train)
     assert done["final_loss_step"] == steps and done["final_loss"] == train[-1]["loss"]
@@ -50,7 +50,7 @@ def test_a_requested_eval_set_is_evaluated_at_the_end(compose_cfg, tmp_path):
     out = tmp_path / "run"
     done = run(compose_cfg(overrides, output_dir=out))
     assert isinstance(done["eval"]["eval_loss"], float)
-    evals = [m for m in read_metrics(out / "metrics.jsonl") if m["split"] == "eval"]
+    evals = [m for m in read_jsonl(out / "metrics.jsonl") if m["split"] == "eval"]
     assert [m["step"] for m in evals] == [2]
 
 

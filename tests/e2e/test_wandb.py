@@ -13,8 +13,8 @@ import pytest
 from fusetune.app import run as run_module
 from fusetune.app.distributed import rank
 from fusetune.app.run import run
-from fusetune.app.run_record import read_metrics
 from fusetune.errors import FusetuneError, Interrupted
+from fusetune.report import read_jsonl
 
 from ..conftest import ROOT, needs_wandb
 
@@ -101,7 +101,7 @@ def test_offline_run_holds_the_config_the_name_and_every_logging_step(tmp_path):
     # Every logging step streamed by HF's callback, the same losses as metrics.jsonl.
     rows = [h for h in w.history if "train/loss" in h]
     assert [h["train/global_step"] for h in rows] == [1, 2, 3]
-    logged = [m["loss"] for m in read_metrics(run_dir / "metrics.jsonl") if m["split"] == "train"]
+    logged = [m["loss"] for m in read_jsonl(run_dir / "metrics.jsonl") if m["split"] == "train"]
     assert [h["train/loss"] for h in rows] == pytest.approx(logged, rel=1e-6)
 
     summary = json.loads((run_dir / "summary.json").read_text())

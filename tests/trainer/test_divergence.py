@@ -11,11 +11,11 @@ from transformers import TrainerCallback
 
 from fusetune import FastModel, FastSFTConfig, FastSFTTrainer
 from fusetune.app.cli import run_or_exit
-from fusetune.app.run_record import read_metrics
 from fusetune.checkpoints import newest_complete
 from fusetune.data.synthetic import synthetic_splits
 from fusetune.errors import FusetuneError
 from fusetune.patching import remove_kernels
+from fusetune.report import read_jsonl
 
 FAST = ["logger=none", "data.num_train=256", "data.num_eval=0", "data.num_generate=0", "trainer.logging_steps=1"]
 
@@ -156,7 +156,7 @@ def test_an_exploding_learning_rate_fails_the_run(compose_cfg, tmp_path, capsys,
     status = json.loads((out / "status.json").read_text())
     assert status["status"] == "failed" and status["error"] == f"training stopped: {line}"
     assert not (out / "summary.json").exists() and not (out / "model").exists()
-    train = [m for m in read_metrics(out / "metrics.jsonl") if m["split"] == "train"]
+    train = [m for m in read_jsonl(out / "metrics.jsonl") if m["split"] == "train"]
     assert [m["step"] for m in train if m["loss"] is None] == null_steps
     assert 0.0 not in [m["loss"] for m in train]
     if null_steps:
@@ -169,7 +169,7 @@ def test_a_single_skipped_step_is_counted_and_never_the_final_loss(compose_cfg, 
     code, _ = app_run(compose_cfg, out, "trainer.max_steps=12", "trainer.nan_policy=skip", capsys=capsys)
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
-    train = {m["step"]: m["loss"] for m in read_metrics(out / "metrics.jsonl") if m["split"] == "train"}
+    train = {m["step"]: m["loss"] for m in read_jsonl(out / "metrics.jsonl") if m["split"] == "train"}
     assert sorted(train) == list(range(1, 13)) and train[12] is None
     assert summary["skipped_steps"] == 1 and summary["global_step"] == 12
     assert summary["final_loss_step"] == 11 and summary["final_loss"] == train[11]

@@ -20,6 +20,7 @@ from ..faults import SignalStop, StopOnSignal
 from ..loading import TOKENIZER_FILES, count_parameters, load_tokenizer, pick_dtype, resolve
 from ..offline import require_local_or_hub
 from ..patching import remove_kernels
+from ..report import read_jsonl
 from ..trainer import FastSFTConfig, FastSFTTrainer
 from . import distributed, run_folder
 from . import run_record as record
@@ -256,7 +257,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         "trainer": cfg.trainer.name,
         "global_step": result.global_step,
         # HF's training_loss counts a skipped step's loss as 0.0
-        "train_loss": record.whole_run_loss(record.read_metrics(recorder.path))
+        "train_loss": record.whole_run_loss(read_jsonl(recorder.path))
         if checkpoint or skipped
         else result.training_loss,
         "resumed_from": str(checkpoint) if checkpoint else None,

@@ -13,7 +13,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..checkpoints import write_json_atomically
-from ..report import STATUS, last_step, one_line
+from ..report import STATUS, last_step, one_line, read_jsonl
 from ..versions import installed
 
 VERSIONED = (
@@ -50,7 +50,8 @@ class MetricsRecorder(TrainerCallback):
     """Appends one JSON line per logging step to ``metrics.jsonl`` (train lines carry ``loss``).
 
     A new run starts the file empty. A resumed run keeps the lines up to its checkpoint's step and drops
-    the later ones (those steps run again), so every step stays in the file once. A window of skipped
+    the later ones (those steps run again), so every step stays in the file once; a last line cut short by the
+    crash that stopped it is dropped too. A window of skipped
     steps (nan_policy=skip) has a loss of null. ``final_loss`` is the last finite logged loss and its step.
     """
 
@@ -58,7 +59,7 @@ class MetricsRecorder(TrainerCallback):
         self.path = Path(path)
         kept = []
         if resume_step is not None and self.path.is_file():
-            kept = [m for m in read_metrics(self.path) if m.get("step", 0) <= resume_step]
+            kept = [m for m in read_jsonl(self.path) if m.get("step", 0) <= resume_step]
         if write:  # rank 0 of a distributed run; the others only read
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("".join(json.dumps(m) + "\n" for m in kept))
@@ -90,10 +91,6 @@ def last_finite_loss(lines: list[dict]) -> tuple[int, float] | None:
         if isinstance(loss, (int, float)) and math.isfinite(loss):
             return line["step"], loss
     return None
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def write_summary(path: Path, summary: dict) -> None:
