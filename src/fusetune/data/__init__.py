@@ -196,7 +196,7 @@ def _render_first(unit: Unit, tokenizer, label: str) -> None:
     record = unit.dataset[0]
     messages = record.get("messages")
     if messages is None and isinstance(record.get("prompt"), list):
-        messages = record["prompt"] + record["completion"]
+        messages = record["prompt"] + record["completion" if "completion" in record else "chosen"]
     if messages is None:
         return
     (where,) = unit.where([0])
@@ -244,6 +244,8 @@ def _form(formatter: str, chat_template: bool) -> str:
         return CONVERSATIONS
     if formatter == "alpaca":
         return "prompt/completion turns" if chat_template else "prompt/completion text"
+    if formatter == "preference":
+        return "prompt/chosen/rejected pairs"
     return "text" if formatter == "text" else "prompt/completion text"
 
 
@@ -381,7 +383,7 @@ def generation_pair(record: dict, tokenizer) -> tuple[str, str] | None:
             return None
         prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
         return prompt, last["content"]
-    if "prompt" in record:
+    if "prompt" in record and "completion" in record:
         prompt, answer = record["prompt"], record["completion"]
         if isinstance(prompt, list):
             prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

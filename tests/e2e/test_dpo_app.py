@@ -1,0 +1,130 @@
+"""trainer=dpo on data=preference, end to end on the tiny default, and its mistakes refused in one line."""
+
+import json
+import random
+
+import pytest
+
+from fusetune import report
+from fusetune.app.config import validate
+from fusetune.app.run import sft_config
+from fusetune.app.run_record import read_metrics
+from fusetune.data.synthetic import synthetic_splits
+from fusetune.preference_trainer import FastDPOConfig
+
+from .app_runs import error_line, exit_and_stderr
+from .test_report import make_job, summary
+from .test_run import train_cli
+
+DPO = ("trainer=dpo", "data=preference", "logger=none")
+
+
+def write_pairs(path, count: int, seed: int, bad: dict | None = None):
+    """Synthetic tasks as preference pairs: the right answer chosen, a wrong one (a random slice of it with a
+    random suffix) rejected. ``bad``: {line number: record} written in place of those lines."""
+    rng = random.Random(seed)
+    rows, _ = synthetic_splits(count, 0, seed)
+    lines = []
+    for n, row in enumerate(rows, 1):
+        wrong = row["completion"][: rng.randint(0, 2)] + rng.choice("xyz0123456789")
+        record = {"prompt": row["prompt"], "chosen": row["completion"], "rejected": wrong}
+        lines.append(json.dumps((bad or {}).get(n, record)))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_dpo_run_records_reward_metrics_with_beta_and_loss_type_from_the_command_line(tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 40, seed=random.randrange(1000))
+    run_dir = tmp_path / "run"
+    proc = train_cli(
+        *DPO,
+        f"data.path={pairs}",
+        "data.eval_fraction=0.2",
+        "trainer.beta=0.2",
+        "trainer.loss_type=ipo",
+        "trainer.max_steps=3",
+        "trainer.logging_steps=1",
+        "trainer.per_device_train_batch_size=8",
+        "save_model=false",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["trainer"] == "dpo" and summary["global_step"] == 3
+    train = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["split"] == "train"]
+    assert [m["step"] for m in train] == [1, 2, 3]
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):
+        assert all(isinstance(m[key], float) for m in train), key
+    assert summary["preference"]["rewards/margins"] == train[-1]["rewards/margins"]
+    assert summary["final_loss"] == train[-1]["loss"]
+    assert {"eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"} <= set(summary["eval"])
+    assert "rewards/margins" in proc.stdout
+    config = (run_dir / ".hydra" / "config.yaml").read_text()
+    assert "beta: 0.2" in config and "loss_type: ipo" in config
+
+
+def test_the_dpo_keys_reach_fastdpoconfig(compose_cfg, tmp_path):
+    beta = round(random.uniform(0.05, 0.5), 3)
+    cfg = compose_cfg(
+        [*DPO, f"data.path={tmp_path / 'x.jsonl'}", f"trainer.beta={beta}", "trainer.loss_type='ipo,sft'"]
+    )
+    cfg.trainer.label_smoothing = 0.0
+    args = sft_config(cfg, tmp_path, __import__("torch").float32, [], "reference")
+    assert type(args) is FastDPOConfig
+    assert args.beta == beta and args.loss_type == ["ipo", "sft"] and args.max_length == cfg.model.max_seq_length
+    assert args.learning_rate == cfg.model.learning_rate
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (("trainer=dpo", "logger=none"), "fusetune: error: trainer=dpo trains on chosen/rejected pairs, but data="),
+        (("data=preference", "data.path=p.jsonl", "logger=none"), "fusetune: error: data=preference gives chosen/"),
+        ((*DPO, "data.path=p.jsonl", "+trainer.betta=0.2"), "(did you mean beta?)"),
+        ((*DPO, "data.path=p.jsonl", "trainer.loss_type=ipoo"), "'ipoo' is not a DPO loss type of the installed TRL"),
+        ((*DPO, "data.path=p.jsonl", "trainer.packing=true"), "trainer.packing applies to the SFT trainers"),
+        (("logger=none", "trainer.beta=0.3"), "fusetune: error: trainer.beta applies to trainer=dpo, not to"),
+    ],
+    ids=["dpo-on-sft-data", "sft-on-pairs", "typo", "loss-type", "sft-key", "dpo-key-on-sft"],
+)
+def test_mistakes_with_dpo_are_one_line(overrides, message, compose_cfg, tmp_path, capsys):
+    code, stderr = exit_and_stderr(list(overrides), tmp_path / "run", False, compose_cfg, capsys)
+    assert code == 2 and message in error_line(stderr)
+
+
+def test_bad_preference_records_are_named_in_one_line(compose_cfg, tmp_path, capsys):
+    bad = {
+        2: {"prompt": "add 1 2=", "chosen": "3"},
+        4: {"prompt": [{"role": "user", "content": "hi"}], "chosen": "3", "rejected": "4"},
+        5: {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "chosen": [{"role": "robot", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+    }
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 8, seed=random.randrange(1000), bad=bad)
+    code, stderr = exit_and_stderr([*DPO, f"data.path={pairs}"], tmp_path / "run", False, compose_cfg, capsys)
+    line = error_line(stderr)
+    assert code == 2 and "3 bad records" in line, line
+    assert "line 2: 'rejected' is missing or null" in line
+    assert "line 4: give prompt, chosen, rejected all as strings or all as conversations" in line
+    assert "line 5: 'chosen' message 1 has role 'robot'" in line
+
+
+def test_a_good_preference_set_passes_validation(compose_cfg, tmp_path):
+    validate(compose_cfg([*DPO, f"data.path={tmp_path / 'p.jsonl'}"]))  # the file is read later, by the run
+
+
+def test_the_report_shows_reward_columns_only_for_preference_runs(tmp_path):
+    margin, accuracy = random.uniform(0.1, 2.0), random.choice([0.25, 0.5, 0.75])
+    preference = {"rewards/margins": margin + 1, "rewards/accuracies": accuracy}
+    evaluated = {"eval_rewards/margins": margin, "eval_rewards/accuracies": accuracy}
+    make_job(tmp_path / "dpo", "0", 0, ["trainer.beta=0.1"], summary(1.0, preference=preference))
+    make_job(tmp_path / "dpo", "1", 1, ["trainer.beta=0.3"], summary(1.0, preference=preference, eval=evaluated))
+    rows = report.build_report(tmp_path / "dpo").rows
+    assert [r["reward margin"] for r in rows] == [margin + 1, margin]  # held-out where evaluated, else train's
+    assert [r["reward acc"] for r in rows] == [accuracy, accuracy]
+    header = report.jobs_table(rows).splitlines()[0]
+    assert "| exact_match | reward margin | reward acc | tok/s |" in header
+    make_job(tmp_path / "sft", "0", 0, ["trainer=sft"], summary(1.0))
+    assert "reward" not in report.jobs_table(report.build_report(tmp_path / "sft").rows)
