@@ -6,15 +6,16 @@ import random
 import pytest
 
 from fusetune import report
+from fusetune.app import resume_check
 from fusetune.app.config import validate
-from fusetune.app.run import sft_config
+from fusetune.app.run import run, sft_config
 from fusetune.app.run_record import read_metrics
 from fusetune.data.synthetic import synthetic_splits
+from fusetune.errors import FusetuneError
 from fusetune.preference_trainer import FastDPOConfig
 
 from .app_runs import error_line, exit_and_stderr
 from .test_report import make_job, summary
-from .test_run import train_cli
 
 DPO = ("trainer=dpo", "data=preference", "logger=none")
 
@@ -33,10 +34,11 @@ def write_pairs(path, count: int, seed: int, bad: dict | None = None):
     return path
 
 
-def test_dpo_run_records_reward_metrics_with_beta_and_loss_type_from_the_command_line(tmp_path):
+def test_dpo_run_records_reward_metrics(compose_cfg, tmp_path, capsys):
+    """In-process (as tests/e2e/test_run.py does): the overrides are the command line's, beta and loss_type too."""
     pairs = write_pairs(tmp_path / "pairs.jsonl", 40, seed=random.randrange(1000))
     run_dir = tmp_path / "run"
-    proc = train_cli(
+    overrides = [
         *DPO,
         f"data.path={pairs}",
         "data.eval_fraction=0.2",
@@ -46,10 +48,9 @@ def test_dpo_run_records_reward_metrics_with_beta_and_loss_type_from_the_command
         "trainer.logging_steps=1",
         "trainer.per_device_train_batch_size=8",
         "save_model=false",
-        f"hydra.run.dir={run_dir}",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    ]
+    summary = run(compose_cfg(overrides, output_dir=run_dir))
+    assert summary == json.loads((run_dir / "summary.json").read_text())
     assert summary["trainer"] == "dpo" and summary["global_step"] == 3
     train = [m for m in read_metrics(run_dir / "metrics.jsonl") if m["split"] == "train"]
     assert [m["step"] for m in train] == [1, 2, 3]
@@ -58,9 +59,7 @@ def test_dpo_run_records_reward_metrics_with_beta_and_loss_type_from_the_command
     assert summary["preference"]["rewards/margins"] == train[-1]["rewards/margins"]
     assert summary["final_loss"] == train[-1]["loss"]
     assert {"eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"} <= set(summary["eval"])
-    assert "rewards/margins" in proc.stdout
-    config = (run_dir / ".hydra" / "config.yaml").read_text()
-    assert "beta: 0.2" in config and "loss_type: ipo" in config
+    assert "rewards/margins" in capsys.readouterr().out
 
 
 def test_the_dpo_keys_reach_fastdpoconfig(compose_cfg, tmp_path):
@@ -128,3 +127,27 @@ def test_the_report_shows_reward_columns_only_for_preference_runs(tmp_path):
     assert "| exact_match | reward margin | reward acc | tok/s |" in header
     make_job(tmp_path / "sft", "0", 0, ["trainer=sft"], summary(1.0))
     assert "reward" not in report.jobs_table(report.build_report(tmp_path / "sft").rows)
+
+
+def test_the_dpo_keys_are_described_in_the_help(compose_cfg):
+    from fusetune.app.config import TrainerConfig
+    from fusetune.app.help import descriptions
+
+    about = descriptions(TrainerConfig)
+    assert about["beta"] and about["label_smoothing"] and "loss" in about["loss_type"].lower()
+    assert about["nan_policy"].startswith("A non-finite loss")
+
+
+def test_a_config_saved_before_the_dpo_keys_resumes_an_sft_run(compose_cfg):
+    """An SFT checkpoint's config from before the schema had the DPO keys: they reach no SFT trainer."""
+    new = resume_check.run_config(compose_cfg(["logger=none"]), 1)
+    saved = {**new, "trainer": {k: v for k, v in new["trainer"].items() if k not in ("beta", "label_smoothing")}}
+    assert resume_check.check(saved, new, [], "checkpoint-2") is None
+    moved = {**new, "trainer": {**new["trainer"], "beta": 0.3}}  # set away from its default: refused by validate
+    assert "trainer.beta changed (absent) -> 0.3" in resume_check.check(saved, moved, ["trainer"], "checkpoint-2")
+    dpo = {**new, "trainer": {**new["trainer"], "name": "dpo"}}
+    saved_dpo = {**saved, "trainer": {**saved["trainer"], "name": "dpo"}}
+    with pytest.raises(
+        FusetuneError, match=r"trainer.label_smoothing changed \(absent\) -> 0; trainer.beta changed \(absent\) -> 0.1 "
+    ):
+        resume_check.check(saved_dpo, dpo, [], "checkpoint-2")  # a DPO run reads them
