@@ -10,7 +10,7 @@ from fusetune.app import resume_check
 from fusetune.app.config import validate
 from fusetune.app.run import run, sft_config
 from fusetune.app.run_record import read_metrics
-from fusetune.data.synthetic import synthetic_splits
+from fusetune.data.synthetic import preference_pairs, synthetic_splits
 from fusetune.errors import FusetuneError
 from fusetune.preference_trainer import FastDPOConfig
 
@@ -60,6 +60,26 @@ def test_dpo_run_records_reward_metrics(compose_cfg, tmp_path, capsys):
     assert summary["final_loss"] == train[-1]["loss"]
     assert {"eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"} <= set(summary["eval"])
     assert "rewards/margins" in capsys.readouterr().out
+
+
+def test_dpo_on_the_embedded_preference_set(compose_cfg, tmp_path):
+    seed = random.randrange(1000)
+    overrides = ["trainer=dpo", "data=synthetic_preference", "logger=none", f"seed={seed}", "save_model=false"]
+    overrides += [
+        "data.num_train=16",
+        "data.num_eval=8",
+        "trainer.max_steps=2",
+        "trainer.per_device_train_batch_size=8",
+    ]
+    summary = run(compose_cfg(overrides, output_dir=tmp_path))
+    assert summary["data"] == "synthetic_preference" and summary["global_step"] == 2
+    assert summary["preference"]["rewards/accuracies"] is not None  # its eval split only with eval_strategy, as SFT
+    rows, _ = synthetic_splits(50, 0, seed)
+    pairs = preference_pairs(rows, seed)
+    assert [p["chosen"] for p in pairs] == [r["completion"] for r in rows]
+    for p in pairs:  # one digit or letter changed
+        assert len(p["rejected"]) == len(p["chosen"])
+        assert sum(a != b for a, b in zip(p["rejected"], p["chosen"], strict=True)) == 1
 
 
 def test_the_dpo_keys_reach_fastdpoconfig(compose_cfg, tmp_path):

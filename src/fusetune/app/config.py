@@ -29,7 +29,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .. import limits
 from ..compat.renames import CONFIG_RENAMES
-from ..data.rules import data_problems, has_eval_data, is_mixture
+from ..data.rules import PREFERENCE_FORMATTERS, data_problems, has_eval_data, is_mixture
 from ..errors import FusetuneError
 from ..fast_model import check_memory_budget
 from ..modules import PROJECTIONS
@@ -53,6 +53,9 @@ class Formatter(str, Enum):
     text = "text"
     completion = "completion"
     preference = "preference"  # prompt/chosen/rejected pairs, for trainer=dpo
+    synthetic_preference = (
+        "synthetic_preference"  # the embedded set as pairs: the right answer chosen, a wrong rejected
+    )
     mixture = "mixture"  # the records come from data.sources, sampled by weight
 
 
@@ -604,14 +607,14 @@ def fp8_problems(cfg) -> list[str]:
 def trainer_data_problems(cfg) -> list[str]:
     """trainer=dpo trains on data=preference (chosen/rejected pairs), and only it does."""
     formatter = cfg.data.formatter.value
-    if trainer_class(cfg.trainer.name) is FastDPOConfig and formatter != "preference":
+    if trainer_class(cfg.trainer.name) is FastDPOConfig and formatter not in PREFERENCE_FORMATTERS:
         return [
             f"trainer={cfg.trainer.name} trains on chosen/rejected pairs, but data={formatter} gives single answers: "
-            "use data=preference (prompt/chosen/rejected records)"
+            "use data=preference (prompt/chosen/rejected records) or data=synthetic_preference (the embedded set)"
         ]
-    if trainer_class(cfg.trainer.name) is not FastDPOConfig and formatter == "preference":
+    if trainer_class(cfg.trainer.name) is not FastDPOConfig and formatter in PREFERENCE_FORMATTERS:
         return [
-            f"data=preference gives chosen/rejected pairs, which trainer={cfg.trainer.name} does not train on: "
+            f"data={formatter} gives chosen/rejected pairs, which trainer={cfg.trainer.name} does not train on: "
             f"use trainer={' or '.join(TRAINER_CLASSES)}"
         ]
     return []

@@ -13,7 +13,7 @@ from transformers import set_seed
 from ..checkpoints import newest_complete, saving, step_of, trainable_weights_finite
 from ..compat.trl import trained_tokens
 from ..data import build_splits
-from ..data.rules import eval_requested
+from ..data.rules import SYNTHETIC, eval_requested
 from ..errors import FusetuneError, Interrupted
 from ..evaluate import GenerationEval, score_generations
 from ..fast_model import FastModel, enable_fusetune_checkpointing
@@ -257,7 +257,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     summary = {
         "model": m.name_or_path,
         "data": cfg.data.formatter.value
-        if cfg.data.formatter.value in ("synthetic", "mixture")
+        if cfg.data.formatter.value in (*SYNTHETIC, "mixture")
         else (cfg.data.path or cfg.data.name),
         "data_sources": splits.sources,
         "mixture": splits.mixture,

@@ -263,4 +263,5 @@ FORMATTERS: dict[str, Formatter] = {
     "completion": Formatter(("prompt", "completion"), check_completion, completion),
     "synthetic": Formatter(("prompt", "completion"), check_completion, completion),
     "preference": Formatter(("prompt", "chosen", "rejected"), check_preference, preference),
+    "synthetic_preference": Formatter(("prompt", "chosen", "rejected"), check_preference, preference),
 }
