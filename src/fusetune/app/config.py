@@ -53,9 +53,7 @@ class Formatter(str, Enum):
     text = "text"
     completion = "completion"
     preference = "preference"  # prompt/chosen/rejected pairs, for trainer=dpo
-    synthetic_preference = (
-        "synthetic_preference"  # the embedded set as pairs: the right answer chosen, a wrong rejected
-    )
+    synthetic_preference = "synthetic_preference"  # the embedded set as pairs: right answer chosen, a wrong one not
     mixture = "mixture"  # the records come from data.sources, sampled by weight
 
 
