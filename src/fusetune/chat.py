@@ -43,7 +43,7 @@ from .faults import SignalStop, StopOnSignal
 RUN_SUBFOLDERS = ("merged", "adapter", "model")  # in order of preference
 WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-PLAIN_FORMATTERS = ("synthetic", "completion", "text")  # data formatters that train on plain text, not turns
+PLAIN_FORMATTERS = ("synthetic", "synthetic_preference", "completion", "text")  # plain text, not turns
 COMMANDS = "/reset clears the conversation, /exit or Ctrl-D ends"
 
 

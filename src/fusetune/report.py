@@ -46,6 +46,9 @@ METRICS_OF = {
     "train_loss": lambda s: s.get("train_loss"),
     "eval_loss": lambda s: _eval(s).get("eval_loss"),
     "exact_match": lambda s: _eval(s).get("exact_match"),
+    # preference trainers (trainer=dpo): on the eval split where the run evaluated, else the last logged train value
+    "reward margin": lambda s: _reward(s, "rewards/margins"),
+    "reward acc": lambda s: _reward(s, "rewards/accuracies"),
     "tok/s": lambda s: s.get("train_tokens_per_second"),
     "peak GiB": lambda s: s.get("peak_memory_gib"),
     "runtime s": lambda s: s.get("runtime_s"),
@@ -57,8 +60,32 @@ def _eval(summary: dict) -> dict:
     return evals if isinstance(evals, dict) else {}
 
 
+def _reward(summary: dict, name: str):
+    evaluated = _eval(summary).get(f"eval_{name}")
+    if evaluated is not None:
+        return evaluated
+    trained = summary.get("preference")
+    return trained.get(name) if isinstance(trained, dict) else None
+
+
 CPU_MEMORY_NOTE = "On CPU, peak GiB is the process's max RSS: in a multirun (one process) it carries over earlier jobs."
 COLUMNS = ("final_loss", "train_loss", "eval_loss", "exact_match", "tok/s", "tok/s ratio", "peak GiB", "runtime s")
+# Shown (after exact_match) only where some job has them: a sweep of preference trainers.
+PREFERENCE_COLUMNS = ("reward margin", "reward acc")
+
+
+def columns_of(rows: list[dict]) -> tuple[str, ...]:
+    """COLUMNS, with the preference columns where some row (a job, or a group's metrics) has a value."""
+    if not any(_has(r, c) for r in rows for c in PREFERENCE_COLUMNS):
+        return COLUMNS
+    at = COLUMNS.index("exact_match") + 1
+    return COLUMNS[:at] + PREFERENCE_COLUMNS + COLUMNS[at:]
+
+
+def _has(row: dict, column: str) -> bool:
+    if "metrics" in row:  # a group
+        return row["metrics"].get(column, {}).get("mean") is not None
+    return row.get(column) is not None
 
 
 @dataclass
@@ -393,26 +420,28 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
 def jobs_table(rows: list[dict], keys: set[str] | None = None) -> str:
     """Every job: its number, swept overrides, status, metrics and error line (markdown)."""
     keys = varying_keys(rows) if keys is None else keys
+    columns = columns_of(rows)
     lines = [
         [_cell(r["job"]), _cell(_label(r, keys) or None), r["status"], _cell(r["kernels"])]
-        + [_cell(r.get(c)) for c in COLUMNS]
+        + [_cell(r.get(c)) for c in columns]
         + [_cell(r["error"])]
         for r in rows
     ]
-    return "\n".join(_table(["job", "overrides", "status", "kernels", *COLUMNS, "error"], lines)) + "\n"
+    return "\n".join(_table(["job", "overrides", "status", "kernels", *columns, "error"], lines)) + "\n"
 
 
 def groups_table(groups: list[dict], keys: set[str]) -> str:
     """Mean ± std over the finished jobs of each group (markdown)."""
     lines = []
+    columns = columns_of(groups)
     for g in groups:
         total = len(g["jobs"])
         n = f"{g['n']}" if g["n"] == total else f"{g['n']} of {total} finished"
         lines.append(
             [_cell(_label(g, keys) or None), n, _cell(" ".join(map(str, g["seeds"])) or None)]
-            + [_stat_cell(g["metrics"][c]) for c in COLUMNS]
+            + [_stat_cell(g["metrics"][c]) for c in columns]
         )
-    return "\n".join(_table(["overrides", "n", "seeds", *COLUMNS], lines)) + "\n"
+    return "\n".join(_table(["overrides", "n", "seeds", *columns], lines)) + "\n"
 
 
 def build_report(sweep_dir: Path) -> Report:

@@ -1,4 +1,5 @@
-"""The trainer group is generated from FastSFTConfig: its keys and defaults, but for the app's own (listed once)."""
+"""The trainer group is generated from FastSFTConfig (then FastDPOConfig's own fields): its keys and defaults, but for
+the app's own (listed once)."""
 
 import dataclasses
 import warnings
@@ -14,6 +15,7 @@ from fusetune.app.config import (
     OWN_TRAINER_DEFAULTS,
     SET_BY_THE_APP,
     SFT_DEFAULTS,
+    SFT_TRAINER_FIELDS,
     TRAINER_FIELDS,
     AppTrainerKeys,
     TrainerConfig,
@@ -22,6 +24,7 @@ from fusetune.app.config import (
 )
 from fusetune.app.run import sft_config
 from fusetune.errors import FusetuneError
+from fusetune.preference_trainer import FastDPOConfig
 from fusetune.trainer import FastSFTConfig
 
 from ..conftest import CONF
@@ -31,10 +34,13 @@ APP_KEYS = {f.name for f in dataclasses.fields(AppTrainerKeys)}
 
 
 def test_the_schemas_defaults_are_fastsftconfigs():
+    """FastDPOConfig's for the fields FastSFTConfig lacks (beta, label_smoothing, ...)."""
+    dpo_defaults = {f.name: f.default for f in dataclasses.fields(FastDPOConfig)}
     for f in dataclasses.fields(TrainerConfig):
         if f.name not in APP_KEYS:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            assert default == SFT_DEFAULTS[f.name], f.name
+            assert default == SFT_DEFAULTS.get(f.name, dpo_defaults.get(f.name)), f.name
+    assert {"beta", "label_smoothing", "precompute_ref_log_probs"} <= TRAINER_FIELDS - SFT_TRAINER_FIELDS
     assert OmegaConf.structured(TrainerConfig).padding_free is None  # it was false, FastSFTConfig's is None
 
 
@@ -43,7 +49,7 @@ def test_every_default_the_app_does_not_override_is_fastsftconfigs(compose_cfg):
     assert set(SFT_YAML) - {"name"} == set(OWN_TRAINER_DEFAULTS)
     trainer = OmegaConf.to_container(compose_cfg().trainer)
     assert trainer["name"] == "sft" and trainer["extra"] == {}
-    for key in TRAINER_FIELDS:
+    for key in SFT_TRAINER_FIELDS:
         if key in OWN_TRAINER_DEFAULTS:
             assert trainer[key] == SFT_YAML[key], key
         else:
@@ -54,7 +60,7 @@ def test_every_fastsftconfig_field_is_a_trainer_key_set_by_the_app_or_untyped():
     """The untyped ones (``dict | str`` and the like) go through trainer.extra."""
     assert set(SET_BY_THE_APP) <= set(SFT_DEFAULTS) and not set(SET_BY_THE_APP) & TRAINER_FIELDS
     types = get_type_hints(FastSFTConfig)
-    untyped = set(SFT_DEFAULTS) - TRAINER_FIELDS - set(SET_BY_THE_APP)
+    untyped = set(SFT_DEFAULTS) - SFT_TRAINER_FIELDS - set(SET_BY_THE_APP)
     assert untyped and all(schema_type(types[name]) is None for name in untyped), untyped
     assert {"lr_scheduler_kwargs", "deepspeed", "fsdp_config", "model_init_kwargs"} <= untyped
     assert {"adam_beta1", "tf32", "eval_on_start", "save_total_limit", "embedding_learning_rate"} <= TRAINER_FIELDS

@@ -6,9 +6,13 @@ Rules that span groups live in ``validate``.
 
 The trainer schema is not written out: ``TrainerConfig`` is generated from
 ``FastSFTConfig``, every field OmegaConf can type with its default, so the two
-cannot drift apart. The app's own trainer keys are ``AppTrainerKeys``, the
-defaults it sets apart from FastSFTConfig's are ``OWN_TRAINER_DEFAULTS`` (values
-in conf/trainer/sft.yaml), and ``trainer.extra`` passes the untyped fields.
+cannot drift apart; then the fields of ``FastDPOConfig`` that FastSFTConfig lacks
+(beta, label_smoothing, ...), with DPO's defaults. ``trainer.name`` picks the
+config class (``TRAINER_CLASSES``: dpo, else FastSFTConfig), which gets only the
+keys it has; a key set away from its default that the class lacks is refused.
+The app's own trainer keys are ``AppTrainerKeys``, the defaults it sets apart
+from FastSFTConfig's are ``OWN_TRAINER_DEFAULTS`` (values in
+conf/trainer/sft.yaml), and ``trainer.extra`` passes the untyped fields.
 """
 
 import dataclasses
@@ -25,10 +29,11 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .. import limits
 from ..compat.renames import CONFIG_RENAMES
-from ..data.rules import data_problems, has_eval_data, is_mixture
+from ..data.rules import PREFERENCE_FORMATTERS, data_problems, has_eval_data, is_mixture
 from ..errors import FusetuneError
 from ..fast_model import check_memory_budget
 from ..modules import PROJECTIONS
+from ..preference_trainer import FastDPOConfig
 from ..trainer import FastSFTConfig
 from . import distributed, job_names
 from .choices import choice_problems
@@ -47,6 +52,8 @@ class Formatter(str, Enum):
     sharegpt = "sharegpt"
     text = "text"
     completion = "completion"
+    preference = "preference"  # prompt/chosen/rejected pairs, for trainer=dpo
+    synthetic_preference = "synthetic_preference"  # the embedded set as pairs: right answer chosen, a wrong one not
     mixture = "mixture"  # the records come from data.sources, sampled by weight
 
 
@@ -200,7 +207,7 @@ class AppTrainerKeys:
     learning_rate: float | None = None  # null: model.learning_rate
     per_device_train_batch_size: int | None = None  # null: model.batch_size
     logging_steps: float | None = None  # null: logging_steps_for(max_steps), at least ten points in a short run
-    extra: dict[str, Any] = field(default_factory=dict)  # FastSFTConfig fields that no trainer key holds
+    extra: dict[str, Any] = field(default_factory=dict)  # the trainer class's fields that no trainer key holds
 
 
 # The app's trainer defaults that differ from FastSFTConfig's on purpose. conf/trainer/sft.yaml (which every
@@ -264,28 +271,98 @@ def _default(f: dataclasses.Field) -> dataclasses.Field:
     return field(default=default_value(f))
 
 
+# trainer.name -> the config class it trains with (its trainer: run.TRAINERS); every other name is FastSFTConfig's.
+TRAINER_CLASSES = {"dpo": FastDPOConfig}
+
+
+def trainer_class(name: str) -> type:
+    """The config class of the trainer option ``name`` (trainer.name)."""
+    return TRAINER_CLASSES.get(name, FastSFTConfig)
+
+
 def _trainer_schema() -> type:
-    """TrainerConfig: every FastSFTConfig field OmegaConf can type, with its default, and the app's own keys."""
+    """TrainerConfig: every FastSFTConfig field OmegaConf can type, with its default; the typed fields of the other
+    trainer classes that FastSFTConfig lacks, with their defaults; and the app's own keys."""
     own = {f.name: (f.type, _default(f)) for f in dataclasses.fields(AppTrainerKeys)}
-    hints = get_type_hints(FastSFTConfig)
     spec = [("name", *own.pop("name"))]
-    for f in dataclasses.fields(FastSFTConfig):
-        if f.name in own:
-            spec.append((f.name, *own.pop(f.name)))
-        elif f.init and f.name not in SET_BY_THE_APP and (tp := schema_type(hints[f.name])) is not None:
-            spec.append((f.name, tp, _default(f)))
+    for config_class in (FastSFTConfig, *TRAINER_CLASSES.values()):
+        hints = get_type_hints(config_class)
+        for f in dataclasses.fields(config_class):
+            if any(f.name == named for named, *_ in spec):
+                continue
+            if f.name in own:
+                spec.append((f.name, *own.pop(f.name)))
+            elif f.init and f.name not in SET_BY_THE_APP and (tp := schema_type(hints[f.name])) is not None:
+                spec.append((f.name, tp, _default(f)))
     spec += [(name, *typed) for name, typed in own.items()]  # extra
     schema = dataclasses.make_dataclass("TrainerConfig", spec)
     schema.__module__ = __name__
-    schema.__doc__ = "The trainer group: FastSFTConfig's fields and defaults (generated), and the app's own keys."
+    schema.__doc__ = (
+        "The trainer group: FastSFTConfig's fields and defaults, then the other trainer classes' own (generated), "
+        "and the app's own keys."
+    )
     return schema
 
 
 TrainerConfig = _trainer_schema()
 SFT_DEFAULTS = {f.name: default_value(f) for f in dataclasses.fields(FastSFTConfig)}
 SFT_FIELDS = frozenset(SFT_DEFAULTS)
-# FastSFTConfig fields that are trainer keys (the rest go through trainer.extra, or come from SET_BY_THE_APP).
-TRAINER_FIELDS = SFT_FIELDS & {f.name for f in dataclasses.fields(TrainerConfig)}
+SCHEMA_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainerConfig))
+# Each trainer class's fields and defaults.
+CLASS_DEFAULTS = {
+    cls: {f.name: default_value(f) for f in dataclasses.fields(cls)}
+    for cls in (FastSFTConfig, *TRAINER_CLASSES.values())
+}
+# The schema's defaults of the fields that are trainer keys: FastSFTConfig's, else the class's that has the field.
+TRAINER_DEFAULTS = {
+    name: defaults[name] for defaults in reversed(CLASS_DEFAULTS.values()) for name in defaults if name in SCHEMA_FIELDS
+}
+# Fields of some trainer class that are trainer keys (the rest go through trainer.extra, or come from SET_BY_THE_APP).
+TRAINER_FIELDS = frozenset(TRAINER_DEFAULTS)
+# FastSFTConfig fields that are trainer keys (the SFT trainer options' own; the DPO keys are TRAINER_FIELDS' rest).
+SFT_TRAINER_FIELDS = SFT_FIELDS & TRAINER_FIELDS
+
+
+def class_keys(trainer) -> dict:
+    """The trainer keys (a TrainerConfig, or its dict) that the trainer option's class has and that differ from the
+    schema's defaults: only what differs, so a default given again changes nothing."""
+    fields = CLASS_DEFAULTS[trainer_class(trainer["name"])]
+    return {k: v for k, v in trainer.items() if k in TRAINER_FIELDS and k in fields and v != TRAINER_DEFAULTS[k]}
+
+
+def other_class_problems(trainer) -> list[str]:
+    """A trainer key set away from its default that the trainer option's class lacks (trainer.beta with
+    trainer=sft, trainer.packing with trainer=dpo): one line each."""
+    cls = trainer_class(trainer.name)
+    fields = CLASS_DEFAULTS[cls]
+    problems = []
+    for key in sorted(TRAINER_FIELDS - set(fields)):
+        if trainer[key] != TRAINER_DEFAULTS[key]:
+            owners = [name for name, other in TRAINER_CLASSES.items() if key in CLASS_DEFAULTS[other]]
+            where = f"trainer={' or '.join(owners)}" if owners else "the SFT trainers (FastSFTConfig)"
+            problems.append(f"trainer.{key} applies to {where}, not to trainer={trainer.name} ({cls.__name__})")
+    return problems
+
+
+def dpo_loss_types() -> list[str]:
+    """The DPO loss types the installed TRL names in DPOConfig's help."""
+    return re.findall(r"`'(\w+)'`", FastDPOConfig.__dataclass_fields__["loss_type"].metadata.get("help", ""))
+
+
+def loss_type_problems(trainer) -> list[str]:
+    """trainer=dpo's loss_type: one name of TRL's, or several joined by commas (weighted by loss_weights)."""
+    if trainer_class(trainer.name) is not FastDPOConfig:
+        return []
+    names = dpo_loss_types()
+    if not names:  # a TRL whose help names none: TRL itself checks
+        return []
+    bad = [name for name in str(trainer.loss_type).split(",") if name.strip() not in names]
+    return [
+        f"trainer.loss_type: '{name}' is not a DPO loss type of the installed TRL"
+        + (f" (did you mean {near[0]}?)" if (near := get_close_matches(name, names, n=1)) else "")
+        + f"; one of {', '.join(names)}"
+        for name in bad
+    ]
 
 
 @dataclass
@@ -389,10 +466,17 @@ def register_configs() -> None:
         cs.store(group=group, name=f"{group}_schema", node=node)
 
 
-def extra_key_problem(key: str) -> str | None:
-    """Why ``trainer.extra.<key>`` is refused, or None: extra holds FastSFTConfig fields that no trainer key holds
-    (or their older spellings, which FastSFTConfig translates), so the app's own reading of the trainer keys holds."""
+def extra_key_problem(key: str, config_class: type = FastSFTConfig) -> str | None:
+    """Why ``trainer.extra.<key>`` is refused, or None: extra holds the trainer class's fields that no trainer key
+    holds (or their older spellings, which FastSFTConfig translates), so the app's own reading of the trainer keys
+    holds."""
     rename = CONFIG_RENAMES.get(key)
+    if config_class is not FastSFTConfig:
+        if key in TRAINER_FIELDS:
+            return f"set trainer.{key} instead"
+        if key in SET_BY_THE_APP:
+            return f"fusetune sets {key} from {SET_BY_THE_APP[key]}"
+        return None if key in CLASS_DEFAULTS[config_class] else f"not a field of {config_class.__name__}"
     if key in TRAINER_FIELDS:
         return f"set trainer.{key} instead"
     if key in SET_BY_THE_APP:
@@ -518,6 +602,22 @@ def fp8_problems(cfg) -> list[str]:
     return problems
 
 
+def trainer_data_problems(cfg) -> list[str]:
+    """trainer=dpo trains on data=preference (chosen/rejected pairs), and only it does."""
+    formatter = cfg.data.formatter.value
+    if trainer_class(cfg.trainer.name) is FastDPOConfig and formatter not in PREFERENCE_FORMATTERS:
+        return [
+            f"trainer={cfg.trainer.name} trains on chosen/rejected pairs, but data={formatter} gives single answers: "
+            "use data=preference (prompt/chosen/rejected records) or data=synthetic_preference (the embedded set)"
+        ]
+    if trainer_class(cfg.trainer.name) is not FastDPOConfig and formatter in PREFERENCE_FORMATTERS:
+        return [
+            f"data={formatter} gives chosen/rejected pairs, which trainer={cfg.trainer.name} does not train on: "
+            f"use trainer={' or '.join(TRAINER_CLASSES)}"
+        ]
+    return []
+
+
 def validate(cfg) -> None:
     """Rules that span config groups, after ``check_composed``. Raises FusetuneError, one line for every mistake."""
     check_composed(cfg)
@@ -557,7 +657,12 @@ def validate(cfg) -> None:
         problems.append("trainer.max_steps=0 trains nothing: give a positive number, or -1 to train by epochs")
     elif cfg.trainer.max_steps < 0 and cfg.trainer.num_train_epochs <= 0:
         problems.append("trainer: set max_steps or num_train_epochs above zero")
-    problems += [f"trainer.extra.{key}: {why}" for key in cfg.trainer.extra if (why := extra_key_problem(key))]
+    config_class = trainer_class(cfg.trainer.name)
+    problems += [
+        f"trainer.extra.{key}: {why}" for key in cfg.trainer.extra if (why := extra_key_problem(key, config_class))
+    ]
+    problems += other_class_problems(cfg.trainer) + loss_type_problems(cfg.trainer)
+    problems += trainer_data_problems(cfg)
     problems += data_problems(cfg.data)
     if cfg.trainer.eval_strategy != "no" and not has_eval_data(cfg.data):
         where = "data.eval_path, data.eval_split or data.eval_fraction"

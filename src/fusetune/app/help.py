@@ -1,6 +1,7 @@
 """The text of ``fusetune train --help``: the config groups, then every key of the composed config with its value
 and its one-line description, taken from the schema's dataclass: a field's ``metadata["help"]`` (TRL's and
-transformers' fields, FastSFTConfig's own) or the comment beside or above it (the app's schemas in config.py)."""
+transformers' fields, FastSFTConfig's and FastDPOConfig's own) or the comment beside or above it (the app's schemas
+in config.py)."""
 
 import dataclasses
 import inspect
@@ -78,9 +79,10 @@ def _field_help(cls: type) -> dict[str, str]:
 def descriptions(schema: type) -> dict[str, str]:
     """Each field of ``schema`` (a config.py schema) and its description."""
     from ..trainer import FastSFTConfig
-    from .config import AppTrainerKeys, TrainerConfig
+    from .config import TRAINER_CLASSES, AppTrainerKeys, TrainerConfig
 
-    sources = [FastSFTConfig, AppTrainerKeys] if schema is TrainerConfig else [schema]
+    # the other trainer classes first: FastSFTConfig's words win for the fields they share
+    sources = [*TRAINER_CLASSES.values(), FastSFTConfig, AppTrainerKeys] if schema is TrainerConfig else [schema]
     found: dict[str, str] = {}
     for source in sources:
         for name, text in {**_field_help(source), **_comments(source)}.items():

@@ -112,10 +112,22 @@ def _line(found: list[tuple[str, Any, Any]]) -> str:
     return "; ".join(f"{key} changed {_show(old)} -> {_show(new)}" for key, old, new in found)
 
 
+def _never_read(key: str, old, new, trainer_name) -> bool:
+    """A trainer key that the saved config lacks (the schema grew it since: trainer=dpo's keys, for an SFT run) and
+    that the run's trainer class does not have, at its default: it reaches no trainer, so nothing changed."""
+    from .config import CLASS_DEFAULTS, TRAINER_DEFAULTS, trainer_class
+
+    name = key.removeprefix("trainer.")
+    if old != _ABSENT or not key.startswith("trainer.") or name not in TRAINER_DEFAULTS:
+        return False
+    return name not in CLASS_DEFAULTS[trainer_class(trainer_name)] and new == TRAINER_DEFAULTS[name]
+
+
 def check(saved: dict, new: dict, allow_changes, checkpoint) -> str | None:
     """Refuse a resume whose config changes the math (one line, the diff); returns the line that lists the allowed
     changes, or None when nothing changed."""
-    found = changes(saved, new)
+    trainer_name = (new.get("trainer") or {}).get("name")
+    found = [c for c in changes(saved, new) if not _never_read(*c, trainer_name)]
     allowed = list(allow_changes or [])
     refused = [c for c in found if changes_math(*c) and not _covered(c[0], allowed)]
     if refused:

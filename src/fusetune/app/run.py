@@ -1,5 +1,6 @@
 """run(cfg): one training run from a composed config, leaving a record in cfg.output_dir."""
 
+import copy
 import logging
 import signal
 import time
@@ -12,7 +13,7 @@ from transformers import set_seed
 from ..checkpoints import newest_complete, saving, step_of, trainable_weights_finite
 from ..compat.trl import trained_tokens
 from ..data import build_splits
-from ..data.rules import eval_requested
+from ..data.rules import SYNTHETIC, eval_requested
 from ..errors import FusetuneError, Interrupted
 from ..evaluate import GenerationEval, score_generations
 from ..fast_model import FastModel, enable_fusetune_checkpointing
@@ -20,22 +21,26 @@ from ..faults import SignalStop, StopOnSignal
 from ..loading import TOKENIZER_FILES, count_parameters, load_tokenizer, pick_dtype, resolve
 from ..offline import require_local_or_hub
 from ..patching import remove_kernels
+from ..preference_trainer import FastDPOConfig, FastDPOTrainer
 from ..report import read_jsonl
 from ..trainer import FastSFTConfig, FastSFTTrainer
 from . import distributed, run_folder
 from . import run_record as record
-from .config import SFT_DEFAULTS, TRAINER_FIELDS, checkpointing_mode, logging_steps_for, validate
+from .config import checkpointing_mode, class_keys, logging_steps_for, trainer_class, validate
 from .export import check_gguf, export_gguf, export_merged
 from .loggers import close_logger, logger_callbacks, start_logger, trainer_report_to
 
 log = logging.getLogger(__name__)
+# A trainer config class -> its trainer (config.trainer_class picks the class from trainer.name).
+TRAINERS = {FastSFTConfig: FastSFTTrainer, FastDPOConfig: FastDPOTrainer}
 
 
 def sft_config(
     cfg, out: Path, dtype: torch.dtype, report_to: list[str], backend: str, strategy: dict | None = None
-) -> FastSFTConfig:
-    """FastSFTConfig from the trainer keys that differ from its defaults, trainer.extra, and the fields the app
-    fills in from other groups (config.SET_BY_THE_APP)."""
+) -> FastSFTConfig | FastDPOConfig:
+    """The trainer option's config (FastSFTConfig, or FastDPOConfig for trainer=dpo) from the trainer keys it has
+    that differ from their defaults, trainer.extra, and the fields the app fills in from other groups
+    (config.SET_BY_THE_APP)."""
     t = cfg.trainer
     checkpointing = checkpointing_mode(cfg.model.gradient_checkpointing)
     values = OmegaConf.to_container(t)
@@ -45,10 +50,13 @@ def sft_config(
     if t.logging_steps is None:
         values["logging_steps"] = logging_steps_for(t.max_steps)
     # Only what differs: a default given again changes nothing, and FastSFTConfig warns about logging_dir if given.
-    changed = {k: v for k, v in values.items() if k in TRAINER_FIELDS and v != SFT_DEFAULTS[k]}
+    changed = class_keys(values)
+    config_class = trainer_class(t.name)
+    if config_class is FastDPOConfig and "loss_type" in changed:  # several DPO losses: "sigmoid,sft"
+        changed["loss_type"] = [name.strip() for name in str(changed["loss_type"]).split(",")]
     on_gpu = torch.cuda.is_available()
     try:
-        return FastSFTConfig(
+        return config_class(
             output_dir=str(out),
             run_name=cfg.run_name,
             seed=cfg.seed,
@@ -181,7 +189,13 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     # generation on rank 0 alone: a DDP model is whole on every rank (FSDP would need every rank: none there)
     generating = distributed.is_rank_zero() and cfg.distributed.value != "fsdp"
     stop.enter("data preparation")  # the trainer tokenizes the splits
-    trainer = FastSFTTrainer(
+    trainer_type = TRAINERS[type(args)]
+    options = {"dataset_cache": splits.cache}  # the tokenized cache is FastSFTTrainer's (DPO tokenizes its pairs)
+    if trainer_type is FastDPOTrainer:
+        # LoRA: the reference is the policy with its adapters disabled; full fine-tuning: a frozen copy of the
+        # weights as loaded (TRL would load one from model.name_or_path, which a random_init model does not have)
+        options = {"ref_model": copy.deepcopy(model).eval().requires_grad_(False)} if full_finetune else {}
+    trainer = trainer_type(
         model=model,
         args=args,
         train_dataset=splits.train,
@@ -189,7 +203,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         eval_dataset=splits.eval if cfg.trainer.eval_strategy != "no" or eval_requested(cfg.data) else None,
         processing_class=tokenizer,
         callbacks=[recorder, stop],
-        dataset_cache=splits.cache,
+        **options,
     )
     # the held-out prompts scored each time the trainer evaluates during training (eval_steps)
     generation_eval = GenerationEval(trainer, tokenizer, splits.generation if generating else [])
@@ -200,8 +214,9 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     record.reset_peak_memory()
     tokens_before = recorder.last_train.get("num_tokens", 0)
     result = _train_steps(trainer, checkpoint, stop)
-    if trainer.step_graphs is not None:
-        trainer.step_graphs.release()  # evaluation and generation get the graphs' memory back
+    step_graphs = getattr(trainer, "step_graphs", None)
+    if step_graphs is not None:
+        step_graphs.release()  # evaluation and generation get the graphs' memory back
     peak = record.peak_memory_gib()
     stop.enter("the final save", defer=True)  # a save completes, then the run stops
     _stopped_early(trainer, out)
@@ -235,14 +250,15 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         samples = scores.samples
 
     metrics = result.metrics
-    skipped = recorder.skipped_before + trainer.nonfinite_guard.skipped
+    guard = getattr(trainer, "nonfinite_guard", None)
+    skipped = recorder.skipped_before + (guard.skipped if guard is not None else 0)
     final_step, final_loss = recorder.final_loss or (None, None)
     tokens = recorder.last_train.get("num_tokens") or trained_tokens(trainer)
     session_tokens = tokens - tokens_before  # a resumed run's runtime covers only the steps it trained
     summary = {
         "model": m.name_or_path,
         "data": cfg.data.formatter.value
-        if cfg.data.formatter.value in ("synthetic", "mixture")
+        if cfg.data.formatter.value in (*SYNTHETIC, "mixture")
         else (cfg.data.path or cfg.data.name),
         "data_sources": splits.sources,
         "mixture": splits.mixture,
@@ -253,7 +269,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         "distributed": {"mode": cfg.distributed.value, "world_size": distributed.world_size()},
         "kernels": backend,
         "fp8_base": cfg.kernels.fp8,
-        "cuda_graphs": trainer.step_graphs.stats() if trainer.step_graphs is not None else None,
+        "cuda_graphs": step_graphs.stats() if step_graphs is not None else None,
         "trainer": cfg.trainer.name,
         "global_step": result.global_step,
         # HF's training_loss counts a skipped step's loss as 0.0
@@ -263,6 +279,8 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         "resumed_from": str(checkpoint) if checkpoint else None,
         "final_loss": final_loss,
         "final_loss_step": final_step,
+        # trainer=dpo: the last logged reward metrics (rewards/margins, rewards/accuracies, ...)
+        "preference": record.preference_metrics(recorder.last_train),
         "skipped_steps": skipped,
         "eval": evals,
         "samples": samples,
@@ -340,9 +358,10 @@ def _stopped_early(trainer: FastSFTTrainer, out: Path) -> None:
         if newest
         else "there is no checkpoint to resume from"
     )
-    why = trainer.nonfinite_guard.stopped
-    if why is None and trainer.checkpoint_marker.bad_step is not None:
-        why = f"non-finite weights at the save of step {trainer.checkpoint_marker.bad_step}"
+    guard, marker = getattr(trainer, "nonfinite_guard", None), getattr(trainer, "checkpoint_marker", None)
+    why = guard.stopped if guard is not None else None
+    if why is None and marker is not None and marker.bad_step is not None:
+        why = f"non-finite weights at the save of step {marker.bad_step}"
     if why is None and not _all_ranks_agree(trainable_weights_finite(trainer.model), trainer):
         why = f"non-finite weights at the end of step {step}; they are not saved"
     if why is not None:

@@ -93,6 +93,16 @@ def last_finite_loss(lines: list[dict]) -> tuple[int, float] | None:
     return None
 
 
+# The reward metrics a preference trainer (trainer=dpo) logs; the summary keeps the last logged value of each.
+PREFERENCE_METRICS = ("rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected")
+
+
+def preference_metrics(line: dict) -> dict | None:
+    """The reward metrics of a train line of metrics.jsonl, or None where it has none (an SFT run)."""
+    found = {key: line[key] for key in PREFERENCE_METRICS if key in line}
+    return found or None
+
+
 def write_summary(path: Path, summary: dict) -> None:
     """Written last, by a finished run only, and atomically: a summary.json on disk is a whole one."""
     write_json_atomically(Path(path), summary)
@@ -149,6 +159,11 @@ def format_summary(summary: dict) -> str:
             + (f"  skipped_steps {summary['skipped_steps']}" if summary.get("skipped_steps") else ""),
             f"  {summary['train_tokens_per_second']:.0f} tok/s  peak {summary['peak_memory_gib']:.2f} GiB  "
             f"runtime {summary['runtime_s']:.1f} s",
+            *(
+                ["  " + "  ".join(f"{k} {v:.4g}" for k, v in summary["preference"].items())]
+                if summary.get("preference")
+                else []
+            ),
             f"  eval: {evals or 'none'}",
             f"  record: {summary['output_dir']}",
         ]

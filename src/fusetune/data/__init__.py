@@ -28,8 +28,8 @@ from .cache import DatasetCache, DatasetCacheHook, Plan, Unit, code_hash
 from .checks import Source, checked, record_check
 from .files import LOCAL_BUILDERS, content_hash, load_local, one_line
 from .formatters import FORMATTERS
-from .rules import data_problems, is_mixture, value
-from .synthetic import synthetic_splits
+from .rules import SYNTHETIC, data_problems, is_mixture, value
+from .synthetic import preference_pairs, synthetic_splits
 from .templates import bounded_renders, check_template, render_within, use_chat_template
 
 __all__ = [
@@ -196,7 +196,7 @@ def _render_first(unit: Unit, tokenizer, label: str) -> None:
     record = unit.dataset[0]
     messages = record.get("messages")
     if messages is None and isinstance(record.get("prompt"), list):
-        messages = record["prompt"] + record["completion"]
+        messages = record["prompt"] + record["completion" if "completion" in record else "chosen"]
     if messages is None:
         return
     (where,) = unit.where([0])
@@ -218,8 +218,10 @@ def _hold_out(count: int, fraction: float, seed: int, key: str) -> tuple[np.ndar
 
 def _part(read: Read, cfg, seed: int, how: Reading) -> Part:
     check = record_check(read.formatter, read.field)  # a file that cannot be read is refused with its bad records
-    if read.formatter == "synthetic":
+    if read.formatter in SYNTHETIC:
         train, held_out = synthetic_splits(cfg.num_train, cfg.num_eval, seed)
+        if read.formatter == "synthetic_preference":
+            train, held_out = preference_pairs(train, seed), preference_pairs(held_out, seed + 1)
         identity = {"kind": "synthetic", "num_train": cfg.num_train, "num_eval": cfg.num_eval, "seed": seed}
         source = Source("data (synthetic)")
         part = Part(read, _unit((Dataset.from_list(train), source, {**identity, "part": "train"}), read, how))
@@ -244,6 +246,8 @@ def _form(formatter: str, chat_template: bool) -> str:
         return CONVERSATIONS
     if formatter == "alpaca":
         return "prompt/completion turns" if chat_template else "prompt/completion text"
+    if formatter in ("preference", "synthetic_preference"):
+        return "prompt/chosen/rejected pairs"
     return "text" if formatter == "text" else "prompt/completion text"
 
 
@@ -381,7 +385,7 @@ def generation_pair(record: dict, tokenizer) -> tuple[str, str] | None:
             return None
         prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
         return prompt, last["content"]
-    if "prompt" in record:
+    if "prompt" in record and "completion" in record:
         prompt, answer = record["prompt"], record["completion"]
         if isinstance(prompt, list):
             prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)

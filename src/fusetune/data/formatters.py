@@ -71,8 +71,9 @@ CHAT_TURNS = Turns("role", "content", CHAT_ROLES, "sharegpt", "from", "value")
 SHAREGPT_TURNS = Turns("from", "value", SHAREGPT_ROLES, "chat", "role", "content")
 
 
-def check_conversation(messages: object, name: str, turns: Turns) -> str | None:
-    """A non-empty list of messages with known roles and string contents, and an assistant turn to learn."""
+def check_conversation(messages: object, name: str, turns: Turns, needs_answer: bool = True) -> str | None:
+    """A non-empty list of messages with known roles and string contents, and (``needs_answer``) an assistant turn
+    to learn."""
     if not isinstance(messages, list):
         return f"'{name}' is missing or null" if messages is None else f"'{name}' must be a list, got {kind(messages)}"
     if not messages:
@@ -106,7 +107,7 @@ def check_conversation(messages: object, name: str, turns: Turns) -> str | None:
         # An empty system message is a choice of the data; an empty user or assistant turn is not.
         if empty is None and role != "system" and not content.strip():
             empty = Empty(f"message {n} ({written}) is empty")
-    if not answered:
+    if not answered and needs_answer:
         return "no assistant message (nothing to train on)"
     return empty
 
@@ -144,6 +145,36 @@ def check_text(values: tuple, names: tuple[str, ...]) -> str | None:
 
 def check_completion(values: tuple, names: tuple[str, ...]) -> str | None:
     return _check_strings(values, names)
+
+
+def check_preference(values: tuple, names: tuple[str, ...]) -> str | None:
+    """A prompt and two answers to it, all strings or all conversations (the prompt's turns, then each answer's
+    assistant turns), as TRL's DPOTrainer takes them. Answers that are the same teach nothing: Empty."""
+    lists = [isinstance(v, list) for v in values]
+    if not any(lists):
+        problem = _check_strings(values, names)
+    elif not all(lists):
+        given = ", ".join(f"'{name}' {kind(v)}" for name, v in zip(names, values, strict=True))
+        return f"give {', '.join(names)} all as strings or all as conversations, got {given}"
+    else:
+        problem = check_conversation(values[0], names[0], CHAT_TURNS, needs_answer=False)
+        if problem is None or isinstance(problem, Empty):
+            for value, name in zip(values[1:], names[1:], strict=True):
+                answer = check_conversation(value, name, CHAT_TURNS)
+                if answer is not None and not isinstance(answer, Empty):
+                    return f"'{name}' {answer}" if answer.startswith("message") else answer
+                problem = problem or (answer and Empty(f"'{name}' {answer}"))
+    if problem is None and values[1] == values[2]:
+        return Empty(f"'{names[1]}' and '{names[2]}' are the same (nothing to prefer)")
+    return problem
+
+
+def preference(values: tuple, chat_template: bool) -> dict:
+    def plain(value):
+        return [_role_content(m) for m in value] if isinstance(value, list) else value
+
+    prompt, chosen, rejected = values
+    return {"prompt": plain(prompt), "chosen": plain(chosen), "rejected": plain(rejected)}
 
 
 def chat(values: tuple, chat_template: bool) -> dict:
@@ -231,4 +262,6 @@ FORMATTERS: dict[str, Formatter] = {
     "text": Formatter(("text",), check_text, text, takes_field=True),
     "completion": Formatter(("prompt", "completion"), check_completion, completion),
     "synthetic": Formatter(("prompt", "completion"), check_completion, completion),
+    "preference": Formatter(("prompt", "chosen", "rejected"), check_preference, preference),
+    "synthetic_preference": Formatter(("prompt", "chosen", "rejected"), check_preference, preference),
 }

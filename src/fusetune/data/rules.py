@@ -11,6 +11,8 @@ from .formatters import FORMATTERS
 from .templates import check_template, find_chat_template
 
 SOURCE_FORMATTERS = ("chat", "sharegpt", "alpaca", "text", "completion")
+SYNTHETIC = ("synthetic", "synthetic_preference")  # the embedded set: data.num_train and data.num_eval, no path
+PREFERENCE_FORMATTERS = ("preference", "synthetic_preference")  # chosen/rejected pairs, for trainer=dpo
 # Top-level keys that name one dataset; a mixture reads each source's own instead.
 ONE_DATASET_KEYS = ("path", "name", "subset", "revision", "eval_path", "eval_split", "field")
 EXAMPLE = (
@@ -29,7 +31,7 @@ def is_mixture(cfg) -> bool:
 
 def has_eval_data(cfg) -> bool:
     """Whether the data config holds out records for evaluation."""
-    if value(cfg.formatter) == "synthetic" and cfg.num_eval > 0:
+    if value(cfg.formatter) in SYNTHETIC and cfg.num_eval > 0:
         return True
     if is_mixture(cfg):
         return cfg.eval_fraction > 0 or any(s.eval_path or s.eval_split for s in cfg.sources)
@@ -38,7 +40,7 @@ def has_eval_data(cfg) -> bool:
 
 def eval_requested(cfg) -> bool:
     """Whether the data config asks for held-out records itself (the synthetic data always has its eval split)."""
-    return value(cfg.formatter) != "synthetic" and has_eval_data(cfg)
+    return value(cfg.formatter) not in SYNTHETIC and has_eval_data(cfg)
 
 
 def _field_problem(key: str, formatter: str, field: str | None) -> str | None:
@@ -114,7 +116,7 @@ def data_problems(cfg) -> list[str]:
             )
         if cfg.mixture_size is not None:
             problems.append("data.mixture_size applies only to data=mixture")
-        if formatter != "synthetic":
+        if formatter not in SYNTHETIC:
             if (cfg.path is None) == (cfg.name is None):
                 problems.append(
                     f"data: formatter '{formatter}' needs exactly one of data.path or data.name "

@@ -2,7 +2,9 @@
 
 Three tasks in prompt/completion form: adding two small numbers, reversing a
 word, and sorting a few digits. Generation is deterministic in the seed, and
-the held-out prompts never occur in the training split.
+the held-out prompts never occur in the training split. ``preference_pairs``
+makes them prompt/chosen/rejected pairs (data=synthetic_preference, for
+trainer=dpo): the right answer chosen, a near miss of it rejected.
 """
 
 import random
@@ -26,6 +28,24 @@ def _sort(rng: random.Random) -> tuple[str, str]:
 
 
 TASKS = (_add, _reverse, _sort)
+DIGITS = "0123456789"
+
+
+def near_miss(answer: str, rng: random.Random) -> str:
+    """``answer`` with one digit or letter changed: a wrong answer that differs only where it matters."""
+    positions = [i for i, c in enumerate(answer) if c.isalnum()]
+    i = rng.choice(positions)
+    pool = DIGITS if answer[i].isdigit() else LETTERS
+    return answer[:i] + rng.choice([c for c in pool if c != answer[i]]) + answer[i + 1 :]
+
+
+def preference_pairs(rows: list[dict], seed: int) -> list[dict]:
+    """{"prompt", "completion"} rows as {"prompt", "chosen", "rejected"}: the completion chosen, a near miss of it
+    rejected."""
+    rng = random.Random(seed)
+    return [
+        {"prompt": r["prompt"], "chosen": r["completion"], "rejected": near_miss(r["completion"], rng)} for r in rows
+    ]
 
 
 def synthetic_splits(num_train: int, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:

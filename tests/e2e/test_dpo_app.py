@@ -1,0 +1,173 @@
+"""trainer=dpo on data=preference, end to end on the tiny default, and its mistakes refused in one line."""
+
+import json
+import random
+
+import pytest
+
+from fusetune import report
+from fusetune.app import resume_check
+from fusetune.app.config import validate
+from fusetune.app.run import run, sft_config
+from fusetune.data.synthetic import preference_pairs, synthetic_splits
+from fusetune.errors import FusetuneError
+from fusetune.preference_trainer import FastDPOConfig
+from fusetune.report import read_jsonl
+
+from .app_runs import error_line, exit_and_stderr
+from .test_report import make_job, summary
+
+DPO = ("trainer=dpo", "data=preference", "logger=none")
+
+
+def write_pairs(path, count: int, seed: int, bad: dict | None = None):
+    """Synthetic tasks as preference pairs: the right answer chosen, a wrong one (a random slice of it with a
+    random suffix) rejected. ``bad``: {line number: record} written in place of those lines."""
+    rng = random.Random(seed)
+    rows, _ = synthetic_splits(count, 0, seed)
+    lines = []
+    for n, row in enumerate(rows, 1):
+        wrong = row["completion"][: rng.randint(0, 2)] + rng.choice("xyz0123456789")
+        record = {"prompt": row["prompt"], "chosen": row["completion"], "rejected": wrong}
+        lines.append(json.dumps((bad or {}).get(n, record)))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_dpo_run_records_reward_metrics(compose_cfg, tmp_path, capsys):
+    """In-process (as tests/e2e/test_run.py does): the overrides are the command line's, beta and loss_type too."""
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 40, seed=random.randrange(1000))
+    run_dir = tmp_path / "run"
+    overrides = [
+        *DPO,
+        f"data.path={pairs}",
+        "data.eval_fraction=0.2",
+        "trainer.beta=0.2",
+        "trainer.loss_type=ipo",
+        "trainer.max_steps=3",
+        "trainer.logging_steps=1",
+        "trainer.per_device_train_batch_size=8",
+        "save_model=false",
+    ]
+    summary = run(compose_cfg(overrides, output_dir=run_dir))
+    assert summary == json.loads((run_dir / "summary.json").read_text())
+    assert summary["trainer"] == "dpo" and summary["global_step"] == 3
+    train = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["split"] == "train"]
+    assert [m["step"] for m in train] == [1, 2, 3]
+    for key in ("loss", "rewards/margins", "rewards/accuracies", "rewards/chosen", "rewards/rejected"):
+        assert all(isinstance(m[key], float) for m in train), key
+    assert summary["preference"]["rewards/margins"] == train[-1]["rewards/margins"]
+    assert summary["final_loss"] == train[-1]["loss"]
+    assert {"eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"} <= set(summary["eval"])
+    assert "rewards/margins" in capsys.readouterr().out
+
+
+def test_dpo_on_the_embedded_preference_set(compose_cfg, tmp_path):
+    seed = random.randrange(1000)
+    overrides = ["trainer=dpo", "data=synthetic_preference", "logger=none", f"seed={seed}", "save_model=false"]
+    overrides += [
+        "data.num_train=16",
+        "data.num_eval=8",
+        "trainer.max_steps=2",
+        "trainer.per_device_train_batch_size=8",
+    ]
+    summary = run(compose_cfg(overrides, output_dir=tmp_path))
+    assert summary["data"] == "synthetic_preference" and summary["global_step"] == 2
+    assert summary["preference"]["rewards/accuracies"] is not None  # its eval split only with eval_strategy, as SFT
+    rows, _ = synthetic_splits(50, 0, seed)
+    pairs = preference_pairs(rows, seed)
+    assert [p["chosen"] for p in pairs] == [r["completion"] for r in rows]
+    for p in pairs:  # one digit or letter changed
+        assert len(p["rejected"]) == len(p["chosen"])
+        assert sum(a != b for a, b in zip(p["rejected"], p["chosen"], strict=True)) == 1
+
+
+def test_the_dpo_keys_reach_fastdpoconfig(compose_cfg, tmp_path):
+    beta = round(random.uniform(0.05, 0.5), 3)
+    cfg = compose_cfg(
+        [*DPO, f"data.path={tmp_path / 'x.jsonl'}", f"trainer.beta={beta}", "trainer.loss_type='ipo,sft'"]
+    )
+    cfg.trainer.label_smoothing = 0.0
+    args = sft_config(cfg, tmp_path, __import__("torch").float32, [], "reference")
+    assert type(args) is FastDPOConfig
+    assert args.beta == beta and args.loss_type == ["ipo", "sft"] and args.max_length == cfg.model.max_seq_length
+    assert args.learning_rate == cfg.model.learning_rate
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (("trainer=dpo", "logger=none"), "fusetune: error: trainer=dpo trains on chosen/rejected pairs, but data="),
+        (("data=preference", "data.path=p.jsonl", "logger=none"), "fusetune: error: data=preference gives chosen/"),
+        ((*DPO, "data.path=p.jsonl", "+trainer.betta=0.2"), "(did you mean beta?)"),
+        ((*DPO, "data.path=p.jsonl", "trainer.loss_type=ipoo"), "'ipoo' is not a DPO loss type of the installed TRL"),
+        ((*DPO, "data.path=p.jsonl", "trainer.packing=true"), "trainer.packing applies to the SFT trainers"),
+        (("logger=none", "trainer.beta=0.3"), "fusetune: error: trainer.beta applies to trainer=dpo, not to"),
+    ],
+    ids=["dpo-on-sft-data", "sft-on-pairs", "typo", "loss-type", "sft-key", "dpo-key-on-sft"],
+)
+def test_mistakes_with_dpo_are_one_line(overrides, message, compose_cfg, tmp_path, capsys):
+    code, stderr = exit_and_stderr(list(overrides), tmp_path / "run", False, compose_cfg, capsys)
+    assert code == 2 and message in error_line(stderr)
+
+
+def test_bad_preference_records_are_named_in_one_line(compose_cfg, tmp_path, capsys):
+    bad = {
+        2: {"prompt": "add 1 2=", "chosen": "3"},
+        4: {"prompt": [{"role": "user", "content": "hi"}], "chosen": "3", "rejected": "4"},
+        5: {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "chosen": [{"role": "robot", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+    }
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 8, seed=random.randrange(1000), bad=bad)
+    code, stderr = exit_and_stderr([*DPO, f"data.path={pairs}"], tmp_path / "run", False, compose_cfg, capsys)
+    line = error_line(stderr)
+    assert code == 2 and "3 bad records" in line, line
+    assert "line 2: 'rejected' is missing or null" in line
+    assert "line 4: give prompt, chosen, rejected all as strings or all as conversations" in line
+    assert "line 5: 'chosen' message 1 has role 'robot'" in line
+
+
+def test_a_good_preference_set_passes_validation(compose_cfg, tmp_path):
+    validate(compose_cfg([*DPO, f"data.path={tmp_path / 'p.jsonl'}"]))  # the file is read later, by the run
+
+
+def test_the_report_shows_reward_columns_only_for_preference_runs(tmp_path):
+    margin, accuracy = random.uniform(0.1, 2.0), random.choice([0.25, 0.5, 0.75])
+    preference = {"rewards/margins": margin + 1, "rewards/accuracies": accuracy}
+    evaluated = {"eval_rewards/margins": margin, "eval_rewards/accuracies": accuracy}
+    make_job(tmp_path / "dpo", "0", 0, ["trainer.beta=0.1"], summary(1.0, preference=preference))
+    make_job(tmp_path / "dpo", "1", 1, ["trainer.beta=0.3"], summary(1.0, preference=preference, eval=evaluated))
+    rows = report.build_report(tmp_path / "dpo").rows
+    assert [r["reward margin"] for r in rows] == [margin + 1, margin]  # held-out where evaluated, else train's
+    assert [r["reward acc"] for r in rows] == [accuracy, accuracy]
+    header = report.jobs_table(rows).splitlines()[0]
+    assert "| exact_match | reward margin | reward acc | tok/s |" in header
+    make_job(tmp_path / "sft", "0", 0, ["trainer=sft"], summary(1.0))
+    assert "reward" not in report.jobs_table(report.build_report(tmp_path / "sft").rows)
+
+
+def test_the_dpo_keys_are_described_in_the_help(compose_cfg):
+    from fusetune.app.config import TrainerConfig
+    from fusetune.app.help import descriptions
+
+    about = descriptions(TrainerConfig)
+    assert about["beta"] and about["label_smoothing"] and "loss" in about["loss_type"].lower()
+    assert about["nan_policy"].startswith("A non-finite loss")
+
+
+def test_a_config_saved_before_the_dpo_keys_resumes_an_sft_run(compose_cfg):
+    """An SFT checkpoint's config from before the schema had the DPO keys: they reach no SFT trainer."""
+    new = resume_check.run_config(compose_cfg(["logger=none"]), 1)
+    saved = {**new, "trainer": {k: v for k, v in new["trainer"].items() if k not in ("beta", "label_smoothing")}}
+    assert resume_check.check(saved, new, [], "checkpoint-2") is None
+    moved = {**new, "trainer": {**new["trainer"], "beta": 0.3}}  # set away from its default: refused by validate
+    assert "trainer.beta changed (absent) -> 0.3" in resume_check.check(saved, moved, ["trainer"], "checkpoint-2")
+    dpo = {**new, "trainer": {**new["trainer"], "name": "dpo"}}
+    saved_dpo = {**saved, "trainer": {**saved["trainer"], "name": "dpo"}}
+    with pytest.raises(
+        FusetuneError, match=r"trainer.label_smoothing changed \(absent\) -> 0; trainer.beta changed \(absent\) -> 0.1 "
+    ):
+        resume_check.check(saved_dpo, dpo, [], "checkpoint-2")  # a DPO run reads them
