@@ -73,7 +73,7 @@ def composition_error(overrides) -> HydraException:
         ),
         (
             "trainer=nonexistent",
-            "In 'train': Could not find 'trainer/nonexistent' (options: embedding_lr, packing, padding_free, sft)",
+            "In 'train': Could not find 'trainer/nonexistent' (options: dpo, embedding_lr, packing, padding_free, sft)",
         ),
         ("trainer.max_steps=[", "trainer.max_steps=[: no viable alternative at input '['"),
     ],
