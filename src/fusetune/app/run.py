@@ -31,8 +31,6 @@ from .export import check_gguf, export_gguf, export_merged
 from .loggers import close_logger, logger_callbacks, start_logger, trainer_report_to
 
 log = logging.getLogger(__name__)
-# A trainer config class -> its trainer (config.trainer_class picks the class from trainer.name).
-TRAINERS = {FastSFTConfig: FastSFTTrainer, FastDPOConfig: FastDPOTrainer}
 
 
 def sft_config(
@@ -189,7 +187,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     # generation on rank 0 alone: a DDP model is whole on every rank (FSDP would need every rank: none there)
     generating = distributed.is_rank_zero() and cfg.distributed.value != "fsdp"
     stop.enter("data preparation")  # the trainer tokenizes the splits
-    trainer_type = TRAINERS[type(args)]
+    trainer_type = FastDPOTrainer if isinstance(args, FastDPOConfig) else FastSFTTrainer  # config.trainer_class
     options = {"dataset_cache": splits.cache}  # the tokenized cache is FastSFTTrainer's (DPO tokenizes its pairs)
     if trainer_type is FastDPOTrainer:
         # LoRA: the reference is the policy with its adapters disabled; full fine-tuning: a frozen copy of the
