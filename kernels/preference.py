@@ -62,7 +62,7 @@ V = 128256). The reference pass (``ref_hidden``) runs without grad and saves not
 import torch
 import torch.nn.functional as F
 
-from fusetune_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+from fusetune_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_reference
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto")
 # No reference model: the rewards are the policy's own (averaged) log-probs.
@@ -131,16 +131,21 @@ def _token_logps(hidden, weight, labels, bias, ignore_index, softcap, logit_scal
 def _token_logps_reference(
     hidden, weight, labels, bias, ignore_index, softcap, logit_scale, chunk_size, lora_in, lora_b
 ):
-    """The same from materialised logits: the matmul in the input dtype, then fp32 (float64 stays float64)."""
-    logits = F.linear(hidden, weight, bias)
-    if lora_b is not None:
-        logits = logits + lora_in @ lora_b.t()
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    kept = labels != ignore_index
-    token_logps = z.log_softmax(-1).gather(-1, torch.where(kept, labels, 0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(kept, token_logps, torch.zeros_like(token_logps))
+    """The same from fused_linear_cross_entropy's reference twin: the logits materialised, then fp32 (float64
+    stays float64)."""
+    per_token_loss = fused_linear_cross_entropy_reference(
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index,
+        "none",
+        softcap=softcap,
+        logit_scale=logit_scale,
+        lora_in=lora_in,
+        lora_b=lora_b,
+    )
+    return -per_token_loss
 
 
 def sequence_logps(

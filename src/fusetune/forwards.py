@@ -322,6 +322,13 @@ def aux_loss_coef(model) -> float:
     return getattr(model, "router_aux_loss_coef", getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0))
 
 
+def head_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the fused loss head computes in: the half precision of the two. A trained lm_head may be an fp32
+    master weight (QLoRA), and a model computing in fp32 under autocast hands fp32 hidden states to a half-precision
+    head."""
+    return hidden.dtype if hidden.dtype != torch.float32 else weight.dtype
+
+
 def head_adapter(lm_head, hidden: torch.Tensor, dtype: torch.dtype):
     """PEFT LoRA on the lm_head as the fused loss's low-rank term: ``(lora_in, lora_b, bias)``, where
     lora_in @ lora_b.T = sum over the active adapters of s * dropout(hidden) @ A.T @ B.T, as PEFT's forward adds
@@ -419,9 +426,7 @@ def causal_lm_forward(ops: Ops, original_forward):
         aux = router_aux_loss(self, original_forward, args, kwargs, backbone_out.router_logits) if router else None
         if shift_labels is None:
             hidden = hidden[:, :-1]
-        # The half precision of the two wins: a trained lm_head may be an fp32 master weight (QLoRA), and a
-        # model computing in fp32 under autocast hands fp32 hidden states to a half-precision head.
-        dtype = hidden.dtype if hidden.dtype != torch.float32 else lm_head.weight.dtype
+        dtype = head_dtype(hidden, lm_head.weight)
         flat_hidden = hidden.reshape(-1, hidden.size(-1)).to(lm_head.weight.device, dtype)
         scale = logit_scale(self.config)
         if scale != 1.0:  # (s h) W^T = s (h W^T)

@@ -39,7 +39,7 @@ from fusetune_kernels.preference import fused_linear_preference_loss, fused_line
 
 from .compat.trl import add_trained_tokens, metric_lists, tensor_parallel_size, trained_tokens
 from .errors import FusetuneError
-from .forwards import IGNORE_INDEX, logit_scale
+from .forwards import IGNORE_INDEX, head_dtype, logit_scale
 from .modules import base_model
 from .patching import apply_kernels, is_applied
 from .trainer import FastSFTConfig, as_fast_config, settle_precision
@@ -170,9 +170,8 @@ class FastDPOTrainer(DPOTrainer):
 
     @staticmethod
     def _in_head_dtype(hidden, weight, bias=None):
-        """(hidden, weight, bias) as the fused loss head casts them: to the half precision of the two (an fp32
-        master head, or fp32 hidden states under autocast, meet the other's half precision)."""
-        dtype = hidden.dtype if hidden.dtype != torch.float32 else weight.dtype
+        """(hidden, weight, bias) as the fused loss head casts them (``forwards.head_dtype``)."""
+        dtype = head_dtype(hidden, weight)
         return hidden.to(weight.device, dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
     def _reference_hidden(self, model_inputs: dict) -> dict:
