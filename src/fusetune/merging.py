@@ -67,7 +67,7 @@ def sixteen_bit() -> torch.dtype:
 def merged_copy(model, dtype: torch.dtype | None = None, token: str | None = None):
     """A plain transformers model holding ``model``'s weights with its LoRA adapters merged in; ``model`` is left
     as it is (the merge happens on a copy). A quantized base is reloaded in ``dtype`` (default: the hardware's
-    16-bit type) from its original weights first (``FastModel.save_merged`` says why); an FP8 base merges as
+    16-bit type) from its original weights first (``save_merged`` says why); an FP8 base merges as
     its dequantized weights."""
     from peft import PeftModel
 

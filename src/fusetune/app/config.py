@@ -271,7 +271,7 @@ def _default(f: dataclasses.Field) -> dataclasses.Field:
     return field(default=default_value(f))
 
 
-# trainer.name -> the config class it trains with (its trainer: run.TRAINERS); every other name is FastSFTConfig's.
+# trainer.name -> the config class it trains with (run picks the trainer by it); every other name is FastSFTConfig's.
 TRAINER_CLASSES = {"dpo": FastDPOConfig}
 
 
@@ -470,17 +470,13 @@ def extra_key_problem(key: str, config_class: type = FastSFTConfig) -> str | Non
     """Why ``trainer.extra.<key>`` is refused, or None: extra holds the trainer class's fields that no trainer key
     holds (or their older spellings, which FastSFTConfig translates), so the app's own reading of the trainer keys
     holds."""
-    rename = CONFIG_RENAMES.get(key)
-    if config_class is not FastSFTConfig:
-        if key in TRAINER_FIELDS:
-            return f"set trainer.{key} instead"
-        if key in SET_BY_THE_APP:
-            return f"fusetune sets {key} from {SET_BY_THE_APP[key]}"
-        return None if key in CLASS_DEFAULTS[config_class] else f"not a field of {config_class.__name__}"
     if key in TRAINER_FIELDS:
         return f"set trainer.{key} instead"
     if key in SET_BY_THE_APP:
         return f"fusetune sets {key} from {SET_BY_THE_APP[key]}"
+    if config_class is not FastSFTConfig:  # the older spellings are FastSFTConfig's translations
+        return None if key in CLASS_DEFAULTS[config_class] else f"not a field of {config_class.__name__}"
+    rename = CONFIG_RENAMES.get(key)
     if rename is not None and rename.new in TRAINER_FIELDS:
         return f"an older spelling of {rename.new}: set trainer.{rename.new}"
     if rename is not None and rename.new in SET_BY_THE_APP:
@@ -605,12 +601,13 @@ def fp8_problems(cfg) -> list[str]:
 def trainer_data_problems(cfg) -> list[str]:
     """trainer=dpo trains on data=preference (chosen/rejected pairs), and only it does."""
     formatter = cfg.data.formatter.value
-    if trainer_class(cfg.trainer.name) is FastDPOConfig and formatter not in PREFERENCE_FORMATTERS:
+    wants_pairs, gives_pairs = trainer_class(cfg.trainer.name) is FastDPOConfig, formatter in PREFERENCE_FORMATTERS
+    if wants_pairs and not gives_pairs:
         return [
             f"trainer={cfg.trainer.name} trains on chosen/rejected pairs, but data={formatter} gives single answers: "
             "use data=preference (prompt/chosen/rejected records) or data=synthetic_preference (the embedded set)"
         ]
-    if trainer_class(cfg.trainer.name) is not FastDPOConfig and formatter in PREFERENCE_FORMATTERS:
+    if gives_pairs and not wants_pairs:
         return [
             f"data={formatter} gives chosen/rejected pairs, which trainer={cfg.trainer.name} does not train on: "
             f"use trainer={' or '.join(TRAINER_CLASSES)}"
