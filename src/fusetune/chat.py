@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from transformers import TextStreamer
 
 from . import loading
+from .data.rules import SYNTHETIC
 from .data.templates import check_template, render_within
 from .errors import FusetuneError, first_line
 from .evaluate import _adds_specials
@@ -43,7 +44,7 @@ from .faults import SignalStop, StopOnSignal
 RUN_SUBFOLDERS = ("merged", "adapter", "model")  # in order of preference
 WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-PLAIN_FORMATTERS = ("synthetic", "synthetic_preference", "completion", "text")  # plain text, not turns
+PLAIN_FORMATTERS = (*SYNTHETIC, "completion", "text")  # data formatters that train on plain text, not turns
 COMMANDS = "/reset clears the conversation, /exit or Ctrl-D ends"
 
 

@@ -28,7 +28,7 @@ from .cache import DatasetCache, DatasetCacheHook, Plan, Unit, code_hash
 from .checks import Source, checked, record_check
 from .files import LOCAL_BUILDERS, content_hash, load_local, one_line
 from .formatters import FORMATTERS
-from .rules import SYNTHETIC, data_problems, is_mixture, value
+from .rules import PREFERENCE_FORMATTERS, SYNTHETIC, data_problems, is_mixture, value
 from .synthetic import preference_pairs, synthetic_splits
 from .templates import bounded_renders, check_template, render_within, use_chat_template
 
@@ -246,7 +246,7 @@ def _form(formatter: str, chat_template: bool) -> str:
         return CONVERSATIONS
     if formatter == "alpaca":
         return "prompt/completion turns" if chat_template else "prompt/completion text"
-    if formatter in ("preference", "synthetic_preference"):
+    if formatter in PREFERENCE_FORMATTERS:
         return "prompt/chosen/rejected pairs"
     return "text" if formatter == "text" else "prompt/completion text"
 

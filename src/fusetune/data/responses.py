@@ -18,6 +18,7 @@ it, and so is a dataset where no response token is left: training on nothing is 
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 
 from ..errors import FusetuneError
 
@@ -109,12 +110,7 @@ def response_mask(
 
 def _bounds(row: dict) -> list[int] | None:
     lengths = row.get("seq_lengths")
-    if not lengths:
-        return None
-    bounds = [0]
-    for length in lengths:
-        bounds.append(bounds[-1] + length)
-    return bounds
+    return list(accumulate(lengths, initial=0)) if lengths else None
 
 
 def _datasets(trainer) -> list[tuple[str, object, Callable]]:
