@@ -101,12 +101,6 @@ def score_generations(
     return GenerationScores(correct / len(pairs), f1, len(pairs), seconds, samples)
 
 
-def exact_match(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32, max_new_tokens: int = 32):
-    """Fraction of prompts whose greedy answer, stripped, equals the expected one; plus a few samples."""
-    scores = score_generations(model, tokenizer, pairs, batch_size, max_new_tokens)
-    return (None, []) if scores is None else (scores.exact_match, scores.samples)
-
-
 def _adds_specials(tokenizer, prompts: list[str]) -> bool:
     """Whether to add the tokenizer's special tokens to these prompts, as TRL did in training.
 

@@ -1,10 +1,10 @@
-"""exact_match generates from the same token ids that TRL trained on, with BOS where TRL puts one."""
+"""score_generations generates from the same token ids that TRL trained on, with BOS where TRL puts one."""
 
 import pytest
 import torch
 from tokenizers.processors import TemplateProcessing
 
-from fusetune.evaluate import exact_match
+from fusetune.evaluate import score_generations
 from fusetune.loading import load_model, load_tokenizer
 
 
@@ -21,7 +21,7 @@ def bos_tokenizer():
 
 
 def generation_inputs(model, tokenizer, pairs) -> list[list[int]]:
-    """The unpadded prompt ids that exact_match hands to generate()."""
+    """The unpadded prompt ids that score_generations hands to generate()."""
     seen = []
     generate = model.generate
 
@@ -31,7 +31,7 @@ def generation_inputs(model, tokenizer, pairs) -> list[list[int]]:
         return generate(**kwargs)
 
     model.generate = recording
-    exact_match(model, tokenizer, pairs, max_new_tokens=2)
+    score_generations(model, tokenizer, pairs, max_new_tokens=2)
     return seen
 
 
