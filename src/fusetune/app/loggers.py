@@ -393,9 +393,13 @@ class MlflowRun:
     def _set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(_name(k), v[:8000]) for k, v in tags.items()]
-        for start in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, tags=items[start : start + BATCH])
+        _log_batched(self.client, self.run_id, "tags", [RunTag(_name(k), v[:8000]) for k, v in tags.items()])
+
+
+def _log_batched(client, run_id: str, kind: str, items: list) -> None:
+    """``log_batch`` of params or tags, BATCH at a time (MLflow's limit per call)."""
+    for start in range(0, len(items), BATCH):
+        client.log_batch(run_id, **{kind: items[start : start + BATCH]})
 
 
 _mlflow: MlflowRun | None = None  # one run at a time, as for W&B
@@ -472,19 +476,18 @@ def _start_mlflow(cfg, out: Path, resuming: bool) -> None:
         continued = run_id is not None
         if continued:
             client.update_run(run_id, status="RUNNING")
-            logged = client.get_run(run_id).data.params
+            previous = client.get_run(run_id)
+            logged = previous.data.params
             changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v)
             if changed:  # resume.allow_changes let them change; MLflow keeps a param's first value
                 log.warning("MLflow: params kept from the first session, changed since: %s", ", ".join(changed))
             params = {k: v for k, v in params.items() if k not in logged}
-            experiment_id = client.get_run(run_id).info.experiment_id
+            experiment_id = previous.info.experiment_id
         else:
             experiment_id = _experiment_id(client, experiment, uri)
             given = {k: v for k, v in tags.items() if v is not None}
             run_id = client.create_run(experiment_id, run_name=name, tags=given).info.run_id
-        items = [Param(k, v) for k, v in params.items()]
-        for start in range(0, len(items), BATCH):
-            client.log_batch(run_id, params=items[start : start + BATCH])
+        _log_batched(client, run_id, "params", [Param(k, v) for k, v in params.items()])
     except FusetuneError:
         raise
     except Exception as error:  # a server out of reach, a database it cannot open, a name it refuses
