@@ -39,7 +39,8 @@ CUDA's rules for ``torch._scaled_mm`` with per-row scales: mat1 row-major, mat2 
 and both of mat2's dimensions multiples of 16, fp32 scales of shape [M, 1] and [1, N], bf16 output. Here W is
 stored padded with zeros to multiples of 16 in both dimensions (zero rows and columns add nothing), and x or
 dy are padded with zero columns only where their width is not a multiple of 16; the output's extra columns are
-cut off. The same padded path runs on the CPU (its _scaled_mm has no such rules), so CPU tests cover it.
+cut off. The same padded path runs on the CPU, the GEMM as fp32 sums of the (exact) e4m3 products scaled
+afterwards, as CUDA's kernel does, so CPU tests cover it.
 Accumulation is the GEMM's accurate mode (``use_fast_accum=False``).
 
 The reference twin, ``linear_fp8_reference``, is the plain product x W^T (W dequantized where only an
@@ -158,7 +159,8 @@ def quantize_rows_reference(t: torch.Tensor, column_scale: torch.Tensor | None =
     width = _check_rows(t, column_scale, width)
     v = t.float() if column_scale is None else t.float() * column_scale.float()
     amax = v.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    # divided by a tensor: CUDA divides by a Python number as a product with its reciprocal, one ulp off div_rn
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
     codes = (v / scale).to(E4M3)  # |v / scale| <= 448: rounds to nearest even, never saturates
     return (codes if width == t.shape[1] else F.pad(codes.view(torch.uint8), (0, width - t.shape[1])).view(E4M3)), scale
 
@@ -233,7 +235,10 @@ def nf4_to_fp8_reference(weight: NF4Weight) -> FP8Weight:
 
 
 def _scaled_mm(a_codes, a_scale, b_codes_t, b_scale, columns: int, dtype: torch.dtype) -> torch.Tensor:
-    out = torch._scaled_mm(a_codes, b_codes_t, scale_a=a_scale, scale_b=b_scale, out_dtype=OUT_DTYPE)
+    if a_codes.is_cuda:
+        out = torch._scaled_mm(a_codes, b_codes_t, scale_a=a_scale, scale_b=b_scale, out_dtype=OUT_DTYPE)
+    else:  # the same product: fp32 sums of exact e4m3 products, then the scales (some CPU builds take per-tensor only)
+        out = (torch.mm(a_codes.float(), b_codes_t.float()) * a_scale * b_scale).to(OUT_DTYPE)
     if out.shape[1] != columns:
         out = out[:, :columns].contiguous()
     return out if dtype == OUT_DTYPE else out.to(dtype)

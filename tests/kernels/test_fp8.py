@@ -6,6 +6,8 @@ The bounds (u = 2^-4, e4m3's unit roundoff; see the module docstring):
 - norm-wise: ||y - x W^T|| / ||x W^T|| <= 5% (3.7% measured on Gaussian data, forward and backward).
 """
 
+import re
+
 import pytest
 import torch
 
@@ -301,9 +303,17 @@ needs_fp8_gpu = pytest.mark.skipif(
     reason="needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+)",
 )
 # cuBLASLt's sm90_xmma_gemm_e4m3..., CUTLASS's f8f8bf16_rowwise / float_e4m3_t: a GEMM kernel on e4m3 operands
-# (the quantizing casts are elementwise kernels whose names hold Float8_e4m3fn too, and no GEMM word)
+# (the quantizing casts are elementwise kernels whose names hold Float8_e4m3fn too, and no GEMM word);
+# cuBLAS's nvjet kernels spell the operand types as letters, "q" for e4m3 (nvjet_sm90_qqtst_..._ovscale on an H100)
 FP8_KERNEL_NAMES = ("e4m3", "f8f8", "fp8", "float8")
 GEMM_KERNEL_NAMES = ("gemm", "xmma", "cutlass", "matmul")
+NVJET_FP8 = re.compile(r"^nvjet_(sm\d+_)?qq")
+
+
+def is_fp8_gemm(name: str) -> bool:
+    lower = name.lower()
+    named = any(k in lower for k in FP8_KERNEL_NAMES) and any(k in lower for k in GEMM_KERNEL_NAMES)
+    return named or bool(NVJET_FP8.match(lower))
 
 
 def _cuda_kernels(fn) -> list[str]:
@@ -344,9 +354,5 @@ def test_gpu_fp8_gemms_error_against_bf16_on_real_shapes(out_in):
     print(f"\n{out_f}x{in_f}, 2048 tokens, relative error against float64: {errors}")
     assert errors["fp8 y"] <= NORM_BOUND and errors["fp8 dx"] <= NORM_BOUND
     names = _cuda_kernels(lambda: linear_fp8(x_, held).backward(dy))
-    fp8_gemms = [
-        n
-        for n in names
-        if any(k in n.lower() for k in FP8_KERNEL_NAMES) and any(k in n.lower() for k in GEMM_KERNEL_NAMES)
-    ]
+    fp8_gemms = [n for n in names if is_fp8_gemm(n)]
     assert fp8_gemms, f"no FP8 GEMM kernel among {names}"

@@ -64,6 +64,8 @@ def fake_gpu(monkeypatch, capability, name="NVIDIA A100-SXM4-80GB"):
 def test_refused_with_one_line_before_the_weights(gpu, kwargs, line, monkeypatch):
     if gpu is not None:
         fake_gpu(monkeypatch, gpu)
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     loaded = []
     monkeypatch.setattr("fusetune.loading.load_model", lambda *a, **k: loaded.append(1))
     with pytest.raises(FusetuneError) as refused:
@@ -161,7 +163,7 @@ def test_qlora_bases_go_from_nf4_to_e4m3_on_every_call(tmp_path, monkeypatch):
     tiny_model("llama", hidden_size=128, intermediate_size=192, num_attention_heads=8).save_pretrained(folder)
     model = nf4_lora_model(folder)
     apply_kernels(model, "triton", rms_norm=False, rope=False, glu=False, loss=False)
-    inputs = batch(model.config.vocab_size)
+    inputs = {k: v.to(model.device) for k, v in batch(model.config.vocab_size).items()}
     ref_loss, ref_grads = loss_and_grads(model, inputs)  # the fused NF4 node, base products in the compute dtype
 
     assert fp8_base.hold_fp8(model) == "kernels.fp8 (fp8_base): 14 NF4 projections go to e4m3 on every call"
