@@ -497,6 +497,7 @@ def build_fusetune(spec: dict, torch, dtype):
         load_in_4bit=spec["scenario"].get("quant") == "nf4",
         kernels=kernels,
         device_map={"": 0} if spec["cuda"] else None,
+        fp8_base=spec.get("fusetune_fp8", False),
     )
     model = FastModel.get_peft_model(
         model,
@@ -976,13 +977,18 @@ def s4_mode(variant: str, args) -> str:
     return "padded" if args.s4_mode == "padded" else "padding_free"
 
 
+def fp8_note(args) -> str:
+    return "; base GEMMs in FP8 (fp8_base=True)" if args.fusetune_fp8 else ""
+
+
 def checkpointing(variant: str, args) -> str:
     if variant.startswith("fusetune"):
         if args.fusetune_checkpointing == "plain":
-            return "use_gradient_checkpointing=True (plain, fusetune's)"
+            return "use_gradient_checkpointing=True (plain, fusetune's)" + fp8_note(args)
         if args.fusetune_checkpointing == "smart":
             budget = f"memory_budget={args.memory_gib:g}" if args.memory_gib else "the free memory as budget"
-            return f'use_gradient_checkpointing="smart" ({budget}; the rest offloaded)'
+            return f'use_gradient_checkpointing="smart" ({budget}; the rest offloaded)' + fp8_note(args)
+        return CHECKPOINTING[variant] + fp8_note(args)
     elif args.peer_checkpointing == "off":
         return "none (use_gradient_checkpointing=False)"
     return CHECKPOINTING[variant]
@@ -1042,6 +1048,7 @@ def worker_spec(scenario, variant, sc, folder, source, gpu, args, *, seq=None, m
         "max_seq_length": max(widest, 2048 if gpu["cuda"] else 0),
         "profile": variant in args.profile,
         "fusetune_checkpointing": args.fusetune_checkpointing,
+        "fusetune_fp8": args.fusetune_fp8,
         "peer_checkpointing": args.peer_checkpointing,
         "memory_cap_gib": args.memory_gib,
         "fusetune_graphs": args.fusetune_graphs == "on",
@@ -1527,6 +1534,7 @@ def parse_args(argv=None):
         help='fusetune variants: use_gradient_checkpointing="unsloth" (offload, as the seeds), True (plain) or '
         '"smart" (its budget: --memory-gib, else the free memory)',
     )
+    p.add_argument("--fusetune-fp8", action="store_true", help="fusetune variants: the frozen base GEMMs in FP8")
     p.add_argument(
         "--peer-checkpointing",
         choices=["shipped", "off"],
