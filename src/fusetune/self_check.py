@@ -1,9 +1,10 @@
 """Every family op, run once against the model's own code before it is patched.
 
 ``verdicts`` builds a small random fp32 model from the config (``families.small_model``), takes
-its loss and every gradient with the model's own modules, then again with one op replaced by the
-backend's, and compares: an op agrees when the loss and each gradient are within ``TOLERANCE``
-(norm-wise relative error). An op that disagrees, raises, or is never called by the model stays
+its loss and every gradient with the model's own modules, then again with the backend's ops, and
+compares: an op agrees when the loss and each gradient are within ``TOLERANCE`` (norm-wise relative
+error). All ops are first replaced at once, as they train; only where that pass disagrees is each op
+checked alone, to say which. An op that disagrees, raises, or is never called by the model stays
 unpatched, with the reason. So a transformers upgrade that changes a module's maths costs speed,
 never correctness. Verdicts are cached in the process and on disk, keyed by the model type, op,
 backend, device type, config, library versions, and the code of all the family's originals (a fused
@@ -167,26 +168,46 @@ def run(config, backend: str, kernels, rows: list, device) -> dict[str, str | No
         return dict.fromkeys(
             ops, f"its small random model does not train on a text batch: {first_line(failure, with_type=True)}"
         )
-    verdict = {}
+    called = {
+        op: [(owner, name, make, o) for op_, owner, name, make, o in rows if op_ == op and (owner, name) in hits]
+        for op in ops
+    }
     with installed(originals):
-        for op in ops:
-            called = [
-                (owner, name, make, o) for op_, owner, name, make, o in rows if op_ == op and (owner, name) in hits
-            ]
-            names = ", ".join(sorted({_describe(owner, name) for op_, owner, name, *_ in rows if op_ == op}))
-            if not called:
-                verdict[op] = f"the model never calls {names} on a text batch"
-                continue
-            try:
-                with installed({(owner, name): make(kernels, o) for owner, name, make, o in called}):
-                    got = _loss_and_grads(model, batch)
-                error = relative_error(got, expected)
-            except Exception as failure:  # the op cannot take this model's call: it stays unpatched
-                verdict[op] = f"fails against the model's own {names}: {first_line(failure, with_type=True)}"
-                continue
-            ok = error <= TOLERANCE[backend]
-            verdict[op] = None if ok else f"max rel error {error:.1e} against the model's own {names}"
-    return verdict
+        # Every called op at once first, as they will train: one pass where all agree (the usual case).
+        replaced = {(owner, name): make(kernels, o) for calls in called.values() for owner, name, make, o in calls}
+        if len([op for op in ops if called[op]]) > 1 and _agrees(model, batch, replaced, expected, backend):
+            return {op: None if called[op] else _never_called(op, rows) for op in ops}
+        return {op: _verdict(model, batch, op, called[op], rows, kernels, expected, backend) for op in ops}
+
+
+def _never_called(op: str, rows: list) -> str:
+    return f"the model never calls {_names(op, rows)} on a text batch"
+
+
+def _names(op: str, rows: list) -> str:
+    return ", ".join(sorted({_describe(owner, name) for op_, owner, name, *_ in rows if op_ == op}))
+
+
+def _agrees(model, batch, replaced: dict, expected, backend: str) -> bool:
+    try:
+        with installed(replaced):
+            return relative_error(_loss_and_grads(model, batch), expected) <= TOLERANCE[backend]
+    except Exception:  # one of them cannot take the call: each is checked alone
+        return False
+
+
+def _verdict(model, batch, op: str, called: list, rows: list, kernels, expected, backend: str) -> str | None:
+    """None where ``op`` alone agrees with the model's own code, else why not."""
+    if not called:
+        return _never_called(op, rows)
+    try:
+        with installed({(owner, name): make(kernels, o) for owner, name, make, o in called}):
+            error = relative_error(_loss_and_grads(model, batch), expected)
+    except Exception as failure:  # the op cannot take this model's call: it stays unpatched
+        return f"fails against the model's own {_names(op, rows)}: {first_line(failure, with_type=True)}"
+    return (
+        None if error <= TOLERANCE[backend] else f"max rel error {error:.1e} against the model's own {_names(op, rows)}"
+    )
 
 
 def _describe(owner, name: str) -> str:
