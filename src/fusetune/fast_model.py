@@ -25,6 +25,7 @@ from .modules import EMBEDDINGS, EXPERT_PARAMETERS, PROJECTIONS, base_model, is_
 from .patching import apply_kernels, choose_backend
 from .saving import add_saving_methods
 from .smart_checkpointing import enable_smart_checkpointing
+from .state import state_of
 
 log = logging.getLogger(__name__)
 OFFLOADED = ("unsloth", "offload")  # checkpointing whose saved layer inputs wait in pinned CPU memory
@@ -147,13 +148,13 @@ class FastModel:
         )
         if not quantized and device_map is None and torch.cuda.is_available():
             model = model.to("cuda")
-        apply_kernels(model, backend)  # records the backend as model.fusetune_kernels
+        apply_kernels(model, backend)  # records the backend in the model's FusetuneState
         model.max_seq_length = max_seq_length
-        model.fusetune_compute_dtype = dtype
-        model.fusetune_hub = {"revision": revision, "trust_remote_code": trust_remote_code}  # no token kept
-        if use_gradient_checkpointing is not None:
-            model.fusetune_gradient_checkpointing = use_gradient_checkpointing
-        model.fusetune_fp8_base = fp8_base  # get_peft_model turns the wrapped projections to FP8
+        state = state_of(model)
+        state.compute_dtype = dtype
+        state.hub = {"revision": revision, "trust_remote_code": trust_remote_code}  # no token kept
+        state.checkpointing = use_gradient_checkpointing
+        state.fp8_base = fp8_base  # get_peft_model turns the wrapped projections to FP8
         return add_saving_methods(model), tokenizer
 
     @staticmethod
@@ -196,7 +197,8 @@ class FastModel:
         if loftq_config:
             raise FusetuneError("loftq_config is not supported: LoftQ needs the unquantized base weights")
         if use_gradient_checkpointing is None:
-            use_gradient_checkpointing = getattr(model, "fusetune_gradient_checkpointing", True)
+            asked = state_of(model).checkpointing
+            use_gradient_checkpointing = True if asked is None else asked
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         targets = list(target_modules) if target_modules else [p for p in PROJECTIONS if p in present]
         if target_parameters is None:
@@ -234,7 +236,7 @@ class FastModel:
             target_parameters=list(target_parameters) or None,
         )
         peft_model.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
-        if getattr(base_model(peft_model), "fusetune_fp8_base", False):
+        if state_of(peft_model).fp8_base:
             log.info(fp8.hold_fp8(peft_model))
         if checkpointing:  # fusetune's own: offloaded or not, with the recompute marked (see enable_checkpointing)
             log.info(

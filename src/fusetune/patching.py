@@ -32,6 +32,7 @@ from . import families, forwards, self_check
 from .errors import FusetuneError
 from .families import FAMILY_OPS, Family, NotPatchable
 from .modules import base_model
+from .state import peek, state_of
 
 log = logging.getLogger(__name__)
 KERNEL_BACKENDS = ("auto", "triton", "reference")  # what a user asks for; "none" is an unpatched model
@@ -217,7 +218,7 @@ def apply_kernels(
     """
     base = base_model(model)
     backend = backend if backend == "none" else choose_backend(backend, base.config, on_cuda)
-    base.fusetune_kernels = backend  # the trainer leaves a model with this set as it is
+    state_of(base).backend = backend  # the trainer leaves a model with this set as it is
     if backend == "none":
         return backend
     switches = dict(rms_norm=rms_norm, add_norm=add_norm, rope=rope, glu=glu, experts=experts, loss=loss, lora=lora)
@@ -242,7 +243,8 @@ def remove_kernels() -> None:
 def is_applied(model) -> bool:
     """Whether ``model`` was given a backend that is still in place (so the trainer leaves it as it is)."""
     base = base_model(model)
-    applied = getattr(base, "fusetune_kernels", None)
+    state = peek(base)
+    applied = state.backend if state is not None else None
     if applied == "none":
         return True
     return applied is not None and _active.get(base.config.model_type, (None,))[0] == applied

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .modules import base_model
+from .state import peek
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 def compute_dtype(model) -> torch.dtype:
     """The dtype the model computes in: as loaded by FastModel, else the quantization config's."""
     base = base_model(model)
-    recorded = getattr(base, "fusetune_compute_dtype", None)
+    state = peek(base)
+    recorded = state.compute_dtype if state is not None else None
     if recorded is not None:
         return recorded
     quantization = getattr(base.config, "quantization_config", None)

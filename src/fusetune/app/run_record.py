@@ -1,4 +1,4 @@
-"""The run record: metrics.jsonl while training, summary.json at the end."""
+"""The run record: status.json from the start, metrics.jsonl while training (summary.json: app.summary)."""
 
 import json
 import math
@@ -103,11 +103,6 @@ def preference_metrics(line: dict) -> dict | None:
     return found or None
 
 
-def write_summary(path: Path, summary: dict) -> None:
-    """Written last, by a finished run only, and atomically: a summary.json on disk is a whole one."""
-    write_json_atomically(Path(path), summary)
-
-
 def write_status(out: Path, status: str, error: str | None = None, step: int | None = None, **extra) -> Path:
     """status.json: {"status": running | finished | failed | interrupted, "error": one line, "last_step", "updated"};
     last_step is read from metrics.jsonl unless given. "running" also names its process ("pid", "host"), so a
@@ -140,31 +135,3 @@ def whole_run_loss(lines: list[dict]) -> float | None:
         if line["loss"] is not None:
             total, count = total + line["loss"] * steps, count + steps
     return total / count if count else None
-
-
-def _loss(value: float | None) -> str:
-    return "not logged" if value is None else f"{value:.4f}"
-
-
-def format_summary(summary: dict) -> str:
-    """A few lines for the terminal at the end of a run."""
-    evals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary["eval"].items())
-    return "\n".join(
-        [
-            f"fusetune run: {summary['model']} on {summary['data']} | kernels={summary['kernels']} "
-            f"trainer={summary['trainer']} seed={summary['seed']}",
-            f"  steps {summary['global_step']}  train_loss {_loss(summary['train_loss'])}  "
-            f"final_loss {_loss(summary['final_loss'])}"
-            + (f" (step {summary['final_loss_step']})" if summary.get("final_loss_step") is not None else "")
-            + (f"  skipped_steps {summary['skipped_steps']}" if summary.get("skipped_steps") else ""),
-            f"  {summary['train_tokens_per_second']:.0f} tok/s  peak {summary['peak_memory_gib']:.2f} GiB  "
-            f"runtime {summary['runtime_s']:.1f} s",
-            *(
-                ["  " + "  ".join(f"{k} {v:.4g}" for k, v in summary["preference"].items())]
-                if summary.get("preference")
-                else []
-            ),
-            f"  eval: {evals or 'none'}",
-            f"  record: {summary['output_dir']}",
-        ]
-    )
