@@ -79,9 +79,7 @@ def draw_mixture(
     used = [n for n, source in enumerate(sources) if source.spec.weight > 0]
     total = sum(sources[n].spec.weight for n in used)
     size = size if size is not None else sum(sources[n].train_count() for n in used)
-    rows = [
-        np.arange(sources[n].train_count()) if sources[n].train_rows is None else sources[n].train_rows for n in used
-    ]
+    rows = [sources[n].rows_that_train() for n in used]
     drawn_source, drawn_row = _draw(rows, [sources[n].spec.weight / total for n in used], size, seed)
     counts = [0] * len(sources)
     for position, n in enumerate(used):

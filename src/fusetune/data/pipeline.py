@@ -199,7 +199,9 @@ def _source_summary(source: LoadedSource, probability: float, drawn: int) -> dic
     }
 
 
-def _mixture_train(sources: list[LoadedSource], cfg, seed: int, cache: DatasetCache):
+def _mixture_train(
+    sources: list[LoadedSource], cfg, seed: int, cache: DatasetCache
+) -> tuple[Dataset, list[dict], dict]:
     """The mixture's training split, each source's summary (logged) and the mixture's size and seed."""
     train, counts, size = draw_mixture(sources, cfg.mixture_size, seed, cache)
     total = sum(source.spec.weight for source in sources)

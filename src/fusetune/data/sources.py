@@ -64,6 +64,9 @@ class LoadedSource:
     def train_count(self) -> int:
         return len(self.records.dataset) if self.train_rows is None else len(self.train_rows)
 
+    def rows_that_train(self) -> np.ndarray:
+        return np.arange(len(self.records.dataset)) if self.train_rows is None else self.train_rows
+
     def held_out(self) -> tuple[RecordSet, np.ndarray | None] | None:
         if self.eval_records is not None:
             return self.eval_records, None
@@ -169,9 +172,8 @@ def _load_synthetic(spec: SourceSpec, cfg, seed: int, options: ReadOptions) -> L
         train, held_out = preference_pairs(train, seed), preference_pairs(held_out, seed + 1)
     identity = {"kind": "synthetic", "num_train": cfg.num_train, "num_eval": cfg.num_eval, "seed": seed}
     origin = DatasetOrigin("data (synthetic)")
-    source = LoadedSource(
-        spec, _record_set((Dataset.from_list(train), origin, {**identity, "part": "train"}), spec, options)
-    )
+    read = (Dataset.from_list(train), origin, {**identity, "part": "train"})
+    source = LoadedSource(spec, _record_set(read, spec, options))
     if held_out:
         read = (Dataset.from_list(held_out), origin, {**identity, "part": "eval"})
         source.eval_records = _record_set(read, spec, options)
