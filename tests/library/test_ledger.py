@@ -1,13 +1,11 @@
 """The patch ledger: the first original is kept, and each tag's replacements are undone alone."""
 
-import types
-
 from fusetune import ledger
 
 
 def test_the_first_original_comes_back_and_tags_are_undone_apart():
-    a = types.SimpleNamespace(f="a-original", g="g-original")
-    b = types.SimpleNamespace(f="b-original")
+    a = type("A", (), {"f": "a-original", "g": "g-original"})  # owners are classes and modules: hashable
+    b = type("B", (), {"f": "b-original"})
     ledger.replace(a, "f", "first", "kernels")
     ledger.replace(a, "f", "second", "kernels")  # replaced again: the library's own is still the original
     ledger.replace(a, "g", "ours", "trl")
