@@ -73,6 +73,31 @@ def _refuse_ids_beyond_embeddings(tokenizer, tokenizer_name: str, model_config, 
         )
 
 
+def _refuse_unsupported(unused: dict, loftq_config) -> None:
+    """Unsloth's arguments that fusetune ignores are named in a warning; LoftQ is refused."""
+    for name in unused:
+        warnings.warn(f"FastModel.get_peft_model: '{name}' is not supported and is ignored", stacklevel=3)
+    if loftq_config:
+        raise FusetuneError("loftq_config is not supported: LoftQ needs the unquantized base weights")
+
+
+def _lora_targets(model, target_modules, target_parameters) -> tuple[list[str], list[str]]:
+    """The module names (default: every projection present) and 3-D parameters (default: the experts fusetune's
+    kernel computes) that get adapters; a warning where embeddings would get LoRA factors."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = list(target_modules) if target_modules else [p for p in PROJECTIONS if p in present]
+    if target_parameters is None:
+        target_parameters = patched_expert_parameters(model)
+    lora_on_embeddings = sorted(set(targets) & set(EMBEDDINGS))
+    if lora_on_embeddings:
+        warnings.warn(
+            f"target_modules has {lora_on_embeddings}: they get LoRA factors, which train at learning_rate; "
+            "embedding_learning_rate applies only to full embedding weights listed in modules_to_save",
+            stacklevel=3,
+        )
+    return targets, target_parameters
+
+
 class FastModel:
     """Load, add LoRA, save. Unsloth's FastLanguageModel argument names are accepted as they are."""
 
@@ -192,24 +217,11 @@ class FastModel:
         LoraConfig fields.
         """
         limits.refuse({"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}, limits.LORA)
-        for name in unused:
-            warnings.warn(f"FastModel.get_peft_model: '{name}' is not supported and is ignored", stacklevel=2)
-        if loftq_config:
-            raise FusetuneError("loftq_config is not supported: LoftQ needs the unquantized base weights")
+        _refuse_unsupported(unused, loftq_config)
         if use_gradient_checkpointing is None:
             asked = state_of(model).checkpointing
             use_gradient_checkpointing = True if asked is None else asked
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        targets = list(target_modules) if target_modules else [p for p in PROJECTIONS if p in present]
-        if target_parameters is None:
-            target_parameters = patched_expert_parameters(model)
-        lora_on_embeddings = sorted(set(targets) & set(EMBEDDINGS))
-        if lora_on_embeddings:
-            warnings.warn(
-                f"target_modules has {lora_on_embeddings}: they get LoRA factors, which train at learning_rate; "
-                "embedding_learning_rate applies only to full embedding weights listed in modules_to_save",
-                stacklevel=2,
-            )
+        targets, target_parameters = _lora_targets(model, target_modules, target_parameters)
         if use_gradient_checkpointing not in CHECKPOINTING:
             raise FusetuneError(
                 f"use_gradient_checkpointing: expected True, False, 'unsloth', 'offload' or 'smart', "
