@@ -70,3 +70,10 @@ def adamw(model) -> torch.optim.Optimizer:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> None:
+    """Unpatch, and hand the GPU's cached blocks back, so that the next build starts as this one did."""
+    remove_kernels()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

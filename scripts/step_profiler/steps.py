@@ -13,10 +13,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from fusetune import varlen
 from fusetune.graphs import CudaGraphs, Reruns, StepGraphs
-from fusetune.patching import remove_kernels
 
 from . import BACKENDS, Setup
-from .model import adamw, build, sync
+from .model import adamw, build, release, sync
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -183,7 +182,5 @@ def profile_backend(setup: Setup, backend: str, batches: list[dict], device, dty
         "sync_points": syncs,
     }
     del model, optimizer
-    remove_kernels()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return result

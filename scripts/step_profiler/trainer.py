@@ -10,10 +10,9 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
 from fusetune import FastSFTConfig, FastSFTTrainer, varlen
-from fusetune.patching import remove_kernels
 
 from . import TRAINER_VARIANTS, Setup
-from .model import build
+from .model import build, release
 from .steps import gpu_events, sync_points
 
 GPU_BOUND_BUSY = 0.9  # a trainer step is GPU-bound when the GPU is busy for this share of it
@@ -134,7 +133,5 @@ def profile_trainer(setup: Setup, documents: list[list[dict]], device, dtype, va
         "log_history": trainer.state.log_history,
     }
     del trainer, model
-    remove_kernels()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    release(device)
     return result
