@@ -115,9 +115,6 @@ def marker(spec: dict) -> dict:
 
 def write_llama3_tokenizer(folder: Path, cfg: dict) -> None:
     """A word-level tokenizer with exactly the config's vocabulary and Llama 3's special ids (no real text)."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab_size, first_special = cfg["vocab_size"], 128000
     vocab = {"<unk>": 0, **{f"t{i}": i for i in range(1, first_special)}}
     specials = {first_special + i: f"<|reserved_special_token_{i}|>" for i in range(vocab_size - first_special)}
@@ -130,25 +127,12 @@ def write_llama3_tokenizer(folder: Path, cfg: dict) -> None:
         }
     )
     vocab.update({token: i for i, token in specials.items()})
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in specials.values()])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|end_of_text|>",
-        pad_token="<|finetune_right_pad_id|>",
-        unk_token="<unk>",
-        model_max_length=cfg.get("max_position_embeddings", 131072),
-    )
-    fast.save_pretrained(folder)
+    roles = {"bos": "<|begin_of_text|>", "eos": "<|end_of_text|>", "pad": "<|finetune_right_pad_id|>"}
+    save_word_level(folder, cfg, vocab, list(specials.values()), roles, unk="<unk>")
 
 
 def write_word_tokenizer(folder: Path, cfg: dict) -> None:
     """A word-level tokenizer with exactly the config's vocabulary, its bos/eos/pad at the config's ids."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     names, roles = {}, {}
     for role in ("bos", "eos", "pad"):
         token_id = cfg.get(f"{role}_token_id")
@@ -156,10 +140,18 @@ def write_word_tokenizer(folder: Path, cfg: dict) -> None:
         if token_id is not None and token_id < cfg["vocab_size"]:
             roles[role] = names.setdefault(token_id, f"<{role}>")  # roles that share an id share its token
     vocab = {names.get(i, f"t{i}"): i for i in range(cfg["vocab_size"])}
-    unk = roles.get("eos", "t0")
+    save_word_level(folder, cfg, vocab, list(names.values()), roles, unk=roles.get("eos", "t0"))
+
+
+def save_word_level(folder: Path, cfg: dict, vocab: dict, specials: list[str], roles: dict, unk: str) -> None:
+    """Save a whitespace-split word-level tokenizer of ``vocab``: ``specials`` special, ``roles`` (bos, eos,
+    pad) naming their tokens."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=unk))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in names.values()])
+    tokenizer.add_special_tokens([AddedToken(token, special=True) for token in specials])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         **{f"{role}_token": token for role, token in roles.items()},
