@@ -16,7 +16,7 @@ from .runner import Runner, availability, log, split_list
 from .scenarios import FUSETUNE_CHECKPOINTING, SCENARIOS, TINY_SCENARIOS, VARIANTS
 
 ROOT = Path(__file__).resolve().parents[2]
-KINDS = {"fixed": fixed.run, "docs": docs.run, "max_context": max_context.max_context}
+KINDS = {"fixed": fixed.run, "docs": docs.run, "max_context": max_context.run}
 
 
 def parser() -> argparse.ArgumentParser:

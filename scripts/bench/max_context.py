@@ -31,7 +31,7 @@ def next_probe(ok, bad, fits, capacity, top, gran, resolution) -> int | None:
     return length if ok < length < bad else None
 
 
-def max_context(runner, scenario, variant, sc, folder, source, gpu, args) -> dict:
+def run(runner, scenario, variant, sc, folder, source, gpu, args) -> dict:
     """S5: probe batch-1 lengths, one training step each in its own subprocess, from ``--s5-min`` up
     (next_probe picks each next length; capacity: the GPU's memory less 5%). A timed-out probe counts
     as a failure at that length, and is listed as such."""
@@ -40,7 +40,7 @@ def max_context(runner, scenario, variant, sc, folder, source, gpu, args) -> dic
     probes, fits, ok, bad = [], [], None, None
 
     def probe(length: int) -> dict:
-        spec = worker_spec(scenario, variant, sc, folder, source, gpu, args, seq=length, steps=(0, 1))
+        spec = worker_spec(scenario, variant, sc, folder, source, gpu, args, seq=length, warmup_and_steps=(0, 1))
         spec.update(alt_steps=0, memory_cap_gib=args.s5_memory_gib)
         r = runner.call("worker", spec, f"{scenario}-{variant}-{length}", variant, timeout=args.s5_probe_timeout)
         status = "ok" if r["status"] == "ok" else ("oom" if r.get("oom") else r.get("reason") or r["status"])
@@ -98,10 +98,10 @@ def start_together(runner, scenario, sc, folder, source, gpu, args) -> dict:
     ready = [v for v in args.variants if availability(v, sc, gpu, args) is None]
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(ready))
 
-    def run(variant: str) -> dict:
-        result = max_context(runner, scenario, variant, sc, folder, source, gpu, args)
+    def probe_alongside(variant: str) -> dict:
+        result = run(runner, scenario, variant, sc, folder, source, gpu, args)
         return {**result, "concurrent_with": [v for v in ready if v != variant]}
 
-    futures = {v: pool.submit(run, v) for v in ready}
+    futures = {v: pool.submit(probe_alongside, v) for v in ready}
     pool.shutdown(wait=False)
     return futures

@@ -54,10 +54,12 @@ def base_row(scenario: str, variant: str, sc: dict, gpu: dict, args) -> dict:
     }
 
 
-def worker_spec(scenario, variant, sc, folder, source, gpu, args, *, seq=None, mode=None, steps=None) -> dict:
-    """The job of one variant on one scenario: ``seq`` a probe's length, ``steps`` (warm-up, timed) for it."""
+def worker_spec(
+    scenario, variant, sc, folder, source, gpu, args, *, seq=None, mode=None, warmup_and_steps=None
+) -> dict:
+    """The job of one variant on one scenario: ``seq`` a probe's length, and its ``warmup_and_steps``."""
     sc = dict(sc, seq=seq) if seq else sc
-    warmup, timed = steps or (
+    warmup, timed = warmup_and_steps or (
         args.warmup if args.warmup is not None else sc["warmup"],
         args.steps if args.steps is not None else sc["steps"],
     )
