@@ -20,6 +20,7 @@ def expert_parameters(model, names) -> list[str]:
 
 
 def bnb_config(torch, dtype):
+    """QLoRA's 4-bit base: NF4 with double quantization, computing in ``dtype``."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -88,6 +89,7 @@ def self_check_seconds() -> float | None:
 
 
 def build_unsloth(spec: dict, torch, dtype):
+    """Unsloth's FastLanguageModel with its own offloaded checkpointing ("unsloth")."""
     from unsloth import FastLanguageModel
 
     model, _ = FastLanguageModel.from_pretrained(
@@ -115,6 +117,7 @@ def build_unsloth(spec: dict, torch, dtype):
 
 
 def build_fusetune(spec: dict, torch, dtype):
+    """fusetune's FastModel with the variant's kernels (reference or triton), varlen attention where padding-free."""
     from fusetune import FastModel
 
     kernels = spec["variant"].removeprefix("fusetune_")
