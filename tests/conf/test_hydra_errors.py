@@ -73,7 +73,8 @@ def composition_error(overrides) -> HydraException:
         ),
         (
             "trainer=nonexistent",
-            "In 'train': Could not find 'trainer/nonexistent' (options: dpo, embedding_lr, packing, padding_free, sft)",
+            "In 'train': Could not find 'trainer/nonexistent' "
+            "(options: dpo, embedding_lr, orpo, packing, padding_free, sft, simpo)",
         ),
         ("trainer.max_steps=[", "trainer.max_steps=[: no viable alternative at input '['"),
     ],

@@ -16,6 +16,7 @@ from fusetune.app.config import (
     SET_BY_THE_APP,
     SFT_DEFAULTS,
     SFT_TRAINER_FIELDS,
+    TRAINER_CLASSES,
     TRAINER_FIELDS,
     AppTrainerKeys,
     TrainerConfig,
@@ -34,12 +35,17 @@ APP_KEYS = {f.name for f in dataclasses.fields(AppTrainerKeys)}
 
 
 def test_the_schemas_defaults_are_fastsftconfigs():
-    """FastDPOConfig's for the fields FastSFTConfig lacks (beta, label_smoothing, ...)."""
-    dpo_defaults = {f.name: f.default for f in dataclasses.fields(FastDPOConfig)}
+    """For the fields FastSFTConfig lacks (beta, label_smoothing, ...): the first preference class's that has
+    the field (config.TRAINER_CLASSES, FastDPOConfig first)."""
+    preference = [{f.name: f.default for f in dataclasses.fields(cls)} for cls in TRAINER_CLASSES.values()]
+    assert next(iter(TRAINER_CLASSES.values())) is FastDPOConfig
     for f in dataclasses.fields(TrainerConfig):
         if f.name not in APP_KEYS:
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            assert default == SFT_DEFAULTS.get(f.name, dpo_defaults.get(f.name)), f.name
+            expected = (
+                SFT_DEFAULTS[f.name] if f.name in SFT_DEFAULTS else next(d[f.name] for d in preference if f.name in d)
+            )
+            assert default == expected, f.name
     assert {"beta", "label_smoothing", "precompute_ref_log_probs"} <= TRAINER_FIELDS - SFT_TRAINER_FIELDS
     assert OmegaConf.structured(TrainerConfig).padding_free is None  # it was false, FastSFTConfig's is None
 

@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from fusetune import report
 from fusetune.app import resume_check
@@ -102,7 +103,10 @@ def test_the_dpo_keys_reach_fastdpoconfig(compose_cfg, tmp_path):
         ((*DPO, "data.path=p.jsonl", "+trainer.betta=0.2"), "(did you mean beta?)"),
         ((*DPO, "data.path=p.jsonl", "trainer.loss_type=ipoo"), "'ipoo' is not a DPO loss type of the installed TRL"),
         ((*DPO, "data.path=p.jsonl", "trainer.packing=true"), "trainer.packing applies to the SFT trainers"),
-        (("logger=none", "trainer.beta=0.3"), "fusetune: error: trainer.beta applies to trainer=dpo, not to"),
+        (
+            ("logger=none", "trainer.beta=0.3"),
+            "fusetune: error: trainer.beta applies to trainer=dpo or orpo or simpo, not to",
+        ),
     ],
     ids=["dpo-on-sft-data", "sft-on-pairs", "typo", "loss-type", "sft-key", "dpo-key-on-sft"],
 )
@@ -171,3 +175,28 @@ def test_a_config_saved_before_the_dpo_keys_resumes_an_sft_run(compose_cfg):
         FusetuneError, match=r"trainer.label_smoothing changed \(absent\) -> 0; trainer.beta changed \(absent\) -> 0.1 "
     ):
         resume_check.check(saved_dpo, dpo, [], "checkpoint-2")  # a DPO run reads them
+
+
+@pytest.mark.parametrize(
+    ("variant", "options"), [("orpo", ["trainer.beta=0.2"]), ("simpo", ["trainer.simpo_gamma=1.0"])]
+)
+def test_orpo_and_simpo_runs_record_reward_metrics(variant, options, compose_cfg, tmp_path):
+    """trainer=orpo and trainer=simpo: TRL's own trainers on fusetune's kernels, their keys typed, the rewards
+    recorded as trainer=dpo's are; the config class is the variant's, with the options given."""
+    from fusetune.preference_variants import FastORPOConfig, FastSimPOConfig
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 24, seed=random.randrange(1000))
+    run_dir = tmp_path / "run"
+    overrides = [
+        f"trainer={variant}", "data=preference", "logger=none", f"data.path={pairs}", *options,
+        "trainer.max_steps=2", "trainer.logging_steps=1", "trainer.per_device_train_batch_size=8", "save_model=false",
+    ]  # fmt: skip
+    cfg = compose_cfg(overrides, output_dir=run_dir)
+    args = sft_config(cfg, tmp_path / "args", torch.float32, [], "reference")
+    assert type(args) is {"orpo": FastORPOConfig, "simpo": FastSimPOConfig}[variant]
+    assert (args.beta, getattr(args, "simpo_gamma", None)) == ((0.2, None) if variant == "orpo" else (2.0, 1.0))
+    summary = run(cfg)
+    assert summary["trainer"] == variant and summary["global_step"] == 2
+    train = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["split"] == "train"]
+    assert [m["step"] for m in train] == [1, 2] and all(isinstance(m["loss"], float) for m in train)
+    assert summary["preference"]["rewards/accuracies"] == train[-1]["rewards/accuracies"]

@@ -8,7 +8,7 @@ The trainer schema is not written out: ``TrainerConfig`` is generated from
 ``FastSFTConfig``, every field OmegaConf can type with its default, so the two
 cannot drift apart; then the fields of ``FastDPOConfig`` that FastSFTConfig lacks
 (beta, label_smoothing, ...), with DPO's defaults. ``trainer.name`` picks the
-config class (``TRAINER_CLASSES``: dpo, else FastSFTConfig), which gets only the
+config class (``TRAINER_CLASSES``: dpo, orpo, simpo, else FastSFTConfig), which gets only the
 keys it has; a key set away from its default that the class lacks is refused.
 The app's own trainer keys are ``AppTrainerKeys``, the defaults it sets apart
 from FastSFTConfig's are ``OWN_TRAINER_DEFAULTS`` (values in
@@ -34,6 +34,7 @@ from ..errors import FusetuneError
 from ..fast_model import check_memory_budget
 from ..modules import PROJECTIONS
 from ..preference_trainer import FastDPOConfig
+from ..preference_variants import FastORPOConfig, FastSimPOConfig
 from ..trainer import FastSFTConfig
 from . import distributed, job_names
 from .choices import choice_problems
@@ -272,7 +273,7 @@ def _default(f: dataclasses.Field) -> dataclasses.Field:
 
 
 # trainer.name -> the config class it trains with (run picks the trainer by it); every other name is FastSFTConfig's.
-TRAINER_CLASSES = {"dpo": FastDPOConfig}
+TRAINER_CLASSES = {"dpo": FastDPOConfig, "orpo": FastORPOConfig, "simpo": FastSimPOConfig}  # all train on pairs
 
 
 def trainer_class(name: str) -> type:
@@ -599,9 +600,9 @@ def fp8_problems(cfg) -> list[str]:
 
 
 def trainer_data_problems(cfg) -> list[str]:
-    """trainer=dpo trains on data=preference (chosen/rejected pairs), and only it does."""
+    """trainer=dpo, orpo and simpo train on data=preference (chosen/rejected pairs), and only they do."""
     formatter = cfg.data.formatter.value
-    wants_pairs, gives_pairs = trainer_class(cfg.trainer.name) is FastDPOConfig, formatter in PREFERENCE_FORMATTERS
+    wants_pairs, gives_pairs = cfg.trainer.name in TRAINER_CLASSES, formatter in PREFERENCE_FORMATTERS
     if wants_pairs and not gives_pairs:
         return [
             f"trainer={cfg.trainer.name} trains on chosen/rejected pairs, but data={formatter} gives single answers: "

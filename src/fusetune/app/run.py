@@ -23,6 +23,7 @@ from ..loading import TOKENIZER_FILES, count_parameters, load_tokenizer, pick_dt
 from ..offline import require_local_or_hub
 from ..patching import remove_kernels
 from ..preference_trainer import FastDPOConfig, FastDPOTrainer
+from ..preference_variants import FastORPOConfig, FastORPOTrainer, FastSimPOConfig, FastSimPOTrainer
 from ..report import METRICS, SUMMARY, read_jsonl
 from ..state import state_of
 from ..trainer import FastSFTConfig, FastSFTTrainer
@@ -34,12 +35,14 @@ from .loggers import close_logger, logger_callbacks, start_logger, trainer_repor
 from .summary import RunSummary
 
 log = logging.getLogger(__name__)
+# the trainer of each preference config class (config.TRAINER_CLASSES); every other config trains with FastSFTTrainer
+TRAINERS = {FastDPOConfig: FastDPOTrainer, FastORPOConfig: FastORPOTrainer, FastSimPOConfig: FastSimPOTrainer}
 
 
 def sft_config(
     cfg, out: Path, dtype: torch.dtype, report_to: list[str], backend: str, strategy: dict | None = None
-) -> FastSFTConfig | FastDPOConfig:
-    """The trainer option's config (FastSFTConfig, or FastDPOConfig for trainer=dpo) from the trainer keys it has
+) -> FastSFTConfig | FastDPOConfig | FastORPOConfig | FastSimPOConfig:
+    """The trainer option's config (FastSFTConfig, or config.TRAINER_CLASSES' for dpo, orpo, simpo) from the keys it has
     that differ from their defaults, trainer.extra, and the fields the app fills in from other groups
     (config.SET_BY_THE_APP)."""
     t = cfg.trainer
@@ -144,7 +147,7 @@ class Loaded:
 class Session:
     """The trainer and what watches it: the metrics record, the generation eval, the signal stop."""
 
-    trainer: FastSFTTrainer | FastDPOTrainer
+    trainer: FastSFTTrainer | FastDPOTrainer | FastORPOTrainer | FastSimPOTrainer
     recorder: record.MetricsRecorder
     generation_eval: GenerationEval
     stop: StopOnSignal
@@ -235,8 +238,10 @@ def _build_trainer(cfg, out, loaded: Loaded, splits, report_to, checkpoint, stop
     resume_step = step_of(checkpoint) if checkpoint else None
     recorder = record.MetricsRecorder(out / METRICS, resume_step, write=distributed.is_rank_zero())
     stop.enter("data preparation")  # the trainer tokenizes the splits
-    trainer_type = FastDPOTrainer if isinstance(args, FastDPOConfig) else FastSFTTrainer  # config.trainer_class
-    extra = {"dataset_cache": splits.cache}  # the tokenized cache is FastSFTTrainer's (DPO tokenizes its pairs)
+    trainer_type = TRAINERS.get(type(args), FastSFTTrainer)  # by config.trainer_class
+    # the tokenized cache is FastSFTTrainer's (the preference trainers tokenize their pairs; ORPO and SimPO need no
+    # reference model)
+    extra = {"dataset_cache": splits.cache} if trainer_type is FastSFTTrainer else {}
     if trainer_type is FastDPOTrainer:
         # LoRA: the reference is the policy with its adapters disabled; full fine-tuning: a frozen copy of the
         # weights as loaded (TRL would load one from model.name_or_path, which a random_init model does not have)

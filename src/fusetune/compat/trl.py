@@ -58,8 +58,10 @@ def metric_lists(trainer, mode: str) -> dict[str, list]:
 
 
 def trained_tokens(trainer) -> int:
-    """TRL's running count of trained (non-padding) tokens, as logged in ``num_tokens``."""
-    return trainer._total_train_tokens
+    """TRL's running count of trained (non-padding) tokens, as logged in ``num_tokens``; the Trainer's count of input
+    tokens where TRL keeps none (its experimental ORPO and CPO trainers), 0 where neither is kept."""
+    count = getattr(trainer, "_total_train_tokens", None)
+    return count if count is not None else int(trainer.state.num_input_tokens_seen or 0)
 
 
 def add_trained_tokens(trainer, count: int) -> int:
