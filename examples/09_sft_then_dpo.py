@@ -38,8 +38,13 @@ common = dict(logging_steps=5, save_strategy="no", report_to=[], seed=SEED)
 sft = FastSFTTrainer(
     model=model,
     args=FastSFTConfig(
-        output_dir=f"{args.out}/sft", max_steps=args.sft_steps, per_device_train_batch_size=32, learning_rate=3e-3,
-        lr_scheduler_type="cosine", warmup_steps=2, **common,
+        output_dir=f"{args.out}/sft",
+        max_steps=args.sft_steps,
+        per_device_train_batch_size=32,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        **common,
     ),  # fmt: skip
     train_dataset=Dataset.from_list(train_rows),
     processing_class=tokenizer,
@@ -58,8 +63,13 @@ pairs = {
 dpo = FastDPOTrainer(
     model=model,
     args=FastDPOConfig(
-        output_dir=f"{args.out}/dpo", max_steps=args.dpo_steps, per_device_train_batch_size=8,
-        per_device_eval_batch_size=32, learning_rate=2e-3, beta=0.1, **common,
+        output_dir=f"{args.out}/dpo",
+        max_steps=args.dpo_steps,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=32,
+        learning_rate=2e-3,
+        beta=0.1,
+        **common,
     ),  # fmt: skip
     train_dataset=Dataset.from_list(pairs["trained"]),
     processing_class=tokenizer,

@@ -39,6 +39,7 @@ def __getattr__(name: str):
         return getattr(preference_variants, name)
     raise AttributeError(f"module 'fusetune' has no attribute '{name}'")
 
+
 __all__ = [
     "FastDPOConfig",
     "FastDPOTrainer",
