@@ -28,7 +28,7 @@ from .modules import base_model
 log = logging.getLogger(__name__)
 
 
-def compute_dtype(model) -> torch.dtype:
+def model_compute_dtype(model) -> torch.dtype:
     """The dtype the model computes in: as loaded by FastModel, else the quantization config's."""
     base = base_model(model)
     recorded = getattr(base, "fusetune_compute_dtype", None)

@@ -22,7 +22,7 @@ from ..loading import TOKENIZER_FILES, count_parameters, load_tokenizer, pick_dt
 from ..offline import require_local_or_hub
 from ..patching import remove_kernels
 from ..preference_trainer import FastDPOConfig, FastDPOTrainer
-from ..report import read_jsonl
+from ..record_files import read_jsonl
 from ..trainer import FastSFTConfig, FastSFTTrainer
 from . import distributed, run_folder
 from . import run_record as record
