@@ -32,18 +32,16 @@ matmul per chunk).
 Default chunk: C = the largest multiple of 128 rows with C * V * elem <= 256 MiB (at least 128),
 e.g. 1024 rows for V = 128256 in bf16, 512 for V = 256000. When the weight trains the budget is
 1 GiB (4096 / 2048 rows): each chunk reads and writes the V*H fp32 dW accumulator, which stays
-cheap next to the chunk's matmul only when C is large (H100, N=8192, H=4096, V=256000, fwd+bwd:
-C=512 95 ms, C=1024 77 ms, C=2048 72 ms).
+cheap next to the chunk's matmul only when C is large (timings per C: kernels/README.md).
 
 Peak extra memory of one call (N tokens, n of them not ignored, bf16, e = 2 bytes):
     chunk buffer C*V*e + gathered hidden n*H*e + dhidden n*H*e (+ scatter N*H*e in backward)
     + if weight trains: fp32 accumulator V*H*4 and the final dW V*H*e (+ fp32 dbias V*4)
     + with a head adapter of rank r: gathered lora_in n*r*e + dlora_in n*r*e (r elements a token each, against
       H for hidden) and for dB an fp32 accumulator V*r*4 and dB V*r*e: N=8192, V=128256, r=16, bf16: ~13 MB.
-N=8192, H=4096, V=128256: 263 MB + 2 * 67 MB ~= 0.4 GB with a frozen lm_head (0.34 GiB measured
-on an H100), and with a trained one 1.05 GB (C=4096) + 2.1 GB + 1.05 GB ~= 4.3 GB (4.0 GiB
-measured), versus 2.1 GB for the bf16 logits alone and 11.7 GiB measured for the materialised
-reference (bf16 logits, their fp32 copy, fp32 and bf16 dlogits).
+N=8192, H=4096, V=128256: 263 MB + 2 * 67 MB ~= 0.4 GB with a frozen lm_head, and with a trained one
+1.05 GB (C=4096) + 2.1 GB + 1.05 GB ~= 4.3 GB, versus 2.1 GB for the bf16 logits alone; the materialised
+reference holds the bf16 logits, their fp32 copy, fp32 and bf16 dlogits (peaks on a GPU: kernels/README.md).
 Saved for backward: the gradients (n*H, V*H, V, n*r, V*r in the input dtypes), or for "none" with a
 trained weight or adapter: the inputs (references), the kept-row index and the per-row lse (fp32).
 """

@@ -1,68 +1,12 @@
 """Offloaded activation checkpointing: each layer's saved input lives in pinned CPU memory, not on the GPU.
 
-Under plain activation checkpointing a decoder layer keeps one tensor for its backward, its input
-hidden states h_i [batch, seq, hidden]; everything inside the layer is recomputed from h_i. Across
-L layers that is L * batch * seq * hidden * 2 bytes (bf16) held from the forward to the backward,
-the term that dominates at long sequences (Llama-3-8B, seq 16k, batch 1: 32 * 128 MiB = 4 GiB).
-Here h_i goes to the host instead and comes back just before it is needed:
-
-    forward of layer i:   side stream waits for the compute stream, then h_i -> pinned host (D2H,
-                          non_blocking); h_i.record_stream(side), so the caching allocator does not
-                          hand h_i's block to anyone until that copy is done. The copy overlaps
-                          layer i's own forward; when the model loop drops h_i, the GPU holds none
-                          of it.
-    backward of layer i:  the recompute asks for h_i: the compute stream waits on h_i's copy-in
-                          event (issued earlier, see below; issued now for the first layer of the
-                          backward), the buffer is record_stream'ed on the compute stream, and the
-                          recompute runs. Right after, h_{i-1} is prefetched on the side stream
-                          (H2D, non_blocking), overlapping layer i's recompute and backward.
-
-What is saved: per checkpointed layer, one pinned host copy of its input (kept until the graph
-is freed, so ``retain_graph=True`` and a second backward work). On the GPU: at most the input in
-use and the one prefetched, so two [batch, seq, hidden] buffers instead of L. Only the first
-positional tensor of the call is offloaded; everything else a layer receives (position
-embeddings, masks, cu_seq_lens, ...) is bound as keyword arguments by transformers, shared across
-layers, and stays where it is. Activations recomputed inside the layer are not offloaded.
-
-Memory traffic: per layer and step, 2 * batch * seq * hidden * 2 bytes over PCIe (out in the
-forward, back in the backward), in both directions at once with compute. Estimated, not measured
-here: per token a layer moves 2 * hidden bytes each way (8 KiB for hidden 4096, ~0.16 us at
-50 GB/s) against ~2 * layer_params FLOPs of forward (~0.9 us for an 8B layer at 500 TFLOP/s), so
-on a large model the copies hide behind the compute; with tiny layers they may not. It saves
-(L - 2) * batch * seq * hidden * 2 bytes of GPU memory and needs L times that in pinned host RAM.
-
-Design: torch's own non-reentrant checkpoint with a saved-tensor hook pair around it, not a
-reentrant autograd.Function. Non-reentrant ``checkpoint`` saves its positional tensor inputs as
-saved tensors before it enters its own hooks, so the hooks active around the call (ours) see
-them; ours swap the one input for a host copy and give back a device copy on unpack. The
-recompute, the RNG and autocast state, early stop, the determinism check and ``context_fn``
-(TRL's selective checkpointing) are torch's, so gradients equal plain checkpointing by
-construction: only where the input's bytes wait in between changes. Parameter gradients
-(LoRA factors) flow through the ordinary autograd graph in one backward, so:
-
-- DDP's per-parameter hooks fire once each, in the usual order, with or without
-  ``find_unused_parameters`` or ``static_graph``; a reentrant Function would run a nested backward
-  inside the outer one, which DDP only tolerates with ``static_graph=True``.
-- The hidden states need not require grad (frozen embeddings, with or without
-  ``enable_input_require_grads``), and a layer may return a tensor, a tuple or a ModelOutput.
-
-The cost of this choice: it relies on non-reentrant checkpoint saving its inputs as saved tensors
-(torch 2.13 does it in ``_CheckpointFrame.save_inputs``, earlier 2.x through ``_NoopSaveInputs``;
-transformers' own ``offload=True`` relies on it too). The tests count the offloads, so a torch
-that stopped doing it fails them instead of silently saving nothing. Saved-tensor hooks skip
-autograd's version check, so an in-place change of a layer's input after its forward is caught
-only while the original tensor is alive. Eager mode only; a layer called while a
-CUDA graph is being captured runs as plain checkpointing.
-
-Without CUDA, ``enable_checkpointing(model, offload=True)`` installs plain non-reentrant
-checkpointing and logs why. ``set_cpu_simulation(True)`` (tests) makes CPU tensors take the offload
-path with synchronous CPU copies instead, so the same bookkeeping runs without a GPU.
-
-The recompute is marked. ``enable_checkpointing`` gives every checkpointed layer its own
-``LayerCheckpoint``, which runs the layer's forward as usual and its re-run for backward under
-``recomputing() is layer``. The recompute's outputs are thrown away; only the tensors it saves are
-used. A layer whose last op is ``residual + mlp(...)`` can therefore leave the MLP's down projection
-uncomputed there (``fusetune.forwards.mlp_forward``), which saves that matmul in every recompute.
+Under plain checkpointing every decoder layer keeps its input [batch, seq, hidden] from the forward to the
+backward, the memory that dominates at long sequences. Here that input is copied to the host on a side stream
+during the forward and prefetched back one layer ahead in the backward, so the GPU holds two such buffers
+instead of one per layer. It is torch's own non-reentrant checkpoint with a saved-tensor hook pair around it,
+so gradients equal plain checkpointing's and DDP sees one ordinary backward. ``LayerCheckpoint`` marks each
+layer's recompute (``recomputing()``), so a layer can skip an output the recompute never reads. Without CUDA
+it is plain checkpointing. The design, its memory traffic and its limits: kernels/README.md.
 """
 
 import functools

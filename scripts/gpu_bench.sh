@@ -1,20 +1,20 @@
 #!/usr/bin/env bash
 # The peer benchmark (scripts/bench.py) on a CUDA host, in one call: hf, liger, unsloth and fusetune on the
-# same LoRA/QLoRA steps, each variant in its own subprocess. A call has 10 minutes, so pick scenarios:
+# same LoRA/QLoRA steps, each variant in its own subprocess. All scenarios take long, so pick some:
 #   SCENARIOS="S1 S4" bash scripts/gpu_bench.sh
 #   SCENARIOS=S3 VARIANTS="hf unsloth fusetune_triton" bash scripts/gpu_bench.sh
 #   SCENARIOS=S5 VARIANTS="unsloth fusetune_triton" \
 #     BENCH_ARGS="--s5-memory-gib 24 --s5-min 32768 --s5-probes 4 --s5-together" bash scripts/gpu_bench.sh
-# Environment: SCENARIOS (default all: far more than one call), VARIANTS (default hf liger unsloth fusetune_triton),
+# Environment: SCENARIOS (default all), VARIANTS (default hf liger unsloth fusetune_triton),
 # STEPS / WARMUP (default: per scenario), BUDGET (seconds for bench.py, default 500: a subprocess gets at most what
 # is left, later ones are skipped), TIMEOUT (per subprocess), BENCH_ARGS (more bench.py flags).
-# New families (8x2048, one call each): SCENARIOS=S6 (Qwen3.5-2B), S7 (Gemma 3 4B), S8 (Phi-4-mini), S9 (its QLoRA).
+# Families beyond Llama (8x2048): SCENARIOS=S6 (Qwen3.5-2B), S7 (Gemma 3 4B), S8 (Phi-4-mini), S9 (its QLoRA).
 # Wheels: .whl/*.whl as for every GPU script (scripts/gpu_env.sh); the peers from .whl-peers/ (wheelhouse.py
 # --peers-only --peers liger,unsloth, carried beside .whl) or .whl/: liger's wheel into /tmp/site, and
 # unsloth/*.whl installed apart into /tmp/unsloth-site and put first on the path of the unsloth subprocess
 # only (it pins trl<=1.15; fusetune needs trl 1.16).
-# Writes under $OUT (at most 8 files come back): <date>-<gpu>-peers.jsonl and .md, bench.log, env.txt, logs.tgz
-# (the tail of every subprocess's log). Model folders stay in /tmp/fusetune-bench while the machine is warm.
+# Writes under $OUT, in few files: <date>-<gpu>-peers.jsonl and .md, bench.log, env.txt, logs.tgz (the tail of
+# every subprocess's log). Model folders are kept in $SCRATCH (default /tmp/fusetune-bench) for the next run.
 set -uo pipefail
 # shellcheck source=scripts/gpu_env.sh
 source "$(dirname "$0")/gpu_env.sh"

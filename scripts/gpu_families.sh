@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue-21 checks on a CUDA host, in one call: what the load-time self-check costs (scripts/check_cost.py:
+# The families' checks on a CUDA host, in one call: what the load-time self-check costs (scripts/check_cost.py:
 # cold, warm Triton cache, cached verdicts) beside building the full-size model, then the whole suite on
 # the GPU (pytest-xdist), the coverage test with kernels=triton on real Triton included.
 # Environment: ARCHS (default llama3_1b), SUITE (default: tests), SUITE_TIMEOUT (seconds, default 420).

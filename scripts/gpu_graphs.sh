@@ -6,7 +6,7 @@
 #         blocking and non-blocking batch copies;
 #   p32:  32 documents (17k tokens, GPU-bound): what the padding costs where the host is not the limit;
 #   gc8:  8 documents with gradient checkpointing.
-# Writes tests.log, profile.log and <run>/profile.{json,md} under $OUT (8 files, the device's limit).
+# Writes tests.log, profile.log and <run>/profile.{json,md} under $OUT.
 #   TESTS="tests/trainer/test_graphs.py" TEST_WORKERS=4 RUNS="p8" BACKENDS= TRAINER=fused,graphs bash scripts/gpu_graphs.sh
 set -uo pipefail
 # shellcheck source=scripts/gpu_env.sh

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call for this session's CUDA-only checks, then one new-family scenario of the peer benchmark:
+# CUDA-only checks on a CUDA host, in one call, then one scenario of the peer benchmark beyond Llama:
 #   the CUDA cases of the FP8, MoE, smart-checkpointing, add+norm and graph tests (pytest-xdist),
 #   the load-time self-check's cost on Phi-4-mini, and S8 (Phi-4-mini LoRA 8x2048) against the peers.
 # Environment: TESTS_TIMEOUT (default 200 s), SCENARIOS (default S8), BUDGET (default 230 s).

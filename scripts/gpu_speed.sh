@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call for issue 22's levers on S1 (Llama-3.2-1B LoRA, 8x2048), each a bench run of its own:
+# The speed levers on S1 (Llama-3.2-1B LoRA, 8x2048) on a CUDA host, in one call, each a bench run of its own:
 # the CUDA cases of the FP8 and smart-checkpointing tests, then fusetune offloaded (the seeds' mode), smart,
 # smart with FP8 base GEMMs, and Unsloth beside them; then S7 (Gemma 3 4B); then the CUDA test cases.
 # SHORT=1: the three fusetune runs and the tests only.

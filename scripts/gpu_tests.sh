@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole suite on a CUDA host in one call, pytest-xdist over the cores, each failure printed as it happens. The
 # wheels of .whl/: scripts/wheelhouse.py --extras dev --skip wandb,ruff,scipy --pin datasets==4.8.5 --have
-# scripts/hosts/cuda-image.txt (43 MiB: every package the app imports, hydra's launchers included; the tests of
+# scripts/hosts/cuda-image.txt (every package the app imports, hydra's launchers included; the tests of
 # W&B and of Optuna's TPE sampler skip, saying so). check_cost and the bench need `source scripts/gpu_env.sh` again.
 # Results in $OUT: env.txt, suite.log (every test's line), junit.xml.
 # Environment: WORKERS (default: the cores less two), TESTS_TIMEOUT (seconds, default 480), PYTEST_ARGS.

@@ -1,10 +1,10 @@
 """Is a padding-free LoRA step GPU-bound? Host time against GPU time, per attention backend.
 
-The command line over ``fusetune.profiling`` (its docstring says what is measured and how): every
-backend in ``--backends`` and trainer variant in ``--trainer`` on the same documents, then
-``profile.json`` and ``profile.md`` in ``--out``.
+The command line over ``step_profiler`` (its docstring says what is measured and how): every backend in
+``--backends`` and trainer variant in ``--trainer`` on the same documents, then ``profile.json`` and
+``profile.md`` in ``--out``.
 
-    python scripts/profile_step.py --out outputs/profile                      # H100: sdpa vs varlen
+    python scripts/profile_step.py --out outputs/profile                      # sdpa vs varlen
     python scripts/profile_step.py --out /tmp/profile --tiny --steps 3 --warmup 1  # CPU smoke test
 """
 
@@ -12,7 +12,9 @@ import argparse
 import functools
 import logging
 
-from fusetune.profiling import BACKENDS, TRAINER_VARIANTS, Setup, profile_steps, write_report
+from step_profiler import BACKENDS, CHECKPOINTING, KERNELS, TRAINER_VARIANTS, Setup
+
+MODES = {str(mode).lower(): mode for mode in CHECKPOINTING}  # "true" -> True, "offload" -> "offload", ...
 
 
 def parse_args(argv=None):
@@ -25,9 +27,16 @@ def parse_args(argv=None):
     p.add_argument("--docs", type=int, default=8, help="documents per step")
     p.add_argument("--min-len", type=int, default=None, help="shortest document (default 64; tiny: 8)")
     p.add_argument("--max-len", type=int, default=None, help="longest document (default 1024; tiny: 64)")
-    p.add_argument("--kernels", default="none", choices=["none", "auto", "triton", "reference"])
+    p.add_argument("--kernels", default="none", choices=KERNELS)
     p.add_argument("--lora-r", type=int, default=16)
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--gradient-checkpointing",
+        nargs="?",
+        const="true",
+        default="false",
+        choices=list(MODES),
+        help="fusetune's checkpointing, as FastModel.get_peft_model's use_gradient_checkpointing (bare flag: true)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-ops", type=int, default=12, help="host ops listed per backend, by self CPU time")
     p.add_argument(
@@ -45,12 +54,15 @@ def parse_args(argv=None):
     unknown = sorted(set(args.backends) - set(BACKENDS))
     if unknown:
         p.error(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
+    args.gradient_checkpointing = MODES[args.gradient_checkpointing]
     return args
 
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = parse_args(argv)
+    from step_profiler.report import profile_steps, write_report  # torch and the library load after the arguments
+
     setup = Setup(
         tiny=args.tiny,
         steps=args.steps,

@@ -8,6 +8,7 @@ import the module chose.
 """
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,21 @@ def test_import_fusetune_loads_no_hydra():
     code = "import sys, fusetune; print(sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr  # libraries may print first
+
+
+def unnamed_in_layout(readme: str, folder: Path) -> list[str]:
+    """The modules under ``folder`` (``__init__``/``__main__`` aside) whose names the README's layout block
+    does not hold as a word."""
+    start = readme.index("## Layout")
+    block = readme[start : readme.index("```\n", readme.index("```", start) + 3)]
+    words = set(re.findall(r"\w+", block))
+    stems = {p.stem for p in folder.rglob("*.py") if p.stem not in ("__init__", "__main__")}
+    return sorted(stem for stem in stems if stem not in words)
+
+
+def test_the_readme_layout_names_every_library_module(tmp_path):
+    """A newcomer finds every module of the library and the app in the README's layout, said what it is for."""
+    readme = (ROOT / "README.md").read_text()
+    assert unnamed_in_layout(readme, SOURCES["fusetune"]) == []
+    (tmp_path / "newcomer.py").write_text("")  # a module the layout does not name is reported
+    assert unnamed_in_layout(readme, tmp_path) == ["newcomer"]

@@ -25,6 +25,7 @@ from .modules import EMBEDDINGS, EXPERT_PARAMETERS, PROJECTIONS, base_model, is_
 from .patching import apply_kernels, choose_backend
 from .saving import add_saving_methods
 from .smart_checkpointing import enable_smart_checkpointing
+from .state import state_of
 
 log = logging.getLogger(__name__)
 OFFLOADED = ("unsloth", "offload")  # checkpointing whose saved layer inputs wait in pinned CPU memory
@@ -70,6 +71,31 @@ def _refuse_ids_beyond_embeddings(tokenizer, tokenizer_name: str, model_config, 
             "(vocab_size): use the model's own tokenizer, or resize the embeddings (model.resize_token_embeddings) "
             "and train them (modules_to_save=[embed_tokens, lm_head])"
         )
+
+
+def _refuse_unsupported(unused: dict, loftq_config) -> None:
+    """Unsloth's arguments that fusetune ignores are named in a warning; LoftQ is refused."""
+    for name in unused:
+        warnings.warn(f"FastModel.get_peft_model: '{name}' is not supported and is ignored", stacklevel=3)
+    if loftq_config:
+        raise FusetuneError("loftq_config is not supported: LoftQ needs the unquantized base weights")
+
+
+def _lora_targets(model, target_modules, target_parameters) -> tuple[list[str], list[str]]:
+    """The module names (default: every projection present) and 3-D parameters (default: the experts fusetune's
+    kernel computes) that get adapters; a warning where embeddings would get LoRA factors."""
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    targets = list(target_modules) if target_modules else [p for p in PROJECTIONS if p in present]
+    if target_parameters is None:
+        target_parameters = patched_expert_parameters(model)
+    lora_on_embeddings = sorted(set(targets) & set(EMBEDDINGS))
+    if lora_on_embeddings:
+        warnings.warn(
+            f"target_modules has {lora_on_embeddings}: they get LoRA factors, which train at learning_rate; "
+            "embedding_learning_rate applies only to full embedding weights listed in modules_to_save",
+            stacklevel=3,
+        )
+    return targets, target_parameters
 
 
 class FastModel:
@@ -147,13 +173,13 @@ class FastModel:
         )
         if not quantized and device_map is None and torch.cuda.is_available():
             model = model.to("cuda")
-        apply_kernels(model, backend)  # records the backend as model.fusetune_kernels
+        apply_kernels(model, backend)  # records the backend in the model's FusetuneState
         model.max_seq_length = max_seq_length
-        model.fusetune_compute_dtype = dtype
-        model.fusetune_hub = {"revision": revision, "trust_remote_code": trust_remote_code}  # no token kept
-        if use_gradient_checkpointing is not None:
-            model.fusetune_gradient_checkpointing = use_gradient_checkpointing
-        model.fusetune_fp8_base = fp8_base  # get_peft_model turns the wrapped projections to FP8
+        state = state_of(model)
+        state.compute_dtype = dtype
+        state.hub = {"revision": revision, "trust_remote_code": trust_remote_code}  # no token kept
+        state.checkpointing = use_gradient_checkpointing
+        state.fp8_base = fp8_base  # get_peft_model turns the wrapped projections to FP8
         return add_saving_methods(model), tokenizer
 
     @staticmethod
@@ -191,23 +217,11 @@ class FastModel:
         LoraConfig fields.
         """
         limits.refuse({"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}, limits.LORA)
-        for name in unused:
-            warnings.warn(f"FastModel.get_peft_model: '{name}' is not supported and is ignored", stacklevel=2)
-        if loftq_config:
-            raise FusetuneError("loftq_config is not supported: LoftQ needs the unquantized base weights")
+        _refuse_unsupported(unused, loftq_config)
         if use_gradient_checkpointing is None:
-            use_gradient_checkpointing = getattr(model, "fusetune_gradient_checkpointing", True)
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        targets = list(target_modules) if target_modules else [p for p in PROJECTIONS if p in present]
-        if target_parameters is None:
-            target_parameters = patched_expert_parameters(model)
-        lora_on_embeddings = sorted(set(targets) & set(EMBEDDINGS))
-        if lora_on_embeddings:
-            warnings.warn(
-                f"target_modules has {lora_on_embeddings}: they get LoRA factors, which train at learning_rate; "
-                "embedding_learning_rate applies only to full embedding weights listed in modules_to_save",
-                stacklevel=2,
-            )
+            asked = state_of(model).checkpointing
+            use_gradient_checkpointing = True if asked is None else asked
+        targets, target_parameters = _lora_targets(model, target_modules, target_parameters)
         if use_gradient_checkpointing not in CHECKPOINTING:
             raise FusetuneError(
                 f"use_gradient_checkpointing: expected True, False, 'unsloth', 'offload' or 'smart', "
@@ -234,7 +248,7 @@ class FastModel:
             target_parameters=list(target_parameters) or None,
         )
         peft_model.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
-        if getattr(base_model(peft_model), "fusetune_fp8_base", False):
+        if state_of(peft_model).fp8_base:
             log.info(fp8.hold_fp8(peft_model))
         if checkpointing:  # fusetune's own: offloaded or not, with the recompute marked (see enable_checkpointing)
             log.info(

@@ -411,75 +411,103 @@ def causal_lm_forward(ops: Ops, original_forward):
     ):
         if labels is None and shift_labels is None:
             return original_forward(self, *args, **kwargs)
-        kwargs.pop("logits_to_keep", None)
-        kwargs["use_cache"] = False
-        lm_head = self.get_output_embeddings()
-        targets = (labels[:, 1:] if shift_labels is None else shift_labels).to(lm_head.weight.device)
-        kept = _kept_rows(targets, static_shapes)
-        router = kwargs.pop("output_router_logits", None)
-        if router is None:
-            router = getattr(self.config.get_text_config(), "output_router_logits", False)
-        if router:
-            kwargs["output_router_logits"] = True
-        backbone_out = getattr(self, self.base_model_prefix)(*args, **kwargs)
-        hidden = backbone_out.last_hidden_state
-        aux = router_aux_loss(self, original_forward, args, kwargs, backbone_out.router_logits) if router else None
-        if shift_labels is None:
-            hidden = hidden[:, :-1]
-        dtype = head_dtype(hidden, lm_head.weight)
-        flat_hidden = hidden.reshape(-1, hidden.size(-1)).to(lm_head.weight.device, dtype)
-        scale = logit_scale(self.config)
-        if scale != 1.0:  # (s h) W^T = s (h W^T)
-            flat_hidden = flat_hidden * scale
-        head_weight = lm_head.weight.to(dtype)
-        softcap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
-        lora_in, lora_b, bias = head_adapter(lm_head, flat_hidden, dtype)
-        common = dict(
-            bias=bias, softcap=softcap, ignore_index=IGNORE_INDEX, kept_rows=kept, lora_in=lora_in, lora_b=lora_b
-        )
-        flat_targets = targets.reshape(-1)
-        if not fused_lm_head:
-            reduction = "sum" if num_items_in_batch is not None else "mean"
-            out = ops.fused_linear_cross_entropy(
-                flat_hidden,
-                head_weight,
-                flat_targets,
-                reduction=reduction,
-                num_items_in_batch=num_items_in_batch,
-                return_stats=token_stats,
-                **common,
-            )
-            if not token_stats:
-                if aux is None:
-                    return CausalLMOutputWithPast(loss=out, logits=None)
-                loss = out + aux_loss_coef(self) * aux.to(out.device)
-                return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux, logits=None)
-            loss, entropy, is_top1 = out
-            num_valid = (targets != IGNORE_INDEX).sum() if static_shapes else kept.numel()
-            return TokenStatsOutput(
-                loss=loss, aux_loss=aux, entropy_sum=entropy.sum(), num_correct=is_top1.sum(), num_valid=num_valid
-            )
-        per_token, entropy, is_top1 = ops.fused_linear_cross_entropy(
-            flat_hidden, head_weight, flat_targets, reduction="none", return_stats=True, **common
-        )
-        mask = targets != IGNORE_INDEX
-        shape = targets.shape
-        log_probs = -per_token.view(shape)
-        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = per_token.sum() / count
-        if aux is not None:  # as TRL's fused head adds it: the config's weight
-            loss = loss + getattr(self.config.get_text_config(), "router_aux_loss_coef", 0.0) * aux.to(loss.device)
-        return FusedCausalLMOutput(
-            loss=loss,
-            aux_loss=aux,
-            log_probs=log_probs,
-            entropy=entropy.view(shape),
-            is_top1=is_top1.view(shape).bool(),
-            label_mask=mask,
-        )
+        head = _head_inputs(self, original_forward, args, kwargs, labels, shift_labels, static_shapes)
+        if fused_lm_head:
+            return _fused_head_output(self, ops, head, num_items_in_batch)
+        return _loss_output(self, ops, head, num_items_in_batch, token_stats, static_shapes)
 
     forward._fusetune = True
     return forward
+
+
+@dataclass
+class _HeadInputs:
+    """What the fused loss head takes from the backbone: flat hidden states and the head in one dtype."""
+
+    hidden: torch.Tensor  # [rows, hidden], logit-scaled
+    weight: torch.Tensor
+    targets: torch.Tensor  # [batch, positions], shifted
+    kept: torch.Tensor | None  # the labelled rows (all rows under static shapes)
+    options: dict  # bias, softcap, the lm_head adapter's terms
+    aux: torch.Tensor | None  # the router's load-balancing loss, where asked for
+
+
+def _head_inputs(model, original_forward, args, kwargs, labels, shift_labels, static_shapes) -> _HeadInputs:
+    """Run the backbone (with the router's logits where they are asked for) and gather the loss head's inputs."""
+    kwargs.pop("logits_to_keep", None)
+    kwargs["use_cache"] = False
+    lm_head = model.get_output_embeddings()
+    targets = (labels[:, 1:] if shift_labels is None else shift_labels).to(lm_head.weight.device)
+    kept = _kept_rows(targets, static_shapes)  # before the backbone is queued: its host sync waits for less
+    router = kwargs.pop("output_router_logits", None)
+    if router is None:
+        router = getattr(model.config.get_text_config(), "output_router_logits", False)
+    if router:
+        kwargs["output_router_logits"] = True
+    backbone_out = getattr(model, model.base_model_prefix)(*args, **kwargs)
+    hidden = backbone_out.last_hidden_state
+    aux = router_aux_loss(model, original_forward, args, kwargs, backbone_out.router_logits) if router else None
+    if shift_labels is None:
+        hidden = hidden[:, :-1]
+    dtype = head_dtype(hidden, lm_head.weight)
+    flat_hidden = hidden.reshape(-1, hidden.size(-1)).to(lm_head.weight.device, dtype)
+    scale = logit_scale(model.config)
+    if scale != 1.0:  # (s h) W^T = s (h W^T)
+        flat_hidden = flat_hidden * scale
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    lora_in, lora_b, bias = head_adapter(lm_head, flat_hidden, dtype)
+    options = dict(bias=bias, softcap=softcap, ignore_index=IGNORE_INDEX, lora_in=lora_in, lora_b=lora_b)
+    return _HeadInputs(flat_hidden, lm_head.weight.to(dtype), targets, kept, options, aux)
+
+
+def _loss_output(model, ops: Ops, head: _HeadInputs, num_items_in_batch, token_stats: bool, static_shapes: bool):
+    """The loss (plus the router's, weighted as the model's own forward weighs it), or with ``token_stats`` the
+    loss and the sums of entropy and top-1 hits."""
+    out = ops.fused_linear_cross_entropy(
+        head.hidden,
+        head.weight,
+        head.targets.reshape(-1),
+        reduction="sum" if num_items_in_batch is not None else "mean",
+        num_items_in_batch=num_items_in_batch,
+        return_stats=token_stats,
+        kept_rows=head.kept,
+        **head.options,
+    )
+    aux = head.aux
+    if not token_stats:
+        if aux is None:
+            return CausalLMOutputWithPast(loss=out, logits=None)
+        return MoeCausalLMOutputWithPast(
+            loss=out + aux_loss_coef(model) * aux.to(out.device), aux_loss=aux, logits=None
+        )
+    loss, entropy, is_top1 = out
+    num_valid = (head.targets != IGNORE_INDEX).sum() if static_shapes else head.kept.numel()
+    return TokenStatsOutput(
+        loss=loss, aux_loss=aux, entropy_sum=entropy.sum(), num_correct=is_top1.sum(), num_valid=num_valid
+    )
+
+
+def _fused_head_output(model, ops: Ops, head: _HeadInputs, num_items_in_batch) -> FusedCausalLMOutput:
+    """TRL's fused-head output: per-token log-probabilities, entropy and top-1 hits beside the loss."""
+    per_token, entropy, is_top1 = ops.fused_linear_cross_entropy(
+        head.hidden, head.weight, head.targets.reshape(-1), reduction="none", return_stats=True, kept_rows=head.kept,
+        **head.options,
+    )  # fmt: skip
+    mask = head.targets != IGNORE_INDEX
+    shape = head.targets.shape
+    count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    loss = per_token.sum() / count
+    if head.aux is not None:  # as TRL's fused head adds it: the config's weight
+        coef = getattr(model.config.get_text_config(), "router_aux_loss_coef", 0.0)
+        loss = loss + coef * head.aux.to(loss.device)
+    return FusedCausalLMOutput(
+        loss=loss,
+        aux_loss=head.aux,
+        log_probs=-per_token.view(shape),
+        entropy=entropy.view(shape),
+        is_top1=is_top1.view(shape).bool(),
+        label_mask=mask,
+    )
 
 
 def _plain_lora(layer, x, args, kwargs, base_type: type) -> str | None:

@@ -22,7 +22,8 @@ from torch import nn
 from fusetune_kernels.fp8 import FP8Weight, quantize_weight
 
 from .errors import FusetuneError
-from .modules import PROJECTIONS, base_model
+from .modules import PROJECTIONS
+from .state import state_of
 
 log = logging.getLogger(__name__)
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper and later have FP8 tensor cores
@@ -86,7 +87,7 @@ def hold_fp8(model) -> str:
         elif hasattr(base.weight, "quant_state"):
             base.fusetune_fp8 = NF4_TO_FP8
             nf4 += 1
-    base_model(model).fusetune_fp8_base = True
+    state_of(model).fp8_base = True
     if nf4:
         return f"{KEY}: {nf4} NF4 projections go to e4m3 on every call"
     return f"{KEY}: {held} projections hold e4m3 weights, {kept / 2**30:.2f} GiB (their {freed / 2**30:.2f} GiB freed)"
@@ -107,14 +108,14 @@ def restore_weights(model) -> int:
             module.weight = nn.Parameter(weight.dequantize(), requires_grad=False)
             del module.fusetune_fp8
             restored += 1
-    base_model(model).fusetune_fp8_base = False
+    state_of(model).fp8_base = False
     return restored
 
 
 def refuse_unheld(model) -> None:
     """One line where ``fp8_base`` was asked for but no projection runs in FP8 (no LoRA adapters were added):
     training would go on in bf16 without saying so."""
-    if getattr(base_model(model), "fusetune_fp8_base", False) and not any(
+    if state_of(model).fp8_base and not any(
         getattr(module, "fusetune_fp8", None) is not None for module in model.modules()
     ):
         raise FusetuneError(

@@ -10,7 +10,8 @@ import torch
 from . import fp8_base as fp8
 from . import loading
 from .errors import FusetuneError
-from .modules import base_model, is_quantized
+from .modules import is_quantized
+from .state import peek
 
 # Files that make a folder load as a model or an adapter: all go before a merged model is written.
 STALE = (*loading.WEIGHT_FILES, "adapter_config.json")
@@ -78,7 +79,8 @@ def merged_copy(model, dtype: torch.dtype | None = None, token: str | None = Non
         base_path = model.peft_config[model.active_adapter].base_model_name_or_path
         with tempfile.TemporaryDirectory() as adapter_dir:
             model.save_pretrained(adapter_dir)
-            hub = getattr(base_model(model), "fusetune_hub", {})
+            state = peek(model)
+            hub = state.hub if state is not None else {}
             base = loading.load_model(base_path, dtype, token=token, **hub)
             return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged = copy.deepcopy(model)

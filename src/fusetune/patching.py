@@ -28,10 +28,11 @@ import os
 
 import torch
 
-from . import families, forwards, self_check
+from . import families, forwards, ledger, self_check
 from .errors import FusetuneError
 from .families import FAMILY_OPS, Family, NotPatchable
 from .modules import base_model
+from .state import peek, state_of
 
 log = logging.getLogger(__name__)
 KERNEL_BACKENDS = ("auto", "triton", "reference")  # what a user asks for; "none" is an unpatched model
@@ -43,7 +44,7 @@ PEFT_LORA_PARAM = ("peft.tuners.lora.layer", "ParamWrapper")  # LoRA on 3-D expe
 PEFT_LORA_NF4 = ("peft.tuners.lora.bnb", "Linear4bit", "bitsandbytes.nn", "Linear4bit")
 
 # (owner object, attribute) -> the original value, for everything currently patched
-_originals: dict[tuple[object, str], object] = {}
+KERNELS = "kernels"  # the ledger's tag for the patch table's replacements
 _active: dict[str, tuple[str, frozenset]] = {}  # family -> (backend, ops patched)
 _told: set[tuple[str, str, str]] = set()  # (family, op, reason) already logged
 
@@ -146,14 +147,10 @@ def shared_rows() -> list[tuple]:
     return rows
 
 
-def _original(owner, name: str):
-    return _originals.get((owner, name), getattr(owner, name))
-
-
 def check_family(config, backend: str, device) -> tuple[set[str], dict[str, str]]:
     """(the family ops that pass their self-check, {op: why not} for the rest). NotPatchable if no row."""
     family = families.derive(config)
-    rows = [(op, owner, name, make, _original(owner, name)) for op, owner, name, make in family_rows(family)]
+    rows = [(op, owner, name, make, ledger.original(owner, name)) for op, owner, name, make in family_rows(family)]
     found = self_check.verdicts(config, backend, forwards.OPS[backend], rows, device) if rows else {}
     rejected = {op: why for op, why in found.items() if why is not None}
     rejected.update({op: why for op, why in family.missing})
@@ -169,16 +166,6 @@ def check_seconds() -> float:
     return self_check.check_seconds()
 
 
-def _set(owner, name: str, value) -> None:
-    _originals.setdefault((owner, name), getattr(owner, name))
-    setattr(owner, name, value)
-
-
-def _restore(owner, name: str) -> None:
-    if (owner, name) in _originals:
-        setattr(owner, name, _originals.pop((owner, name)))
-
-
 def patch_family(config, backend: str, ops: frozenset = frozenset(OPS), device=None) -> frozenset:
     """Replace the family's forwards and functions with ``backend``'s ops: those in ``ops`` that pass their
     self-check on ``device`` (the rest restored). Returns the ops patched."""
@@ -190,9 +177,9 @@ def patch_family(config, backend: str, ops: frozenset = frozenset(OPS), device=N
     kernels = forwards.OPS[backend]
     for op, owner, name, make in family_rows(families.derive(config)) + shared_rows():
         if op in patched:
-            _set(owner, name, make(kernels, _original(owner, name)))
+            ledger.replace(owner, name, make(kernels, ledger.original(owner, name)), KERNELS)
         else:
-            _restore(owner, name)
+            ledger.restore(owner, name)
     _active[config.model_type] = (backend, patched)
     return patched
 
@@ -217,7 +204,7 @@ def apply_kernels(
     """
     base = base_model(model)
     backend = backend if backend == "none" else choose_backend(backend, base.config, on_cuda)
-    base.fusetune_kernels = backend  # the trainer leaves a model with this set as it is
+    state_of(base).backend = backend  # the trainer leaves a model with this set as it is
     if backend == "none":
         return backend
     switches = dict(rms_norm=rms_norm, add_norm=add_norm, rope=rope, glu=glu, experts=experts, loss=loss, lora=lora)
@@ -233,16 +220,15 @@ def apply_kernels(
 
 def remove_kernels() -> None:
     """Restore every original class forward and function."""
-    for (owner, name), original in _originals.items():
-        setattr(owner, name, original)
-    _originals.clear()
+    ledger.restore_all(KERNELS)
     _active.clear()
 
 
 def is_applied(model) -> bool:
     """Whether ``model`` was given a backend that is still in place (so the trainer leaves it as it is)."""
     base = base_model(model)
-    applied = getattr(base, "fusetune_kernels", None)
+    state = peek(base)
+    applied = state.backend if state is not None else None
     if applied == "none":
         return True
     return applied is not None and _active.get(base.config.model_type, (None,))[0] == applied

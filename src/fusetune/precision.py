@@ -1,11 +1,9 @@
 """Precision of each part of a LoRA model on a quantized (4-bit or 8-bit) base.
 
-The choice, measured on an H200 (bench/NOTES.md, issue 11):
-
 - **Frozen weights that are not quantized** (embeddings, norms, lm_head, biases) stay in the
   compute dtype. PEFT's ``prepare_model_for_kbit_training`` upcasts them to fp32; then the hidden
   states enter every layer in fp32, every projection runs an fp32 GEMM and attention falls back
-  to SDPA's math kernel (3.6x slower than Unsloth on Llama-3.1-8B QLoRA).
+  to SDPA's math kernel, a step several times slower (bench/NOTES.md has the timings).
 - **Hidden states enter every layer in the compute dtype**: where the input embedding trains in
   fp32, its output is cast on the way out.
 - **Trainable weights are fp32 master weights**: the LoRA factors (a few MB; the fused LoRA nodes
@@ -24,6 +22,7 @@ import torch
 from torch import nn
 
 from .modules import base_model
+from .state import peek
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,8 @@ log = logging.getLogger(__name__)
 def model_compute_dtype(model) -> torch.dtype:
     """The dtype the model computes in: as loaded by FastModel, else the quantization config's."""
     base = base_model(model)
-    recorded = getattr(base, "fusetune_compute_dtype", None)
+    state = peek(base)
+    recorded = state.compute_dtype if state is not None else None
     if recorded is not None:
         return recorded
     quantization = getattr(base.config, "quantization_config", None)

@@ -40,8 +40,8 @@ from fusetune_kernels.preference import fused_linear_preference_loss, fused_line
 from .compat.trl import add_trained_tokens, metric_lists, tensor_parallel_size, trained_tokens
 from .errors import FusetuneError
 from .forwards import IGNORE_INDEX, head_dtype, logit_scale
-from .modules import base_model
 from .patching import apply_kernels, is_applied
+from .state import peek
 from .trainer import FastSFTConfig, as_fast_config, settle_precision
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,15 @@ class FastDPOConfig(DPOConfig):
         super().__post_init__()
 
 
+def _backend(model) -> str | None:
+    state = peek(model)
+    return state.backend if state is not None else None
+
+
 def fused_preference_blocker(trainer) -> str | None:
     """Why compute_loss cannot take TRL's DPO loss from fusetune's fused preference loss here, or None."""
     args, model = trainer.args, trainer.model
-    backend = getattr(base_model(model), "fusetune_kernels", None)
+    backend = _backend(model)
     if backend not in ("triton", "reference"):
         return "the model has no kernels backend (kernels=auto on a family fusetune does not patch)"
     if len(trainer.loss_types) != 1 or trainer.loss_types[0] not in FUSED_LOSS_TYPES:
@@ -165,7 +170,7 @@ class FastDPOTrainer(DPOTrainer):
         return loss * self.loss_weights[0]
 
     def _preference_op(self):
-        backend = getattr(base_model(self.model), "fusetune_kernels", None)
+        backend = _backend(self.model)
         return fused_linear_preference_loss if backend == "triton" else fused_linear_preference_loss_reference
 
     @staticmethod

@@ -28,6 +28,7 @@
   pinned memory), so the host can prepare the next step while the GPU runs this one.
 """
 
+import contextlib
 import logging
 import math
 import warnings
@@ -285,6 +286,16 @@ def head_adapter_trains(model, peft_config=None) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def max_length_as(args, value: int | None):
+    """``args.max_length`` is ``value`` for the block, and what it was after it."""
+    before, args.max_length = args.max_length, value
+    try:
+        yield
+    finally:
+        args.max_length = before
+
+
 class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
     """TRL's SFTTrainer with fusetune's kernels, padding-free batches, fused loss and CUDA graphs.
 
@@ -322,16 +333,13 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
             if args.padding_free and not args.packing and args.max_length is not None:
                 # TRL refuses padding-free with max_length, as its collator cannot truncate; we truncate
                 # while preparing the dataset instead (see prepare_dataset).
-                self._truncate_to, args.max_length = args.max_length, None
+                self._truncate_to = args.max_length
             if args.padding_free or args.packing:
                 log.info("attention for packed rows: %s", enable_varlen_attention(model, device=args.device))
         head_adapter = not isinstance(model, str) and head_adapter_trains(model, kwargs.get("peft_config"))
-        try:
-            with head_adapter_allowed(head_adapter):
-                super().__init__(model, args, data_collator, *pos, processing_class=processing_class, **kwargs)
-        finally:
-            if self._truncate_to is not None:
-                args.max_length = self._truncate_to
+        hidden = self._truncate_to is not None  # TRL sees no max_length while it checks and prepares the data
+        with head_adapter_allowed(head_adapter), max_length_as(args, None if hidden else args.max_length):
+            super().__init__(model, args, data_collator, *pos, processing_class=processing_class, **kwargs)
         if is_quantized(self.model):  # TRL has cast the trainable weights to bf16
             precision.fp32_master_weights(self.model)
             precision.hidden_states_in(self.model, precision.model_compute_dtype(self.model))
@@ -453,11 +461,8 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
             check_sft_columns(dataset, args.dataset_text_field, dataset_name)
         if self._truncate_to is None:
             return super().prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        args.max_length = self._truncate_to
-        try:
+        with max_length_as(args, self._truncate_to):
             return super().prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        finally:
-            args.max_length = None
 
     def create_optimizer(self, model=None):
         embedding_lr = getattr(self.args, "embedding_learning_rate", None)

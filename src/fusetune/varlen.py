@@ -60,9 +60,8 @@ _VARLEN_PARAMS = frozenset(inspect.signature(varlen_attn).parameters) if varlen_
 # The masked path on CUDA keeps SDPA off cuDNN attention, which builds a plan for every new shape.
 _MASKED_CUDA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 # What one more attention call costs, in score elements (query x key pairs): the masked path puts
-# documents of different lengths in one padded group when the padding costs less than a call.
-# On one CPU thread a causal SDPA forward and backward costs ~50 us however small it is, and
-# 20-100 ns per score element (H200 timings would favour fewer, larger groups; this is a fallback).
+# documents of different lengths in one padded group when the padding costs less than a call. Sized
+# for the CPU, where the masked path is the main one; on a GPU it is a fallback (bench/NOTES.md).
 CALL_COST = 64 * 64
 
 # How many attention calls took each path since the last reset: for tests and profiles.

@@ -3,7 +3,7 @@
 Run: pytest tests/bench --benchmark-json=bench.json, then python scripts/bench_table.py bench.json.
 pytest-benchmark records wall time per synchronized call; extra_info carries the CUDA-event median,
 peak memory and achieved bandwidth or FLOP rate against ceilings measured in the same session.
-test_profile_step.py is a CPU smoke test of scripts/profile_step.py, the step profiler.
+test_profile_step.py is a CPU smoke test of the step profiler (scripts/profile_step.py over scripts/step_profiler/).
 """
 
 import pytest

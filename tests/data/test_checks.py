@@ -8,7 +8,7 @@ import pytest
 from datasets import Dataset
 
 from fusetune.data import build_splits, load_local
-from fusetune.data.checks import Source, find_problems
+from fusetune.data.checks import DatasetOrigin, find_problems
 from fusetune.data.formatters import FORMATTERS, Empty
 from fusetune.errors import FusetuneError
 
@@ -305,19 +305,19 @@ def test_config_choices_the_data_cannot_honour(tiny_tokenizer, tmp_path):
 def test_a_hub_dataset_is_named_with_its_split(tiny_tokenizer, monkeypatch):
     from datasets.exceptions import DatasetNotFoundError
 
-    import fusetune.data
+    import fusetune.data.sources
 
     def not_found(name, subset=None, split=None):
         raise DatasetNotFoundError(f"Dataset '{name}' doesn't exist on the Hub or cannot be accessed.")
 
-    monkeypatch.setattr(fusetune.data, "load_dataset", not_found)
+    monkeypatch.setattr(fusetune.data.sources, "load_dataset", not_found)
     cfg = data_cfg(formatter="text", name="org/set", subset="en", split="test")
     with pytest.raises(
         FusetuneError, match=r"^data.name org/set \(subset en, split test\): cannot load: Dataset 'org/"
     ):
         build_splits(cfg, tiny_tokenizer, seed=0)
     monkeypatch.setattr(
-        fusetune.data, "load_dataset", lambda *a, **k: Dataset.from_list([{"text": "a"}, {"text": None}])
+        fusetune.data.sources, "load_dataset", lambda *a, **k: Dataset.from_list([{"text": "a"}, {"text": None}])
     )
     with pytest.raises(FusetuneError, match=r"^data.name org/set \(split train\): 1 bad record: record 2: 'text' is"):
         build_splits(data_cfg(formatter="text", name="org/set"), tiny_tokenizer, seed=0)
@@ -333,6 +333,6 @@ def test_checking_100k_records_takes_well_under_a_few_seconds():
         }
     )
     started = time.perf_counter()
-    findings = find_problems(dataset, Source("data.path big.jsonl"), "alpaca", None)
+    findings = find_problems(dataset, DatasetOrigin("data.path big.jsonl"), "alpaca", None)
     assert findings.bad_count == 0 and not findings.empty
     assert time.perf_counter() - started < 5.0  # about 0.3 s on one busy CPU core

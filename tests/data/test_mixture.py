@@ -149,7 +149,7 @@ def test_conversations_mix_with_alpaca_which_becomes_a_conversation(tiny_tokeniz
     alpaca = tmp_path / "a.jsonl"
     alpaca.write_text(json.dumps({"instruction": "Double it", "input": "3", "output": "6"}) + "\n")
     cfg = mixture({"path": str(chat), "formatter": "chat"}, {"path": str(alpaca), "formatter": "alpaca"})
-    caplog.set_level(logging.WARNING, logger="fusetune.data")
+    caplog.set_level(logging.WARNING, logger="fusetune.data.pipeline")
     splits = build_splits(cfg, tiny_tokenizer, seed=0)
     assert splits.train.column_names == ["messages"]
     assert {"role": "user", "content": "Double it\n\n3"} in [m for ms in splits.train["messages"] for m in ms]

@@ -178,7 +178,7 @@ def test_assistant_only_loss_uses_trls_training_template_where_trl_has_one(token
     # a template TRL knows (its copy of Llama 3's), without generation marks: TRL's trainer swaps in its training one
     tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "llama3.jinja").read_text()
     assert not has_generation_markers(tokenizer.chat_template)
-    caplog.set_level(logging.INFO, logger="fusetune.data")
+    caplog.set_level(logging.INFO, logger="fusetune.data.pipeline")
     build_splits(
         data_cfg(formatter="chat", path=chat_file(tmp_path, TURNS[1:3])), tokenizer, 0, assistant_only_loss=True
     )

@@ -195,14 +195,17 @@ def test_triton_and_reference_backends_give_matching_losses(compose_cfg, tmp_pat
 )
 def test_the_terminal_summary_shows_losses_that_were_never_logged(losses, shown):
     """A resumed run whose metrics hold no train line (logging_steps above its steps) has no loss to show."""
-    from fusetune.app.run_record import format_summary
+    import dataclasses
 
-    summary = {
+    from fusetune.app.summary import RunSummary
+
+    given = {
         "model": "m", "data": "d", "kernels": "reference", "trainer": "sft", "seed": 1, "global_step": 4,
         "skipped_steps": 0, "eval": {}, "train_tokens_per_second": 1.0, "peak_memory_gib": 0.1, "runtime_s": 1.0,
-        "output_dir": "/tmp/x", **losses,
+        "output_dir": "/tmp/x", "preference": None, **losses,
     }  # fmt: skip
-    assert f"steps 4  train_loss {shown}\n" in format_summary(summary)
+    summary = RunSummary(**{f.name: given.get(f.name) for f in dataclasses.fields(RunSummary)})
+    assert f"steps 4  train_loss {shown}\n" in summary.lines()
 
 
 def test_smart_checkpointing_on_the_cpu_is_plain_checkpointing_and_says_so(compose_cfg, tmp_path, caplog):

@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from fusetune import FastModel, fp8_base
 from fusetune.errors import FusetuneError
 from fusetune.patching import apply_kernels, remove_kernels
+from fusetune.state import state_of
 from fusetune_kernels import fp8
 
 from ..kernels.parity import rel_err
@@ -187,7 +188,7 @@ def test_a_model_without_fp8_projections_is_refused_by_the_trainer(tiny_tokenize
     from fusetune import FastSFTConfig, FastSFTTrainer
 
     model = tiny_model("llama")
-    model.fusetune_fp8_base = True
+    state_of(model).fp8_base = True
     data = Dataset.from_dict({"text": ["a b c d"] * 4})
     args = FastSFTConfig(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
     with pytest.raises(FusetuneError) as refused:

@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from fusetune import families
 from fusetune.errors import FusetuneError
 from fusetune.patching import active_backends, apply_kernels, remove_kernels
+from fusetune.state import state_of
 
 from ..kernels.conftest import DEVICE, needs_triton_backend
 from ..kernels.parity import assert_close
@@ -162,7 +163,7 @@ def test_an_unpatchable_type_trains_unpatched_under_auto(caplog, qwen3_upgraded,
     with caplog.at_level("WARNING", logger="fusetune.patching"):
         assert apply_kernels(model, "auto") == "none"
     assert f"model type '{family}' trains with its own modules: " in caplog.text
-    assert model.fusetune_kernels == "none" and not active_backends()
+    assert state_of(model).backend == "none" and not active_backends()
 
 
 def test_fast_model_refuses_an_unpatchable_family_before_its_weights_load(tmp_path, monkeypatch):

@@ -15,8 +15,8 @@ from fusetune import FastDPOConfig, FastDPOTrainer
 from fusetune.data.synthetic import LETTERS, synthetic_splits
 from fusetune.errors import FusetuneError
 from fusetune.loading import resolve
-from fusetune.modules import base_model
 from fusetune.patching import apply_kernels, remove_kernels
+from fusetune.state import state_of
 from fusetune_kernels.preference import fused_linear_preference_loss, fused_linear_preference_loss_reference
 
 BATCH = 4
@@ -103,7 +103,7 @@ def trainer_pair(tmp_path, kernels, setup, **options):
         apply_kernels(model, "triton", rms_norm=False, add_norm=False, rope=False, glu=False, lora=False)
     ours = build(FastDPOTrainer, FastDPOConfig, model, kernels=kernels, fused_loss=True)
     assert ours.fused_preference and (ours.ref_model is None) == (setup != "ref_model")
-    assert base_model(ours.model).fusetune_kernels == kernels
+    assert state_of(ours.model).backend == kernels
     assert ours._preference_op() is (
         fused_linear_preference_loss if kernels == "triton" else fused_linear_preference_loss_reference
     )

@@ -8,6 +8,7 @@ from fusetune import FastModel, FastSFTConfig, FastSFTTrainer
 from fusetune.data.synthetic import synthetic_splits
 from fusetune.errors import FusetuneError
 from fusetune.patching import remove_kernels
+from fusetune.state import state_of
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +84,7 @@ def test_kernels_are_applied_by_the_trainer(tmp_path):
     )
     _, tokenizer = tiny()
     FastSFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset(), args=config(tmp_path))
-    assert model.fusetune_kernels == ("triton" if torch.cuda.is_available() else "reference")
+    assert state_of(model).backend == ("triton" if torch.cuda.is_available() else "reference")
 
 
 def test_padding_free_is_on_where_safe_and_logged_where_not(tmp_path, caplog):

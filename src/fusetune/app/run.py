@@ -4,6 +4,7 @@ import copy
 import logging
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,13 +23,15 @@ from ..loading import TOKENIZER_FILES, count_parameters, load_tokenizer, pick_dt
 from ..offline import require_local_or_hub
 from ..patching import remove_kernels
 from ..preference_trainer import FastDPOConfig, FastDPOTrainer
-from ..record_files import read_jsonl
+from ..record_files import METRICS, SUMMARY, read_jsonl
+from ..state import state_of
 from ..trainer import FastSFTConfig, FastSFTTrainer
 from . import distributed, run_folder
 from . import run_record as record
 from .config import checkpointing_mode, class_keys, logging_steps_for, trainer_class, validate
 from .export import check_gguf, export_gguf, export_merged
 from .loggers import close_logger, logger_callbacks, start_logger, trainer_report_to
+from .summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -124,31 +127,73 @@ def _run(cfg, out: Path, checkpoint: Path | None) -> dict:
         close_logger(cfg, summary, error)
 
 
+@dataclass
+class Loaded:
+    """What the load phase hands on: the model (with adapters or fusetune's checkpointing), its tokenizer and
+    the settings it was loaded with."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    backend: str  # the kernels the model was patched with
+    dtype: torch.dtype  # the training precision (fp16 full fine-tuning loads fp32 master weights)
+    full_finetune: bool
+    parameters: tuple[int, int]  # (all, trainable)
+
+
+@dataclass
+class Session:
+    """The trainer and what watches it: the metrics record, the generation eval, the signal stop."""
+
+    trainer: FastSFTTrainer | FastDPOTrainer
+    recorder: record.MetricsRecorder
+    generation_eval: GenerationEval
+    stop: StopOnSignal
+    tokens_before: int  # a resumed run's tokens so far
+
+
 def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: StopOnSignal) -> dict:
+    """The recipe: data, model, trainer, train, save and export, evaluate, record."""
     started = time.perf_counter()
     if cfg.cpu_threads and not torch.cuda.is_available():
         torch.set_num_threads(cfg.cpu_threads)  # small CPU models lose more to thread sync than they gain
     set_seed(cfg.seed)
+    splits = _prepare_data(cfg, stop)  # first: a mistake in the data shows before the weights load
+    loaded = _load_model(cfg, splits, stop)
+    session = _build_trainer(cfg, out, loaded, splits, report_to, checkpoint, stop)
+    result, peak = _train_and_check(session, checkpoint, out)
+    outputs = _save_and_export(cfg, out, session.trainer, loaded)
+    evals, samples = _evaluate(cfg, session, splits, result.global_step)
+    runtime = time.perf_counter() - started
+    finished = dict(eval=evals, samples=samples, peak_memory_gib=peak, runtime_s=runtime, **outputs)
+    summary = _summarize(cfg, out, loaded, splits, session, result, checkpoint, **finished)
+    stop.enter("the record", defer=True)
+    if session.trainer.is_world_process_zero():
+        summary.write(out / SUMMARY)
+        record.write_status(out, "finished", step=result.global_step)
+        print(summary.lines(), flush=True)
+    return summary.as_dict()
+
+
+def _prepare_data(cfg, stop: StopOnSignal):
+    stop.enter("data preparation")
+    tokenizer = load_tokenizer(
+        cfg.model.tokenizer or cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code
+    )
+    return build_splits(cfg.data, tokenizer, cfg.seed, assistant_only_loss=cfg.trainer.assistant_only_loss)
+
+
+def _load_model(cfg, splits, stop: StopOnSignal) -> Loaded:
+    """The model as FastModel loads it, patched, with LoRA adapters (or fusetune's checkpointing when fully
+    fine-tuned); refused here where the export or the distributed mode cannot take it."""
     m = cfg.model
     dtype = pick_dtype(m.dtype.value)
     full_finetune = m.lora is None
-    gguf_type = cfg.export.gguf.value if cfg.export.gguf is not None else None
-    hub = {"trust_remote_code": m.trust_remote_code}
-    # The data first: a mistake in it shows before the weights load.
-    stop.enter("data preparation")
-    splits = build_splits(
-        cfg.data,
-        load_tokenizer(m.tokenizer or m.name_or_path, **hub),
-        cfg.seed,
-        assistant_only_loss=cfg.trainer.assistant_only_loss,
-    )
-    # Full fine-tuning in fp16 keeps fp32 master weights; autocast does the fp16 math.
-    load_dtype = torch.float32 if full_finetune and dtype == torch.float16 else dtype
     stop.enter("model loading")
     model, tokenizer = FastModel.from_pretrained(
         m.name_or_path,
         max_seq_length=m.max_seq_length,
-        dtype=load_dtype,
+        # full fine-tuning in fp16 keeps fp32 master weights; autocast does the fp16 math
+        dtype=torch.float32 if full_finetune and dtype == torch.float16 else dtype,
         load_in_4bit=m.load_in_4bit,
         kernels=cfg.kernels.backend.value,
         fp8_base=cfg.kernels.fp8,
@@ -156,13 +201,13 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
         config=m.config,
         tokenizer_name=m.tokenizer,
         attn_implementation=m.attn_implementation,
-        **hub,
+        trust_remote_code=m.trust_remote_code,
     )
-    backend = model.fusetune_kernels
-    check_gguf(model, gguf_type)
+    check_gguf(model, _gguf_type(cfg))
     distributed.check(cfg.distributed.value, torch.cuda.is_available(), m.load_in_4bit)
     if splits.chat_template is not None:
         tokenizer.chat_template = splits.chat_template  # trained with, and saved with the tokenizer
+    checkpointing = checkpointing_mode(m.gradient_checkpointing)
     if not full_finetune:
         model = FastModel.get_peft_model(
             model,
@@ -171,139 +216,153 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
             lora_dropout=m.lora.dropout,
             target_modules=list(m.lora.target_modules),
             modules_to_save=list(m.lora.modules_to_save) if m.lora.modules_to_save else None,
-            use_gradient_checkpointing=checkpointing_mode(m.gradient_checkpointing),
+            use_gradient_checkpointing=checkpointing,
             random_state=cfg.seed,
             memory_budget=m.memory_budget,
         )
-    elif checkpointing_mode(m.gradient_checkpointing) in ("offload", "smart"):
-        mode = checkpointing_mode(m.gradient_checkpointing)
-        log.info(
-            "model.gradient_checkpointing=%s: %s", mode, enable_fusetune_checkpointing(model, mode, m.memory_budget)
-        )
-    total_params, trainable_params = count_parameters(model)
-    args = sft_config(cfg, out, dtype, report_to, backend, distributed.trainer_options(cfg.distributed.value, model))
+    elif checkpointing in ("offload", "smart"):
+        described = enable_fusetune_checkpointing(model, checkpointing, m.memory_budget)
+        log.info("model.gradient_checkpointing=%s: %s", checkpointing, described)
+    backend = state_of(model).backend
+    return Loaded(model, tokenizer, backend, dtype, full_finetune, count_parameters(model))
+
+
+def _build_trainer(cfg, out, loaded: Loaded, splits, report_to, checkpoint, stop: StopOnSignal) -> Session:
+    """The trainer over the splits, with the metrics record, the signal stop, the generation eval and the
+    logger's callbacks; the logger starts here, once the config, the data and the model have loaded."""
+    options = distributed.trainer_options(cfg.distributed.value, loaded.model)
+    args = sft_config(cfg, out, loaded.dtype, report_to, loaded.backend, options)
     resume_step = step_of(checkpoint) if checkpoint else None
-    recorder = record.MetricsRecorder(out / "metrics.jsonl", resume_step, write=distributed.is_rank_zero())
-    # generation on rank 0 alone: a DDP model is whole on every rank (FSDP would need every rank: none there)
-    generating = distributed.is_rank_zero() and cfg.distributed.value != "fsdp"
+    recorder = record.MetricsRecorder(out / METRICS, resume_step, write=distributed.is_rank_zero())
     stop.enter("data preparation")  # the trainer tokenizes the splits
     trainer_type = FastDPOTrainer if isinstance(args, FastDPOConfig) else FastSFTTrainer  # config.trainer_class
-    options = {"dataset_cache": splits.cache}  # the tokenized cache is FastSFTTrainer's (DPO tokenizes its pairs)
+    extra = {"dataset_cache": splits.cache}  # the tokenized cache is FastSFTTrainer's (DPO tokenizes its pairs)
     if trainer_type is FastDPOTrainer:
         # LoRA: the reference is the policy with its adapters disabled; full fine-tuning: a frozen copy of the
         # weights as loaded (TRL would load one from model.name_or_path, which a random_init model does not have)
-        options = {"ref_model": copy.deepcopy(model).eval().requires_grad_(False)} if full_finetune else {}
+        extra = {"ref_model": copy.deepcopy(loaded.model).eval().requires_grad_(False)} if loaded.full_finetune else {}
     trainer = trainer_type(
-        model=model,
+        model=loaded.model,
         args=args,
         train_dataset=splits.train,
         # an eval set asked for in the data config is evaluated at the end, if not during training too
         eval_dataset=splits.eval if cfg.trainer.eval_strategy != "no" or eval_requested(cfg.data) else None,
-        processing_class=tokenizer,
+        processing_class=loaded.tokenizer,
         callbacks=[recorder, stop],
-        **options,
+        **extra,
     )
     # the held-out prompts scored each time the trainer evaluates during training (eval_steps)
-    generation_eval = GenerationEval(trainer, tokenizer, splits.generation if generating else [])
+    generation_eval = GenerationEval(trainer, loaded.tokenizer, splits.generation if _generating(cfg) else [])
     trainer.add_callback(generation_eval)
-    start_logger(cfg, out, resuming=checkpoint is not None)  # the config, the data and the model have loaded
+    start_logger(cfg, out, resuming=checkpoint is not None)
     for callback in logger_callbacks():
         trainer.add_callback(callback)
+    return Session(trainer, recorder, generation_eval, stop, recorder.last_train.get("num_tokens", 0))
+
+
+def _train_and_check(session: Session, checkpoint: Path | None, out: Path):
+    """Train; then the CUDA graphs' memory goes back, and a run that stopped on a non-finite value ends here.
+    Returns the Trainer's result and the peak memory of training."""
     record.reset_peak_memory()
-    tokens_before = recorder.last_train.get("num_tokens", 0)
-    result = _train_steps(trainer, checkpoint, stop)
-    step_graphs = getattr(trainer, "step_graphs", None)
+    result = _train_steps(session.trainer, checkpoint, session.stop)
+    step_graphs = getattr(session.trainer, "step_graphs", None)
     if step_graphs is not None:
         step_graphs.release()  # evaluation and generation get the graphs' memory back
     peak = record.peak_memory_gib()
-    stop.enter("the final save", defer=True)  # a save completes, then the run stops
-    _stopped_early(trainer, out)
+    session.stop.enter("the final save", defer=True)  # a save completes, then the run stops
+    _stopped_early(session.trainer, out)
+    return result, peak
 
-    saved_to = None
+
+def _save_and_export(cfg, out: Path, trainer, loaded: Loaded) -> dict:
+    """The adapter (or model) and tokenizer, the merged model and the GGUF file, as the config asks; where each
+    went, under the summary's names."""
+    saved_to = merged_to = gguf_to = None
     if cfg.save_model:  # every rank calls it (FSDP gathers the shards); only rank 0 writes
-        saved_to = out / ("model" if full_finetune else "adapter")
+        saved_to = out / ("model" if loaded.full_finetune else "adapter")
         trainer.save_model(str(saved_to))
         if trainer.is_world_process_zero():
             with saving(saved_to):
-                tokenizer.save_pretrained(saved_to)
-    merged_to = None
+                loaded.tokenizer.save_pretrained(saved_to)
     if cfg.export.merged and trainer.is_world_process_zero():  # one process writes it
-        merged_to = export_merged(trainer.model, tokenizer, out, saved_to)
-    gguf_to = None
-    if gguf_type is not None and trainer.is_world_process_zero():
-        gguf_to = export_gguf(trainer.model, tokenizer, out, gguf_type)
+        merged_to = export_merged(trainer.model, loaded.tokenizer, out, saved_to)
+    if _gguf_type(cfg) is not None and trainer.is_world_process_zero():
+        gguf_to = export_gguf(trainer.model, loaded.tokenizer, out, _gguf_type(cfg))
+    written = {"saved_to": saved_to, "merged_to": merged_to, "gguf_to": gguf_to}
+    return {name: str(path) if path else None for name, path in written.items()}
 
-    stop.enter("the final evaluation")
+
+def _evaluate(cfg, session: Session, splits, step: int) -> tuple[dict, list]:
+    """The eval split's metrics and the held-out generations' scores (and samples) of the final weights."""
+    trainer = session.trainer
+    session.stop.enter("the final evaluation")
     evals = {}
     if trainer.eval_dataset is not None:
         evals.update({k: v for k, v in trainer.evaluate().items() if k.startswith("eval_")})
-    stop.enter("generation")
-    generation = splits.generation if generating else []
+    session.stop.enter("generation")
+    generation = splits.generation if _generating(cfg) else []
     # the callback scored these weights already where the last step was an eval step: not twice
-    scores = generation_eval.scores_at(result.global_step) or score_generations(trainer.model, tokenizer, generation)
-    samples = []
-    if scores is not None:
-        evals.update(scores.metrics())
-        evals["exact_match_n"] = scores.count
-        samples = scores.samples
+    tokenizer = trainer.processing_class
+    scores = session.generation_eval.scores_at(step) or score_generations(trainer.model, tokenizer, generation)
+    if scores is None:
+        return evals, []
+    return {**evals, **scores.metrics(), "exact_match_n": scores.count}, scores.samples
 
-    metrics = result.metrics
+
+def _summarize(cfg, out: Path, loaded: Loaded, splits, session: Session, result, checkpoint, **finished) -> RunSummary:
+    """The summary of what trained, from the config, the loaded model, the record and the Trainer's result;
+    ``finished``: the fields only the end of the run knows (evaluation, outputs, peak memory, runtime)."""
+    trainer, recorder = session.trainer, session.recorder
     guard = getattr(trainer, "nonfinite_guard", None)
     skipped = recorder.skipped_before + (guard.skipped if guard is not None else 0)
     final_step, final_loss = recorder.final_loss or (None, None)
     tokens = recorder.last_train.get("num_tokens") or trained_tokens(trainer)
-    session_tokens = tokens - tokens_before  # a resumed run's runtime covers only the steps it trained
-    summary = {
-        "model": m.name_or_path,
-        "data": cfg.data.formatter.value
-        if cfg.data.formatter.value in (*SYNTHETIC, "mixture")
-        else (cfg.data.path or cfg.data.name),
-        "data_sources": splits.sources,
-        "mixture": splits.mixture,
-        "chat_template": cfg.data.chat_template,
-        "data_cache": splits.cache.summary() if splits.cache is not None else None,
-        # per split: records, those longer than max_seq_length, and how many data.too_long dropped or truncated
-        "data_length": splits.cache.lengths if splits.cache is not None else None,
-        "distributed": {"mode": cfg.distributed.value, "world_size": distributed.world_size()},
-        "kernels": backend,
-        "fp8_base": cfg.kernels.fp8,
-        "cuda_graphs": step_graphs.stats() if step_graphs is not None else None,
-        "trainer": cfg.trainer.name,
-        "global_step": result.global_step,
+    runtime = result.metrics.get("train_runtime")
+    step_graphs = getattr(trainer, "step_graphs", None)
+    d = cfg.data
+    return RunSummary(
+        model=cfg.model.name_or_path,
+        data=d.formatter.value if d.formatter.value in (*SYNTHETIC, "mixture") else (d.path or d.name),
+        data_sources=splits.sources,
+        mixture=splits.mixture,
+        chat_template=d.chat_template,
+        data_cache=splits.cache.summary() if splits.cache is not None else None,
+        data_length=splits.cache.lengths if splits.cache is not None else None,
+        distributed={"mode": cfg.distributed.value, "world_size": distributed.world_size()},
+        kernels=loaded.backend,
+        fp8_base=cfg.kernels.fp8,
+        cuda_graphs=step_graphs.stats() if step_graphs is not None else None,
+        trainer=cfg.trainer.name,
+        global_step=result.global_step,
         # HF's training_loss counts a skipped step's loss as 0.0
-        "train_loss": record.whole_run_loss(read_jsonl(recorder.path))
-        if checkpoint or skipped
-        else result.training_loss,
-        "resumed_from": str(checkpoint) if checkpoint else None,
-        "final_loss": final_loss,
-        "final_loss_step": final_step,
-        # trainer=dpo: the last logged reward metrics (rewards/margins, rewards/accuracies, ...)
-        "preference": record.preference_metrics(recorder.last_train),
-        "skipped_steps": skipped,
-        "eval": evals,
-        "samples": samples,
-        "train_tokens": tokens,
-        "train_tokens_per_second": session_tokens / metrics["train_runtime"] if metrics.get("train_runtime") else 0.0,
-        "train_runtime_s": metrics.get("train_runtime"),
-        "peak_memory_gib": peak,
-        "runtime_s": time.perf_counter() - started,
-        "seed": cfg.seed,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "dtype": str(dtype).removeprefix("torch."),
-        "parameters": total_params,
-        "trainable_parameters": trainable_params,
-        "saved_to": str(saved_to) if saved_to else None,
-        "merged_to": str(merged_to) if merged_to else None,
-        "gguf_to": str(gguf_to) if gguf_to else None,
-        "output_dir": str(out),
-        "versions": record.versions(),
-    }
-    stop.enter("the record", defer=True)
-    if trainer.is_world_process_zero():
-        record.write_summary(out / "summary.json", summary)
-        record.write_status(out, "finished", step=result.global_step)
-        print(record.format_summary(summary), flush=True)
-    return summary
+        train_loss=record.whole_run_loss(read_jsonl(recorder.path)) if checkpoint or skipped else result.training_loss,
+        resumed_from=str(checkpoint) if checkpoint else None,
+        final_loss=final_loss,
+        final_loss_step=final_step,
+        preference=record.preference_metrics(recorder.last_train),
+        skipped_steps=skipped,
+        train_tokens=tokens,
+        # a resumed run's runtime covers only the steps it trained
+        train_tokens_per_second=(tokens - session.tokens_before) / runtime if runtime else 0.0,
+        train_runtime_s=runtime,
+        seed=cfg.seed,
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        parameters=loaded.parameters[0],
+        trainable_parameters=loaded.parameters[1],
+        output_dir=str(out),
+        versions=record.versions(),
+        **finished,
+    )
+
+
+def _gguf_type(cfg) -> str | None:
+    return cfg.export.gguf.value if cfg.export.gguf is not None else None
+
+
+def _generating(cfg) -> bool:
+    """Generation runs on rank 0 alone: a DDP model is whole on every rank (FSDP would need every rank)."""
+    return distributed.is_rank_zero() and cfg.distributed.value != "fsdp"
 
 
 def _train_steps(trainer: FastSFTTrainer, checkpoint: Path | None, stop: StopOnSignal):

@@ -1,4 +1,4 @@
-"""The run record: metrics.jsonl while training, summary.json at the end."""
+"""The run record: status.json from the start, metrics.jsonl while training (summary.json: app.summary)."""
 
 import json
 import math
@@ -10,7 +10,6 @@ from transformers import TrainerCallback
 
 from ..record_files import (
     read_jsonl,
-    write_json_atomically,
     write_status,  # noqa: F401 (run.py writes status.json through this module)
 )
 from ..versions import run_versions as versions  # noqa: F401 (run.py: record.versions())
@@ -87,11 +86,6 @@ def preference_metrics(line: dict) -> dict | None:
     return found or None
 
 
-def write_summary(path: Path, summary: dict) -> None:
-    """Written last, by a finished run only, and atomically: a summary.json on disk is a whole one."""
-    write_json_atomically(Path(path), summary)
-
-
 def whole_run_loss(lines: list[dict]) -> float | None:
     """The mean train loss over every step of the run, from metrics.jsonl: each logged loss is the mean over
     the steps since the previous train line, so it counts for that many steps; a null loss (skipped steps)
@@ -105,31 +99,3 @@ def whole_run_loss(lines: list[dict]) -> float | None:
         if line["loss"] is not None:
             total, count = total + line["loss"] * steps, count + steps
     return total / count if count else None
-
-
-def _loss(value: float | None) -> str:
-    return "not logged" if value is None else f"{value:.4f}"
-
-
-def format_summary(summary: dict) -> str:
-    """A few lines for the terminal at the end of a run."""
-    evals = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary["eval"].items())
-    return "\n".join(
-        [
-            f"fusetune run: {summary['model']} on {summary['data']} | kernels={summary['kernels']} "
-            f"trainer={summary['trainer']} seed={summary['seed']}",
-            f"  steps {summary['global_step']}  train_loss {_loss(summary['train_loss'])}  "
-            f"final_loss {_loss(summary['final_loss'])}"
-            + (f" (step {summary['final_loss_step']})" if summary.get("final_loss_step") is not None else "")
-            + (f"  skipped_steps {summary['skipped_steps']}" if summary.get("skipped_steps") else ""),
-            f"  {summary['train_tokens_per_second']:.0f} tok/s  peak {summary['peak_memory_gib']:.2f} GiB  "
-            f"runtime {summary['runtime_s']:.1f} s",
-            *(
-                ["  " + "  ".join(f"{k} {v:.4g}" for k, v in summary["preference"].items())]
-                if summary.get("preference")
-                else []
-            ),
-            f"  eval: {evals or 'none'}",
-            f"  record: {summary['output_dir']}",
-        ]
-    )

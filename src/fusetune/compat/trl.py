@@ -19,6 +19,8 @@ import importlib
 
 from transformers import TrainerCallback
 
+from .. import ledger
+
 # TRL's public names that fusetune points at its subclasses.
 TRL_CLASSES = [
     ("trl", "SFTTrainer"),
@@ -28,7 +30,7 @@ TRL_CLASSES = [
     ("trl.trainer", "SFTConfig"),
     ("trl.trainer.sft_config", "SFTConfig"),
 ]
-_originals: dict[tuple[object, str], object] = {}
+TRL = "trl"  # the ledger's tag for these
 
 
 def point_trl_at(trainer_cls: type, config_cls: type) -> None:
@@ -36,21 +38,18 @@ def point_trl_at(trainer_cls: type, config_cls: type) -> None:
     ours = {"SFTTrainer": trainer_cls, "SFTConfig": config_cls}
     for module_name, name in TRL_CLASSES:
         module = importlib.import_module(module_name)
-        _originals.setdefault((module, name), getattr(module, name))
-        setattr(module, name, ours[name])
+        ledger.replace(module, name, ours[name], TRL)
 
 
 def restore_trl() -> None:
     """TRL's own classes back under every name ``point_trl_at`` changed."""
-    for (module, name), cls in _originals.items():
-        setattr(module, name, cls)
-    _originals.clear()
+    ledger.restore_all(TRL)
 
 
 def original(name: str) -> type:
     """TRL's own ``SFTTrainer`` or ``SFTConfig``, whatever the public name points at now."""
     module = importlib.import_module("trl.trainer.sft_trainer" if name == "SFTTrainer" else "trl.trainer.sft_config")
-    return _originals.get((module, name), getattr(module, name))
+    return ledger.original(module, name)
 
 
 def metric_lists(trainer, mode: str) -> dict[str, list]:

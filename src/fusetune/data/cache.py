@@ -1,16 +1,16 @@
 """The tokenized-dataset cache: each source's records, as TRL tokenizes them, kept on disk and reused across runs.
 
-What is cached is one *unit*: the checked, formatted records of one file or hub split (a source, or its eval
-file), tokenized by TRL's own dataset preparation with its labels built (``input_ids``, ``labels``, and the
-formatted columns), before truncation, packing and shuffling. A split is then a selection of rows of its units:
-all of one file, the part an eval hold-out leaves, or the draws of a mixture. So runs that differ only in seed,
-mixture weights or size, eval hold-out, max length, packing or the model's other settings tokenize nothing again.
-data.too_long then decides the records longer than the max length (``lengths.py``: counted, named, dropped,
-truncated or refused), and TRL truncates, packs and shuffles the selected rows itself, as it would have, so the
-loss masks are exactly TRL's (tests/data/test_cache.py compares them with an uncached build). With data.cache=false
-the units are tokenized the same way, and nothing is read or written.
+What is cached is one *record set* (``RecordSet``): the checked, formatted records of one file or hub split (a
+source, or its eval file), tokenized by TRL's own dataset preparation with its labels built (``input_ids``,
+``labels``, and the formatted columns), before truncation, packing and shuffling. A split is then a selection of
+rows of its record sets (``SplitLayout``): all of one file, the part an eval hold-out leaves, or the draws of a
+mixture. So runs that differ only in seed, mixture weights or size, eval hold-out, max length, packing or the
+model's other settings tokenize nothing again. data.too_long then decides the records longer than the max length
+(``lengths.py``: counted, named, dropped, truncated or refused), and TRL truncates, packs and shuffles the selected
+rows itself, as it would have, so the loss masks are exactly TRL's (tests/data/test_cache.py compares them with an
+uncached build). With data.cache=false the record sets are tokenized the same way, and nothing is read or written.
 
-The key of a unit (a SHA-256 of the JSON below, which is saved next to the records as ``fusetune-key.json``):
+The key of a record set (a SHA-256 of the JSON below, which is saved next to the records as ``fusetune-key.json``):
 
 - the records: a local file's absolute path and a SHA-256 of its bytes (never its modification time: an edit that
   keeps it is still seen; the datasets library's own cache of the file is named by the same hash); a hub dataset's
@@ -24,7 +24,7 @@ The key of a unit (a SHA-256 of the JSON below, which is saved next to the recor
   loss, completion_only_loss (as TRL resolved it), assistant_only_loss, dataset_text_field;
 - the versions of fusetune, TRL, transformers, tokenizers, datasets and jinja2.
 
-A unit is written into a temporary folder and renamed into place, so readers never see a partial one; a
+A record set is written into a temporary folder and renamed into place, so readers never see a partial one; a
 folder that cannot be read back is tokenized again. Nothing is ever evicted: delete the folder to reclaim it.
 
 ``DatasetCacheHook`` is the trainer side: a mixin for a TRL SFTTrainer subclass that takes ``dataset_cache=``
@@ -48,13 +48,13 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 from ..compat.trl import label_options, prepare_as_trl
 from ..errors import FusetuneError
 from ..versions import DATA_CACHE_KEY, installed
-from .checks import Source
+from .checks import DatasetOrigin
 from .files import MAX_SHOWN
 from .lengths import POLICIES, SPLITTING_PACKERS, LengthRule, shown
 from .templates import bounded_renders
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1  # bump when what a unit holds changes
+CACHE_FORMAT = 1  # bump when what a record set holds changes
 KEY_FILE = "fusetune-key.json"
 _CODE = Path(__file__).parent
 
@@ -74,52 +74,52 @@ def code_hash() -> str:
 
 
 @dataclass
-class Unit:
+class RecordSet:
     """One file or hub split, checked and formatted: what the cache keeps tokenized."""
 
     label: str  # how messages name it: "data.path a.jsonl", "data.sources.1.name org/set (split train)"
     dataset: Dataset  # the formatted records
     identity: dict  # where the records come from and how they were read: the data part of the key
-    source: Source | None = None  # for line numbers, and a local file's content hash
+    origin: DatasetOrigin | None = None  # for line numbers, and a local file's content hash
     rows: np.ndarray | None = None  # each row's index among the records read (None: the same)
-    read: int = 0  # how many records were read
+    read_count: int = 0  # how many records were read
 
     def where(self, rows: list[int]) -> list[str]:
         """How a user finds each of ``rows``: 'data.path a.jsonl: line 7' (or 'record 7')."""
         read = [int(self.rows[r]) if self.rows is not None else int(r) for r in rows]
-        if self.source is None:
+        if self.origin is None:
             return [f"{self.label}: record {r + 1}" for r in read]
-        return [f"{self.label}: {place}" for place in self.source.where(read, self.read or len(self.dataset))]
+        return [f"{self.label}: {place}" for place in self.origin.where(read, self.read_count or len(self.dataset))]
 
 
 @dataclass
-class Plan:
-    """How a split's formatted dataset was made from units: rows of the units concatenated in order."""
+class SplitLayout:
+    """Which rows of which record sets make a split's formatted dataset: their rows concatenated, then selected."""
 
-    units: list[Unit]
-    indices: np.ndarray | None  # None: every row of the one unit, in order
+    record_sets: list[RecordSet]
+    indices: np.ndarray | None  # None: every row of the one record set, in order
 
     def origins(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(unit, row of that unit) of each of the split's ``rows``."""
-        offsets = np.cumsum([0] + [len(unit.dataset) for unit in self.units])
+        """(record set, row of that record set) of each of the split's ``rows``."""
+        offsets = np.cumsum([0] + [len(record_set.dataset) for record_set in self.record_sets])
         rows = np.asarray(rows, dtype=np.int64)
         picked = rows if self.indices is None else np.asarray(self.indices)[rows]
-        units = np.searchsorted(offsets, picked, side="right") - 1
-        return units, picked - offsets[units]
+        sets = np.searchsorted(offsets, picked, side="right") - 1
+        return sets, picked - offsets[sets]
 
     def where(self, rows: np.ndarray) -> str:
         """The first few of the split's ``rows`` as a user finds them, and how many more."""
-        units, within = self.origins(rows)
-        first = sorted(set(zip(units.tolist(), within.tolist(), strict=True)))[:MAX_SHOWN]  # in file order
-        return shown([self.units[u].where([r])[0] for u, r in first], len(rows))
+        sets, within = self.origins(rows)
+        first = sorted(set(zip(sets.tolist(), within.tolist(), strict=True)))[:MAX_SHOWN]  # in file order
+        return shown([self.record_sets[s].where([r])[0] for s, r in first], len(rows))
 
     def sources(self) -> list[str] | None:
-        """Each row's unit label, where the split has several units (a mixture, several eval files); else None."""
-        if len(self.units) == 1:
+        """Each row's record-set label, where the split has several (a mixture, several eval files); else None."""
+        if len(self.record_sets) == 1:
             return None
-        count = len(self.units[0].dataset) if self.indices is None else len(self.indices)
-        units, _ = self.origins(np.arange(count))
-        return [self.units[u].label for u in units.tolist()]
+        count = len(self.record_sets[0].dataset) if self.indices is None else len(self.indices)
+        sets, _ = self.origins(np.arange(count))
+        return [self.record_sets[s].label for s in sets.tolist()]
 
 
 def tokenizer_identity(tokenizer) -> dict:
@@ -154,22 +154,22 @@ def trainer_identity(trainer, processing_class, args) -> dict:
     }
 
 
-def tokenize_with_trl(trainer, unit: Unit, processing_class, args, dataset_name: str) -> Dataset:
-    """TRL's own preparation of ``unit``'s records with the trainer's tokenizer, templates and loss options, stopped
-    before truncation, packing and shuffling: its tokens and labels, one row per record. Each chat template render
-    is bounded (``templates.bounded_renders``)."""
+def tokenize_with_trl(trainer, record_set: RecordSet, processing_class, args, dataset_name: str) -> Dataset:
+    """TRL's own preparation of ``record_set``'s records with the trainer's tokenizer, templates and loss options,
+    stopped before truncation, packing and shuffling: its tokens and labels, one row per record. Each chat template
+    render is bounded (``templates.bounded_renders``)."""
     kept = args.max_length, args.shuffle_dataset
     args.max_length, args.shuffle_dataset = None, False
     templates = [getattr(processing_class, "chat_template", None), label_options(trainer)["chat_template"]]
     try:
-        with bounded_renders(templates, f"a {dataset_name} record of {unit.label}"):
-            return prepare_as_trl(trainer, unit.dataset, processing_class, args, False, None, dataset_name)
+        with bounded_renders(templates, f"a {dataset_name} record of {record_set.label}"):
+            return prepare_as_trl(trainer, record_set.dataset, processing_class, args, False, None, dataset_name)
     finally:
         args.max_length, args.shuffle_dataset = kept
 
 
 class DatasetCache:
-    """The cache of one build_splits call: where it lives, the plans of its splits, and what each run found."""
+    """The cache of one build_splits call: where it lives, the layouts of its splits, and what each run found."""
 
     def __init__(self, folder: str | Path | None = None, enabled: bool = True, too_long: str = "drop"):
         if too_long not in POLICIES:
@@ -177,23 +177,25 @@ class DatasetCache:
         self.folder = Path(folder).expanduser() if folder else default_cache_dir()
         self.enabled = enabled
         self.too_long = too_long  # data.too_long, applied to every split of this build (fusetune.data.lengths)
-        self.plans: dict[str, Plan] = {}  # a split's fingerprint -> how it was made
+        self.layouts: dict[str, SplitLayout] = {}  # a split's fingerprint -> the rows it is made of
         self.entries: dict[str, dict] = {}  # key -> source, key, path, hit (read from disk), saved
         self.lengths: dict[str, dict] = {}  # split ("train", "eval") -> records, longer, dropped, truncated
-        self._tokenized_here: dict[str, Dataset] = {}  # a unit in both splits (an eval hold-out) is looked up once
+        self._tokenized_here: dict[
+            str, Dataset
+        ] = {}  # a record set in both splits (an eval hold-out) is looked up once
 
-    def register(self, dataset: Dataset, plan: Plan) -> None:
-        self.plans[dataset._fingerprint] = plan
+    def register(self, dataset: Dataset, layout: SplitLayout) -> None:
+        self.layouts[dataset._fingerprint] = layout
 
     def summary(self) -> dict:
-        """For summary.json: whether the cache was on and used, and each unit's key, folder and hit or miss."""
+        """For summary.json: whether the cache was on and used, and each record set's key, folder and hit or miss."""
         entries = list(self.entries.values())
         hits = sum(entry["hit"] for entry in entries)
         files = {
-            unit.label: {"source": unit.label, **unit.source.hashed}
-            for plan in self.plans.values()
-            for unit in plan.units
-            if unit.source is not None and unit.source.hashed
+            record_set.label: {"source": record_set.label, **record_set.origin.hashed}
+            for layout in self.layouts.values()
+            for record_set in layout.record_sets
+            if record_set.origin is not None and record_set.origin.hashed
         }
         return {
             "enabled": self.enabled,
@@ -216,68 +218,81 @@ class DatasetCache:
         dataset_name: str,
         finish: Callable,
     ):
-        """TRL's preparation of ``dataset``, from cached units where the dataset is a split of this build.
+        """TRL's preparation of ``dataset``, from cached record sets where the dataset is a split of this build.
 
         ``finish`` is the trainer's own preparation (same arguments as TRL's ``_prepare_dataset``). Given the
         tokenized rows it truncates, packs and shuffles them as it would have the formatted ones."""
-        plan = self.plans.get(getattr(dataset, "_fingerprint", None)) if isinstance(dataset, Dataset) else None
-        if plan is None or formatting_func is not None:
+        layout = self.layouts.get(getattr(dataset, "_fingerprint", None)) if isinstance(dataset, Dataset) else None
+        if layout is None or formatting_func is not None:
             return finish(dataset, processing_class, args, packing, formatting_func, dataset_name)
         key_parts = trainer_identity(trainer, processing_class, args)
-        parts = [self._tokenized(unit, trainer, processing_class, args, dataset_name, key_parts) for unit in plan.units]
-        tokenized = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-        if plan.indices is not None:
-            tokenized = tokenized.select(plan.indices)
+        sets = [
+            self._tokenized(each, trainer, processing_class, args, dataset_name, key_parts)
+            for each in layout.record_sets
+        ]
+        tokenized = sets[0] if len(sets) == 1 else concatenate_datasets(sets)
+        if layout.indices is not None:
+            tokenized = tokenized.select(layout.indices)
         rule = LengthRule(
             self.too_long,
             args.max_length,
             keep_end=args.truncation_mode == "keep_end",
             splits_long=packing and args.packing_strategy in SPLITTING_PACKERS,
         )
-        tokenized, self.lengths[dataset_name] = rule.apply(tokenized, dataset_name, plan.where, plan.sources())
+        tokenized, self.lengths[dataset_name] = rule.apply(tokenized, dataset_name, layout.where, layout.sources())
         return finish(tokenized, processing_class, args, packing, None, dataset_name)
 
-    def _tokenized(self, unit: Unit, trainer, processing_class, args, dataset_name: str, key_parts: dict) -> Dataset:
-        key_json = {"format": CACHE_FORMAT, "records": unit.identity, "trainer": key_parts}
+    def _tokenized(
+        self, record_set: RecordSet, trainer, processing_class, args, dataset_name: str, key_parts: dict
+    ) -> Dataset:
+        key_json = {"format": CACHE_FORMAT, "records": record_set.identity, "trainer": key_parts}
         key = digest(key_json)[:32]
         if key in self._tokenized_here:
             return self._tokenized_here[key]
         if not self.enabled:
-            self._tokenized_here[key] = found = tokenize_with_trl(trainer, unit, processing_class, args, dataset_name)
+            self._tokenized_here[key] = found = tokenize_with_trl(
+                trainer, record_set, processing_class, args, dataset_name
+            )
             return found
         folder = self.folder / key
-        entry = self.entries[key] = {"source": unit.label, "key": key, "path": str(folder), "hit": False}
+        entry = self.entries[key] = {"source": record_set.label, "key": key, "path": str(folder), "hit": False}
         self._tokenized_here[key] = found = self._read_or_tokenize(
-            unit, folder, entry, key_json, trainer, processing_class, args, dataset_name
+            record_set, folder, entry, key_json, trainer, processing_class, args, dataset_name
         )
         return found
 
-    def _read_or_tokenize(self, unit, folder, entry, key_json, trainer, processing_class, args, dataset_name):
+    def _read_or_tokenize(self, record_set, folder, entry, key_json, trainer, processing_class, args, dataset_name):
         if (folder / KEY_FILE).is_file():
             try:
                 found = load_from_disk(str(folder))
             except Exception as error:  # a damaged folder is tokenized again
-                log.warning("data cache: %s is unreadable (%s); tokenizing %s again", folder, error, unit.label)
+                log.warning("data cache: %s is unreadable (%s); tokenizing %s again", folder, error, record_set.label)
             else:
-                if len(found) == len(unit.dataset):
+                if len(found) == len(record_set.dataset):
                     entry["hit"] = True
-                    log.info("data cache: %s: tokenized records reused from %s", unit.label, folder)
+                    log.info("data cache: %s: tokenized records reused from %s", record_set.label, folder)
                     return found
                 log.warning(
-                    "data cache: %s holds %d rows, not %d; tokenizing again", folder, len(found), len(unit.dataset)
+                    "data cache: %s holds %d rows, not %d; tokenizing again",
+                    folder,
+                    len(found),
+                    len(record_set.dataset),
                 )
             shutil.rmtree(folder, ignore_errors=True)
         started = time.perf_counter()
-        tokenized = tokenize_with_trl(trainer, unit, processing_class, args, dataset_name)
-        if len(tokenized) != len(unit.dataset):  # TRL drops nothing before truncation; never cache if it did
+        tokenized = tokenize_with_trl(trainer, record_set, processing_class, args, dataset_name)
+        if len(tokenized) != len(record_set.dataset):  # TRL drops nothing before truncation; never cache if it did
             log.warning(
-                "data cache: %s: TRL kept %d of %d rows; not cached", unit.label, len(tokenized), len(unit.dataset)
+                "data cache: %s: TRL kept %d of %d rows; not cached",
+                record_set.label,
+                len(tokenized),
+                len(record_set.dataset),
             )
             return tokenized
         entry["saved"] = self._save(tokenized, folder, key_json)
         log.info(
             "data cache: %s tokenized in %.1f s%s",
-            unit.label,
+            record_set.label,
             time.perf_counter() - started,
             f", saved to {folder}" if entry["saved"] else "",
         )
@@ -291,7 +306,7 @@ class DatasetCache:
             temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=self.folder))
             dataset.save_to_disk(str(temporary))
             (temporary / KEY_FILE).write_text(json.dumps(key_json, indent=2, sort_keys=True, default=str) + "\n")
-            if (folder / KEY_FILE).is_file():  # another job saved the same unit meanwhile: keep theirs
+            if (folder / KEY_FILE).is_file():  # another job saved the same record set meanwhile: keep theirs
                 return True
             if folder.exists():  # a damaged copy
                 shutil.rmtree(folder, ignore_errors=True)

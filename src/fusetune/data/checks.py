@@ -25,7 +25,7 @@ EMPTY_CONTENT = ("warn", "error", "drop")
 
 
 @dataclass(frozen=True)
-class Source:
+class DatasetOrigin:
     """Where a dataset came from, in the words of the config."""
 
     label: str  # "data.path train.jsonl", "data.eval_path eval.jsonl", "data.name org/set (split train)"
@@ -97,7 +97,7 @@ def _raw_rows(file: Path, names: tuple[str, ...]) -> Iterator[tuple]:
             yield tuple(record.get(name) for name in names)
 
 
-def _missing_columns(dataset: Dataset, formatter_name: str, names: tuple[str, ...], source: Source) -> None:
+def _missing_columns(dataset: Dataset, formatter_name: str, names: tuple[str, ...], origin: DatasetOrigin) -> None:
     formatter = FORMATTERS[formatter_name]
     columns = dataset.column_names
     for name in names:
@@ -111,47 +111,47 @@ def _missing_columns(dataset: Dataset, formatter_name: str, names: tuple[str, ..
         elif formatter.takes_field:
             hint = " (data.field names the column to read)"
         raise FusetuneError(
-            f"{source.label}: formatter '{formatter_name}' needs a '{name}' column; "
+            f"{origin.label}: formatter '{formatter_name}' needs a '{name}' column; "
             f"the data has {sorted(columns)}{hint}"
         )
 
 
-def find_problems(dataset: Dataset, source: Source, formatter_name: str, field: str | None) -> Findings:
+def find_problems(dataset: Dataset, origin: DatasetOrigin, formatter_name: str, field: str | None) -> Findings:
     formatter = FORMATTERS[formatter_name]
     names = formatter.column_names(field)
-    _missing_columns(dataset, formatter_name, names, source)
+    _missing_columns(dataset, formatter_name, names, origin)
     findings = scan(_rows(dataset, names), names, formatter)
     # datasets (5.x) stores a column of mixed types as JSON text and decodes it back, so a string that reads
     # as JSON ("1", "null") comes back as a number or null: name the bad records as the file writes them.
-    if findings.bad_count and source.file is not None and source.file.suffix.lower() in (".json", ".jsonl"):
+    if findings.bad_count and origin.file is not None and origin.file.suffix.lower() in (".json", ".jsonl"):
         if "Json(" in repr({name: dataset.features[name] for name in names if name in dataset.features}):
             try:
-                raw = scan(_raw_rows(source.file, names), names, formatter)
+                raw = scan(_raw_rows(origin.file, names), names, formatter)
             except (ValueError, AttributeError, TypeError):  # JSON that only the lenient loader reads
                 raw = findings
             findings = raw if raw.bad_count else findings
     return findings
 
 
-def _listed(problems: list[tuple[int, str]], count: int, source: Source, total: int) -> str:
+def _listed(problems: list[tuple[int, str]], count: int, origin: DatasetOrigin, total: int) -> str:
     shown = problems[:MAX_SHOWN]
-    return listing(list(zip(source.where([i for i, _ in shown], total), [p for _, p in shown], strict=True)), count)
+    return listing(list(zip(origin.where([i for i, _ in shown], total), [p for _, p in shown], strict=True)), count)
 
 
 def checked(
-    dataset: Dataset, source: Source, formatter_name: str, field: str | None, empty_content
+    dataset: Dataset, origin: DatasetOrigin, formatter_name: str, field: str | None, empty_content
 ) -> tuple[Dataset, np.ndarray | None]:
     """The dataset once every record is checked, and the index of each kept record among those read (None: all).
     Raises on bad records, and warns on, refuses or drops empty ones."""
     empty_content = getattr(empty_content, "value", empty_content)
     if empty_content not in EMPTY_CONTENT:
         raise FusetuneError(f"data.empty_content must be one of {', '.join(EMPTY_CONTENT)}, got {empty_content!r}")
-    findings = find_problems(dataset, source, formatter_name, field)
+    findings = find_problems(dataset, origin, formatter_name, field)
     count = len(findings.empty)
-    shown = _listed(findings.empty, count, source, len(dataset)) if count else ""
+    shown = _listed(findings.empty, count, origin, len(dataset)) if count else ""
     refused = []  # every kind of problem, in one message
     if findings.bad_count:
-        where = partial(source.where, total=len(dataset))
+        where = partial(origin.where, total=len(dataset))
         refused.append(f"{plural(findings.bad_count, 'bad record')}: {findings.bad.text(where)}")
     if count and empty_content == "error":
         refused.append(
@@ -159,26 +159,26 @@ def checked(
             f"(data.empty_content=error; warn keeps them, drop removes them): {shown}"
         )
     if refused:
-        raise FusetuneError(f"{source.label}: " + "; ".join(refused))
+        raise FusetuneError(f"{origin.label}: " + "; ".join(refused))
     if not count:
         return dataset, None
     if empty_content == "warn":
         log.warning(
             "%s: %s with empty content, kept (data.empty_content=warn; error refuses them, drop removes them): %s",
-            source.label,
+            origin.label,
             plural(count, "record"),
             shown,
         )
         return dataset, None
     if count == len(dataset):
         raise FusetuneError(
-            f"{source.label}: all {count} records have empty content, none is left to train on: {shown}"
+            f"{origin.label}: all {count} records have empty content, none is left to train on: {shown}"
         )
     keep = np.ones(len(dataset), dtype=bool)
     keep[[index for index, _ in findings.empty]] = False
     log.warning(
         "%s: dropped %d of %d records with empty content (data.empty_content=drop): %s",
-        source.label,
+        origin.label,
         count,
         len(dataset),
         shown,
