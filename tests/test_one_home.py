@@ -56,11 +56,8 @@ RULES = {
 # Copies kept on purpose, in scripts where importing the home would load fusetune or torch too early; each must
 # hold its home's value (in any order).
 KEPT_COPIES = {
-    ("scripts/bench.py", "TARGETS"): PROJECTIONS,  # the Unsloth process imports unsloth before fusetune
     ("scripts/step_profiler/__init__.py", "CHECKPOINTING"): CHECKPOINTING,  # arguments checked before torch loads
 }
-# Another rule under a rule's name: bench.py's CHECKPOINTING says in words how each variant checkpoints.
-OTHER_MEANING = {("scripts/bench.py", "CHECKPOINTING")}
 
 
 def _assigned(target: ast.expr) -> list[str]:
@@ -95,13 +92,13 @@ def definitions(tree: ast.Module) -> dict[str, ast.stmt]:
     return found
 
 
-def second_homes(trees: dict[str, ast.Module], names, other_meaning=frozenset()) -> list[str]:
-    """One line for each name of ``names`` defined in more than one module (``other_meaning``'s (path, name) aside):
+def second_homes(trees: dict[str, ast.Module], names, kept=frozenset()) -> list[str]:
+    """One line for each name of ``names`` defined in more than one module (the (path, name) pairs in ``kept`` aside):
     where it is defined."""
     where: dict[str, list[str]] = {}
     for path, tree in trees.items():
         for name, node in definitions(tree).items():
-            if name in names and (path, name) not in other_meaning:
+            if name in names and (path, name) not in kept:
                 where.setdefault(name, []).append(f"{path}:{node.lineno}")
     return [
         f"{name} is defined in {len(found)} modules: {', '.join(found)}"
@@ -136,7 +133,7 @@ def _trees() -> dict[str, ast.Module]:
 def test_each_rule_has_one_home():
     trees = _trees()
     assert "src/fusetune/record_files.py" in trees and len(trees) > 50  # the folders were read
-    problems = second_homes(trees, RULES, OTHER_MEANING | set(KEPT_COPIES))
+    problems = second_homes(trees, RULES, set(KEPT_COPIES))
     assert not problems, "one home for each rule (import it from there):\n" + "\n".join(
         f"{line} (its home: {RULES[line.split()[0]]})" for line in problems
     )

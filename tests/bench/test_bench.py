@@ -14,7 +14,10 @@ import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-import bench  # noqa: E402
+from bench import cli, folders, max_context, report, scenarios, shapes, steps, variants  # noqa: E402
+from fusetune.loading import ASSETS  # noqa: E402
+
+ARCHS = ASSETS / "archs"
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +79,7 @@ def test_tiny_tables(tiny_run, tmp_path):
         check=True,
     ).stdout
     assert "| scenario | hf | liger | unsloth | fusetune |" in table and "| S4: " in table
-    merged = bench.main(["--render", str(jsonl), str(jsonl), "--out", str(tmp_path)])
+    merged = cli.main(["--render", str(jsonl), str(jsonl), "--out", str(tmp_path)])
     assert len(merged.read_text().splitlines()) == 8  # duplicates collapse to the last row of each pair
     assert merged.name == jsonl.name and "| hf | ok |" in merged.with_suffix(".md").read_text()
 
@@ -109,7 +112,7 @@ def test_tiny_new_families(family_run):
         assert hf["status"] == "ok", hf.get("reason")
         assert hf["model"] == arch and hf["lora"]["targets"][0] == first_target and hf["tokens_per_step"] == 2 * 64
         assert all(math.isfinite(x) for x in hf["losses"]) and len(hf["losses"]) == 3
-        assert hf["matmul_params"] == bench.matmul_params(bench.arch_config(arch, shrink=True))
+        assert hf["matmul_params"] == shapes.matmul_params(shapes.arch_config(arch, shrink=True))
         assert ours["status"] == "ok", ours.get("reason")  # the same model and batches: the same losses
         assert ours["losses"] == pytest.approx(hf["losses"], rel=1e-4)
         assert ours["self_check_s"] >= 0
@@ -119,7 +122,7 @@ def test_tiny_new_families(family_run):
     assert moe["trainable_params"] == rows["S10", "fusetune_reference"]["trainable_params"]
 
 
-@pytest.mark.parametrize("arch", sorted(p.name for p in bench.ARCHS.iterdir()))
+@pytest.mark.parametrize("arch", sorted(p.name for p in ARCHS.iterdir()))
 def test_matmul_params_are_the_models_linear_weights(arch):
     """N counts exactly the weights of the model's nn.Linear modules (lm_head included, even when tied), at the
     real shape: attention with Qwen3.5's output gate, its gated delta-net projections, Phi-3's fused ones; and
@@ -131,7 +134,7 @@ def test_matmul_params_are_the_models_linear_weights(arch):
     with torch.device("meta"):
         model = loading.load_model("unused", torch.bfloat16, config=f"fusetune:archs/{arch}", random_init=True)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    config = bench.arch_config(arch)
+    config = shapes.arch_config(arch)
     for module in model.modules():  # routed experts (3-D weights): the top k that a token goes through; routers
         experts = getattr(module, "gate_up_proj", None)
         if isinstance(experts, torch.Tensor) and experts.dim() == 3:
@@ -139,25 +142,25 @@ def test_matmul_params_are_the_models_linear_weights(arch):
             linear += routed * config["num_experts_per_tok"] // experts.shape[0]
         elif type(module).__name__.endswith("Router") and not isinstance(module, torch.nn.Linear):
             linear += module.weight.numel()
-    assert bench.matmul_params(config) == linear
+    assert shapes.matmul_params(config) == linear
 
 
 def test_attention_flops_follow_sliding_windows():
     for length, window in [(10, None), (10, 4), (10, 10), (3, 8), (2048, 1024)]:
         brute = sum(min(i + 1, window or length) for i in range(length))
-        assert bench.attended(length, window) == brute
-    cfg = bench.arch_config("gemma3_4b")  # 34 layers: every sixth global, the others a 1024-token window
-    assert bench.layer_kinds(cfg).count("full_attention") == 5
+        assert shapes.attended(length, window) == brute
+    cfg = shapes.arch_config("gemma3_4b")  # 34 layers: every sixth global, the others a 1024-token window
+    assert shapes.layer_kinds(cfg).count("full_attention") == 5
     heads_dim = 12 * cfg["num_attention_heads"] * cfg["head_dim"]
-    attention = heads_dim * (5 * bench.attended(2048, None) + 29 * bench.attended(2048, 1024))
-    assert bench.useful_flops(cfg, [2048]) == 4 * bench.matmul_params(cfg) * 2048 + attention
-    qwen = bench.arch_config("qwen3_5_2b")  # only the full-attention layers (one in four) attend
-    per_layer = 12 * qwen["num_attention_heads"] * qwen["head_dim"] * bench.attended(2048, None)
-    assert bench.useful_flops(qwen, [2048]) == 4 * bench.matmul_params(qwen) * 2048 + 6 * per_layer
+    attention = heads_dim * (5 * shapes.attended(2048, None) + 29 * shapes.attended(2048, 1024))
+    assert shapes.useful_flops(cfg, [2048]) == 4 * shapes.matmul_params(cfg) * 2048 + attention
+    qwen = shapes.arch_config("qwen3_5_2b")  # only the full-attention layers (one in four) attend
+    per_layer = 12 * qwen["num_attention_heads"] * qwen["head_dim"] * shapes.attended(2048, None)
+    assert shapes.useful_flops(qwen, [2048]) == 4 * shapes.matmul_params(qwen) * 2048 + 6 * per_layer
 
 
 def test_liger_without_a_patch_for_the_family_is_a_skip(monkeypatch):
-    """liger: the family's own patch through _apply_liger_kernel_to_instance; none for the family: bench.Unsupported."""
+    """liger: the family's own patch through _apply_liger_kernel_to_instance; none for the family: Unsupported."""
     import types
 
     applied = []
@@ -173,32 +176,32 @@ def test_liger_without_a_patch_for_the_family_is_a_skip(monkeypatch):
     def model(model_type):
         return types.SimpleNamespace(config=types.SimpleNamespace(model_type=model_type))
 
-    bench.apply_liger(model("phi3"))
+    variants.apply_liger(model("phi3"))
     assert applied == [("phi3", {"cross_entropy": False, "fused_linear_cross_entropy": True})]
-    with pytest.raises(bench.Unsupported, match="^liger-kernel 9.9.9 has no patch for model type 'olmo9'$"):
-        bench.apply_liger(model("olmo9"))
+    with pytest.raises(variants.Unsupported, match="^liger-kernel 9.9.9 has no patch for model type 'olmo9'$"):
+        variants.apply_liger(model("olmo9"))
 
 
 def test_self_check_seconds_read_from_fusetune(monkeypatch):
     from fusetune import self_check
 
     monkeypatch.setitem(self_check._seconds, "total", 0.25)
-    assert bench.self_check_seconds() == 0.25
-    md = bench.render([{"scenario": "S8", "variant": "fusetune_triton", "status": "ok", "self_check_s": 0.25}])
+    assert variants.self_check_seconds() == 0.25
+    md = report.render([{"scenario": "S8", "variant": "fusetune_triton", "status": "ok", "self_check_s": 0.25}])
     assert "- fusetune_triton: load-time self-check of its patched ops 0.25 s (of - s loading)" in md
 
 
 def test_word_tokenizer_has_the_config_s_vocabulary_and_ids(tmp_path):
     from transformers import AutoTokenizer
 
-    cfg = bench.arch_config("gemma3_4b")
-    bench.write_word_tokenizer(tmp_path, cfg)
+    cfg = shapes.arch_config("gemma3_4b")
+    folders.write_word_tokenizer(tmp_path, cfg)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path)
     assert len(tokenizer) == cfg["vocab_size"] == 262208
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 1, 0)
     assert tokenizer.convert_tokens_to_ids("t262207") == 262207
-    phi = bench.arch_config("phi4_mini")  # bos, eos and pad: one id, one token
-    bench.write_word_tokenizer(tmp_path / "phi", phi)
+    phi = shapes.arch_config("phi4_mini")  # bos, eos and pad: one id, one token
+    folders.write_word_tokenizer(tmp_path / "phi", phi)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "phi")
     assert len(tokenizer) == phi["vocab_size"] and tokenizer.eos_token == tokenizer.bos_token == "<bos>"
     assert tokenizer.eos_token_id == tokenizer.pad_token_id == 199999
@@ -214,16 +217,16 @@ def test_word_tokenizer_has_the_config_s_vocabulary_and_ids(tmp_path):
 )
 def test_warmup_record_counts_the_measured_steps_paths(paths, warmup, counts):
     times = [float(i) for i in range(len(paths))]
-    record = bench.warmup_record(times, paths, warmup, None)
+    record = steps.warmup_record(times, paths, warmup, None)
     assert record == {"warmup_step_ms": times[:warmup], "step_paths": paths, "measured_paths": counts, "graphs": None}
 
 
 def test_flops_convention():
-    cfg = bench.arch_config("llama3_1b")
-    assert bench.matmul_params(cfg) == pytest.approx(1.236e9, rel=1e-3)  # lm_head in, embeddings out
-    per_token = bench.useful_flops(cfg, [2048]) / 2048
+    cfg = shapes.arch_config("llama3_1b")
+    assert shapes.matmul_params(cfg) == pytest.approx(1.236e9, rel=1e-3)  # lm_head in, embeddings out
+    per_token = shapes.useful_flops(cfg, [2048]) / 2048
     attention = 6 * 16 * 32 * 64 * 2049
-    assert per_token == pytest.approx(4 * bench.matmul_params(cfg) + attention)
+    assert per_token == pytest.approx(4 * shapes.matmul_params(cfg) + attention)
 
 
 def test_s5_probe_schedule():
@@ -240,7 +243,7 @@ def test_s5_probe_schedule():
                 fits.append((length, peak(length)))
             else:
                 bad = length
-            length = bench.next_probe(ok, bad, fits, 0.95 * total, top, 4096, 0.1)
+            length = max_context.next_probe(ok, bad, fits, 0.95 * total, top, 4096, 0.1)
         return ok, bad, seen
 
     ok, bad, seen = run(lambda n: 10 + n / 1000)  # linear: fits up to 131,000 tokens
@@ -253,7 +256,7 @@ def test_s5_probe_schedule():
 def test_s5_together_probes_the_variants_at_once(monkeypatch, tmp_path):
     """--s5-together: each variant bisects in its own thread, so their probes overlap (the barrier would
     time out if they ran one after the other), and each row says whom it shared the GPU with."""
-    args = bench.parse_args(
+    args = cli.parse_args(
         ["--scenarios", "S5", "--variants", "unsloth fusetune_triton", "--s5-together", "--s5-memory-gib", "24"]
         + ["--s5-min", "32768", "--s5-probes", "4"]
     )
@@ -270,21 +273,21 @@ def test_s5_together_probes_the_variants_at_once(monkeypatch, tmp_path):
                 return {"status": "failed", "oom": True, "peak_gib": None, "wall_s": 1.0}
             return {"status": "ok", "peak_gib": peak, "step_ms": seq / 10, "wall_s": 1.0}
 
-    monkeypatch.setattr(bench, "availability", lambda *a: None)
+    monkeypatch.setattr(max_context, "availability", lambda *a: None)
     gpu = {"cuda": True, "total_gib": 139.0}
-    futures = bench.start_together(FakeRunner(), "S5", bench.SCENARIOS["S5"], tmp_path, "nf4", gpu, args)
+    futures = max_context.start_together(FakeRunner(), "S5", scenarios.SCENARIOS["S5"], tmp_path, "nf4", gpu, args)
     rows = {v: f.result(timeout=60) for v, f in futures.items()}
     for variant, row in rows.items():
         assert row["status"] == "ok" and row["concurrent_with"] == [v for v in limits if v != variant]
         assert row["max_context"] <= limits[variant] < row["first_failure"], row["probes"]
     assert rows["fusetune_triton"]["max_context"] > rows["unsloth"]["max_context"]
-    md = bench.render([{"scenario": "S5", "variant": v, **row} for v, row in rows.items()])
+    md = report.render([{"scenario": "S5", "variant": v, **row} for v, row in rows.items()])
     assert "fusetune_triton, unsloth: probed at once on one GPU (`--s5-together`), each process capped at 24 GiB" in md
 
 
 def test_s5_together_needs_a_memory_cap(capsys):
     with pytest.raises(SystemExit):
-        bench.parse_args(["--scenarios", "S5", "--s5-together"])
+        cli.parse_args(["--scenarios", "S5", "--s5-together"])
     assert "--s5-together needs --s5-memory-gib" in capsys.readouterr().err
 
 
@@ -305,23 +308,41 @@ def test_tables_of_gpu_rows(tmp_path):
     rows.append({"scenario": "S5", "variant": "fusetune_triton", "status": "failed", "reason": "probe at 8192: boom"})
     path = tmp_path / "2026-01-01-h200-peers.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    md = bench.render(bench.read_rows([path]))
+    md = report.render(report.read_rows([path]))
     assert "| fusetune_triton | ok |  | 2,000 (adamw_8bit: 990) | 1.11x |" in md and "| 0.80x |" in md  # unsloth best
     assert "(adamw_8bit: 990)" in md and "| unsloth | ok | 163,840 | 1.00x | 172,032 |" in md
     assert "- fusetune_triton: failed: probe at 8192: boom" in md
     assert "## S5: llama3_8b QLoRA NF4, longest batch-1 context that trains a step in 24 GiB" in md
-    table = bench.readme_table(tmp_path)
+    table = report.readme_table(tmp_path)
     assert "| S3: llama3_8b QLoRA NF4, 4 x 2048 |" in table and "1.11x, 0.80x" in table
 
 
 def test_the_readme_performance_table_is_the_generated_one():
     """The README's table comes from the newest committed peers file, through --readme-table."""
-    generated = bench.readme_table(SCRIPTS.parent / "bench" / "results").strip()
+    generated = report.readme_table(SCRIPTS.parent / "bench" / "results").strip()
     assert generated and generated in (SCRIPTS.parent / "README.md").read_text()
 
 
 def test_the_benchmark_targets_the_library_s_projections():
-    """bench.py keeps its own list (its Unsloth process must not import fusetune before unsloth): the same one."""
+    """LoRA's targets are the library's PROJECTIONS (attention ones beside routed experts), a family's own names
+    where its projections have others."""
     from fusetune.modules import PROJECTIONS
 
-    assert bench.TARGETS == list(PROJECTIONS)
+    assert shapes.lora_targets(shapes.arch_config("llama3_1b")) == list(PROJECTIONS)
+    assert shapes.lora_targets(shapes.arch_config("qwen3_moe_30b_a3b")) == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert shapes.lora_targets(shapes.arch_config("phi4_mini")) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def test_a_job_subprocess_imports_nothing_of_fusetune_before_its_variant():
+    """What bench.py imports to run a job (before the variant's own imports) holds no fusetune, transformers or
+    torch: Unsloth imports first in its job, and the peers' jobs never see fusetune's patches. The parent reads
+    the library's rules with the GPUs hidden, and gives its jobs back the ones it was given."""
+    heavy = "sorted(m for m in sys.modules if m.split('.')[0] in ('fusetune', 'transformers', 'torch', 'trl'))"
+    code = (
+        f"import os, sys; sys.path.insert(0, {str(SCRIPTS)!r}); import bench.__main__, bench.worker, bench.folders; "
+        f"print({heavy}); os.environ['CUDA_VISIBLE_DEVICES'] = '3'; from bench import shapes; "
+        "print(shapes.library().modules.PROJECTIONS[0], os.environ['CUDA_VISIBLE_DEVICES'])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = done.stdout.splitlines()  # between them, what importing fusetune prints
+    assert lines[0] == "[]" and lines[-1] == "q_proj 3"

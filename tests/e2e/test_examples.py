@@ -14,7 +14,7 @@ EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("[0-9][0-9]_*.py"))
 
 def test_every_example_is_listed_in_the_readme():
     readme = (ROOT / "examples" / "README.md").read_text()
-    assert len(EXAMPLES) == 8
+    assert len(EXAMPLES) == 9
     assert all(name in readme for name in EXAMPLES), [n for n in EXAMPLES if n not in readme]
 
 

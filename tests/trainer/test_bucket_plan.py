@@ -24,7 +24,7 @@ from fusetune import buckets
 from fusetune.buckets import BucketPlan, bucket_for, serves, wide_bucket_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-import bench  # noqa: E402  (S4's own document lengths)
+from bench import scenarios  # noqa: E402  (S4's own document lengths)
 
 FORGET = "forget"
 W = (6144, 16, 2048, 512)  # the wide bucket of a 4600-token batch of 8 documents, the longest 1500
@@ -104,7 +104,7 @@ def test_plan_decisions(name):
 
 
 def s4(seed: int, steps: int) -> list[tuple[int, int, int]]:
-    return [(sum(d), len(d), max(d)) for d in bench.document_lengths(bench.SCENARIOS["S4"], seed, steps)]
+    return [(sum(d), len(d), max(d)) for d in scenarios.document_lengths(scenarios.SCENARIOS["S4"], seed, steps)]
 
 
 def uniform_docs(seed: int, steps: int, docs=8, low=64, high=1024) -> list[tuple[int, int, int]]:
@@ -179,7 +179,7 @@ def padding(tokens, column=1) -> float:
 
 @pytest.mark.parametrize("seed", range(8))
 def test_s4_captures_a_few_buckets_mostly_before_the_timed_steps(seed):
-    warmup, timed = bench.SCENARIOS["S4"]["warmup"], bench.SCENARIOS["S4"]["steps"]
+    warmup, timed = scenarios.SCENARIOS["S4"]["warmup"], scenarios.SCENARIOS["S4"]["steps"]
     lengths = s4(seed, warmup + timed)
     captures, tokens = plan_run(lengths)
     assert captures[0] == 0 and len(captures) <= 5
