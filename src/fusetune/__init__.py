@@ -4,6 +4,8 @@ Import it first: ``import fusetune`` makes ``trl.SFTTrainer`` and ``trl.SFTConfi
 FastSFTTrainer and FastSFTConfig, so plain TRL code gets the kernels and defaults too. FastDPOTrainer and
 FastDPOConfig (TRL's DPO classes with the kernels and the fused preference loss) are imported by name:
 ``trl.DPOTrainer`` stays TRL's, whose fuller per-token metrics (entropy, logits/*) plain TRL code may read.
+FastORPOTrainer, FastSimPOTrainer, FastCPOTrainer and FastKTOTrainer (and their configs) are TRL's own trainers
+on fusetune's kernels (``fusetune.preference_variants``), imported when first named.
 """
 
 __version__ = "0.1.0"
@@ -24,6 +26,19 @@ from .trainer import FastSFTConfig, FastSFTTrainer  # noqa: E402
 FastLanguageModel = FastModel  # Unsloth's name; fusetune.compat.unsloth has the others
 point_trl_at(FastSFTTrainer, FastSFTConfig)
 
+PREFERENCE_VARIANTS = (
+    "FastCPOConfig", "FastCPOTrainer", "FastKTOConfig", "FastKTOTrainer", "FastORPOConfig", "FastORPOTrainer",
+    "FastSimPOConfig", "FastSimPOTrainer",
+)  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in PREFERENCE_VARIANTS:  # TRL's experimental trainers are imported only when asked for
+        from . import preference_variants
+
+        return getattr(preference_variants, name)
+    raise AttributeError(f"module 'fusetune' has no attribute '{name}'")
+
 __all__ = [
     "FastDPOConfig",
     "FastDPOTrainer",
@@ -32,4 +47,5 @@ __all__ = [
     "FastSFTConfig",
     "FastSFTTrainer",
     "__version__",
+    *PREFERENCE_VARIANTS,
 ]

@@ -51,7 +51,7 @@ FUSED_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
 NOT_MODEL_INPUTS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
 
-def _field_like(config_cls, name: str):
+def field_like(config_cls, name: str):
     """A new dataclass field with the default and help of ``config_cls``'s field ``name``."""
     original = config_cls.__dataclass_fields__[name]
     return field(default=original.default, metadata=original.metadata)
@@ -59,7 +59,7 @@ def _field_like(config_cls, name: str):
 
 @dataclass
 class FastDPOConfig(DPOConfig):
-    kernels: str = _field_like(FastSFTConfig, "kernels")
+    kernels: str = field_like(FastSFTConfig, "kernels")
     fused_loss: bool | None = field(
         default=None,
         metadata={

@@ -1,0 +1,109 @@
+"""ORPO, SimPO (TRL's CPO) and KTO on fusetune's kernels: TRL's own trainers and losses, the model patched.
+
+Each ``Fast*Trainer`` is TRL's trainer with the kernels backend (``kernels``: auto | triton | reference)
+applied to the model as FastSFTTrainer applies it, and each ``Fast*Config`` settles the precision from the
+hardware (TRL's configs say bf16 everywhere; fp32 on a host without CUDA, with one warning). The losses are
+TRL's: these trainers ask the model for logits, which fusetune's patched forward leaves to the model's own
+head, so norms, RoPE, the GLU and the LoRA projections run fused and the loss is TRL's to the last digit.
+fusetune's fused preference loss (no ``[tokens, vocab]`` logits) covers DPO (``FastDPOTrainer``) only.
+
+- ORPO: odds-ratio preference on chosen/rejected pairs, no reference model (``trl.experimental.orpo``).
+- SimPO: TRL's CPO with ``loss_type="simpo"`` and ``cpo_alpha=0`` (length-normalised rewards, a margin
+  ``simpo_gamma``, no reference model; ``trl.experimental.cpo``). ``FastCPOConfig`` keeps CPO's other losses.
+- KTO: unpaired completions labelled desirable or not (``prompt``/``completion``/``label``), against a
+  reference: the model with its LoRA adapters disabled, or a frozen ``ref_model``.
+
+ORPO and CPO live in TRL's experimental module, which warns on import; fusetune imports them knowingly.
+"""
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from trl import KTOConfig, KTOTrainer
+
+from .patching import apply_kernels, is_applied
+from .preference_trainer import field_like
+from .trainer import FastSFTConfig, as_fast_config, settle_precision
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+
+def _build_with_kernels(trainer, model, args, build) -> None:
+    """The kernels backend applied to ``model`` before ``build()`` (TRL's __init__), and to the model TRL loaded
+    where ``model`` was a name."""
+    on_cuda = torch.cuda.is_available() and not args.use_cpu
+    if not isinstance(model, str) and not is_applied(model):  # by FastModel or the user: left as it is
+        apply_kernels(model, args.kernels, on_cuda=on_cuda)
+    build()
+    if not is_applied(trainer.model):
+        apply_kernels(trainer.model, args.kernels, on_cuda=on_cuda)
+
+
+class _SettledPrecision:
+    def __post_init__(self):
+        settle_precision(self)
+        super().__post_init__()
+
+
+@dataclass
+class FastORPOConfig(_SettledPrecision, ORPOConfig):
+    kernels: str = field_like(FastSFTConfig, "kernels")
+
+
+@dataclass
+class FastCPOConfig(_SettledPrecision, CPOConfig):
+    kernels: str = field_like(FastSFTConfig, "kernels")
+
+
+@dataclass
+class FastSimPOConfig(FastCPOConfig):
+    """CPO's config with SimPO's settings as defaults: loss_type="simpo", cpo_alpha=0 (no NLL term)."""
+
+    loss_type: str = field(default="simpo", metadata=CPOConfig.__dataclass_fields__["loss_type"].metadata)
+    cpo_alpha: float = field(default=0.0, metadata=CPOConfig.__dataclass_fields__["cpo_alpha"].metadata)
+
+
+@dataclass
+class FastKTOConfig(_SettledPrecision, KTOConfig):
+    kernels: str = field_like(FastSFTConfig, "kernels")
+
+
+class FastORPOTrainer(ORPOTrainer):
+    """TRL's ORPOTrainer on fusetune's kernels."""
+
+    def __init__(self, model=None, args=None, *rest, **kwargs):
+        args = as_fast_config(args, FastORPOConfig)
+        _build_with_kernels(
+            self, model, args, lambda: super(FastORPOTrainer, self).__init__(model, args, *rest, **kwargs)
+        )
+
+
+class FastCPOTrainer(CPOTrainer):
+    """TRL's CPOTrainer on fusetune's kernels (SimPO: ``args=FastSimPOConfig(...)``, or FastSimPOTrainer)."""
+
+    default_config = FastCPOConfig
+
+    def __init__(self, model=None, args=None, *rest, **kwargs):
+        args = as_fast_config(args, self.default_config)
+        _build_with_kernels(
+            self, model, args, lambda: super(FastCPOTrainer, self).__init__(model, args, *rest, **kwargs)
+        )
+
+
+class FastSimPOTrainer(FastCPOTrainer):
+    """FastCPOTrainer whose default config is SimPO's (``FastSimPOConfig``)."""
+
+    default_config = FastSimPOConfig
+
+
+class FastKTOTrainer(KTOTrainer):
+    """TRL's KTOTrainer on fusetune's kernels."""
+
+    def __init__(self, model, ref_model=None, args=None, *rest, **kwargs):
+        args = as_fast_config(args, FastKTOConfig)
+        build = lambda: super(FastKTOTrainer, self).__init__(model, ref_model, args, *rest, **kwargs)  # noqa: E731
+        _build_with_kernels(self, model, args, build)
