@@ -72,7 +72,7 @@ def unused_output(x2: torch.Tensor, out_features: int) -> torch.Tensor:
     return torch.full((x2.shape[0], out_features), float("nan"), dtype=x2.dtype, device=x2.device)
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype the products run in: autocast's (as F.linear would use), else x's."""
     device = x.device.type
     if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
@@ -83,7 +83,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _LoRALinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, compute_output):
-        dtype = compute_dtype(x)
+        dtype = matmul_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         fp8 = isinstance(weight, FP8Weight)  # a frozen base held in FP8: no gradient, no cast

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from fusetune_kernels.fp8 import nf4_to_fp8
-from fusetune_kernels.lora import _mm, base_plus_lora, compute_dtype, input_grad, unused_output
+from fusetune_kernels.lora import _mm, base_plus_lora, input_grad, matmul_dtype, unused_output
 from fusetune_kernels.nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_reference
 from fusetune_kernels.utils import new_empty
 
@@ -55,7 +55,7 @@ def _dequantize_into_workspace(weight: NF4Weight, dtype: torch.dtype) -> torch.T
 class _LoRANF4Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, compute_output, fp8):
-        dtype = compute_dtype(x)
+        dtype = matmul_dtype(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), lora_b.to(dtype)

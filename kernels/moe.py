@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from fusetune_kernels.glu import swiglu
-from fusetune_kernels.lora import compute_dtype
+from fusetune_kernels.lora import matmul_dtype
 from fusetune_kernels.utils import interpreted, new_empty
 
 BACKENDS = ("auto", "torch", "triton")
@@ -452,7 +452,7 @@ def _cast(t, dtype):
 class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, gate_up, down, gu_a, gu_b, gu_s, down_a, down_b, down_s, backend):
-        dtype = compute_dtype(x)
+        dtype = matmul_dtype(x)
         num_experts, two_i, hidden = gate_up.shape
         sizes = [hidden, two_i // 2] + [a.shape[1] for a in (gu_a, down_a) if a is not None]
         backend = _backend(backend, x, dtype, sizes)

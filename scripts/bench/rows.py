@@ -3,7 +3,7 @@ subprocess reads (everything the job needs of the model's shapes and the library
 
 import datetime
 
-from .scenarios import CHECKPOINTING, LORA, document_lengths
+from .scenarios import LORA, VARIANT_CHECKPOINTING, document_lengths
 from .shapes import library, lora_targets, matmul_params, routed_experts, scenario_config, useful_flops
 
 
@@ -19,10 +19,10 @@ def checkpointing(variant: str, args) -> str:
         if args.fusetune_checkpointing == "smart":
             budget = f"memory_budget={args.memory_gib:g}" if args.memory_gib else "the free memory as budget"
             return f'use_gradient_checkpointing="smart" ({budget}; the rest offloaded)' + fp8_note(args)
-        return CHECKPOINTING[variant] + fp8_note(args)
+        return VARIANT_CHECKPOINTING[variant] + fp8_note(args)
     elif args.peer_checkpointing == "off":
         return "none (use_gradient_checkpointing=False)"
-    return CHECKPOINTING[variant]
+    return VARIANT_CHECKPOINTING[variant]
 
 
 def base_row(scenario: str, variant: str, sc: dict, gpu: dict, args) -> dict:

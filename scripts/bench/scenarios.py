@@ -14,7 +14,7 @@ LORA = {"r": 16, "alpha": 16, "dropout": 0.0}
 LR = 1e-4
 GIB = 2**30
 # How each variant runs gradient checkpointing (as each ships it) and padding-free batches.
-CHECKPOINTING = {
+VARIANT_CHECKPOINTING = {
     "hf": "non-reentrant torch checkpointing (TRL's default)",
     "liger": "non-reentrant torch checkpointing (TRL's default)",
     "unsloth": 'use_gradient_checkpointing="unsloth" (offloaded)',

@@ -40,9 +40,9 @@ from .data.templates import check_template, render_within
 from .errors import FusetuneError, first_line
 from .evaluate import _adds_specials
 from .faults import SignalStop, StopOnSignal
+from .noise import quiet_third_party
 
 RUN_SUBFOLDERS = ("merged", "adapter", "model")  # in order of preference
-WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PLAIN_FORMATTERS = (*SYNTHETIC, "completion", "text")  # data formatters that train on plain text, not turns
 COMMANDS = "/reset clears the conversation, /exit or Ctrl-D ends"
@@ -65,7 +65,7 @@ class Loaded:
 
 
 def _has_weights(folder: Path) -> bool:
-    return any(any(folder.glob(pattern)) for pattern in WEIGHTS)
+    return any(any(folder.glob(pattern)) for pattern in loading.WEIGHT_FILES)
 
 
 def _folder_kind(folder: Path) -> str | None:
@@ -388,22 +388,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def quiet() -> None:
-    """The chat's terminal holds answers and one-line errors: library warnings and progress bars are silenced."""
-    import logging
-    import os
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("peft").setLevel(logging.ERROR)
-
-
 def _interact(chat: Chat, stdin, out, notes) -> None:
     tty = stdin.isatty()
     if tty:
@@ -485,5 +469,5 @@ def _main(argv, stdin, out, notes) -> int:
 
 
 if __name__ == "__main__":
-    quiet()
+    quiet_third_party(answers_only=True)
     sys.exit(main())

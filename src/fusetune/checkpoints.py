@@ -32,6 +32,7 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import FusetuneError
+from .record_files import fsync_folder, write_json_atomically
 
 log = logging.getLogger(__name__)
 MARKER = "fusetune_checkpoint.json"
@@ -39,31 +40,6 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 CHUNK = 4 * 2**20
 # what torch.save's zip writer and safetensors say when a write fails for want of space
 _DISK_FULL_WORDS = ("no space left on device", "unexpected pos", "file write failed", "storagefull")
-
-
-def fsync_folder(folder: Path) -> None:
-    """Make the entries of ``folder`` (new names, renames) durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomically(path: Path, payload: dict, durable: bool = False) -> None:
-    """Write ``payload`` to a temporary file beside ``path``, then rename it over ``path``.
-
-    ``durable``: the file is fsynced before the rename and its folder after it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.write(json.dumps(payload, indent=2, default=str) + "\n")
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if durable:
-        fsync_folder(path.parent)
 
 
 def _files(folder: Path) -> dict[str, int]:

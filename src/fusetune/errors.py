@@ -16,5 +16,14 @@ class Interrupted(Exception):
 def first_line(error: BaseException, with_type: bool = False) -> str:
     """The first line of an exception's message (its type where the message is empty), for a one-line report."""
     lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
+    text = lines[0].strip() if lines else type(error).__name__
     return f"{type(error).__name__}: {text}"[:200] if with_type else text
+
+
+def one_line(text, limit: int = 500) -> str:
+    """Text (or an exception's message, its type where the message is empty) on one line: whitespace collapsed,
+    cut at ``limit`` characters."""
+    line = " ".join(str(text).split())
+    if not line and isinstance(text, BaseException):
+        line = type(text).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -41,6 +41,7 @@ from fusetune_kernels.cross_entropy import loss_denominator
 
 from . import varlen
 from .buckets import MAX_BUCKETS, BucketPlan, StaticBatch, batch_blocker, bucket_for
+from .errors import first_line
 from .forwards import IGNORE_INDEX, TokenStatsOutput
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ class StepGraphs:
         except Exception as error:  # noqa: BLE001 - any capture failure means: train eagerly
             self.recorder.recover()
             self.disabled = (
-                f"capture failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}; "
+                f"capture failed ({first_line(error, with_type=True)}; "
                 "usual causes: a host sync in the step, or an earlier step's autograd graph still alive)"
             )
             log.warning("cuda graphs off: %s; training eagerly from here", self.disabled)

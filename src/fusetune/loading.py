@@ -10,7 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from . import precision
-from .errors import FusetuneError
+from .errors import FusetuneError, first_line
 from .modules import is_quantized
 from .offline import require_local_or_hub
 
@@ -19,6 +19,10 @@ ASSETS = Path(__file__).parent / "assets"
 PREFIX = "fusetune:"
 TOKENIZER_FILES = ("tokenizer_config.json", "config.json")  # one of them is cached where the tokenizer is
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth")  # torch.save files: loaded with weights_only, never run
+# A model's weights in any format a folder may hold them: shards, their index (model.safetensors.index.json,
+# pytorch_model.bin.index.json), a GGUF export beside them.
+WEIGHT_FILES = ("*.safetensors", *PICKLED_WEIGHTS, "*.index.json", "*.gguf")
 
 
 def resolve(name_or_path: str) -> str:
@@ -42,15 +46,13 @@ def pick_dtype(name: str) -> torch.dtype:
 
 
 def _hub_error(what: str, name: str, error: Exception) -> FusetuneError:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    line = first_line(error)
     if "trust_remote_code=True" in str(error):  # transformers refused to run the repository's own code
         return _needs_code(name, "auto_map")
     folder = Path(resolve(name)).expanduser()
     if folder.is_dir():
-        return FusetuneError(f"{what}: the folder {folder} holds no loadable model or tokenizer: {first_line}")
-    return FusetuneError(
-        f"{what}: cannot load '{name}' (not a local folder, and not reachable on the hub): {first_line}"
-    )
+        return FusetuneError(f"{what}: the folder {folder} holds no loadable model or tokenizer: {line}")
+    return FusetuneError(f"{what}: cannot load '{name}' (not a local folder, and not reachable on the hub): {line}")
 
 
 def _needs_code(name: str, where: str) -> FusetuneError:
@@ -199,7 +201,7 @@ def load_model(
 def _pickled_weights(name_or_path: str) -> str:
     """The pickled weight file(s) of a local folder, named for the one-line error."""
     folder = Path(resolve(name_or_path)).expanduser()
-    files = sorted(p for pattern in ("*.bin", "*.pt", "*.pth") for p in folder.glob(pattern)) if folder.is_dir() else []
+    files = sorted(p for pattern in PICKLED_WEIGHTS for p in folder.glob(pattern)) if folder.is_dir() else []
     if len(files) == 1:
         return f"the weights file {files[0]}"
     return f"a weights file ({', '.join(p.name for p in files)})" if files else "a pickled weights file"
@@ -215,7 +217,7 @@ def add_lora(
     from peft import LoraConfig, get_peft_model
 
     if is_quantized(model):
-        model = precision.prepare_quantized(model, precision.compute_dtype(model), gradient_checkpointing)
+        model = precision.prepare_quantized(model, precision.model_compute_dtype(model), gradient_checkpointing)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = sorted(set(target_modules) - present)
     if missing:

@@ -14,7 +14,7 @@ from .modules import is_quantized
 from .state import peek
 
 # Files that make a folder load as a model or an adapter: all go before a merged model is written.
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.index.json", "adapter_config.json", "*.gguf")
+STALE = (*loading.WEIGHT_FILES, "adapter_config.json")
 
 
 def clear_for_weights(folder: Path, overwrite: bool) -> None:
@@ -24,7 +24,7 @@ def clear_for_weights(folder: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise FusetuneError(f"save_merged: {folder} is not empty; pass overwrite=True to replace what it holds")
-    for pattern in WEIGHT_FILES:
+    for pattern in STALE:
         for stale in folder.glob(pattern):
             stale.unlink()
 

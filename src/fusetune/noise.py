@@ -9,6 +9,9 @@ other message of those packages (an error, another publisher's kernel) still sho
 """
 
 import logging
+import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -59,3 +62,33 @@ def drop_known_noise() -> None:
         if not any(isinstance(h, DropNoise) for h in logger.handlers):
             logger.addHandler(DropNoise(logger, rule))
             logger.propagate = False
+
+
+def quiet_third_party(answers_only: bool = False) -> None:
+    """Keep the terminal to what a user acts on: FutureWarnings and the warnings of bitsandbytes and of
+    transformers' model loading go. ``answers_only`` (the chat, whose terminal holds answers and one-line errors):
+    every UserWarning, transformers' and PEFT's warnings, and the progress bars go too."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("bitsandbytes", "transformers.modeling_utils"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if answers_only:
+        warnings.filterwarnings("ignore", category=UserWarning)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        logging.getLogger("peft").setLevel(logging.ERROR)
+
+
+@contextmanager
+def muted(name: str):
+    """Logger ``name`` says nothing inside the block (a library that logs a failure it then raises, which
+    comes back as fusetune's own line); its level is given back after."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

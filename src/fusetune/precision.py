@@ -27,7 +27,7 @@ from .state import peek
 log = logging.getLogger(__name__)
 
 
-def compute_dtype(model) -> torch.dtype:
+def model_compute_dtype(model) -> torch.dtype:
     """The dtype the model computes in: as loaded by FastModel, else the quantization config's."""
     base = base_model(model)
     state = peek(base)

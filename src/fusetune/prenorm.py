@@ -76,7 +76,7 @@ def _statements(function: ast.FunctionDef) -> list[ast.stmt]:
     return [s for s in function.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
 
 
-def _first_line(node: ast.AST) -> str:
+def _code_line(node: ast.AST) -> str:
     text = ast.unparse(node).splitlines()[0]
     return text if len(text) <= 90 else text[:87] + "..."
 
@@ -118,12 +118,12 @@ def _decorators(definition: ast.FunctionDef, function) -> tuple | str:
         if name == "auto_docstring":
             continue
         if name != "deprecate_kwarg" or call is None:
-            return f"{function.__qualname__} has the decorator `@{_first_line(node)}`"
+            return f"{function.__qualname__} has the decorator `@{_code_line(node)}`"
         try:
             args = [ast.literal_eval(a) for a in call.args]
             kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
         except ValueError:
-            return f"{function.__qualname__} has the decorator `@{_first_line(node)}`"
+            return f"{function.__qualname__} has the decorator `@{_code_line(node)}`"
         found.append(function.__globals__[name](*args, **kwargs))
     return tuple(found)
 
@@ -149,13 +149,13 @@ def read(forward) -> AttentionCall | str:
     found = None
     for i, expected in enumerate(PATTERN):
         if i >= len(statements):
-            return f"{name} ends where a pre-norm layer has `{_first_line(expected)}`"
+            return f"{name} ends where a pre-norm layer has `{_code_line(expected)}`"
         if i == ATTENTION_AT:
             found = _attention_call(statements[i], definition)
             if isinstance(found, str):
                 return f"{name}: {found}"
         elif ast.dump(statements[i]) != ast.dump(expected):
-            return f"{name} has `{_first_line(statements[i])}` where a pre-norm layer has `{_first_line(expected)}`"
+            return f"{name} has `{_code_line(statements[i])}` where a pre-norm layer has `{_code_line(expected)}`"
     if len(statements) > len(PATTERN):
         return f"{name} goes on after `return hidden_states`"
     positional, keywords, passes_kwargs = found

@@ -33,9 +33,10 @@ from pathlib import Path
 
 import yaml
 
-SUMMARY, STATUS, METRICS = "summary.json", "status.json", "metrics.jsonl"
+from .errors import one_line
+from .record_files import METRICS, STATUS, STATUSES, SUMMARY, last_step, last_step_of, read_jsonl, write_atomically
+
 LOSS_PNG, SPEED_PNG, GENERATION_PNG = "loss_curves.png", "speed_memory.png", "generation.png"
-STATUSES = ("running", "finished", "failed", "interrupted")  # status.json's values
 INCOMPLETE = "incomplete"  # neither status.json nor summary.json: still running, or killed without a word
 DIED, ELSEWHERE = "died", "running?"  # "running", and its process is gone; "running" on a host not checked from here
 SEED_KEYS = ("seed", "+seed", "++seed")
@@ -156,50 +157,6 @@ def _load_json(path: Path, problems: list[str] | None = None) -> dict | None:
         return None
 
 
-def _read_lines(path: Path, problems: list[str] | None = None) -> list[dict]:
-    lines = []
-    try:
-        text = Path(path).read_bytes().decode("utf-8", errors="replace")
-    except OSError:
-        return lines
-    bad = []
-    rows = text.splitlines()
-    for number, line in enumerate(rows, 1):
-        try:
-            value = json.loads(line)
-        except ValueError:
-            value = None
-        if isinstance(value, dict):
-            lines.append(value)
-        elif line.strip():
-            bad.append(number)
-    if bad and problems is not None:
-        last = " (the last, cut short?)" if bad[-1] == len(rows) else ""
-        shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        problems.append(f"{Path(path).name}: line {shown} of {len(rows)} skipped, not a JSON object{last}")
-    return lines
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The lines of a JSONL file; a line cut short by a crash (or any unparsable line) is skipped."""
-    return _read_lines(path)
-
-
-def last_step(job_dir: Path) -> int | None:
-    """The step of the last line of metrics.jsonl, or None when there is none."""
-    return _last_step(read_jsonl(Path(job_dir) / METRICS))
-
-
-def _last_step(lines: list[dict]) -> int | None:
-    steps = [m["step"] for m in lines if isinstance(m.get("step"), int) and not isinstance(m["step"], bool)]
-    return steps[-1] if steps else None
-
-
-def one_line(text: str, limit: int = 500) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
-
-
 def find_jobs(sweep_dir: Path) -> list[Path]:
     """Every folder under sweep_dir that holds .hydra/ (not looking inside one), in Hydra's job order."""
     found = []
@@ -295,7 +252,7 @@ def job_status(job_dir: Path, summary: dict | None, problems: list[str] | None =
             error = f"pid {pid} on {host}: not checked from here" if host else "no pid recorded: cannot tell"
     step = status.get("last_step")
     if not isinstance(step, int) or isinstance(step, bool):
-        step = _last_step(lines) if lines is not None else last_step(job_dir)
+        step = last_step_of(lines) if lines is not None else last_step(job_dir)
     if step is None and summary is not None and isinstance(summary.get("global_step"), int):
         step = summary["global_step"]
     error = error if state != "finished" else None
@@ -318,7 +275,7 @@ def read_job(job_dir: Path, sweep_dir: Path) -> dict:
     job_dir = Path(job_dir)
     problems: list[str] = []
     summary = _load_json(job_dir / SUMMARY, problems)
-    lines = _read_lines(job_dir / METRICS, problems)
+    lines = read_jsonl(job_dir / METRICS, problems)
     overrides = [o for o in job_overrides(job_dir, problems) if not o.startswith("experiment=")]
     seed = next((_value(o) for o in overrides if _key(o) in SEED_KEYS), None)
     num = job_number(job_dir)
@@ -609,14 +566,6 @@ def _wrap(text: str, width: int = 18) -> str:
 # ---- writing ---------------------------------------------------------------------------------------------------
 
 
-def _write(path: Path, text: str) -> Path:
-    """Write through a temporary file, so a reader (or a concurrent writer) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write_report(sweep_dir: Path, plots: bool = True) -> Report:
     """Build the report of sweep_dir and write report.md, report.json, report_groups.json and (plots) the PNGs."""
     sweep_dir = Path(sweep_dir)
@@ -642,9 +591,9 @@ def write_report(sweep_dir: Path, plots: bool = True) -> Report:
             md += f"\n({report.plot_note})\n"
     report.markdown = md
     report.files[:0] = [
-        _write(sweep_dir / "report.md", md),
-        _write(sweep_dir / "report.json", json.dumps(report.rows, indent=2) + "\n"),
-        _write(sweep_dir / "report_groups.json", json.dumps(report.groups, indent=2) + "\n"),
+        write_atomically(sweep_dir / "report.md", md),
+        write_atomically(sweep_dir / "report.json", json.dumps(report.rows, indent=2) + "\n"),
+        write_atomically(sweep_dir / "report_groups.json", json.dumps(report.groups, indent=2) + "\n"),
     ]
     return report
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from . import families
-from .checkpoints import write_json_atomically
 from .errors import first_line
+from .record_files import write_json_atomically
 
 log = logging.getLogger(__name__)
 TOLERANCE = {"reference": 1e-4, "triton": 1e-2}  # triton's fp32 matmuls may run in TF32 on a GPU
@@ -98,7 +98,7 @@ def _write_disk(new: dict) -> None:
 
 
 @contextlib.contextmanager
-def installed(values: dict):
+def swapped_in(values: dict):
     """``{(owner, attribute): value}`` set for the block, the previous values restored after."""
     previous = {key: getattr(key[0], key[1]) for key in values}
     try:
@@ -160,9 +160,9 @@ def run(config, backend: str, kernels, rows: list, device) -> dict[str, str | No
     counting = {key: _counting(*key, original, hits) for key, original in originals.items()}
     ops = list(dict.fromkeys(row[0] for row in rows))
     try:
-        with installed(counting), torch.no_grad():
+        with swapped_in(counting), torch.no_grad():
             model(**batch, use_cache=False)
-        with installed(originals):
+        with swapped_in(originals):
             expected = _loss_and_grads(model, batch)
     except Exception as failure:  # the model's own code cannot train on this small config here
         return dict.fromkeys(
@@ -172,7 +172,7 @@ def run(config, backend: str, kernels, rows: list, device) -> dict[str, str | No
         op: [(owner, name, make, o) for op_, owner, name, make, o in rows if op_ == op and (owner, name) in hits]
         for op in ops
     }
-    with installed(originals):
+    with swapped_in(originals):
         # Every called op at once first, as they will train: one pass where all agree (the usual case).
         replaced = {(owner, name): make(kernels, o) for calls in called.values() for owner, name, make, o in calls}
         if len([op for op in ops if called[op]]) > 1 and _agrees(model, batch, replaced, expected, backend):
@@ -190,7 +190,7 @@ def _names(op: str, rows: list) -> str:
 
 def _agrees(model, batch, replaced: dict, expected, backend: str) -> bool:
     try:
-        with installed(replaced):
+        with swapped_in(replaced):
             return relative_error(_loss_and_grads(model, batch), expected) <= TOLERANCE[backend]
     except Exception:  # one of them cannot take the call: each is checked alone
         return False
@@ -201,7 +201,7 @@ def _verdict(model, batch, op: str, called: list, rows: list, kernels, expected,
     if not called:
         return _never_called(op, rows)
     try:
-        with installed({(owner, name): make(kernels, o) for owner, name, make, o in called}):
+        with swapped_in({(owner, name): make(kernels, o) for owner, name, make, o in called}):
             error = relative_error(_loss_and_grads(model, batch), expected)
     except Exception as failure:  # the op cannot take this model's call: it stays unpatched
         return f"fails against the model's own {_names(op, rows)}: {first_line(failure, with_type=True)}"

@@ -342,7 +342,7 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
             super().__init__(model, args, data_collator, *pos, processing_class=processing_class, **kwargs)
         if is_quantized(self.model):  # TRL has cast the trainable weights to bf16
             precision.fp32_master_weights(self.model)
-            precision.hidden_states_in(self.model, precision.compute_dtype(self.model))
+            precision.hidden_states_in(self.model, precision.model_compute_dtype(self.model))
         if args.fused_loss:
             self._uses_fused_loss(self.model)  # raises where it cannot
         self.step_graphs: StepGraphs | None = None  # made at the first training step (after any resume)

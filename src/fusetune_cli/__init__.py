@@ -44,8 +44,9 @@ def _report(argv: list[str]) -> int:
 
 def _chat(argv: list[str]) -> int:
     from fusetune import chat
+    from fusetune.noise import quiet_third_party
 
-    chat.quiet()
+    quiet_third_party(answers_only=True)
     return chat.main(argv)
 
 

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, HydraException
 
 from fusetune.app import hydra_errors
-from fusetune.app.hydra_errors import FULL_ERROR, job_started, main_exits_2, one_line
+from fusetune.app.hydra_errors import FULL_ERROR, hydra_error_line, job_started, main_exits_2
 
 from ..conftest import CONF, ROOT
 
@@ -79,8 +79,8 @@ def composition_error(overrides) -> HydraException:
         ("trainer.max_steps=[", "trainer.max_steps=[: no viable alternative at input '['"),
     ],
 )
-def test_one_line(override, line):
-    assert one_line(composition_error([override])) == line
+def test_hydra_error_line(override, line):
+    assert hydra_error_line(composition_error([override])) == line
 
 
 def fails_to_compose():

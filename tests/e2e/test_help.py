@@ -32,7 +32,7 @@ def test_the_tables_cover_the_known_entry_points():
 
 @pytest.fixture
 def kept_global_state(monkeypatch):
-    """What an entry point's start changes for its process (fusetune.chat.quiet), given back to this one."""
+    """What an entry point's start changes for its process (noise.quiet_third_party), given back to this one."""
     import logging
 
     from transformers.utils import logging as hf_logging

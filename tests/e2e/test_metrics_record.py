@@ -1,11 +1,11 @@
 """metrics.jsonl as a resumed run reads it: the lines up to the checkpoint's step are kept, the later ones dropped,
-and a last line cut short by the crash that stopped the run is no obstacle (one reader, fusetune.report's)."""
+and a last line cut short by the crash that stopped the run is no obstacle (one reader, fusetune.record_files')."""
 
 import json
 import random
 
 from fusetune.app.run_record import MetricsRecorder
-from fusetune.report import read_jsonl
+from fusetune.record_files import read_jsonl
 
 
 def test_a_resume_after_a_line_cut_short_keeps_the_steps_up_to_its_checkpoint(tmp_path):

@@ -143,7 +143,7 @@ class Row:
 OWN_RECORD = {MANIFEST: manifest(*RECORD), "status.json": '{"status": "failed"}', "summary.json": "{}",
               "metrics.jsonl": "", "model/": "", "model/w.bin": "w", "checkpoint-3/": "", "checkpoint-3/x": "x",
               "checkpoint-4.nonfinite/": "", ".hydra/": "", ".hydra/config.yaml": "seed: 1\n", "app.log": "log",
-              ".status.json.tmp": "half"}  # fmt: skip
+              ".status.json.tmp": "half", ".summary.json.4242.tmp": "half"}  # fmt: skip
 EARLY_ERROR = "data.path x.jsonl: no such file"
 FAILED_EARLY = {MANIFEST: manifest("status.json", "metrics.jsonl", "checkpoint-N", ".hydra", "app.log"),
                 "status.json": json.dumps({"status": "failed", "error": EARLY_ERROR, "last_step": 0}),

@@ -177,7 +177,7 @@ def test_every_file_and_folder_is_fsynced_before_the_marker(trained, tmp_path, m
     monkeypatch.setattr(os, "fsync", fsync)
     checkpoints.mark(folder, 2)
     files = [str(p) for p in folder.rglob("*") if p.is_file() and p.name != MARKER]
-    marker_tmp = synced.index(str(folder / f".{MARKER}.tmp"))
+    marker_tmp = synced.index(str(folder / f".{MARKER}.{os.getpid()}.tmp"))
     assert set(files) <= set(synced[:marker_tmp])  # every file before the marker
     assert str(folder) in synced[:marker_tmp]  # the folder's entries before the marker
     assert synced[marker_tmp + 1 :] == [str(folder), str(out)]  # the marker's rename, the checkpoint's name

@@ -14,7 +14,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from ..report import STATUS, jobs_table, write_report
+from ..record_files import STATUS, write_status
+from ..report import jobs_table, write_report
 from .cli import exception_line
 from .job_names import set_swept, swept_keys
 
@@ -48,8 +49,6 @@ class AblationReport(Callback):
         if job_return.status == JobStatus.FAILED:  # an error that got past cli.run_or_exit (another task function)
             out = Path(config.hydra.runtime.output_dir)
             if not (out / STATUS).is_file():
-                from .run_record import write_status  # torch and transformers: only when needed
-
                 write_status(out, "failed", exception_line(job_return._return_value))
         if self.sweep_dir is not None and self.sweep_dir.is_dir():  # a multirun (a single run has no sweep)
             write_report(self.sweep_dir, plots=False)  # tables only: cheap, and current if the sweep dies

@@ -27,22 +27,14 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
-from ..errors import FusetuneError, Interrupted
-from ..report import METRICS, STATUS, SUMMARY, one_line
+from ..errors import FusetuneError, Interrupted, one_line
+from ..noise import quiet_third_party
+from ..record_files import METRICS, STATUS, SUMMARY
 from . import run_lock
 
 log = logging.getLogger(__name__)
-
-
-def quiet_third_party() -> None:
-    """Keep the terminal to what a user acts on."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("bitsandbytes", "transformers.modeling_utils"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def in_multirun() -> bool:
@@ -89,7 +81,7 @@ def record_end(out: Path | None, before: str | None, status: str, error: str) ->
             pass
     elif before is not None or (out / SUMMARY).exists() or (out / METRICS).exists():
         return  # another run's record: this run was refused, or never got to the folder
-    from .run_record import write_status
+    from ..record_files import write_status
 
     try:
         write_status(out, status, error)

@@ -31,7 +31,7 @@ from .. import limits
 from ..compat.renames import CONFIG_RENAMES
 from ..data.rules import PREFERENCE_FORMATTERS, data_problems, has_eval_data, is_mixture
 from ..errors import FusetuneError
-from ..fast_model import check_memory_budget
+from ..fast_model import CHECKPOINTING, OFFLOADED, check_memory_budget
 from ..modules import PROJECTIONS
 from ..preference_trainer import FastDPOConfig
 from ..preference_variants import FastORPOConfig, FastSimPOConfig
@@ -441,12 +441,13 @@ def logging_steps_for(max_steps: int) -> int:
     return min(10, max(1, max_steps // 10)) if max_steps > 0 else 10
 
 
-CHECKPOINTING = {"true": True, "false": False, "offload": "offload", "unsloth": "offload", "smart": "smart"}
+# model.gradient_checkpointing's words for FastModel's modes (fast_model.CHECKPOINTING); "unsloth" is "offload"
+CHECKPOINTING_WORDS = {str(mode).lower(): "offload" if mode in OFFLOADED else mode for mode in CHECKPOINTING}
 
 
 def checkpointing_mode(value: str) -> bool | str:
     """model.gradient_checkpointing as FastModel.get_peft_model takes it: True, False, "offload" or "smart"."""
-    return CHECKPOINTING[str(value).lower()]
+    return CHECKPOINTING_WORDS[str(value).lower()]
 
 
 def register_configs() -> None:
@@ -624,7 +625,7 @@ def validate(cfg) -> None:
         problems.append("model.load_in_4bit needs model.lora: 4-bit weights cannot be trained directly (QLoRA)")
     if cfg.model.load_in_4bit and cfg.model.random_init:
         problems.append("model.load_in_4bit cannot quantize a random_init model: there are no weights to load")
-    if str(cfg.model.gradient_checkpointing).lower() not in CHECKPOINTING:
+    if str(cfg.model.gradient_checkpointing).lower() not in CHECKPOINTING_WORDS:
         problems.append(
             "model.gradient_checkpointing: expected true, false, offload or smart, "
             f"got '{cfg.model.gradient_checkpointing}'"

@@ -35,7 +35,7 @@ def overrides_of(argv: list[str]) -> list[str]:
     return found
 
 
-def one_line(text: str) -> str:
+def short_description(text: str) -> str:
     """A description on one line: whitespace collapsed; a long one cut at its first sentence, or shortened."""
     text = " ".join(str(text).split())
     if len(text) <= LINE:
@@ -86,7 +86,7 @@ def descriptions(schema: type) -> dict[str, str]:
     found: dict[str, str] = {}
     for source in sources:
         for name, text in {**_field_help(source), **_comments(source)}.items():
-            found[name] = one_line(text)
+            found[name] = short_description(text)
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         kinds = [t for t in (hints[f.name], *typing.get_args(hints[f.name])) if isinstance(t, type)]
@@ -178,10 +178,10 @@ def help_text_or_exit(argv: list[str], config_dir: str, extra_dirs: list[str], p
     """``help_text``; a config that does not compose exits 2 with one line, as the app does."""
     from hydra.errors import CompactHydraException
 
-    from .hydra_errors import one_line as hydra_line
+    from .hydra_errors import hydra_error_line
 
     try:
         return help_text(argv, config_dir, extra_dirs, prog, options)
     except CompactHydraException as error:
-        print(f"fusetune: error: {hydra_line(error)}", file=sys.stderr, flush=True)
+        print(f"fusetune: error: {hydra_error_line(error)}", file=sys.stderr, flush=True)
         sys.exit(2)

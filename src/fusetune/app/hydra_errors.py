@@ -22,24 +22,20 @@ from difflib import get_close_matches
 from hydra.errors import CompactHydraException, InstantiationException, MissingConfigException, OverrideParseException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from ..errors import FusetuneError
+from ..errors import FusetuneError, first_line
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 _state = {"set_here": False, "job_started": False, "multirun": False}
 
 
-def _first_line(text) -> str:
-    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
-
-
-def one_line(error: CompactHydraException) -> str:
+def hydra_error_line(error: CompactHydraException) -> str:
     """What Hydra could not do and OmegaConf's reason, without the key dump: one line."""
-    line = _first_line(error).rstrip(".")
+    line = first_line(error).rstrip(".")
     if isinstance(error, OverrideParseException):
         line = f"{error.override}: {line}"
     cause = error.__cause__
     if isinstance(cause, OmegaConfBaseException):
-        line += f": {_first_line(cause)}"
+        line += f": {first_line(cause)}"
         if isinstance(cause, ConfigAttributeError | ConfigKeyError) and dataclasses.is_dataclass(cause.object_type):
             keys = [f.name for f in dataclasses.fields(cause.object_type)]  # a key not in a schema: the nearest
             line += "".join(f" (did you mean {near}?)" for near in get_close_matches(str(cause.key), keys, n=1))
@@ -98,7 +94,7 @@ def main_exits_2(main: Callable[[], object]) -> object:
             from .callbacks import end_multirun
 
             end_multirun()
-        print(f"fusetune: error: {one_line(error)}", file=sys.stderr, flush=True)
+        print(f"fusetune: error: {hydra_error_line(error)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except AssertionError as error:  # OmegaConf asserts when an override adds a key under a null node
         if _state["job_started"] or "Unexpected type for root: NoneType" not in str(error):

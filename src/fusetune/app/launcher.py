@@ -184,8 +184,8 @@ def _set_aside(sweep_dir: Path, idx: int) -> None:
 
 def _failed(launcher, sweep_dir: Path, idx: int, overrides: list[str], why: str) -> JobReturn:
     """The failed JobReturn of a job whose process died; writes its status.json and tells the callbacks."""
+    from ..record_files import write_status
     from .objective import BASIC_SWEEPER, TrialFailed
-    from .run_record import write_status
 
     log.error("job #%d failed: %s", idx, why)
     folder = Path(started_record(sweep_dir, idx)["dir"])  # it started: it runs again only then

@@ -53,8 +53,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from ..errors import FusetuneError, Interrupted
-from ..report import one_line
+from ..errors import FusetuneError, Interrupted, one_line
 from .distributed import rank
 
 log = logging.getLogger(__name__)

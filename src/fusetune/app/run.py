@@ -24,7 +24,7 @@ from ..offline import require_local_or_hub
 from ..patching import remove_kernels
 from ..preference_trainer import FastDPOConfig, FastDPOTrainer
 from ..preference_variants import FastORPOConfig, FastORPOTrainer, FastSimPOConfig, FastSimPOTrainer
-from ..report import METRICS, SUMMARY, read_jsonl
+from ..record_files import METRICS, SUMMARY, read_jsonl
 from ..state import state_of
 from ..trainer import FastSFTConfig, FastSFTTrainer
 from . import distributed, run_folder

@@ -31,17 +31,18 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from ..checkpoints import newest_complete, problem, step_of, write_json_atomically
+from ..checkpoints import newest_complete, problem, step_of
 from ..errors import FusetuneError
+from ..record_files import METRICS, STATUS, SUMMARY, write_json_atomically
 from . import distributed, resume_check, run_lock
 from .config import check_composed, refuse_secrets, validate
 
 log = logging.getLogger(__name__)
-STATUS = "status.json"
 MANIFEST = "fusetune_run.json"
 CHECKPOINTS = "checkpoint-N"  # in a manifest: every checkpoint-<step> folder (and checkpoint-<step>.<suffix>)
 _CHECKPOINT = re.compile(r"^checkpoint-\d+(\.\w+)?$")
-ALWAYS_WRITTEN = (STATUS, "summary.json", "metrics.jsonl", CHECKPOINTS)
+_ATOMIC_TMP = re.compile(r"^\.?(.+?)(\.\d+)?\.tmp$")  # record_files.write_atomically's temporary file
+ALWAYS_WRITTEN = (STATUS, SUMMARY, METRICS, CHECKPOINTS)
 # names that look like a run's record, in a folder with no manifest
 RECORD_LIKE = (*ALWAYS_WRITTEN, "model", "adapter", "merged", "tensorboard", "wandb", "mlflow")
 OWN = (run_lock.LOCK, MANIFEST)  # the claim's own files: never another run's record, never deleted
@@ -62,7 +63,8 @@ _claims: dict[Path, Claim] = {}
 
 
 def _matches(name: str, writes) -> bool:
-    name = name.removeprefix(".").removesuffix(".tmp") if name.endswith(".tmp") else name  # an atomic write's
+    tmp = _ATOMIC_TMP.match(name)  # an atomic write's temporary file counts as the file it becomes
+    name = tmp.group(1) if tmp else name
     return name in writes or (CHECKPOINTS in writes and bool(_CHECKPOINT.match(name)))
 
 
@@ -101,7 +103,7 @@ def failed_before_training(folder: Path) -> str | None:
         return None
     if not isinstance(status, dict) or status.get("status") != "failed" or status.get("last_step") not in (0, None):
         return None
-    if (folder / "summary.json").exists() or any(_CHECKPOINT.match(p.name) for p in folder.iterdir()):
+    if (folder / SUMMARY).exists() or any(_CHECKPOINT.match(p.name) for p in folder.iterdir()):
         return None
     return status.get("error") or "failed"
 

@@ -2,36 +2,19 @@
 
 import json
 import math
-import os
 import resource
-import socket
-import sys
-from datetime import datetime
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from ..checkpoints import write_json_atomically
-from ..report import STATUS, last_step, one_line, read_jsonl
-from ..versions import installed
-
-VERSIONED = (
-    "torch",
-    "triton",
-    "transformers",
-    "trl",
-    "peft",
-    "accelerate",
-    "datasets",
-    "bitsandbytes",
-    "fusetune",
+from ..record_files import (
+    read_jsonl,
+    write_status,  # noqa: F401 (run.py writes status.json through this module)
 )
+from ..versions import run_versions as versions  # noqa: F401 (run.py: record.versions())
+
 SUMMARY_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
-
-
-def versions() -> dict[str, str | None]:
-    return {"python": sys.version.split()[0], **installed(VERSIONED)}
 
 
 def reset_peak_memory() -> None:
@@ -101,25 +84,6 @@ def preference_metrics(line: dict) -> dict | None:
     """The reward metrics of a train line of metrics.jsonl, or None where it has none (an SFT run)."""
     found = {key: line[key] for key in PREFERENCE_METRICS if key in line}
     return found or None
-
-
-def write_status(out: Path, status: str, error: str | None = None, step: int | None = None, **extra) -> Path:
-    """status.json: {"status": running | finished | failed | interrupted, "error": one line, "last_step", "updated"};
-    last_step is read from metrics.jsonl unless given. "running" also names its process ("pid", "host"), so a
-    reader can tell a run that died from one that runs (fusetune.report)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    record = {
-        "status": status,
-        "error": one_line(error) if error else None,
-        "last_step": step if step is not None else last_step(out),
-        "updated": datetime.now().astimezone().isoformat(timespec="seconds"),
-        **({"pid": os.getpid(), "host": socket.gethostname()} if status == "running" else {}),
-        **extra,
-    }
-    path = out / STATUS
-    write_json_atomically(path, record)
-    return path
 
 
 def whole_run_loss(lines: list[dict]) -> float | None:

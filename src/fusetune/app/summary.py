@@ -8,7 +8,7 @@ it is, so a field added here never breaks them.
 import dataclasses
 from pathlib import Path
 
-from ..checkpoints import write_json_atomically
+from ..record_files import write_json_atomically
 
 
 @dataclasses.dataclass

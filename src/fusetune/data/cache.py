@@ -47,7 +47,7 @@ from datasets import Dataset, concatenate_datasets, load_from_disk
 
 from ..compat.trl import label_options, prepare_as_trl
 from ..errors import FusetuneError
-from ..versions import installed
+from ..versions import DATA_CACHE_KEY, installed
 from .checks import DatasetOrigin
 from .files import MAX_SHOWN
 from .lengths import POLICIES, SPLITTING_PACKERS, LengthRule, shown
@@ -56,7 +56,6 @@ from .templates import bounded_renders
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when what a record set holds changes
 KEY_FILE = "fusetune-key.json"
-VERSIONED = ("fusetune", "trl", "transformers", "tokenizers", "datasets", "jinja2")
 _CODE = Path(__file__).parent
 
 
@@ -72,10 +71,6 @@ def digest(value) -> str:
 def code_hash() -> str:
     """A hash of the data package's code: a change to a formatter or the synthetic set makes new keys."""
     return digest("".join(path.read_text(encoding="utf-8") for path in sorted(_CODE.glob("*.py"))))[:16]
-
-
-def versions() -> dict[str, str | None]:
-    return installed(VERSIONED)
 
 
 @dataclass
@@ -155,7 +150,7 @@ def trainer_identity(trainer, processing_class, args) -> dict:
         "completion_only_loss": options["completion_only_loss"],
         "assistant_only_loss": args.assistant_only_loss,
         "dataset_text_field": args.dataset_text_field,
-        "versions": versions(),
+        "versions": installed(DATA_CACHE_KEY),
     }
 
 

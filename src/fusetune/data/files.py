@@ -7,17 +7,16 @@ other files number them from 1 in file order. The slow work here (reading a file
 
 import csv
 import json
-import logging
 import re
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset, Features, Value, load_dataset
 
 from ..checkpoints import file_hash
-from ..errors import FusetuneError
+from ..errors import FusetuneError, one_line
+from ..noise import muted
 from .formatters import kind
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -64,10 +63,6 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _start(file: Path) -> bytes:
     """The file's first bytes after any blank space (and a UTF-8 byte order mark): b"" for a blank file."""
     with file.open("rb") as f:
@@ -89,18 +84,6 @@ def line_numbers(file: Path) -> list[int]:
     """The 1-based line of each non-blank line of a file: the JSON Lines loader skips blank lines."""
     with file.open("rb") as f:
         return [number for number, line in enumerate(f, 1) if line.strip(BLANK)]
-
-
-@contextmanager
-def _quiet_datasets():
-    """The datasets loader logs a failure before raising it; the failure comes back as our own line."""
-    logger = logging.getLogger("datasets")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def content_hash(file: Path) -> dict:
@@ -137,7 +120,7 @@ def load_local(
         options["features"] = Features(dict.fromkeys(_csv_header(file, key, path), Value("string")))
         options["keep_default_na"] = False
     try:
-        with _quiet_datasets():
+        with muted("datasets"):  # it logs a failure before raising it; ours is one line
             dataset = load_dataset(builder, data_files=str(file), split="train", **options)
             dataset.data.table.validate(full=True)  # the JSON reader leaves invalid UTF-8 to fail later, when read
     except (KeyboardInterrupt, MemoryError):

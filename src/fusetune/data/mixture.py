@@ -13,9 +13,8 @@ Each split is registered with the cache with its ``SplitLayout``, so the trainer
 import numpy as np
 from datasets import Dataset, concatenate_datasets, interleave_datasets
 
-from ..errors import FusetuneError
+from ..errors import FusetuneError, one_line
 from .cache import DatasetCache, RecordSet, SplitLayout
-from .files import one_line
 from .sources import LoadedSource
 
 

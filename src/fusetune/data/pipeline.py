@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 from jinja2 import TemplateError
 
-from ..errors import FusetuneError
+from ..errors import FusetuneError, one_line
 from .cache import DatasetCache, RecordSet
-from .files import one_line
 from .mixture import combine_rows, draw_mixture
 from .rules import PREFERENCE_FORMATTERS, data_problems, is_mixture, value
 from .sources import LoadedSource, ReadOptions, SourceSpec, load_source, source_specs

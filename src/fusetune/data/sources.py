@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, load_dataset
 
-from ..errors import FusetuneError
+from ..errors import FusetuneError, one_line
 from .cache import RecordSet, code_hash
 from .checks import DatasetOrigin, checked, record_check
-from .files import content_hash, load_local, one_line
+from .files import content_hash, load_local
 from .formatters import FORMATTERS
 from .rules import SYNTHETIC, is_mixture, value
 from .synthetic import preference_pairs, synthetic_splits
