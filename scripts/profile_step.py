@@ -11,8 +11,13 @@ The command line over ``step_profiler`` (its docstring says what is measured and
 import argparse
 import functools
 import logging
+import sys
+from pathlib import Path
 
-from step_profiler import BACKENDS, CHECKPOINTING, KERNELS, TRAINER_VARIANTS, Setup
+if str(Path(__file__).resolve().parent) not in sys.path:  # runpy.run_path does not put scripts/ there
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from step_profiler import BACKENDS, CHECKPOINTING, KERNELS, TRAINER_VARIANTS, Setup  # noqa: E402
 
 MODES = {str(mode).lower(): mode for mode in CHECKPOINTING}  # "true" -> True, "offload" -> "offload", ...
 
