@@ -15,6 +15,7 @@ differ only in `seed` form a group, reported as mean ± std over its finished jo
 - report_groups.json: one entry per group: its jobs, n finished, and mean/std/n of each metric;
 - loss_curves.png: train loss by step of every job (eval loss as points); generation.png: exact match and token
   F1 of the held-out generation by step (jobs that evaluated while training with data.num_generate > 0);
+  preference.png: reward accuracy and margin by step (jobs of a preference trainer: dpo, orpo, simpo);
   speed_memory.png: tok/s and peak memory as bars per group (mean, with the std and each seed's value).
 
 This module only reads files (no Hydra); `fusetune.app.callbacks.AblationReport` runs it when a multirun ends.
@@ -37,6 +38,7 @@ from .errors import one_line
 from .record_files import METRICS, STATUS, STATUSES, SUMMARY, last_step, last_step_of, read_jsonl, write_atomically
 
 LOSS_PNG, SPEED_PNG, GENERATION_PNG = "loss_curves.png", "speed_memory.png", "generation.png"
+PREFERENCE_PNG = "preference.png"
 INCOMPLETE = "incomplete"  # neither status.json nor summary.json: still running, or killed without a word
 DIED, ELSEWHERE = "died", "running?"  # "running", and its process is gone; "running" on a host not checked from here
 SEED_KEYS = ("seed", "+seed", "++seed")
@@ -523,6 +525,36 @@ def plot_generation(sweep_dir: Path, report: Report, path: Path) -> bool:
     return True
 
 
+def plot_preference(sweep_dir: Path, report: Report, path: Path) -> bool:
+    """Reward accuracy (left) and reward margin (right) by step of every job of a preference trainer (train: lines,
+    eval: points); a group shares a colour."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 2)
+    plotted = 0
+    for _, lines, colour, linestyle, label in _curves(sweep_dir, report):
+        curves = [
+            (_series(lines, "train", key), _series(lines, "eval", f"eval_{key}"))
+            for key in ("rewards/accuracies", "rewards/margins")
+        ]
+        if not any(train or evals for train, evals in curves):
+            continue
+        for ax, (train, evals) in zip(axes, curves, strict=True):
+            if train:
+                ax.plot(*zip(*train, strict=True), color=colour, linestyle=linestyle, linewidth=1.3, label=label)
+            if evals:
+                ax.plot(*zip(*evals, strict=True), color=colour, label=None if train else label, **POINTS)
+        plotted += 1
+    if not plotted:
+        return False
+    axes[0].set_ylim(-0.03, 1.03)
+    _label_axes(axes[0], plotted, "reward accuracy", f"{sweep_dir.name}: chosen over rejected (train: lines)")
+    _label_axes(axes[1], plotted, "reward margin", "reward margin (chosen - rejected)")
+    fig.savefig(path)
+    return True
+
+
 def _number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -573,7 +605,12 @@ def write_report(sweep_dir: Path, plots: bool = True) -> Report:
     md = report.markdown
     if plots:
         made = []
-        for name, plot in ((LOSS_PNG, plot_losses), (GENERATION_PNG, plot_generation), (SPEED_PNG, plot_speed_memory)):
+        for name, plot in (
+            (LOSS_PNG, plot_losses),
+            (GENERATION_PNG, plot_generation),
+            (PREFERENCE_PNG, plot_preference),
+            (SPEED_PNG, plot_speed_memory),
+        ):
             tmp = sweep_dir / f".{name}.{os.getpid()}.tmp.png"
             try:
                 if plot(sweep_dir, report, tmp):
