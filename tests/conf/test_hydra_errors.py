@@ -74,7 +74,7 @@ def composition_error(overrides) -> HydraException:
         (
             "trainer=nonexistent",
             "In 'train': Could not find 'trainer/nonexistent' "
-            "(options: dpo, embedding_lr, orpo, packing, padding_free, sft, simpo)",
+            "(options: dpo, embedding_lr, kto, orpo, packing, padding_free, sft, simpo)",
         ),
         ("trainer.max_steps=[", "trainer.max_steps=[: no viable alternative at input '['"),
     ],

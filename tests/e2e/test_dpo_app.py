@@ -105,7 +105,7 @@ def test_the_dpo_keys_reach_fastdpoconfig(compose_cfg, tmp_path):
         ((*DPO, "data.path=p.jsonl", "trainer.packing=true"), "trainer.packing applies to the SFT trainers"),
         (
             ("logger=none", "trainer.beta=0.3"),
-            "fusetune: error: trainer.beta applies to trainer=dpo or orpo or simpo, not to",
+            "fusetune: error: trainer.beta applies to trainer=dpo or orpo or simpo or kto, not to",
         ),
     ],
     ids=["dpo-on-sft-data", "sft-on-pairs", "typo", "loss-type", "sft-key", "dpo-key-on-sft"],
@@ -200,3 +200,38 @@ def test_orpo_and_simpo_runs_record_reward_metrics(variant, options, compose_cfg
     train = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["split"] == "train"]
     assert [m["step"] for m in train] == [1, 2] and all(isinstance(m["loss"], float) for m in train)
     assert summary["preference"]["rewards/accuracies"] == train[-1]["rewards/accuracies"]
+
+
+def test_kto_run_on_labelled_answers_and_its_data_mistakes(compose_cfg, tmp_path, capsys):
+    """trainer=kto on a file of labelled answers (the reference: the adapters disabled); a label that is not a
+    boolean is refused in one line naming the record, and pairs given to KTO are refused naming data=kto."""
+    rows, _ = synthetic_splits(12, 0, seed=random.randrange(1000))
+    answers = tmp_path / "answers.jsonl"
+    lines = [json.dumps({"prompt": r["prompt"], "completion": r["completion"], "label": i % 2 == 0}) for i, r in
+             enumerate(rows)]  # fmt: skip
+    answers.write_text("\n".join(lines) + "\n")
+    run_dir = tmp_path / "run"
+    overrides = [
+        "trainer=kto", "data=kto", "logger=none", f"data.path={answers}", "trainer.max_steps=2",
+        "trainer.logging_steps=1", "trainer.per_device_train_batch_size=4", "save_model=false",
+    ]  # fmt: skip
+    summary = run(compose_cfg(overrides, output_dir=run_dir))
+    assert summary["trainer"] == "kto" and summary["global_step"] == 2
+    train = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["split"] == "train"]
+    assert [m["step"] for m in train] == [1, 2] and all(isinstance(m["kl"], float) for m in train)
+
+    lines[4] = json.dumps({"prompt": "p", "completion": "c", "label": "yes"})
+    answers.write_text("\n".join(lines) + "\n")
+    code, stderr = exit_and_stderr(overrides, tmp_path / "bad", False, compose_cfg, capsys)
+    assert code == 2 and "'label' must be true or false (is the answer desirable?), got a string" in stderr
+    assert "line 5" in stderr and "Traceback" not in stderr
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 8, seed=1)
+    code, stderr = exit_and_stderr(
+        ["trainer=kto", "data=preference", f"data.path={pairs}", "logger=none"], tmp_path / "pairs", False, compose_cfg,
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and error_line(stderr) == (
+        "fusetune: error: trainer=kto trains on labelled answers, but data=preference gives chosen/rejected pairs: "
+        "use data=kto (prompt/completion/label records) or data=synthetic_kto (the embedded set)"
+    )

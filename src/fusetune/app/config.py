@@ -29,12 +29,12 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .. import limits
 from ..compat.renames import CONFIG_RENAMES
-from ..data.rules import PREFERENCE_FORMATTERS, data_problems, has_eval_data, is_mixture
+from ..data.rules import KTO_FORMATTERS, PREFERENCE_FORMATTERS, data_problems, has_eval_data, is_mixture
 from ..errors import FusetuneError
 from ..fast_model import CHECKPOINTING, OFFLOADED, check_memory_budget
 from ..modules import PROJECTIONS
 from ..preference_trainer import FastDPOConfig
-from ..preference_variants import FastORPOConfig, FastSimPOConfig
+from ..preference_variants import FastKTOConfig, FastORPOConfig, FastSimPOConfig
 from ..trainer import FastSFTConfig
 from . import distributed, job_names
 from .choices import choice_problems
@@ -55,6 +55,8 @@ class Formatter(str, Enum):
     completion = "completion"
     preference = "preference"  # prompt/chosen/rejected pairs, for trainer=dpo
     synthetic_preference = "synthetic_preference"  # the embedded set as pairs: right answer chosen, a wrong one not
+    kto = "kto"  # prompt/completion/label: one answer, labelled desirable (true) or not, for trainer=kto
+    synthetic_kto = "synthetic_kto"  # the embedded set's pairs as labelled answers: right ones true, wrong ones false
     mixture = "mixture"  # the records come from data.sources, sampled by weight
 
 
@@ -273,7 +275,11 @@ def _default(f: dataclasses.Field) -> dataclasses.Field:
 
 
 # trainer.name -> the config class it trains with (run picks the trainer by it); every other name is FastSFTConfig's.
-TRAINER_CLASSES = {"dpo": FastDPOConfig, "orpo": FastORPOConfig, "simpo": FastSimPOConfig}  # all train on pairs
+TRAINER_CLASSES = {"dpo": FastDPOConfig, "orpo": FastORPOConfig, "simpo": FastSimPOConfig, "kto": FastKTOConfig}
+# The records each preference trainer takes (in words, and the data options that give them); SFT takes the rest.
+PAIRS = ("chosen/rejected pairs", PREFERENCE_FORMATTERS, "data=preference (prompt/chosen/rejected records)")
+LABELLED = ("labelled answers", KTO_FORMATTERS, "data=kto (prompt/completion/label records)")
+TRAINER_DATA = {"dpo": PAIRS, "orpo": PAIRS, "simpo": PAIRS, "kto": LABELLED}
 
 
 def trainer_class(name: str) -> type:
@@ -601,19 +607,20 @@ def fp8_problems(cfg) -> list[str]:
 
 
 def trainer_data_problems(cfg) -> list[str]:
-    """trainer=dpo, orpo and simpo train on data=preference (chosen/rejected pairs), and only they do."""
-    formatter = cfg.data.formatter.value
-    wants_pairs, gives_pairs = cfg.trainer.name in TRAINER_CLASSES, formatter in PREFERENCE_FORMATTERS
-    if wants_pairs and not gives_pairs:
+    """trainer=dpo, orpo and simpo train on chosen/rejected pairs, trainer=kto on labelled answers, and the SFT
+    trainers on neither."""
+    formatter, name = cfg.data.formatter.value, cfg.trainer.name
+    gives = next((kind for kind in (PAIRS, LABELLED) if formatter in kind[1]), None)
+    wants = TRAINER_DATA.get(name)
+    if wants is not None and gives is not wants:
+        what = gives[0] if gives else "single answers"
         return [
-            f"trainer={cfg.trainer.name} trains on chosen/rejected pairs, but data={formatter} gives single answers: "
-            "use data=preference (prompt/chosen/rejected records) or data=synthetic_preference (the embedded set)"
+            f"trainer={name} trains on {wants[0]}, but data={formatter} gives {what}: use {wants[2]} or "
+            f"data={wants[1][1]} (the embedded set)"
         ]
-    if gives_pairs and not wants_pairs:
-        return [
-            f"data={formatter} gives chosen/rejected pairs, which trainer={cfg.trainer.name} does not train on: "
-            f"use trainer={' or '.join(TRAINER_CLASSES)}"
-        ]
+    if gives is not None and wants is None:
+        trainers = " or ".join(n for n, kind in TRAINER_DATA.items() if kind is gives)
+        return [f"data={formatter} gives {gives[0]}, which trainer={name} does not train on: use trainer={trainers}"]
     return []
 
 

@@ -23,7 +23,14 @@ from ..loading import TOKENIZER_FILES, count_parameters, load_tokenizer, pick_dt
 from ..offline import require_local_or_hub
 from ..patching import remove_kernels
 from ..preference_trainer import FastDPOConfig, FastDPOTrainer
-from ..preference_variants import FastORPOConfig, FastORPOTrainer, FastSimPOConfig, FastSimPOTrainer
+from ..preference_variants import (
+    FastKTOConfig,
+    FastKTOTrainer,
+    FastORPOConfig,
+    FastORPOTrainer,
+    FastSimPOConfig,
+    FastSimPOTrainer,
+)
 from ..record_files import METRICS, SUMMARY, read_jsonl
 from ..state import state_of
 from ..trainer import FastSFTConfig, FastSFTTrainer
@@ -36,7 +43,12 @@ from .summary import RunSummary
 
 log = logging.getLogger(__name__)
 # the trainer of each preference config class (config.TRAINER_CLASSES); every other config trains with FastSFTTrainer
-TRAINERS = {FastDPOConfig: FastDPOTrainer, FastORPOConfig: FastORPOTrainer, FastSimPOConfig: FastSimPOTrainer}
+TRAINERS = {
+    FastDPOConfig: FastDPOTrainer,
+    FastORPOConfig: FastORPOTrainer,
+    FastSimPOConfig: FastSimPOTrainer,
+    FastKTOConfig: FastKTOTrainer,
+}
 
 
 def sft_config(
@@ -242,7 +254,7 @@ def _build_trainer(cfg, out, loaded: Loaded, splits, report_to, checkpoint, stop
     # the tokenized cache is FastSFTTrainer's (the preference trainers tokenize their pairs; ORPO and SimPO need no
     # reference model)
     extra = {"dataset_cache": splits.cache} if trainer_type is FastSFTTrainer else {}
-    if trainer_type is FastDPOTrainer:
+    if trainer_type in (FastDPOTrainer, FastKTOTrainer):
         # LoRA: the reference is the policy with its adapters disabled; full fine-tuning: a frozen copy of the
         # weights as loaded (TRL would load one from model.name_or_path, which a random_init model does not have)
         extra = {"ref_model": copy.deepcopy(loaded.model).eval().requires_grad_(False)} if loaded.full_finetune else {}

@@ -177,6 +177,33 @@ def preference(values: tuple, chat_template: bool) -> dict:
     return {"prompt": plain(prompt), "chosen": plain(chosen), "rejected": plain(rejected)}
 
 
+def check_kto(values: tuple, names: tuple[str, ...]) -> str | None:
+    """A prompt and one answer to it (strings, or conversations as data=preference takes them) and whether the
+    answer is desirable: a true/false label, as TRL's KTOTrainer takes them."""
+    label = values[2]
+    if not isinstance(label, bool):
+        return f"'{names[2]}' must be true or false (is the answer desirable?), got {kind(label)}"
+    lists = [isinstance(v, list) for v in values[:2]]
+    if not any(lists):
+        return _check_strings(values[:2], names[:2])
+    if not all(lists):
+        return f"give {names[0]} and {names[1]} both as strings or both as conversations"
+    problem = check_conversation(values[0], names[0], CHAT_TURNS, needs_answer=False)
+    if problem is None or isinstance(problem, Empty):
+        answer = check_conversation(values[1], names[1], CHAT_TURNS)
+        if answer is not None and not isinstance(answer, Empty):
+            return f"'{names[1]}' {answer}" if answer.startswith("message") else answer
+        problem = problem or (answer and Empty(f"'{names[1]}' {answer}"))
+    return problem
+
+
+def kto(values: tuple, chat_template: bool) -> dict:
+    def plain(value):
+        return [_role_content(m) for m in value] if isinstance(value, list) else value
+
+    return {"prompt": plain(values[0]), "completion": plain(values[1]), "label": values[2]}
+
+
 def chat(values: tuple, chat_template: bool) -> dict:
     return {"messages": [{"role": m["role"], "content": m["content"]} for m in values[0]]}
 
@@ -264,4 +291,6 @@ FORMATTERS: dict[str, Formatter] = {
     "synthetic": Formatter(("prompt", "completion"), check_completion, completion),
     "preference": Formatter(("prompt", "chosen", "rejected"), check_preference, preference),
     "synthetic_preference": Formatter(("prompt", "chosen", "rejected"), check_preference, preference),
+    "kto": Formatter(("prompt", "completion", "label"), check_kto, kto),
+    "synthetic_kto": Formatter(("prompt", "completion", "label"), check_kto, kto),
 }

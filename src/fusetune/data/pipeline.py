@@ -16,7 +16,7 @@ from jinja2 import TemplateError
 from ..errors import FusetuneError, one_line
 from .cache import DatasetCache, RecordSet
 from .mixture import combine_rows, draw_mixture
-from .rules import PREFERENCE_FORMATTERS, data_problems, is_mixture, value
+from .rules import KTO_FORMATTERS, PREFERENCE_FORMATTERS, data_problems, is_mixture, value
 from .sources import LoadedSource, ReadOptions, SourceSpec, load_source, source_specs
 from .templates import bounded_renders, check_template, render_within, use_chat_template
 
@@ -50,6 +50,8 @@ def _record_form(formatter: str, chat_template: bool) -> str:
         return "prompt/completion turns" if chat_template else "prompt/completion text"
     if formatter in PREFERENCE_FORMATTERS:
         return "prompt/chosen/rejected pairs"
+    if formatter in KTO_FORMATTERS:
+        return "prompt/completion/label answers"
     return "text" if formatter == "text" else "prompt/completion text"
 
 

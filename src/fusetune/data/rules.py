@@ -11,8 +11,9 @@ from .formatters import FORMATTERS
 from .templates import check_template, find_chat_template
 
 SOURCE_FORMATTERS = ("chat", "sharegpt", "alpaca", "text", "completion")
-SYNTHETIC = ("synthetic", "synthetic_preference")  # the embedded set: data.num_train and data.num_eval, no path
-PREFERENCE_FORMATTERS = ("preference", "synthetic_preference")  # chosen/rejected pairs, for trainer=dpo
+SYNTHETIC = ("synthetic", "synthetic_preference", "synthetic_kto")  # the embedded set: num_train, num_eval, no path
+PREFERENCE_FORMATTERS = ("preference", "synthetic_preference")  # chosen/rejected pairs, for trainer=dpo, orpo, simpo
+KTO_FORMATTERS = ("kto", "synthetic_kto")  # single answers labelled desirable or not, for trainer=kto
 # Top-level keys that name one dataset; a mixture reads each source's own instead.
 ONE_DATASET_KEYS = ("path", "name", "subset", "revision", "eval_path", "eval_split", "field")
 EXAMPLE = (

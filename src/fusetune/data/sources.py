@@ -18,7 +18,7 @@ from .checks import DatasetOrigin, checked, record_check
 from .files import content_hash, load_local
 from .formatters import FORMATTERS
 from .rules import SYNTHETIC, is_mixture, value
-from .synthetic import preference_pairs, synthetic_splits
+from .synthetic import preference_pairs, synthetic_splits, unpaired
 
 log = logging.getLogger(__name__)
 SPEC_KEYS = ("path", "name", "subset", "split", "revision", "eval_path", "eval_split", "field")
@@ -168,8 +168,10 @@ def _hold_out(count: int, fraction: float, seed: int, key: str) -> tuple[np.ndar
 
 def _load_synthetic(spec: SourceSpec, cfg, seed: int, options: ReadOptions) -> LoadedSource:
     train, held_out = synthetic_splits(cfg.num_train, cfg.num_eval, seed)
-    if spec.formatter == "synthetic_preference":
+    if spec.formatter in ("synthetic_preference", "synthetic_kto"):
         train, held_out = preference_pairs(train, seed), preference_pairs(held_out, seed + 1)
+    if spec.formatter == "synthetic_kto":
+        train, held_out = unpaired(train), unpaired(held_out)
     identity = {"kind": "synthetic", "num_train": cfg.num_train, "num_eval": cfg.num_eval, "seed": seed}
     origin = DatasetOrigin("data (synthetic)")
     read = (Dataset.from_list(train), origin, {**identity, "part": "train"})

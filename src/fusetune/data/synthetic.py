@@ -48,6 +48,15 @@ def preference_pairs(rows: list[dict], seed: int) -> list[dict]:
     ]
 
 
+def unpaired(pairs: list[dict]) -> list[dict]:
+    """Preference pairs as KTO's rows: each chosen answer desirable, each rejected one not."""
+    rows = []
+    for pair in pairs:
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    return rows
+
+
 def synthetic_splits(num_train: int, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Return (train, eval) lists of {"prompt", "completion"} with disjoint prompts."""
     rng = random.Random(seed)
