@@ -43,3 +43,17 @@ def tiny_tokenizer():
     from fusetune.loading import load_tokenizer
 
     return load_tokenizer("fusetune:tiny_llama")
+
+
+@pytest.fixture(autouse=True)
+def no_saved_tensor_hooks_left():
+    """A test leaves no autograd saved-tensor hooks installed. One that fails inside torch.utils.checkpoint leaves
+    the checkpoint's hooks in place while pytest holds its traceback, and every later test of the worker would
+    then fail in its backward: the hooks are removed here, and the test that left them gets an error that says so."""
+    yield
+    left = 0
+    while torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+        left += 1
+    if left:
+        pytest.fail(f"this test left {left} saved-tensor hook(s) installed (removed now)", pytrace=False)
