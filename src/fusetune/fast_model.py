@@ -25,7 +25,7 @@ from .modules import EMBEDDINGS, EXPERT_PARAMETERS, PROJECTIONS, base_model, is_
 from .patching import apply_kernels, choose_backend
 from .saving import add_saving_methods
 from .smart_checkpointing import enable_smart_checkpointing
-from .state import state_of
+from .state import peek, state_of
 
 log = logging.getLogger(__name__)
 OFFLOADED = ("unsloth", "offload")  # checkpointing whose saved layer inputs wait in pinned CPU memory
@@ -219,7 +219,7 @@ class FastModel:
         limits.refuse({"r": r, "lora_alpha": lora_alpha, "lora_dropout": lora_dropout}, limits.LORA)
         _refuse_unsupported(unused, loftq_config)
         if use_gradient_checkpointing is None:
-            asked = state_of(model).checkpointing
+            asked = peek(model).checkpointing
             use_gradient_checkpointing = True if asked is None else asked
         targets, target_parameters = _lora_targets(model, target_modules, target_parameters)
         if use_gradient_checkpointing not in CHECKPOINTING:
@@ -248,7 +248,7 @@ class FastModel:
             target_parameters=list(target_parameters) or None,
         )
         peft_model.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None)
-        if state_of(peft_model).fp8_base:
+        if peek(peft_model).fp8_base:
             log.info(fp8.hold_fp8(peft_model))
         if checkpointing:  # fusetune's own: offloaded or not, with the recompute marked (see enable_checkpointing)
             log.info(

@@ -23,7 +23,7 @@ from fusetune_kernels.fp8 import FP8Weight, quantize_weight
 
 from .errors import FusetuneError
 from .modules import PROJECTIONS
-from .state import state_of
+from .state import peek, state_of
 
 log = logging.getLogger(__name__)
 FP8_CAPABILITY = (8, 9)  # Ada and Hopper and later have FP8 tensor cores
@@ -115,7 +115,7 @@ def restore_weights(model) -> int:
 def refuse_unheld(model) -> None:
     """One line where ``fp8_base`` was asked for but no projection runs in FP8 (no LoRA adapters were added):
     training would go on in bf16 without saying so."""
-    if state_of(model).fp8_base and not any(
+    if peek(model).fp8_base and not any(
         getattr(module, "fusetune_fp8", None) is not None for module in model.modules()
     ):
         raise FusetuneError(

@@ -79,8 +79,7 @@ def merged_copy(model, dtype: torch.dtype | None = None, token: str | None = Non
         base_path = model.peft_config[model.active_adapter].base_model_name_or_path
         with tempfile.TemporaryDirectory() as adapter_dir:
             model.save_pretrained(adapter_dir)
-            state = peek(model)
-            hub = state.hub if state is not None else {}
+            hub = peek(model).hub
             base = loading.load_model(base_path, dtype, token=token, **hub)
             return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged = copy.deepcopy(model)

@@ -227,8 +227,7 @@ def remove_kernels() -> None:
 def is_applied(model) -> bool:
     """Whether ``model`` was given a backend that is still in place (so the trainer leaves it as it is)."""
     base = base_model(model)
-    state = peek(base)
-    applied = state.backend if state is not None else None
+    applied = peek(base).backend
     if applied == "none":
         return True
     return applied is not None and _active.get(base.config.model_type, (None,))[0] == applied

@@ -30,8 +30,7 @@ log = logging.getLogger(__name__)
 def model_compute_dtype(model) -> torch.dtype:
     """The dtype the model computes in: as loaded by FastModel, else the quantization config's."""
     base = base_model(model)
-    state = peek(base)
-    recorded = state.compute_dtype if state is not None else None
+    recorded = peek(base).compute_dtype
     if recorded is not None:
         return recorded
     quantization = getattr(base.config, "quantization_config", None)

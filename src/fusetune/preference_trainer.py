@@ -42,7 +42,7 @@ from .errors import FusetuneError
 from .forwards import IGNORE_INDEX, head_dtype, logit_scale
 from .patching import apply_kernels, is_applied
 from .state import peek
-from .trainer import FastSFTConfig, as_fast_config, settle_precision
+from .trainer import FastSFTConfig, SettledPrecision, as_fast_config
 
 log = logging.getLogger(__name__)
 # TRL's DPO loss types that fusetune_kernels.preference computes as TRL does.
@@ -58,7 +58,7 @@ def field_like(config_cls, name: str):
 
 
 @dataclass
-class FastDPOConfig(DPOConfig):
+class FastDPOConfig(SettledPrecision, DPOConfig):
     kernels: str = field_like(FastSFTConfig, "kernels")
     fused_loss: bool | None = field(
         default=None,
@@ -69,20 +69,11 @@ class FastDPOConfig(DPOConfig):
         },
     )
 
-    def __post_init__(self):
-        settle_precision(self)
-        super().__post_init__()
-
-
-def _backend(model) -> str | None:
-    state = peek(model)
-    return state.backend if state is not None else None
-
 
 def fused_preference_blocker(trainer) -> str | None:
     """Why compute_loss cannot take TRL's DPO loss from fusetune's fused preference loss here, or None."""
     args, model = trainer.args, trainer.model
-    backend = _backend(model)
+    backend = peek(model).backend
     if backend not in ("triton", "reference"):
         return "the model has no kernels backend (kernels=auto on a family fusetune does not patch)"
     if len(trainer.loss_types) != 1 or trainer.loss_types[0] not in FUSED_LOSS_TYPES:
@@ -170,7 +161,7 @@ class FastDPOTrainer(DPOTrainer):
         return loss * self.loss_weights[0]
 
     def _preference_op(self):
-        backend = _backend(self.model)
+        backend = peek(self.model).backend
         return fused_linear_preference_loss if backend == "triton" else fused_linear_preference_loss_reference
 
     @staticmethod

@@ -24,7 +24,7 @@ from trl import KTOConfig, KTOTrainer
 
 from .patching import apply_kernels, is_applied
 from .preference_trainer import field_like
-from .trainer import FastSFTConfig, as_fast_config, settle_precision
+from .trainer import FastSFTConfig, SettledPrecision, as_fast_config
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*trl.experimental.*")
@@ -43,19 +43,13 @@ def _build_with_kernels(trainer, model, args, build) -> None:
         apply_kernels(trainer.model, args.kernels, on_cuda=on_cuda)
 
 
-class _SettledPrecision:
-    def __post_init__(self):
-        settle_precision(self)
-        super().__post_init__()
-
-
 @dataclass
-class FastORPOConfig(_SettledPrecision, ORPOConfig):
+class FastORPOConfig(SettledPrecision, ORPOConfig):
     kernels: str = field_like(FastSFTConfig, "kernels")
 
 
 @dataclass
-class FastCPOConfig(_SettledPrecision, CPOConfig):
+class FastCPOConfig(SettledPrecision, CPOConfig):
     kernels: str = field_like(FastSFTConfig, "kernels")
 
 
@@ -68,7 +62,7 @@ class FastSimPOConfig(FastCPOConfig):
 
 
 @dataclass
-class FastKTOConfig(_SettledPrecision, KTOConfig):
+class FastKTOConfig(SettledPrecision, KTOConfig):
     kernels: str = field_like(FastSFTConfig, "kernels")
 
 

@@ -1,7 +1,8 @@
 """What fusetune did to a model, in one place: ``FusetuneState`` on the base model (``modules.base_model``).
 
 One attribute (``fusetune_state``) holds it, so that a PEFT wrapper, the trainer, saving and merging all read
-the same record, and a model fusetune never touched has none (``peek``)."""
+the same record. ``state_of`` is for writing (it attaches a state on first use); ``peek`` is for reading and
+attaches nothing: a model fusetune never touched reads as an empty state."""
 
 from dataclasses import dataclass, field
 
@@ -31,6 +32,6 @@ def state_of(model) -> FusetuneState:
     return state
 
 
-def peek(model) -> FusetuneState | None:
-    """The model's state, or None where fusetune has not touched it."""
-    return base_model(model).__dict__.get(ATTRIBUTE)
+def peek(model) -> FusetuneState:
+    """The model's state, or an empty one (not attached) where fusetune has not touched it."""
+    return base_model(model).__dict__.get(ATTRIBUTE) or FusetuneState()

@@ -177,6 +177,14 @@ def as_fast_config(args, config_class: type | None = None):
     return config_class(**{k: v for k, v in args.to_dict().items() if k in fields and not k.startswith("_")})
 
 
+class SettledPrecision:
+    """A mixin for TRL's config classes: the precision settled (``settle_precision``) before TRL's __post_init__."""
+
+    def __post_init__(self):
+        settle_precision(self)
+        super().__post_init__()
+
+
 def padding_free_blocker(model, data_collator, processing_class, device=None) -> str | None:
     """Why padding-free batching would be unsafe here, or None when it is safe. ``device``: where training runs."""
     config = model.config

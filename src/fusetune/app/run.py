@@ -32,7 +32,7 @@ from ..preference_variants import (
     FastSimPOTrainer,
 )
 from ..record_files import METRICS, SUMMARY, read_jsonl
-from ..state import state_of
+from ..state import peek
 from ..trainer import FastSFTConfig, FastSFTTrainer
 from . import distributed, run_folder
 from . import run_record as record
@@ -177,7 +177,7 @@ def _train(cfg, out: Path, report_to: list[str], checkpoint: Path | None, stop: 
     session = _build_trainer(cfg, out, loaded, splits, report_to, checkpoint, stop)
     result, peak = _train_and_check(session, checkpoint, out)
     outputs = _save_and_export(cfg, out, session.trainer, loaded)
-    evals, samples = _evaluate(cfg, session, splits, result.global_step)
+    evals, samples = _evaluate(cfg, session, loaded.tokenizer, splits, result.global_step)
     runtime = time.perf_counter() - started
     finished = dict(eval=evals, samples=samples, peak_memory_gib=peak, runtime_s=runtime, **outputs)
     summary = _summarize(cfg, out, loaded, splits, session, result, checkpoint, **finished)
@@ -238,7 +238,7 @@ def _load_model(cfg, splits, stop: StopOnSignal) -> Loaded:
     elif checkpointing in ("offload", "smart"):
         described = enable_fusetune_checkpointing(model, checkpointing, m.memory_budget)
         log.info("model.gradient_checkpointing=%s: %s", checkpointing, described)
-    backend = state_of(model).backend
+    backend = peek(model).backend
     return Loaded(model, tokenizer, backend, dtype, full_finetune, count_parameters(model))
 
 
@@ -309,7 +309,7 @@ def _save_and_export(cfg, out: Path, trainer, loaded: Loaded) -> dict:
     return {name: str(path) if path else None for name, path in written.items()}
 
 
-def _evaluate(cfg, session: Session, splits, step: int) -> tuple[dict, list]:
+def _evaluate(cfg, session: Session, tokenizer, splits, step: int) -> tuple[dict, list]:
     """The eval split's metrics and the held-out generations' scores (and samples) of the final weights."""
     trainer = session.trainer
     session.stop.enter("the final evaluation")
@@ -319,7 +319,6 @@ def _evaluate(cfg, session: Session, splits, step: int) -> tuple[dict, list]:
     session.stop.enter("generation")
     generation = splits.generation if _generating(cfg) else []
     # the callback scored these weights already where the last step was an eval step: not twice
-    tokenizer = trainer.processing_class
     scores = session.generation_eval.scores_at(step) or score_generations(trainer.model, tokenizer, generation)
     if scores is None:
         return evals, []
@@ -335,6 +334,9 @@ def _summarize(cfg, out: Path, loaded: Loaded, splits, session: Session, result,
     final_step, final_loss = recorder.final_loss or (None, None)
     tokens = recorder.last_train.get("num_tokens") or trained_tokens(trainer)
     runtime = result.metrics.get("train_runtime")
+    speed = None  # tokens the trainer does not count
+    if tokens is not None:  # a resumed run's runtime covers only the steps it trained
+        speed = (tokens - session.tokens_before) / runtime if runtime else 0.0
     step_graphs = getattr(trainer, "step_graphs", None)
     d = cfg.data
     return RunSummary(
@@ -359,8 +361,7 @@ def _summarize(cfg, out: Path, loaded: Loaded, splits, session: Session, result,
         preference=record.preference_metrics(recorder.last_train),
         skipped_steps=skipped,
         train_tokens=tokens,
-        # a resumed run's runtime covers only the steps it trained
-        train_tokens_per_second=(tokens - session.tokens_before) / runtime if runtime else 0.0,
+        train_tokens_per_second=speed,
         train_runtime_s=runtime,
         seed=cfg.seed,
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",

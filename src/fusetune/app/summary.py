@@ -34,8 +34,8 @@ class RunSummary:
     skipped_steps: int
     eval: dict
     samples: list
-    train_tokens: int
-    train_tokens_per_second: float
+    train_tokens: int | None  # None: the trainer counts none (ORPO and SimPO, TRL's experimental trainers)
+    train_tokens_per_second: float | None
     train_runtime_s: float | None
     peak_memory_gib: float
     runtime_s: float
@@ -71,13 +71,17 @@ class RunSummary:
                 f"fusetune run: {self.model} on {self.data} | kernels={self.kernels} trainer={self.trainer} "
                 f"seed={self.seed}",
                 loss_line,
-                f"  {self.train_tokens_per_second:.0f} tok/s  peak {self.peak_memory_gib:.2f} GiB  "
+                f"  {_speed(self.train_tokens_per_second)}  peak {self.peak_memory_gib:.2f} GiB  "
                 f"runtime {self.runtime_s:.1f} s",
                 *preference,
                 f"  eval: {evals or 'none'}",
                 f"  record: {self.output_dir}",
             ]
         )
+
+
+def _speed(value: float | None) -> str:
+    return "tokens not counted" if value is None else f"{value:.0f} tok/s"
 
 
 def _loss(value: float | None) -> str:

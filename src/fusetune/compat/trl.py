@@ -57,11 +57,13 @@ def metric_lists(trainer, mode: str) -> dict[str, list]:
     return trainer._metrics[mode]
 
 
-def trained_tokens(trainer) -> int:
-    """TRL's running count of trained (non-padding) tokens, as logged in ``num_tokens``; the Trainer's count of input
-    tokens where TRL keeps none (its experimental ORPO and CPO trainers), 0 where neither is kept."""
+def trained_tokens(trainer) -> int | None:
+    """TRL's running count of trained (non-padding) tokens, as logged in ``num_tokens``; where TRL keeps none (its
+    experimental ORPO and CPO trainers), the Trainer's count of input tokens if it counts them, else None."""
     count = getattr(trainer, "_total_train_tokens", None)
-    return count if count is not None else int(trainer.state.num_input_tokens_seen or 0)
+    if count is None and trainer.args.include_num_input_tokens_seen not in (False, "no"):
+        count = trainer.state.num_input_tokens_seen
+    return count
 
 
 def add_trained_tokens(trainer, count: int) -> int:
