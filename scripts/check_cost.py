@@ -2,10 +2,13 @@
 
 For each architecture: the seconds ``choose_backend`` spends deriving the family's row and checking
 its ops, (1) cold: fresh Triton and verdict caches, (2) warm Triton cache, fresh verdicts, (3) every
-verdict cached; and beside them the seconds to build the full-size model with random weights. Each
-case runs in a fresh subprocess. Writes JSON lines to stdout.
+verdict cached, (4) every verdict cached but a fresh Triton cache; beside (1) and (4), the seconds to
+build the full-size model with random weights and to run its first forward and backward (1 x 512
+tokens, the patched ops compiling there what the check has not). What the check adds to a run's
+start is (1)'s check and first step less (4)'s first step. Each case runs in a fresh subprocess.
+Writes JSON lines to stdout.
 
-    python scripts/check_cost.py --archs llama3_1b qwen3_5_2b --backend triton
+    python scripts/check_cost.py --archs llama3_1b qwen3_5_2b --backend triton --dtype bfloat16
 """
 
 import argparse
@@ -21,29 +24,38 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ROOT / "src" / "fusetune" / "assets" / "archs"
 
 
-def measure(arch: str, backend: str) -> dict:
+def measure(arch: str, backend: str, dtype_name: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fusetune import patching
 
     config = AutoConfig.from_pretrained(ARCHS / arch)
+    dtype = getattr(torch, dtype_name)
     cuda = torch.cuda.is_available()
     if cuda:  # CUDA's start-up is paid by loading the model anyway, not by the check
         torch.zeros(1, device="cuda").add_(1).item()
     started = time.perf_counter()
-    chosen = patching.choose_backend(backend, config, on_cuda=cuda)
-    accepted, rejected = patching.check_family(config, chosen, "cuda" if cuda else "cpu")
+    chosen = patching.choose_backend(backend, config, on_cuda=cuda, dtype=dtype)
+    accepted, rejected = patching.check_family(config, chosen, "cuda" if cuda else "cpu", dtype)
     check = time.perf_counter() - started
-    row = {"arch": arch, "model_type": config.model_type, "backend": chosen, "check_s": round(check, 3)}
+    row = {"arch": arch, "model_type": config.model_type, "backend": chosen, "dtype": dtype_name}
+    row["check_s"] = round(check, 3)
     row |= {"patched": sorted(accepted), "unpatched": rejected}
     if os.environ.get("CHECK_COST_LOAD") == "1":
         started = time.perf_counter()
         with torch.device("cuda" if cuda else "cpu"):
-            AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         if cuda:
             torch.cuda.synchronize()
         row["build_model_s"] = round(time.perf_counter() - started, 3)
+        patching.apply_kernels(model, chosen, on_cuda=cuda)
+        ids = torch.randint(0, config.vocab_size, (1, 512), device=model.device)
+        started = time.perf_counter()
+        model.train()(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+        row["first_step_s"] = round(time.perf_counter() - started, 3)
     return row
 
 
@@ -51,10 +63,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=["llama3_1b"], help="folders of src/fusetune/assets/archs")
     parser.add_argument("--backend", default="triton", help="triton (default) or reference")
+    parser.add_argument("--dtype", default="bfloat16", help="the dtype the model trains in (default bfloat16)")
     parser.add_argument("--inner", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.inner:
-        print(json.dumps(measure(args.inner, args.backend)), flush=True)
+        print(json.dumps(measure(args.inner, args.backend, args.dtype)), flush=True)
         return
     for arch in args.archs:
         triton_cache, verdicts = tempfile.mkdtemp(), tempfile.mkdtemp()
@@ -62,19 +75,20 @@ def main() -> None:
             ("cold", True, True, True),
             ("warm_triton", False, True, False),
             ("cached", False, False, False),
+            ("cached_cold_triton", True, False, True),
         ):
             env = dict(os.environ, TRITON_CACHE_DIR=triton_cache if not fresh_triton else tempfile.mkdtemp())
             env["FUSETUNE_CACHE_DIR"] = tempfile.mkdtemp() if fresh_verdicts else verdicts
             env["CHECK_COST_LOAD"] = "1" if load else "0"
             if case == "warm_triton":  # fill the Triton cache this case reuses
                 subprocess.run(
-                    [sys.executable, __file__, "--inner", arch, "--backend", args.backend],
+                    [sys.executable, __file__, "--inner", arch, "--backend", args.backend, "--dtype", args.dtype],
                     env=dict(env, FUSETUNE_CACHE_DIR=verdicts),
                     capture_output=True,
                     check=False,
                 )
             out = subprocess.run(
-                [sys.executable, __file__, "--inner", arch, "--backend", args.backend],
+                [sys.executable, __file__, "--inner", arch, "--backend", args.backend, "--dtype", args.dtype],
                 env=env,
                 capture_output=True,
                 text=True,

@@ -84,6 +84,9 @@ OVERRIDES: dict[str, dict] = {
     },
 }
 
+# The widths the check on a GPU keeps (``shrink_values(widths=True)``), and where it clips the others.
+WIDTHS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+CHECK_MLP, CHECK_VOCAB = 2048, 4096
 SMALL = dict(hidden_size=64, num_attention_heads=4, head_dim=16, vocab_size=256, intermediate_size=96)
 # Other names for the same sizes in older or non-Llama configs, and sizes that must shrink with them.
 SMALL_ALIASES = dict(
@@ -130,9 +133,15 @@ def _renumber_layers(values: dict, keep: list[int], per_layer: list[str]) -> Non
             values[key] = sorted({new[v] for v in value if v in new})
 
 
-def shrink_values(values: dict) -> dict:
-    """A config dict at small sizes: one layer of each kind (per-layer lists decide the kinds), at least two."""
+def shrink_values(values: dict, widths: bool = False) -> dict:
+    """A config dict at small sizes: one layer of each kind (per-layer lists decide the kinds), at least two.
+
+    ``widths``: keep the hidden, head and attention-head sizes, and clip the MLP and vocabulary widths
+    only where the GLU and cross-entropy kernels' blocks stop growing, so that the kernels the check
+    compiles on a GPU are those the full-size model trains with.
+    """
     values = dict(values)
+    vocab = _clipped(values.get("vocab_size") or CHECK_VOCAB, CHECK_VOCAB) if widths else SMALL["vocab_size"]
     pattern, layers = values.get("sliding_window_pattern"), values.get("num_hidden_layers")
     if not values.get("layer_types") and isinstance(pattern, int) and isinstance(layers, int):
         # Gemma 3: every pattern-th layer global, the others sliding
@@ -153,11 +162,15 @@ def shrink_values(values: dict) -> dict:
             values[k] = [values[k][i] for i in keep]
         values["num_hidden_layers"] = len(keep)
         _renumber_layers(values, keep, per_layer)
+    if widths and isinstance(values.get("intermediate_size"), int):
+        values["intermediate_size"] = _clipped(values["intermediate_size"], CHECK_MLP)
     heads = values.get("num_attention_heads")
     for key, small in {**SMALL, **SMALL_ALIASES}.items():
+        if widths and key in WIDTHS:
+            continue
         if isinstance(values.get(key), int) or (key in SMALL and key in values and values[key] is None):
             values[key] = small
-    if "num_key_value_heads" in values:
+    if "num_key_value_heads" in values and not widths:
         kv = values["num_key_value_heads"]
         values["num_key_value_heads"] = 4 if kv is None or (heads and kv >= heads) else (1 if kv == 1 else 2)
     if all(isinstance(values.get(k), int) for k in ("mamba_n_heads", "mamba_d_head", "mamba_expand")):
@@ -173,30 +186,37 @@ def shrink_values(values: dict) -> dict:
         elif key.startswith("linear_num_") and key.endswith("heads"):
             values[key] = 4 if "value" in key else 2
         elif "vocab" in key:
-            values[key] = SMALL["vocab_size"]
+            values[key] = vocab
         elif key.startswith("hidden_size_") or key.endswith("_hidden_size") or key == "emb_dim":
             values[key] = 16 if "per_layer" in key else SMALL["hidden_size"]
         elif key in EXPERT_COUNTS:
             values[key] = 4
         elif key in ("num_experts_per_tok", "moe_topk", "top_k"):
             values[key] = min(value, 2)
-        elif key.endswith("_token_id") and value >= SMALL["vocab_size"]:
-            values[key] = SMALL["vocab_size"] - 1
+        elif key.endswith("_token_id") and value >= vocab:
+            values[key] = vocab - 1
         elif "dropout" in key:
             values[key] = 0
     for key, value in list(values.items()):
         if "dropout" in key and isinstance(value, float):
             values[key] = 0.0
         if key.endswith("_token_id") and isinstance(value, list):
-            values[key] = [min(v, SMALL["vocab_size"] - 1) for v in value if isinstance(v, int)]
+            values[key] = [min(v, vocab - 1) for v in value if isinstance(v, int)]
         if isinstance(value, dict) and "model_type" in value:  # a sub-config (text, vision, audio)
-            values[key] = shrink_values(value)
+            values[key] = shrink_values(value, widths)
     for key in ("quantization_config", "auto_map", "_name_or_path"):
         values.pop(key, None)
     if isinstance(values.get("sliding_window"), int):
         values["sliding_window"] = min(values["sliding_window"], 8)  # shorter than the check's rows
-    _shrink_rope(values)
+    if not widths:
+        _shrink_rope(values)
     return values
+
+
+def _clipped(size: int, most: int) -> int:
+    """``size``, or past ``most`` (where the kernel's block stops growing) ``most`` and as divisible by 16
+    as ``size`` is (Triton specialises on that too)."""
+    return size if size <= most else most + size % 16
 
 
 def _shrink_rope(values: dict) -> None:
@@ -217,9 +237,10 @@ def _shrink_rope(values: dict) -> None:
     values[key] = rope
 
 
-def small_config(config: PretrainedConfig) -> PretrainedConfig:
-    """``config``'s architecture at small sizes, every kind of layer kept, for a model built in a blink."""
-    values = shrink_values(config.to_dict())
+def small_config(config: PretrainedConfig, widths: bool = False) -> PretrainedConfig:
+    """``config``'s architecture at small sizes, every kind of layer kept, for a model built in a blink
+    (``widths``: see ``shrink_values``)."""
+    values = shrink_values(config.to_dict(), widths)
     small = type(config).from_dict(values)
     small._attn_implementation = "eager"
     for sub in ("text_config", "vision_config", "audio_config"):
@@ -228,11 +249,14 @@ def small_config(config: PretrainedConfig) -> PretrainedConfig:
     return small
 
 
-def small_model(config: PretrainedConfig, device="cpu", seed: int = 0) -> torch.nn.Module:
-    """A random fp32 model of ``small_config(config)``; its 1-D weights (norms, biases) are perturbed
-    so that a kernel that mistakes ``w`` for ``1 + w`` shows."""
-    small = small_config(config)
-    with torch.random.fork_rng(devices=[]):  # built on the CPU; the caller's random state is left as it was
+def small_model(config: PretrainedConfig, device="cpu", seed: int = 0, widths: bool = False) -> torch.nn.Module:
+    """A random fp32 model of ``small_config(config, widths)``; its 1-D weights (norms, biases) are
+    perturbed so that a kernel that mistakes ``w`` for ``1 + w`` shows. Built on the CPU (the same
+    weights on every device), or with ``widths`` on ``device`` itself (too large to build in a blink)."""
+    small = small_config(config, widths)
+    build_on = torch.device(device) if widths else torch.device("cpu")
+    forked = [build_on] if build_on.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked), build_on:  # the caller's random state is left as it was
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(small, dtype=torch.float32)
         with torch.no_grad():

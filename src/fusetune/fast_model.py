@@ -154,7 +154,7 @@ class FastModel:
                 "routed experts as 3-D weights, which bitsandbytes leaves unquantized (4-bit experts are not "
                 "implemented); load it in bf16 (load_in_4bit=False) for LoRA on the experts"
             )
-        backend = choose_backend(kernels, model_config)  # an unsupported family fails before the weights
+        backend = choose_backend(kernels, model_config, dtype=dtype)  # an unsupported family fails before the weights
         tokenizer = loading.load_tokenizer(tokenizer_name or model_name, **hub)
         _refuse_ids_beyond_embeddings(tokenizer, tokenizer_name or model_name, model_config, config or model_name)
         tokenizer.model_max_length = max_seq_length

@@ -60,13 +60,15 @@ def _unpatchable(requested: str, model_type: str, reason: str) -> str:
     return "none"
 
 
-def choose_backend(requested: str, config, on_cuda: bool | None = None) -> str:
+def choose_backend(requested: str, config, on_cuda: bool | None = None, dtype=torch.float32) -> str:
     """The whole backend policy: "triton", "reference", or "none" (train the model's own modules).
 
     - ``auto``: triton on CUDA, reference elsewhere; a family where no op passes its self-check
       trains unpatched, with the reason logged.
     - ``triton`` / ``reference``: such a family is an error (callers ask before any weights load,
       with the model's config); triton off CUDA needs TRITON_INTERPRET=1.
+
+    ``dtype``: the one the model will train in (the self-check compiles Triton's kernels for it).
     """
     if requested not in KERNEL_BACKENDS:
         raise FusetuneError(f"kernels: unknown backend '{requested}'; choose one of {', '.join(KERNEL_BACKENDS)}")
@@ -75,7 +77,7 @@ def choose_backend(requested: str, config, on_cuda: bool | None = None) -> str:
     if backend == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise FusetuneError("kernels=triton needs a CUDA GPU, or TRITON_INTERPRET=1 to run the kernels on the CPU")
     try:
-        accepted, rejected = check_family(config, backend, torch.device("cuda" if on_cuda else "cpu"))
+        accepted, rejected = check_family(config, backend, torch.device("cuda" if on_cuda else "cpu"), dtype)
     except NotPatchable as why:
         return _unpatchable(requested, config.model_type, str(why))
     if not accepted:
@@ -147,11 +149,11 @@ def shared_rows() -> list[tuple]:
     return rows
 
 
-def check_family(config, backend: str, device) -> tuple[set[str], dict[str, str]]:
+def check_family(config, backend: str, device, dtype=torch.float32) -> tuple[set[str], dict[str, str]]:
     """(the family ops that pass their self-check, {op: why not} for the rest). NotPatchable if no row."""
     family = families.derive(config)
     rows = [(op, owner, name, make, ledger.original(owner, name)) for op, owner, name, make in family_rows(family)]
-    found = self_check.verdicts(config, backend, forwards.OPS[backend], rows, device) if rows else {}
+    found = self_check.verdicts(config, backend, forwards.OPS[backend], rows, device, dtype) if rows else {}
     rejected = {op: why for op, why in found.items() if why is not None}
     rejected.update({op: why for op, why in family.missing})
     for op, why in sorted(rejected.items()):
@@ -166,11 +168,11 @@ def check_seconds() -> float:
     return self_check.check_seconds()
 
 
-def patch_family(config, backend: str, ops: frozenset = frozenset(OPS), device=None) -> frozenset:
+def patch_family(config, backend: str, ops: frozenset = frozenset(OPS), device=None, dtype=torch.float32) -> frozenset:
     """Replace the family's forwards and functions with ``backend``'s ops: those in ``ops`` that pass their
-    self-check on ``device`` (the rest restored). Returns the ops patched."""
+    self-check on ``device`` in ``dtype`` (the rest restored). Returns the ops patched."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    accepted, _ = check_family(config, backend, device)
+    accepted, _ = check_family(config, backend, device, dtype)
     patched = frozenset(op for op in ops if op in accepted or op not in FAMILY_OPS)
     if _active.get(config.model_type) == (backend, patched):
         return patched
@@ -203,7 +205,8 @@ def apply_kernels(
     ``on_cuda``: where ``auto`` should assume the model trains (default: where CUDA is available).
     """
     base = base_model(model)
-    backend = backend if backend == "none" else choose_backend(backend, base.config, on_cuda)
+    dtype = base.get_input_embeddings().weight.dtype  # 4-bit models keep their embeddings in the compute dtype
+    backend = backend if backend == "none" else choose_backend(backend, base.config, on_cuda, dtype)
     state_of(base).backend = backend  # the trainer leaves a model with this set as it is
     if backend == "none":
         return backend
@@ -211,7 +214,7 @@ def apply_kernels(
     ops = frozenset(op for op, on in switches.items() if on)
     device = base.get_input_embeddings().weight.device
     device = device if device.type != "meta" else ("cuda" if on_cuda else "cpu")
-    patched = patch_family(base.config, backend, ops, device)
+    patched = patch_family(base.config, backend, ops, device, dtype)
     log.info(
         "kernels=%s patched the %s family (%s)", backend, base.config.model_type, ", ".join(sorted(patched)) or "no ops"
     )
