@@ -36,6 +36,7 @@ from ..data.rules import (
     has_eval_data,
     is_mixture,
     record_formatters,
+    record_kind,
 )
 from ..errors import FusetuneError
 from ..fast_model import CHECKPOINTING, OFFLOADED, check_memory_budget
@@ -617,8 +618,10 @@ def trainer_data_problems(cfg) -> list[str]:
     """trainer=dpo, orpo and simpo train on chosen/rejected pairs, trainer=kto on labelled answers, and the SFT
     trainers on neither."""
     name, wants = cfg.trainer.name, TRAINER_DATA.get(cfg.trainer.name)
-    # a mixture's sources, the first that does not suit the trainer (data_problems refuses sources of mixed kinds)
-    for data, formatter in record_formatters(cfg.data):
+    given = record_formatters(cfg.data)  # each source of a mixture
+    if len({record_kind(formatter) for _, formatter in given}) > 1:
+        return []  # data_problems names the source of another kind
+    for data, formatter in given:
         gives = next((kind for kind in (PAIRS, LABELLED) if formatter in kind[1]), None)
         if formatter is None or formatter == "mixture":  # no sources yet, or no formatter: data_problems says so
             continue
