@@ -37,7 +37,8 @@ from trl.trainer.utils import use_adapter
 
 from fusetune_kernels.preference import fused_linear_preference_loss, fused_linear_preference_loss_reference
 
-from .compat.trl import add_trained_tokens, metric_lists, tensor_parallel_size, trained_tokens
+from .compat.trl import PreparePairsHook, add_trained_tokens, metric_lists, tensor_parallel_size, trained_tokens
+from .data.cache import PairsCacheHook
 from .errors import FusetuneError
 from .forwards import IGNORE_INDEX, head_dtype, logit_scale
 from .patching import apply_kernels, is_applied
@@ -108,8 +109,9 @@ def shifted_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> to
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
 
 
-class FastDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer with fusetune's kernels and the fused preference loss (see the module docstring)."""
+class FastDPOTrainer(PairsCacheHook, PreparePairsHook, DPOTrainer):
+    """TRL's DPOTrainer with fusetune's kernels and the fused preference loss (see the module docstring);
+    ``dataset_cache=`` (``Splits.cache``) takes its tokenized pairs from fusetune's cache (``data.cache``)."""
 
     def __init__(self, model, ref_model=None, args=None, *pos, **kwargs):
         args = as_fast_config(args, FastDPOConfig)

@@ -11,7 +11,9 @@ fusetune's fused preference loss (no ``[tokens, vocab]`` logits) covers DPO (``F
 - SimPO: TRL's CPO with ``loss_type="simpo"`` and ``cpo_alpha=0`` (length-normalised rewards, a margin
   ``simpo_gamma``, no reference model; ``trl.experimental.cpo``). ``FastCPOConfig`` keeps CPO's other losses.
 - KTO: unpaired completions labelled desirable or not (``prompt``/``completion``/``label``), against a
-  reference: the model with its LoRA adapters disabled, or a frozen ``ref_model``.
+  reference: the model with its LoRA adapters disabled, or a frozen ``ref_model``. Its tokenized answers can come
+  from fusetune's tokenized cache (``dataset_cache=``, as FastDPOTrainer's); ORPO's and CPO's cannot (they
+  tokenize inside TRL's constructors: ``fusetune.data.cache``).
 
 ORPO and CPO live in TRL's experimental module, which warns on import; fusetune imports them knowingly.
 """
@@ -22,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 from trl import KTOConfig, KTOTrainer
 
+from .compat.trl import PreparePairsHook
+from .data.cache import PairsCacheHook
 from .patching import apply_kernels, is_applied
 from .preference_trainer import field_like
 from .trainer import FastSFTConfig, SettledPrecision, as_fast_config
@@ -94,8 +98,9 @@ class FastSimPOTrainer(FastCPOTrainer):
     default_config = FastSimPOConfig
 
 
-class FastKTOTrainer(KTOTrainer):
-    """TRL's KTOTrainer on fusetune's kernels."""
+class FastKTOTrainer(PairsCacheHook, PreparePairsHook, KTOTrainer):
+    """TRL's KTOTrainer on fusetune's kernels; ``dataset_cache=`` (``Splits.cache``) takes its tokenized answers
+    from fusetune's cache (``data.cache``)."""
 
     def __init__(self, model, ref_model=None, args=None, *rest, **kwargs):
         args = as_fast_config(args, FastKTOConfig)

@@ -202,6 +202,9 @@ def test_orpo_and_simpo_runs_record_reward_metrics(variant, options, compose_cfg
     assert summary["preference"]["rewards/accuracies"] == train[-1]["rewards/accuracies"]
     # TRL's ORPO and CPO trainers count no tokens: the summary says so rather than 0 tok/s
     assert summary["train_tokens"] is None and summary["train_tokens_per_second"] is None
+    # they tokenize inside TRL's constructors: the tokenized cache is skipped, saying why
+    assert summary["data_cache"]["skipped"].startswith(f"trainer={variant} tokenizes its pairs inside TRL's")
+    assert summary["data_cache"]["entries"] == []
 
 
 def test_kto_run_on_labelled_answers_and_its_data_mistakes(compose_cfg, tmp_path, capsys):

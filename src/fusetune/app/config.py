@@ -29,7 +29,15 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from .. import limits
 from ..compat.renames import CONFIG_RENAMES
-from ..data.rules import KTO_FORMATTERS, PREFERENCE_FORMATTERS, data_problems, has_eval_data, is_mixture
+from ..data.rules import (
+    KTO_FORMATTERS,
+    PREFERENCE_FORMATTERS,
+    data_problems,
+    has_eval_data,
+    is_mixture,
+    record_formatters,
+    record_kind,
+)
 from ..errors import FusetuneError
 from ..fast_model import CHECKPOINTING, OFFLOADED, check_memory_budget
 from ..modules import PROJECTIONS
@@ -142,7 +150,7 @@ class SourceConfig:
     subset: str | None = None
     split: str = "train"
     revision: str | None = None  # hub branch, tag or commit
-    formatter: Formatter | None = None  # chat, sharegpt, alpaca, text or completion
+    formatter: Formatter | None = None  # chat, sharegpt, alpaca, text, completion; preference or kto (one kind)
     field: str | None = None  # the column for text/chat/sharegpt; the formatter's default when null
     weight: float = 1.0  # relative: divided by the sum of the weights; 0 leaves the source out of training
     eval_path: str | None = None  # held-out records of this source (else data.eval_fraction of it)
@@ -609,18 +617,23 @@ def fp8_problems(cfg) -> list[str]:
 def trainer_data_problems(cfg) -> list[str]:
     """trainer=dpo, orpo and simpo train on chosen/rejected pairs, trainer=kto on labelled answers, and the SFT
     trainers on neither."""
-    formatter, name = cfg.data.formatter.value, cfg.trainer.name
-    gives = next((kind for kind in (PAIRS, LABELLED) if formatter in kind[1]), None)
-    wants = TRAINER_DATA.get(name)
-    if wants is not None and gives is not wants:
-        what = gives[0] if gives else "single answers"
-        return [
-            f"trainer={name} trains on {wants[0]}, but data={formatter} gives {what}: use {wants[2]} or "
-            f"data={wants[1][1]} (the embedded set)"
-        ]
-    if gives is not None and wants is None:
-        trainers = " or ".join(n for n, kind in TRAINER_DATA.items() if kind is gives)
-        return [f"data={formatter} gives {gives[0]}, which trainer={name} does not train on: use trainer={trainers}"]
+    name, wants = cfg.trainer.name, TRAINER_DATA.get(cfg.trainer.name)
+    given = record_formatters(cfg.data)  # each source of a mixture
+    if len({record_kind(formatter) for _, formatter in given}) > 1:
+        return []  # data_problems names the source of another kind
+    for data, formatter in given:
+        gives = next((kind for kind in (PAIRS, LABELLED) if formatter in kind[1]), None)
+        if formatter is None or formatter == "mixture":  # no sources yet, or no formatter: data_problems says so
+            continue
+        if wants is not None and gives is not wants:
+            what = gives[0] if gives else "single answers"
+            return [
+                f"trainer={name} trains on {wants[0]}, but {data} gives {what}: use {wants[2]} or "
+                f"data={wants[1][1]} (the embedded set)"
+            ]
+        if gives is not None and wants is None:
+            trainers = " or ".join(n for n, kind in TRAINER_DATA.items() if kind is gives)
+            return [f"{data} gives {gives[0]}, which trainer={name} does not train on: use trainer={trainers}"]
     return []
 
 

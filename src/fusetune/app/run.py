@@ -251,13 +251,19 @@ def _build_trainer(cfg, out, loaded: Loaded, splits, report_to, checkpoint, stop
     recorder = record.MetricsRecorder(out / METRICS, resume_step, write=distributed.is_rank_zero())
     stop.enter("data preparation")  # the trainer tokenizes the splits
     trainer_type = TRAINERS.get(type(args), FastSFTTrainer)  # by config.trainer_class
-    # the tokenized cache is FastSFTTrainer's (the preference trainers tokenize their pairs; ORPO and SimPO need no
-    # reference model)
-    extra = {"dataset_cache": splits.cache} if trainer_type is FastSFTTrainer else {}
-    if trainer_type in (FastDPOTrainer, FastKTOTrainer):
+    # the tokenized cache serves the SFT, DPO and KTO trainers; TRL's ORPO and CPO (SimPO) trainers tokenize inside
+    # their constructors (fusetune.data.cache), and need no reference model
+    extra = {"dataset_cache": splits.cache}
+    if trainer_type in (FastORPOTrainer, FastSimPOTrainer):
+        extra = {}
+        if splits.cache is not None:
+            splits.cache.skip(
+                f"trainer={cfg.trainer.name} tokenizes its pairs inside TRL's constructor, truncating them"
+            )
+    if trainer_type in (FastDPOTrainer, FastKTOTrainer) and loaded.full_finetune:
         # LoRA: the reference is the policy with its adapters disabled; full fine-tuning: a frozen copy of the
         # weights as loaded (TRL would load one from model.name_or_path, which a random_init model does not have)
-        extra = {"ref_model": copy.deepcopy(loaded.model).eval().requires_grad_(False)} if loaded.full_finetune else {}
+        extra["ref_model"] = copy.deepcopy(loaded.model).eval().requires_grad_(False)
     trainer = trainer_type(
         model=loaded.model,
         args=args,

@@ -8,6 +8,9 @@
   count of trained tokens, and the tensor-parallel size TRL divides that count by.
 - ``PrepareDatasetHook``: a mixin that routes TRL's private ``_prepare_dataset`` to a public-named
   ``prepare_dataset``, which a subclass overrides.
+- ``PreparePairsHook``: the same for TRL's DPO and KTO trainers, whose ``_prepare_dataset`` takes no packing or
+  formatting function; ``tokenize_pairs_as_trl`` and ``finish_pairs_as_trl`` split their preparation in two (the
+  per-record tokenizing that the tokenized cache keeps, and what depends on the split's rows and max length).
 - ``ResumeTokenCount``: TRL starts its count of trained tokens at 0 on a resumed run; this callback
   continues it from the checkpoint's last logged ``num_tokens``.
 - ``head_adapter_allowed(lift)``: TRL's SFTTrainer refuses a PEFT adapter on lm_head (its own fused head
@@ -16,6 +19,7 @@
 
 import contextlib
 import importlib
+import logging
 
 from transformers import TrainerCallback
 
@@ -31,6 +35,7 @@ TRL_CLASSES = [
     ("trl.trainer.sft_config", "SFTConfig"),
 ]
 TRL = "trl"  # the ledger's tag for these
+log = logging.getLogger(__name__)
 
 
 def point_trl_at(trainer_cls: type, config_cls: type) -> None:
@@ -85,6 +90,101 @@ class PrepareDatasetHook:
 
     def prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+
+
+class PreparePairsHook:
+    """Put first among a TRL DPOTrainer or KTOTrainer subclass's bases: TRL's ``_prepare_dataset`` (extracting the
+    prompt, adding EOS, tokenizing, dropping the rows whose prompt fills max_length, KTO's mismatched KL pairs) calls
+    ``prepare_pairs``, whose default is TRL's own."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return self.prepare_pairs(dataset, processing_class, args, dataset_name)
+
+    def prepare_pairs(self, dataset, processing_class, args, dataset_name):
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+
+def _pairs_trainer_class(trainer) -> type:
+    """The TRL trainer whose preparation ``trainer`` runs: DPOTrainer or KTOTrainer."""
+    from trl import DPOTrainer, KTOTrainer
+
+    for trl_class in (KTOTrainer, DPOTrainer):
+        if isinstance(trainer, trl_class):
+            return trl_class
+    raise TypeError(f"{type(trainer).__name__} is neither a DPOTrainer nor a KTOTrainer")
+
+
+def pairs_preparation(trainer) -> str:
+    """The name of the TRL preparation ``trainer`` runs (a part of the tokenized cache's key)."""
+    return _pairs_trainer_class(trainer).__name__
+
+
+def tokenize_pairs_as_trl(trainer, dataset, processing_class, args, dataset_name):
+    """TRL's own DPO or KTO preparation of ``dataset``, one row per record: the prompt extracted, EOS added and
+    every record tokenized (``prompt_ids`` and ``chosen_ids``/``rejected_ids``, or ``completion_ids``), none dropped
+    for its length and no KL pairs yet (``finish_pairs_as_trl`` does those on the split's rows)."""
+    trl_class = _pairs_trainer_class(trainer)
+    kept = args.max_length, getattr(trainer, "calculate_KL", None)
+    args.max_length = None
+    if kept[1] is not None:
+        trainer.calculate_KL = False
+    try:  # not named "train": KTO's check of the split's desirable/undesirable balance waits for the split
+        return trl_class._prepare_dataset(trainer, dataset, processing_class, args, f"{dataset_name} records")
+    finally:
+        args.max_length = kept[0]
+        if kept[1] is not None:
+            trainer.calculate_KL = kept[1]
+
+
+def finish_pairs_as_trl(trainer, tokenized, args, dataset_name):
+    """What TRL's DPO or KTO preparation does after tokenizing, on a split's tokenized rows: the rows whose prompt
+    alone fills max_length are dropped (DPO: with truncation_mode=keep_start; KTO: always), and KTO's KL term gets
+    its mismatched pairs (``KL_completion_ids``: within each run of per_device_train_batch_size rows, each prompt
+    with the completion of the row before it, the first with the last's). tests/data/test_preference_cache.py
+    holds the result equal to TRL's own preparation of the formatted split."""
+    is_kto = pairs_preparation(trainer) == "KTOTrainer"
+    if args.max_length is not None and (is_kto or args.truncation_mode == "keep_start"):
+        limit = args.max_length
+        tokenized = tokenized.filter(
+            lambda prompt: len(prompt) < limit, input_columns="prompt_ids", num_proc=args.dataset_num_proc
+        )
+    if is_kto and trainer.calculate_KL:
+
+        def rotated(completions):
+            return {"KL_completion_ids": completions[-1:] + completions[:-1]}
+
+        tokenized = tokenized.map(
+            rotated,
+            input_columns="completion_ids",
+            batched=True,
+            batch_size=args.per_device_train_batch_size,
+            num_proc=args.dataset_num_proc,
+        )
+    if is_kto and dataset_name == "train":
+        _check_kto_balance(trainer, tokenized["label"])
+    return tokenized
+
+
+def _check_kto_balance(trainer, labels: list[bool]) -> None:
+    """The KTO paper (Ethayarajh et al. 2024, eq. 8) advises weights with desirable_weight x desirable answers
+    between 1 and 4/3 times undesirable_weight x undesirable ones; one warning where the split's are not."""
+    desirable = sum(labels)
+    undesirable = len(labels) - desirable
+    if not desirable or not undesirable or desirable == undesirable:
+        return
+    good, bad = trainer.desirable_weight, trainer.undesirable_weight
+    ratio = good * desirable / (bad * undesirable)
+    if not 1 <= ratio <= 4 / 3:
+        fits = bad * undesirable / desirable
+        log.warning(
+            "KTO: %d desirable and %d undesirable answers weigh %.2f : 1; the KTO paper advises 1 to 4/3: set "
+            "desirable_weight in [%.2f, %.2f] (or undesirable_weight to match)",
+            desirable,
+            undesirable,
+            ratio,
+            fits,
+            fits * 4 / 3,
+        )
 
 
 class ResumeTokenCount(TrainerCallback):

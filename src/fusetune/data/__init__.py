@@ -7,7 +7,7 @@ Where things live: ``pipeline.py`` (build_splits, Splits: the steps from config 
 ``lengths.py`` (records longer than the max length), ``files.py`` (local files), ``rules.py`` (the config's rules).
 """
 
-from .cache import DatasetCache, DatasetCacheHook
+from .cache import DatasetCache, DatasetCacheHook, PairsCacheHook
 from .files import LOCAL_BUILDERS, load_local
 from .pipeline import Splits, build_splits, generation_pair
 
@@ -15,6 +15,7 @@ __all__ = [
     "LOCAL_BUILDERS",
     "DatasetCache",
     "DatasetCacheHook",
+    "PairsCacheHook",
     "Splits",
     "build_splits",
     "generation_pair",

@@ -27,8 +27,20 @@ The key of a record set (a SHA-256 of the JSON below, which is saved next to the
 A record set is written into a temporary folder and renamed into place, so readers never see a partial one; a
 folder that cannot be read back is tokenized again. Nothing is ever evicted: delete the folder to reclaim it.
 
+Preference data (trainer=dpo on prompt/chosen/rejected pairs, trainer=kto on prompt/completion/label answers) is
+cached the same way, record set by record set: TRL's DPO and KTO trainers tokenize each record on its own (the
+prompt extracted, EOS added to answers given as strings, ``prompt_ids`` and the answers' ids), which is what is
+kept; what reads max_length or the split's other rows (the rows whose prompt alone fills max_length dropped, KTO's
+mismatched KL pairs, its desirable/undesirable balance) runs on the split's rows each time, and TRL truncates each
+pair in its collator. Their key holds the tokenizer, which of TRL's preparations ran (DPO's or KTO's) and the
+versions in place of the SFT label options. trainer=orpo and trainer=simpo (TRL's experimental ORPO and CPO
+trainers) tokenize inside their constructors, truncating to max_length (and max_completion_length) as they go, with no
+method to route through: their runs skip the cache, with one log line, and summary.json's ``data_cache.skipped``
+says why.
+
 ``DatasetCacheHook`` is the trainer side: a mixin for a TRL SFTTrainer subclass that takes ``dataset_cache=``
-(``Splits.cache``) and routes TRL's dataset preparation through ``DatasetCache.prepare``.
+(``Splits.cache``) and routes TRL's dataset preparation through ``DatasetCache.prepare``; ``PairsCacheHook`` is
+the same for TRL's DPO and KTO trainers (``DatasetCache.prepare_pairs``).
 """
 
 import hashlib
@@ -45,7 +57,13 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, concatenate_datasets, load_from_disk
 
-from ..compat.trl import label_options, prepare_as_trl
+from ..compat.trl import (
+    finish_pairs_as_trl,
+    label_options,
+    pairs_preparation,
+    prepare_as_trl,
+    tokenize_pairs_as_trl,
+)
 from ..errors import FusetuneError
 from ..versions import DATA_CACHE_KEY, installed
 from .checks import DatasetOrigin
@@ -154,6 +172,16 @@ def trainer_identity(trainer, processing_class, args) -> dict:
     }
 
 
+def pairs_identity(trainer, processing_class) -> dict:
+    """What, besides the records, decides TRL's DPO or KTO tokens: the tokenizer (its EOS ends each answer given as
+    a string, its template renders conversations), which of TRL's preparations runs, and the versions."""
+    return {
+        "tokenizer": tokenizer_identity(processing_class),
+        "preparation": pairs_preparation(trainer),
+        "versions": installed(DATA_CACHE_KEY),
+    }
+
+
 def tokenize_with_trl(trainer, record_set: RecordSet, processing_class, args, dataset_name: str) -> Dataset:
     """TRL's own preparation of ``record_set``'s records with the trainer's tokenizer, templates and loss options,
     stopped before truncation, packing and shuffling: its tokens and labels, one row per record. Each chat template
@@ -183,6 +211,7 @@ class DatasetCache:
         self._tokenized_here: dict[
             str, Dataset
         ] = {}  # a record set in both splits (an eval hold-out) is looked up once
+        self.skipped: str | None = None  # why this run's trainer did not use the cache (``skip``)
 
     def register(self, dataset: Dataset, layout: SplitLayout) -> None:
         self.layouts[dataset._fingerprint] = layout
@@ -201,6 +230,7 @@ class DatasetCache:
             "enabled": self.enabled,
             "dir": str(self.folder),
             "used": hits > 0,
+            "skipped": self.skipped,
             "hits": hits,
             "misses": len(entries) - hits,
             "entries": entries,
@@ -226,13 +256,11 @@ class DatasetCache:
         if layout is None or formatting_func is not None:
             return finish(dataset, processing_class, args, packing, formatting_func, dataset_name)
         key_parts = trainer_identity(trainer, processing_class, args)
-        sets = [
-            self._tokenized(each, trainer, processing_class, args, dataset_name, key_parts)
-            for each in layout.record_sets
-        ]
-        tokenized = sets[0] if len(sets) == 1 else concatenate_datasets(sets)
-        if layout.indices is not None:
-            tokenized = tokenized.select(layout.indices)
+
+        def tokenize(record_set: RecordSet) -> Dataset:
+            return tokenize_with_trl(trainer, record_set, processing_class, args, dataset_name)
+
+        tokenized = self._split_rows(layout, key_parts, tokenize)
         rule = LengthRule(
             self.too_long,
             args.max_length,
@@ -242,26 +270,54 @@ class DatasetCache:
         tokenized, self.lengths[dataset_name] = rule.apply(tokenized, dataset_name, layout.where, layout.sources())
         return finish(tokenized, processing_class, args, packing, None, dataset_name)
 
-    def _tokenized(
-        self, record_set: RecordSet, trainer, processing_class, args, dataset_name: str, key_parts: dict
-    ) -> Dataset:
+    def prepare_pairs(self, trainer, dataset, processing_class, args, dataset_name: str, finish: Callable):
+        """TRL's DPO or KTO preparation of ``dataset``, from cached record sets where the dataset is a split of this
+        build.
+
+        The cached rows are TRL's tokenizing of each record (``compat.trl.tokenize_pairs_as_trl``), which reads
+        nothing of max_length or the other rows; what does (the rows whose prompt fills max_length dropped, KTO's
+        KL pairs) runs on the split's rows (``finish_pairs_as_trl``). ``finish`` is the trainer's own preparation,
+        for datasets that are not a split of this build. data.too_long does not apply: TRL truncates each pair in
+        its collator."""
+        layout = self.layouts.get(getattr(dataset, "_fingerprint", None)) if isinstance(dataset, Dataset) else None
+        if layout is None:
+            return finish(dataset, processing_class, args, dataset_name)
+        key_parts = pairs_identity(trainer, processing_class)
+        templates = [getattr(processing_class, "chat_template", None)]
+
+        def tokenize(record_set: RecordSet) -> Dataset:
+            with bounded_renders(templates, f"a {dataset_name} record of {record_set.label}"):
+                return tokenize_pairs_as_trl(trainer, record_set.dataset, processing_class, args, dataset_name)
+
+        return finish_pairs_as_trl(trainer, self._split_rows(layout, key_parts, tokenize), args, dataset_name)
+
+    def skip(self, why: str) -> None:
+        """This run's trainer prepares its data in a way the cache cannot keep: said once, in the log and the
+        summary."""
+        self.skipped = why
+        if self.enabled:
+            log.info("data cache: not used: %s", why)
+
+    def _split_rows(self, layout: SplitLayout, key_parts: dict, tokenize: Callable[[RecordSet], Dataset]) -> Dataset:
+        """The split's rows, tokenized: each of its record sets read from the cache or tokenized, then selected."""
+        sets = [self._tokenized(record_set, key_parts, tokenize) for record_set in layout.record_sets]
+        tokenized = sets[0] if len(sets) == 1 else concatenate_datasets(sets)
+        return tokenized if layout.indices is None else tokenized.select(layout.indices)
+
+    def _tokenized(self, record_set: RecordSet, key_parts: dict, tokenize: Callable[[RecordSet], Dataset]) -> Dataset:
         key_json = {"format": CACHE_FORMAT, "records": record_set.identity, "trainer": key_parts}
         key = digest(key_json)[:32]
         if key in self._tokenized_here:
             return self._tokenized_here[key]
         if not self.enabled:
-            self._tokenized_here[key] = found = tokenize_with_trl(
-                trainer, record_set, processing_class, args, dataset_name
-            )
+            self._tokenized_here[key] = found = tokenize(record_set)
             return found
         folder = self.folder / key
         entry = self.entries[key] = {"source": record_set.label, "key": key, "path": str(folder), "hit": False}
-        self._tokenized_here[key] = found = self._read_or_tokenize(
-            record_set, folder, entry, key_json, trainer, processing_class, args, dataset_name
-        )
+        self._tokenized_here[key] = found = self._read_or_tokenize(record_set, folder, entry, key_json, tokenize)
         return found
 
-    def _read_or_tokenize(self, record_set, folder, entry, key_json, trainer, processing_class, args, dataset_name):
+    def _read_or_tokenize(self, record_set, folder, entry, key_json, tokenize: Callable[[RecordSet], Dataset]):
         if (folder / KEY_FILE).is_file():
             try:
                 found = load_from_disk(str(folder))
@@ -280,7 +336,7 @@ class DatasetCache:
                 )
             shutil.rmtree(folder, ignore_errors=True)
         started = time.perf_counter()
-        tokenized = tokenize_with_trl(trainer, record_set, processing_class, args, dataset_name)
+        tokenized = tokenize(record_set)
         if len(tokenized) != len(record_set.dataset):  # TRL drops nothing before truncation; never cache if it did
             log.warning(
                 "data cache: %s: TRL kept %d of %d rows; not cached",
@@ -318,6 +374,21 @@ class DatasetCache:
         finally:  # a write cut short, by an error or a signal, leaves nothing behind
             if temporary is not None and temporary.exists():
                 shutil.rmtree(temporary, ignore_errors=True)
+
+
+class PairsCacheHook:
+    """Trainer mixin for TRL's DPO and KTO trainers (before ``compat.trl.PreparePairsHook`` in the bases):
+    ``dataset_cache=`` takes a ``Splits.cache``; None prepares every dataset as TRL does."""
+
+    def __init__(self, *args, dataset_cache: DatasetCache | None = None, **kwargs):
+        self.dataset_cache = dataset_cache
+        super().__init__(*args, **kwargs)
+
+    def prepare_pairs(self, dataset, processing_class, args, dataset_name):
+        finish = super().prepare_pairs
+        if self.dataset_cache is None:
+            return finish(dataset, processing_class, args, dataset_name)
+        return self.dataset_cache.prepare_pairs(self, dataset, processing_class, args, dataset_name, finish)
 
 
 class DatasetCacheHook:

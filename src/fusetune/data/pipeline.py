@@ -40,7 +40,8 @@ class Splits:
     sources: list[dict] = field(default_factory=list)
     mixture: dict | None = None  # data=mixture: {"size", "seed"}
     chat_template: str | None = None  # data.chat_template's text, to set on the trained tokenizer; None: its own
-    cache: DatasetCache | None = None  # the tokenized cache: FastSFTTrainer(dataset_cache=splits.cache)
+    # the tokenized cache: FastSFTTrainer, FastDPOTrainer or FastKTOTrainer(dataset_cache=splits.cache)
+    cache: DatasetCache | None = None
 
 
 def _record_form(formatter: str, chat_template: bool) -> str:

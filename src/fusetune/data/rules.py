@@ -10,10 +10,12 @@ from ..errors import FusetuneError
 from .formatters import FORMATTERS
 from .templates import check_template, find_chat_template
 
-SOURCE_FORMATTERS = ("chat", "sharegpt", "alpaca", "text", "completion")
+SOURCE_FORMATTERS = ("chat", "sharegpt", "alpaca", "text", "completion", "preference", "kto")
 SYNTHETIC = ("synthetic", "synthetic_preference", "synthetic_kto")  # the embedded set: num_train, num_eval, no path
 PREFERENCE_FORMATTERS = ("preference", "synthetic_preference")  # chosen/rejected pairs, for trainer=dpo, orpo, simpo
 KTO_FORMATTERS = ("kto", "synthetic_kto")  # single answers labelled desirable or not, for trainer=kto
+# What a formatter's records train: the preference trainers take only their own kind, the SFT trainers the rest.
+PAIRS, LABELLED, SINGLE = "chosen/rejected pairs", "labelled answers", "single answers"
 # Top-level keys that name one dataset; a mixture reads each source's own instead.
 ONE_DATASET_KEYS = ("path", "name", "subset", "revision", "eval_path", "eval_split", "field")
 EXAMPLE = (
@@ -28,6 +30,21 @@ def value(x):
 
 def is_mixture(cfg) -> bool:
     return value(cfg.formatter) == "mixture"
+
+
+def record_kind(formatter: str | None) -> str:
+    """What a formatter's records are: chosen/rejected pairs, labelled answers (KTO), or single answers (SFT)."""
+    if formatter in PREFERENCE_FORMATTERS:
+        return PAIRS
+    return LABELLED if formatter in KTO_FORMATTERS else SINGLE
+
+
+def record_formatters(cfg) -> list[tuple[str, str | None]]:
+    """(how messages name it, formatter) of each dataset of the data config: "data=chat", or each source of a
+    mixture ("data.sources.1 (preference)")."""
+    if is_mixture(cfg):
+        return [(f"data.sources.{n} ({value(s.formatter)})", value(s.formatter)) for n, s in enumerate(cfg.sources)]
+    return [(f"data={value(cfg.formatter)}", value(cfg.formatter))]
 
 
 def has_eval_data(cfg) -> bool:
@@ -93,6 +110,13 @@ def _mixture_problems(cfg) -> list[str]:
         return problems
     for n, source in enumerate(cfg.sources):
         problems += _source_problems(f"data.sources.{n}", source)
+    kinds = [(label, record_kind(f)) for label, f in record_formatters(cfg) if f in SOURCE_FORMATTERS]
+    odd = next(((label, kind) for label, kind in kinds if kind != kinds[0][1]), None)
+    if odd is not None:  # pairs, labelled answers and SFT records train different trainers: never one mixture
+        problems.append(
+            f"{odd[0]} gives {odd[1]}, but {kinds[0][0]} gives {kinds[0][1]}: a mixture's sources must all give "
+            "one kind (chosen/rejected pairs: preference; labelled answers: kto; single answers: the SFT formatters)"
+        )
     weights = [s.weight for s in cfg.sources]
     if all(isinstance(w, int | float) and w == 0 for w in weights):
         problems.append("data.sources: every weight is 0, so there is nothing to train on")
