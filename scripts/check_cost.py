@@ -24,22 +24,28 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ROOT / "src" / "fusetune" / "assets" / "archs"
 
 
-def measure(arch: str, backend: str, dtype_name: str) -> dict:
+def measure(arch: str, backend: str, dtype_name: str, check_dtype_name: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from fusetune import patching
 
     config = AutoConfig.from_pretrained(ARCHS / arch)
-    dtype = getattr(torch, dtype_name)
+    dtype, check_dtype = getattr(torch, dtype_name), getattr(torch, check_dtype_name)
     cuda = torch.cuda.is_available()
     if cuda:  # CUDA's start-up is paid by loading the model anyway, not by the check
         torch.zeros(1, device="cuda").add_(1).item()
     started = time.perf_counter()
-    chosen = patching.choose_backend(backend, config, on_cuda=cuda, dtype=dtype)
-    accepted, rejected = patching.check_family(config, chosen, "cuda" if cuda else "cpu", dtype)
+    chosen = patching.choose_backend(backend, config, on_cuda=cuda, dtype=check_dtype)
+    accepted, rejected = patching.check_family(config, chosen, "cuda" if cuda else "cpu", check_dtype)
     check = time.perf_counter() - started
-    row = {"arch": arch, "model_type": config.model_type, "backend": chosen, "dtype": dtype_name}
+    row = {
+        "arch": arch,
+        "model_type": config.model_type,
+        "backend": chosen,
+        "dtype": dtype_name,
+        "check_dtype": check_dtype_name,
+    }
     row["check_s"] = round(check, 3)
     row |= {"patched": sorted(accepted), "unpatched": rejected}
     if os.environ.get("CHECK_COST_LOAD") == "1":
@@ -49,7 +55,7 @@ def measure(arch: str, backend: str, dtype_name: str) -> dict:
         if cuda:
             torch.cuda.synchronize()
         row["build_model_s"] = round(time.perf_counter() - started, 3)
-        patching.apply_kernels(model, chosen, on_cuda=cuda)
+        patching.patch_family(config, chosen, device=model.device, dtype=check_dtype)
         ids = torch.randint(0, config.vocab_size, (1, 512), device=model.device)
         started = time.perf_counter()
         model.train()(input_ids=ids, labels=ids, use_cache=False).loss.backward()
@@ -64,10 +70,12 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["llama3_1b"], help="folders of src/fusetune/assets/archs")
     parser.add_argument("--backend", default="triton", help="triton (default) or reference")
     parser.add_argument("--dtype", default="bfloat16", help="the dtype the model trains in (default bfloat16)")
+    parser.add_argument("--check-dtype", help="check in this dtype instead (float32: as before the half check)")
     parser.add_argument("--inner", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    inner_args = ["--backend", args.backend, "--dtype", args.dtype, "--check-dtype", args.check_dtype or args.dtype]
     if args.inner:
-        print(json.dumps(measure(args.inner, args.backend, args.dtype)), flush=True)
+        print(json.dumps(measure(args.inner, args.backend, args.dtype, args.check_dtype or args.dtype)), flush=True)
         return
     for arch in args.archs:
         triton_cache, verdicts = tempfile.mkdtemp(), tempfile.mkdtemp()
@@ -82,13 +90,13 @@ def main() -> None:
             env["CHECK_COST_LOAD"] = "1" if load else "0"
             if case == "warm_triton":  # fill the Triton cache this case reuses
                 subprocess.run(
-                    [sys.executable, __file__, "--inner", arch, "--backend", args.backend, "--dtype", args.dtype],
+                    [sys.executable, __file__, "--inner", arch, *inner_args],
                     env=dict(env, FUSETUNE_CACHE_DIR=verdicts),
                     capture_output=True,
                     check=False,
                 )
             out = subprocess.run(
-                [sys.executable, __file__, "--inner", arch, "--backend", args.backend, "--dtype", args.dtype],
+                [sys.executable, __file__, "--inner", arch, *inner_args],
                 env=env,
                 capture_output=True,
                 text=True,

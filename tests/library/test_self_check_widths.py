@@ -99,3 +99,15 @@ def test_verdicts_in_a_half_dtype_are_cached_apart_from_fp32(fresh_verdicts, mon
     for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):
         patching.check_family(config, "reference", "cpu", dtype)
     assert calls == [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the half-dtype check runs only on a CUDA GPU")
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen3_5_text", "phi3", "granite", "olmo2", "qwen3_moe"])
+def test_on_a_gpu_the_families_keep_their_ops_in_bf16(fresh_verdicts, model_type):
+    """At each type's default widths in bf16, triton keeps every op the fp32 reference check keeps."""
+    from .test_coverage import NAMED
+
+    config = AutoConfig.for_model(model_type)
+    accepted, rejected = patching.check_family(config, "triton", "cuda", torch.bfloat16)
+    lost = set(NAMED[model_type].split()) - accepted
+    assert not lost, f"{model_type}: {sorted(lost)} rejected in bf16: {rejected}"
