@@ -9,6 +9,9 @@ document need nothing special here. The backward is the transposed rotation
 
 Layout: q/k are read through their strides (no copies; HF hands over transposed views), and each
 output takes its input's memory layout, as torch's elementwise ops do. Math is fp32 in registers.
+Each output keeps its input's dtype: wider tables (OLMo 2 keeps cos/sin in fp32 beside bf16 heads)
+are applied and the result cast back, as the models that hand them over do (a wider q would not meet
+v in attention).
 Saved for backward: cos and sin only (the model holds them anyway). Memory traffic: Q and K are
 read once and written once; each program reads one token's cos/sin row for all of its heads.
 """
@@ -195,9 +198,7 @@ class _RopeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, cos, sin, unsqueeze_dim):
         cos, sin = cos.contiguous(), sin.contiguous()
-        table_dtype = torch.promote_types(cos.dtype, sin.dtype)
-        q_out = _empty_with_layout(q, torch.promote_types(q.dtype, table_dtype))
-        k_out = _empty_with_layout(k, torch.promote_types(k.dtype, table_dtype))
+        q_out, k_out = _empty_with_layout(q, q.dtype), _empty_with_layout(k, k.dtype)
         q_view, k_view, q_out_view, k_out_view = _heads_first(unsqueeze_dim, q, k, q_out, k_out)
         _launch(q_view, k_view, cos, sin, q_out_view, k_out_view, backward=False)
         ctx.save_for_backward(cos, sin)
@@ -263,8 +264,8 @@ def _rotate_half(x):
 
 
 def rope_reference(q, k, cos, sin, unsqueeze_dim: int = 1):
-    """Plain PyTorch twin of ``rope``: transformers' ``apply_rotary_pos_emb``."""
+    """Plain PyTorch twin of ``rope``: transformers' ``apply_rotary_pos_emb``, each output in its input's dtype."""
     _check(q, k, cos, sin, unsqueeze_dim)
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    return (q * cos + _rotate_half(q) * sin).to(q.dtype), (k * cos + _rotate_half(k) * sin).to(k.dtype)

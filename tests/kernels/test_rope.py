@@ -98,6 +98,20 @@ def test_shared_tables_and_contiguous_inputs(dtype):
     check_parity(q, k, cos, sin)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp32_tables_beside_half_heads_give_half_outputs(dtype):
+    """OLMo 2's rotary module keeps cos/sin in fp32 beside bf16 heads and casts the rotation back: the
+    kernel computes with the fp32 tables and writes q's and k's own dtype."""
+    needs_triton_backend()
+    position_ids = packed_position_ids(2, 12)
+    cos, sin = rotary_tables(64, position_ids, torch.float32, LLAMA3_SCALING)
+    q = hf_layout(2, 12, 4, 64, dtype)
+    k = hf_layout(2, 12, 2, 64, dtype)
+    check_parity(q, k, cos, sin)
+    q_ref, k_ref = rope_reference(q, k, cos, sin)
+    assert q_ref.dtype == k_ref.dtype == dtype
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_unsqueeze_dim_2(dtype):
     # [batch, seq, heads, head_dim] layout.
