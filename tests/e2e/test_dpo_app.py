@@ -92,7 +92,7 @@ def test_the_dpo_keys_reach_fastdpoconfig(compose_cfg, tmp_path):
     args = sft_config(cfg, tmp_path, __import__("torch").float32, [], "reference")
     assert type(args) is FastDPOConfig
     assert args.beta == beta and args.loss_type == ["ipo", "sft"] and args.max_length == cfg.model.max_seq_length
-    assert args.learning_rate == cfg.model.learning_rate
+    assert args.learning_rate == cfg.trainer.learning_rate == 1e-2  # model=tiny_llama_lora's
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,6 @@ def sft_config(
     t = cfg.trainer
     checkpointing = checkpointing_mode(cfg.model.gradient_checkpointing)
     values = OmegaConf.to_container(t)
-    values["learning_rate"] = t.learning_rate if t.learning_rate is not None else cfg.model.learning_rate
     if t.per_device_train_batch_size is None:
         values["per_device_train_batch_size"] = cfg.model.batch_size
     if t.logging_steps is None:
