@@ -103,7 +103,9 @@ def test_generated_keys_are_typed_at_composition(compose_cfg):
 def args_for(compose_cfg, overrides, tmp_path) -> FastSFTConfig:
     cfg = compose_cfg(overrides, output_dir=tmp_path)
     validate(cfg)
-    return sft_config(cfg, tmp_path, torch.float32, [], "reference")
+    return sft_config(
+        cfg, tmp_path, torch.float32, [], "reference", cfg.model.max_seq_length
+    )  # as _load_model hands it
 
 
 def test_sft_config_takes_the_apps_defaults_and_the_models_recommendations(compose_cfg, tmp_path):
