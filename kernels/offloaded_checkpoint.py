@@ -20,23 +20,14 @@ from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
+# CPU tensors take the offload path, "offloaded" to a separate CPU copy synchronously (tests switch it with
+# fusetune.testing.set_cpu_simulation).
 _simulate_on_cpu = False
 _streams: dict[torch.device, "torch.cuda.Stream"] = {}
 _chain = threading.local()  # .last: weakref to the entry packed most recently in this thread
 _recompute = threading.local()  # .layer: the layer whose forward is being re-run for backward
 # Counts of offloads (D2H), fetches (unpacks) and prefetches issued, for tests and benchmarks.
 stats = {"offloaded": 0, "fetched": 0, "prefetched": 0}
-
-
-def set_cpu_simulation(enabled: bool) -> None:
-    """Test switch: CPU tensors take the offload path, "offloaded" to a separate CPU copy synchronously."""
-    global _simulate_on_cpu
-    _simulate_on_cpu = enabled
-
-
-def reset_stats() -> None:
-    for key in stats:
-        stats[key] = 0
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":

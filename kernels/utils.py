@@ -6,13 +6,9 @@ import torch
 import triton
 
 # When set, every output buffer a kernel allocates starts as NaN (floats) or -1
-# (integers), so a test can prove that the kernel wrote every element.
+# (integers), so a test can prove that the kernel wrote every element (tests switch it
+# with fusetune.testing.set_poison).
 _poison = os.environ.get("FUSETUNE_POISON", "0") == "1"
-
-
-def set_poison(enabled: bool) -> None:
-    global _poison
-    _poison = enabled
 
 
 def new_empty(shape, *, dtype: torch.dtype, device) -> torch.Tensor:

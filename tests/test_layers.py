@@ -125,6 +125,14 @@ def test_kernels_import_nothing_from_fusetune():
     assert {name: bad for name, bad in offenders.items() if bad} == {}
 
 
+def test_nothing_imports_the_test_seams():
+    """fusetune.testing holds the switches only tests use: no module of the library, the app or the kernels imports
+    it, so none of them is part of a run."""
+    graph = import_graph()
+    assert "fusetune.testing" in graph and "fusetune_kernels.utils" in graph["fusetune.testing"]  # it was parsed
+    assert sorted(name for name, targets in graph.items() if "fusetune.testing" in targets) == []
+
+
 def test_import_fusetune_loads_no_hydra():
     code = "import sys, fusetune; print(sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)

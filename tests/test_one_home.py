@@ -151,6 +151,25 @@ def test_a_copy_kept_on_purpose_holds_its_homes_value():
         assert collections.Counter(ast.literal_eval(node.value)) == collections.Counter(value), f"{path}: {name}"
 
 
+def test_the_test_seams_live_in_fusetune_testing_alone():
+    """The switches and resets only tests use are fusetune.testing's; the production modules keep only the state."""
+    trees = _trees()
+    seams = {
+        name
+        for name, node in definitions(trees["src/fusetune/testing.py"]).items()
+        if isinstance(node, ast.FunctionDef)
+    }
+    assert {"set_poison", "set_cpu_simulation", "reset_offload_stats", "reset_attention_calls"} <= seams
+    elsewhere = [
+        f"{name} ({path}:{node.lineno})"
+        for path, tree in trees.items()
+        if path != "src/fusetune/testing.py"
+        for name, node in definitions(tree).items()
+        if name in seams | {"reset_stats", "reset_calls"}
+    ]
+    assert elsewhere == [], "a test seam belongs in fusetune.testing"
+
+
 def test_a_second_definition_is_reported_with_both_places():
     sources = {
         "a.py": "import os\nfrom b import one_line\n\nSTATUS = 'status.json'\n\ndef one_line(text):\n    return text\n",

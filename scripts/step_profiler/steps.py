@@ -161,7 +161,7 @@ def profile_backend(setup: Setup, backend: str, batches: list[dict], device, dty
         step_graphs = StepGraphs(params, pad_token_id=0, recorder=recorder, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    varlen.reset_calls()
+    varlen.calls.clear()
     timed = timed_pass(model, optimizer, batches, device, step_graphs)
     calls = dict(varlen.calls)
     syncs = sync_points(functools.partial(train_step, model, optimizer, batches[-1], device, step_graphs), device)

@@ -103,7 +103,7 @@ def profile_trainer(setup: Setup, documents: list[list[dict]], device, dtype, va
     )
     clock = StepClock(trainer)
     trainer.add_callback(clock)
-    varlen.reset_calls()
+    varlen.calls.clear()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer.train()

@@ -231,13 +231,3 @@ class StaticBatch:
         if self.seq_idx is not None:
             inputs["seq_idx"] = self.seq_idx
         return inputs
-
-
-def padded_batch(batch: dict, pad_token_id: int, bucket: Bucket | None = None) -> dict:
-    """``batch`` padded to ``bucket`` (default: its own), as new tensors: what the graphs see (for tests
-    and checks). Run the model on it with ``static_shapes=True``, as the graphs do."""
-    cu = batch["cu_seq_lens_q"]
-    bucket = bucket or bucket_for(batch["input_ids"].shape[1], cu.numel() - 1, int(cu.diff().max()))
-    static = StaticBatch(bucket, batch["input_ids"].device, pad_token_id, batch.get("seq_idx") is not None)
-    static.fill(batch)
-    return static.model_inputs()

@@ -554,7 +554,3 @@ def _why_masked(device) -> str:
     if not varlen_kernel_available(device):
         return f"training runs on {device}"
     return "chosen"
-
-
-def reset_calls() -> None:
-    calls.clear()

@@ -9,9 +9,16 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, HydraException
 
 from fusetune.app import hydra_errors
+from fusetune.app.config import check_composed
 from fusetune.app.hydra_errors import FULL_ERROR, hydra_error_line, job_started, main_exits_2
+from fusetune.errors import FusetuneError
 
 from ..conftest import CONF, ROOT
+
+MOVED = (
+    "model.learning_rate moved to trainer.learning_rate (a model preset sets it there too, as "
+    "conf/model/tiny_llama.yaml does)"
+)
 
 
 @pytest.mark.parametrize(
@@ -81,6 +88,19 @@ def composition_error(overrides) -> HydraException:
 )
 def test_hydra_error_line(override, line):
     assert hydra_error_line(composition_error([override])) == line
+
+
+def test_a_moved_key_is_named_with_its_new_place(tmp_path):
+    """Overridden, or set by a model preset of the user's (written as model presets were before), with or without +."""
+    assert hydra_error_line(composition_error(["model.learning_rate=0.5"])) == MOVED
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("defaults:\n  - llama3_1b\n  - _self_\nlearning_rate: 1e-3\n")
+    assert hydra_error_line(composition_error([f"hydra.searchpath=[file://{tmp_path}]", "model=mine"])) == MOVED
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=["+model.learning_rate=0.5"])
+    with pytest.raises(FusetuneError) as refused:
+        check_composed(cfg)
+    assert str(refused.value) == MOVED
 
 
 def fails_to_compose():

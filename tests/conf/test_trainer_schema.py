@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from fusetune.app.config import (
     OWN_TRAINER_DEFAULTS,
+    PRESET_KEYS,
     SET_BY_THE_APP,
     SFT_DEFAULTS,
     SFT_TRAINER_FIELDS,
@@ -51,12 +52,15 @@ def test_the_schemas_defaults_are_fastsftconfigs():
 
 
 def test_every_default_the_app_does_not_override_is_fastsftconfigs(compose_cfg):
-    """The app's own defaults are OWN_TRAINER_DEFAULTS, each set in conf/trainer/sft.yaml; all others are TRL's."""
-    assert set(SFT_YAML) - {"name"} == set(OWN_TRAINER_DEFAULTS)
-    trainer = OmegaConf.to_container(compose_cfg().trainer)
+    """The app's own defaults are OWN_TRAINER_DEFAULTS, each set in conf/trainer/sft.yaml, and PRESET_KEYS, which a
+    model preset may set and sft.yaml leaves to the schema (AppTrainerKeys); all others are TRL's."""
+    assert set(SFT_YAML) - {"name"} == set(OWN_TRAINER_DEFAULTS) and not set(SFT_YAML) & set(PRESET_KEYS)
+    trainer = OmegaConf.to_container(compose_cfg(["model=llama3_1b"]).trainer)  # a preset that sets no trainer key
     assert trainer["name"] == "sft" and trainer["extra"] == {}
     for key in SFT_TRAINER_FIELDS:
-        if key in OWN_TRAINER_DEFAULTS:
+        if key in PRESET_KEYS:
+            assert trainer[key] == getattr(AppTrainerKeys(), key) != SFT_DEFAULTS[key], key
+        elif key in OWN_TRAINER_DEFAULTS:
             assert trainer[key] == SFT_YAML[key], key
         else:
             assert trainer[key] == SFT_DEFAULTS[key], key
@@ -99,12 +103,14 @@ def test_generated_keys_are_typed_at_composition(compose_cfg):
 def args_for(compose_cfg, overrides, tmp_path) -> FastSFTConfig:
     cfg = compose_cfg(overrides, output_dir=tmp_path)
     validate(cfg)
-    return sft_config(cfg, tmp_path, torch.float32, [], "reference")
+    return sft_config(
+        cfg, tmp_path, torch.float32, [], "reference", cfg.model.max_seq_length
+    )  # as _load_model hands it
 
 
 def test_sft_config_takes_the_apps_defaults_and_the_models_recommendations(compose_cfg, tmp_path):
     args = args_for(compose_cfg, ["model=tiny_llama"], tmp_path)
-    assert (args.learning_rate, args.per_device_train_batch_size) == (3e-3, 64)  # model.learning_rate, batch_size
+    assert (args.learning_rate, args.per_device_train_batch_size) == (3e-3, 64)  # the preset's rate, model.batch_size
     assert args.padding_free is False and args.save_strategy == "no" and args.optim == "adamw_torch"
     assert args.lr_scheduler_type == "cosine" and args.num_train_epochs == 1 and args.warmup_steps == 0.05
     assert args.kernels == "reference" and args.max_length == 128 and args.seed == args.data_seed == 42

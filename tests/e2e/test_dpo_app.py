@@ -89,10 +89,10 @@ def test_the_dpo_keys_reach_fastdpoconfig(compose_cfg, tmp_path):
         [*DPO, f"data.path={tmp_path / 'x.jsonl'}", f"trainer.beta={beta}", "trainer.loss_type='ipo,sft'"]
     )
     cfg.trainer.label_smoothing = 0.0
-    args = sft_config(cfg, tmp_path, __import__("torch").float32, [], "reference")
+    args = sft_config(cfg, tmp_path, __import__("torch").float32, [], "reference", cfg.model.max_seq_length)
     assert type(args) is FastDPOConfig
     assert args.beta == beta and args.loss_type == ["ipo", "sft"] and args.max_length == cfg.model.max_seq_length
-    assert args.learning_rate == cfg.model.learning_rate
+    assert args.learning_rate == cfg.trainer.learning_rate == 3e-3  # model=tiny_llama sets it
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,7 @@ def test_orpo_and_simpo_runs_record_reward_metrics(variant, options, compose_cfg
         "trainer.max_steps=2", "trainer.logging_steps=1", "trainer.per_device_train_batch_size=8", "save_model=false",
     ]  # fmt: skip
     cfg = compose_cfg(overrides, output_dir=run_dir)
-    args = sft_config(cfg, tmp_path / "args", torch.float32, [], "reference")
+    args = sft_config(cfg, tmp_path / "args", torch.float32, [], "reference", cfg.model.max_seq_length)
     assert type(args) is {"orpo": FastORPOConfig, "simpo": FastSimPOConfig}[variant]
     assert (args.beta, getattr(args, "simpo_gamma", None)) == ((0.2, None) if variant == "orpo" else (2.0, 1.0))
     summary = run(cfg)

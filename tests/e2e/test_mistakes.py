@@ -37,7 +37,6 @@ class Row:
 ROWS = [
     Row("negative-learning-rate", ("trainer.learning_rate=-1e-4",), "trainer.learning_rate must be >= 0, got -0.0001"),
     Row("nan-learning-rate", ("trainer.learning_rate=nan",), "trainer.learning_rate must be >= 0, got nan", cli=True),
-    Row("model-learning-rate", ("model.learning_rate=-inf",), "model.learning_rate must be >= 0, got -inf"),
     Row(
         "batch-size-zero",
         ("trainer.per_device_train_batch_size=0",),

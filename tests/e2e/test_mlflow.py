@@ -159,7 +159,7 @@ def test_a_resumed_run_continues_its_mlflow_run(compose_cfg, tmp_path):
     close_logger(cfg, {"global_step": 3, "kernels": "reference"})
     (logged,) = client.search_runs([running.info.experiment_id])
     assert logged.info.run_id == running.info.run_id and logged.info.status == "FINISHED"
-    assert logged.data.tags["status"] == "finished" and logged.data.params["trainer.learning_rate"] == "null"
+    assert logged.data.tags["status"] == "finished" and logged.data.params["trainer.learning_rate"] == "0.003"
     start_logger(cfg, tmp_path / "run")  # not a resume: a new MLflow run
     close_logger(cfg, None)
     assert len(client.search_runs([running.info.experiment_id])) == 2

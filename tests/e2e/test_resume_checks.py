@@ -65,8 +65,7 @@ def guard(run_dir, *overrides):
 
 
 REFUSED = [
-    ("learning-rate", ("trainer.learning_rate=1e-3",), "trainer.learning_rate changed null -> 0.001"),
-    ("model-learning-rate", ("model.learning_rate=0.02",), "model.learning_rate changed 0.01 -> 0.02"),
+    ("learning-rate", ("trainer.learning_rate=1e-3",), "trainer.learning_rate changed 0.01 -> 0.001"),
     ("schedule", ("trainer.lr_scheduler_type=linear",), "trainer.lr_scheduler_type changed cosine -> linear"),
     ("seed", ("seed=6",), "seed changed 5 -> 6"),
     ("data-size", ("data.num_train=128",), "data.num_train changed 64 -> 128"),
@@ -132,7 +131,7 @@ ALLOWED = [
     (
         "allowed-learning-rate",
         ("trainer.learning_rate=1e-3", "resume.allow_changes=[trainer.learning_rate]"),
-        "trainer.learning_rate changed null -> 0.001",
+        "trainer.learning_rate changed 0.01 -> 0.001",
     ),
     (
         "allowed-by-prefix",
@@ -191,7 +190,7 @@ def test_the_app_refuses_a_changed_resume_and_leaves_the_folder(run_dir):
     )  # fmt: skip
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.strip().splitlines() == [
-        f"fusetune: error: resume: trainer.learning_rate changed null -> 0.001 (since {run_dir / 'checkpoint-2'} "
+        f"fusetune: error: resume: trainer.learning_rate changed 0.01 -> 0.001 (since {run_dir / 'checkpoint-2'} "
         "was saved); resume.allow_changes=[trainer.learning_rate] accepts it"
     ]
     assert snapshot(run_dir) == before

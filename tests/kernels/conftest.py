@@ -10,7 +10,7 @@ import zlib
 import pytest
 import torch
 
-from fusetune_kernels import utils
+from fusetune import testing
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -20,9 +20,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 @pytest.fixture(autouse=True)
 def poison_outputs():
-    utils.set_poison(True)
+    testing.set_poison(True)
     yield
-    utils.set_poison(False)
+    testing.set_poison(False)
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from fusetune import FastModel
+from fusetune import FastModel, testing
 from fusetune.patching import remove_kernels
 from fusetune_kernels import offloaded_checkpoint as oc
 from fusetune_kernels.offloaded_checkpoint import (
@@ -30,16 +30,16 @@ TINY_LAYERS = 4  # fusetune:tiny_llama
 
 @pytest.fixture(autouse=True)
 def clean_state():
-    oc.reset_stats()
+    testing.reset_offload_stats()
     yield
-    oc.set_cpu_simulation(False)
-    oc.reset_stats()
+    testing.set_cpu_simulation(False)
+    testing.reset_offload_stats()
     remove_kernels()
 
 
 @pytest.fixture
 def simulate():
-    oc.set_cpu_simulation(True)
+    testing.set_cpu_simulation(True)
 
 
 def tiny_lora(device: str, **lora):

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig
 from transformers.models.llama import modeling_llama
 
-from fusetune import families, forwards, patching, prenorm, self_check
+from fusetune import families, forwards, patching, prenorm, self_check, testing
 from fusetune.modules import PROJECTIONS
 from fusetune.patching import apply_kernels, remove_kernels
 from fusetune_kernels import offloaded_checkpoint as oc
@@ -29,7 +29,7 @@ ONLY = frozenset({"add_norm"})
 def clean_state(monkeypatch, tmp_path):
     monkeypatch.setenv("FUSETUNE_CACHE_DIR", str(tmp_path))
     yield
-    oc.set_cpu_simulation(False)
+    testing.set_cpu_simulation(False)
     remove_kernels()
 
 
@@ -216,7 +216,7 @@ def test_lora_gradients_under_checkpointing_with_the_down_projection_skip(backen
     plain and offloaded checkpointing, and each layer's recompute still leaves its down projection out."""
     if backend == "triton":
         needs_triton_backend()
-    oc.set_cpu_simulation(offload)
+    testing.set_cpu_simulation(offload)
     lora_calls = counting(monkeypatch, backend, "lora_linear")
     model = lora_llama()
     inputs = {k: v.to(DEVICE) for k, v in batch(model.config.vocab_size).items()}
@@ -229,7 +229,7 @@ def test_lora_gradients_under_checkpointing_with_the_down_projection_skip(backen
         apply_kernels(model, backend, add_norm=add_norm)
         assert ("add_norm" in patching._active["llama"][1]) == add_norm
         lora_calls.clear()
-        oc.reset_stats()
+        testing.reset_offload_stats()
         runs[add_norm] = loss_and_grads(model, inputs)
         skipped = [call for call in lora_calls if call.get("compute_output") is False]
         assert len(skipped) == layers  # one down projection per layer's recompute

@@ -7,10 +7,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fusetune import families, forwards
+from fusetune import families, forwards, testing
 from fusetune.modules import PROJECTIONS
 from fusetune.patching import apply_kernels, remove_kernels
-from fusetune_kernels import offloaded_checkpoint as oc
 from fusetune_kernels.offloaded_checkpoint import LayerCheckpoint, enable_checkpointing
 
 from ..kernels.conftest import DEVICE, needs_triton_backend
@@ -23,7 +22,7 @@ RANK = 4
 def clean_state():
     needs_triton_backend()
     yield
-    oc.set_cpu_simulation(False)
+    testing.set_cpu_simulation(False)
     remove_kernels()
 
 
@@ -73,7 +72,7 @@ def down_projection_flops(tokens: int) -> int:
     "family, offload", [(family, False) for family in FAMILIES] + [("llama", True), ("gemma2", True)]
 )
 def test_recompute_skips_only_what_nobody_reads(family, offload, monkeypatch):
-    oc.set_cpu_simulation(offload)
+    testing.set_cpu_simulation(offload)
     model = lora_model(family)
     inputs = {k: v.to(DEVICE) for k, v in batch(model.config.vocab_size).items()}
     tokens = inputs["input_ids"].numel()

@@ -8,6 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from fusetune import testing
 from fusetune.modules import PROJECTIONS
 from fusetune.smart_checkpointing import (
     SavedBytes,
@@ -16,7 +17,6 @@ from fusetune.smart_checkpointing import (
     rounded_tokens,
     usable,
 )
-from fusetune_kernels import offloaded_checkpoint as oc
 from fusetune_kernels.offloaded_checkpoint import enable_checkpointing
 
 from ..kernels.tiny_models import batch, tiny_model
@@ -29,7 +29,7 @@ NO_MARGIN = (0.0, 0)
 @pytest.fixture(autouse=True)
 def no_simulation():
     yield
-    oc.set_cpu_simulation(False)
+    testing.set_cpu_simulation(False)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def modes(model):
 
 
 def smart(budget_bytes, offload=False, seed=0, margin=NO_MARGIN):
-    oc.set_cpu_simulation(offload)
+    testing.set_cpu_simulation(offload)
     model = lora_model(seed)
     memory = SavedBytes(model)
     enable_smart_checkpointing(model, budget_bytes / GIB, memory=memory, margin=margin)
@@ -137,7 +137,7 @@ def test_gradients_equal_full_checkpointing(offload):
     rest = "offload" if offload else "recompute"
     assert 0 < modes(model).count("keep") < LAYERS and rest in modes(model)
 
-    oc.set_cpu_simulation(offload)
+    testing.set_cpu_simulation(offload)
     reference = lora_model()
     enable_checkpointing(reference, offload=offload)
     _, reference_loss, reference_grads = run_step(reference, SavedBytes(reference))

@@ -14,7 +14,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fusetune import varlen
+from fusetune import testing, varlen
 from fusetune.loading import load_model
 from fusetune.patching import apply_kernels, remove_kernels
 from fusetune.trainer import FastSFTConfig, FastSFTTrainer
@@ -83,7 +83,7 @@ def assert_isolated(reference, ours, docs, tol, use_cache=False, **packed_kwargs
 
 @pytest.fixture(autouse=True)
 def fresh_calls():
-    varlen.reset_calls()
+    testing.reset_attention_calls()
 
 
 # ------------------------------------------------------------------ the attention function alone

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fusetune import varlen
+from fusetune import testing, varlen
 
 FP32_TOL = 1e-5
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -124,7 +124,7 @@ def grads(out, inputs, seed=1):
 
 @pytest.fixture(autouse=True)
 def fresh():
-    varlen.reset_calls()
+    testing.reset_attention_calls()
 
 
 # ------------------------------------------------------------------ the same answer
@@ -425,7 +425,7 @@ def test_packed_training_gives_the_losses_of_both_references(tmp_path, tiny_toke
     losses, norms = train_packed(tmp_path, tiny_tokenizer, varlen.MASKED)
     assert varlen.calls["masked"] > 0 and not varlen.calls["sdpa"]
     for reference in REFERENCES:
-        varlen.reset_calls()
+        testing.reset_attention_calls()
         ref_losses, ref_norms = train_packed(tmp_path, tiny_tokenizer, reference)
         assert reference_calls[reference] > 0 and not varlen.calls, "the reference did not run"
         for a, b in zip(losses + norms, ref_losses + ref_norms, strict=True):

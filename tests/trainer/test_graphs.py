@@ -23,11 +23,12 @@ from peft import LoraConfig, get_peft_model
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from fusetune import buckets, graphs
-from fusetune.buckets import StaticBatch, bucket_for, padded_batch, serves, wide_bucket_for
+from fusetune.buckets import StaticBatch, bucket_for, serves, wide_bucket_for
 from fusetune.errors import FusetuneError
 from fusetune.graphs import CudaGraphs, Reruns, StepGraphs
 from fusetune.loading import load_model
 from fusetune.patching import apply_kernels, remove_kernels
+from fusetune.testing import padded_batch
 from fusetune.trainer import FastSFTConfig, FastSFTTrainer
 from fusetune.varlen import MASKED, enable_varlen_attention, varlen_attn
 

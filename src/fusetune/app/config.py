@@ -136,8 +136,8 @@ class ModelConfig:
     # | smart: as many layers as memory_budget allows keep their activations (no recompute), the rest offloaded
     gradient_checkpointing: str = "false"
     memory_budget: float | None = None  # smart checkpointing: GiB (> 1) or a fraction of the GPU; null: what is free
-    # Recommendations for this model, used where the trainer leaves them null.
-    learning_rate: float = 2e-4
+    # The recommended batch size for this model, used where trainer.per_device_train_batch_size is null. (Its learning
+    # rate is trainer.learning_rate: a preset that needs its own sets that key, as conf/model/tiny_llama.yaml does.)
     batch_size: int = 8
 
 
@@ -215,7 +215,8 @@ class AppTrainerKeys:
     """Trainer keys that are the app's own, or that it types apart from FastSFTConfig."""
 
     name: str = "sft"  # the trainer option, recorded in summary.json
-    learning_rate: float | None = None  # null: model.learning_rate
+    # the one home of the learning rate: a model preset that needs another sets trainer.learning_rate (PRESET_KEYS)
+    learning_rate: float = 2e-4
     per_device_train_batch_size: int | None = None  # null: model.batch_size
     logging_steps: float | None = None  # null: logging_steps_for(max_steps), at least ten points in a short run
     extra: dict[str, Any] = field(default_factory=dict)  # the trainer class's fields that no trainer key holds
@@ -225,7 +226,6 @@ class AppTrainerKeys:
 # trainer option builds on) sets each one and says why; every other trainer default is FastSFTConfig's.
 # tests/conf/test_trainer_schema.py holds the two to that.
 OWN_TRAINER_DEFAULTS = (
-    "learning_rate",
     "per_device_train_batch_size",
     "num_train_epochs",
     "lr_scheduler_type",
@@ -235,6 +235,23 @@ OWN_TRAINER_DEFAULTS = (
     "save_strategy",
     "optim",
 )
+
+# Trainer keys that a model preset may set: its file is `# @package _global_` and sets trainer.KEY beside model.*
+# (conf/model/tiny_llama.yaml). The trainer options leave them alone, as the trainer group is composed after the
+# model's and would replace the preset's value; their app default is AppTrainerKeys'.
+PRESET_KEYS = ("learning_rate",)
+
+# Keys that moved, by their old place: an override or a preset that sets one is refused naming where it lives now.
+MOVED_KEYS = {
+    "model.learning_rate": "trainer.learning_rate (a model preset sets it there too, as conf/model/tiny_llama.yaml "
+    "does)",
+}
+
+
+def moved_key_line(key: str) -> str | None:
+    """The one line for a key that moved (MOVED_KEYS), or None."""
+    return f"{key} moved to {MOVED_KEYS[key]}" if key in MOVED_KEYS else None
+
 
 PRIMITIVES = (int, float, bool, str)
 
@@ -565,7 +582,9 @@ def unknown_keys(cfg, prefix: str = "") -> list[str]:
         path = f"{prefix}{key}"
         if path == "hydra":
             continue
-        if known is not None and key not in known:
+        if known is not None and key not in known and (moved := moved_key_line(path)):
+            found.append(moved)
+        elif known is not None and key not in known:
             near = "".join(f" (did you mean {near}?)" for near in get_close_matches(str(key), sorted(known), n=1))
             extra = (
                 "; trainer.extra holds FastSFTConfig fields that no trainer key holds" if prefix == "trainer." else ""

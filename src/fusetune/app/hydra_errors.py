@@ -23,13 +23,18 @@ from hydra.errors import CompactHydraException, InstantiationException, MissingC
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ..errors import FusetuneError, first_line
+from .config import moved_key_line
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 _state = {"set_here": False, "job_started": False, "multirun": False}
 
 
 def hydra_error_line(error: CompactHydraException) -> str:
-    """What Hydra could not do and OmegaConf's reason, without the key dump: one line."""
+    """What Hydra could not do and OmegaConf's reason, without the key dump: one line. A key that moved
+    (config.MOVED_KEYS), overridden or set by a preset, is named with its new place alone."""
+    reason = error.__cause__ or error.__context__  # a preset's key: Hydra raises while handling OmegaConf's error
+    if isinstance(reason, ConfigAttributeError | ConfigKeyError) and (moved := moved_key_line(str(reason.full_key))):
+        return moved
     line = first_line(error).rstrip(".")
     if isinstance(error, OverrideParseException):
         line = f"{error.override}: {line}"

@@ -52,15 +52,21 @@ TRAINERS = {
 
 
 def sft_config(
-    cfg, out: Path, dtype: torch.dtype, report_to: list[str], backend: str, strategy: dict | None = None
+    cfg,
+    out: Path,
+    dtype: torch.dtype,
+    report_to: list[str],
+    backend: str,
+    max_seq_length: int,
+    strategy: dict | None = None,
 ) -> FastSFTConfig | FastDPOConfig | FastORPOConfig | FastSimPOConfig:
     """The trainer option's config (FastSFTConfig, or config.TRAINER_CLASSES' for dpo, orpo, simpo) from the keys it has
     that differ from their defaults, trainer.extra, and the fields the app fills in from other groups
-    (config.SET_BY_THE_APP)."""
+    (config.SET_BY_THE_APP). ``dtype``, ``backend`` and ``max_seq_length`` are what the model was loaded with
+    (``Loaded``): the sequence length is TRL's ``max_length``."""
     t = cfg.trainer
     checkpointing = checkpointing_mode(cfg.model.gradient_checkpointing)
     values = OmegaConf.to_container(t)
-    values["learning_rate"] = t.learning_rate if t.learning_rate is not None else cfg.model.learning_rate
     if t.per_device_train_batch_size is None:
         values["per_device_train_batch_size"] = cfg.model.batch_size
     if t.logging_steps is None:
@@ -77,7 +83,7 @@ def sft_config(
             run_name=cfg.run_name,
             seed=cfg.seed,
             data_seed=cfg.seed,
-            max_length=cfg.model.max_seq_length,
+            max_length=max_seq_length,
             kernels=backend,
             bf16=on_gpu and dtype == torch.bfloat16,
             fp16=on_gpu and dtype == torch.float16,
@@ -151,6 +157,7 @@ class Loaded:
     tokenizer: object
     backend: str  # the kernels the model was patched with
     dtype: torch.dtype  # the training precision (fp16 full fine-tuning loads fp32 master weights)
+    max_seq_length: int  # model.max_seq_length as loaded: the trainer's max_length
     full_finetune: bool
     parameters: tuple[int, int]  # (all, trainable)
 
@@ -203,10 +210,11 @@ def _load_model(cfg, splits, stop: StopOnSignal) -> Loaded:
     m = cfg.model
     dtype = pick_dtype(m.dtype.value)
     full_finetune = m.lora is None
+    max_seq_length = m.max_seq_length  # read once: the model and tokenizer record it, the trainer's args take it
     stop.enter("model loading")
     model, tokenizer = FastModel.from_pretrained(
         m.name_or_path,
-        max_seq_length=m.max_seq_length,
+        max_seq_length=max_seq_length,
         # full fine-tuning in fp16 keeps fp32 master weights; autocast does the fp16 math
         dtype=torch.float32 if full_finetune and dtype == torch.float16 else dtype,
         load_in_4bit=m.load_in_4bit,
@@ -239,14 +247,14 @@ def _load_model(cfg, splits, stop: StopOnSignal) -> Loaded:
         described = enable_fusetune_checkpointing(model, checkpointing, m.memory_budget)
         log.info("model.gradient_checkpointing=%s: %s", checkpointing, described)
     backend = peek(model).backend
-    return Loaded(model, tokenizer, backend, dtype, full_finetune, count_parameters(model))
+    return Loaded(model, tokenizer, backend, dtype, max_seq_length, full_finetune, count_parameters(model))
 
 
 def _build_trainer(cfg, out, loaded: Loaded, splits, report_to, checkpoint, stop: StopOnSignal) -> Session:
     """The trainer over the splits, with the metrics record, the signal stop, the generation eval and the
     logger's callbacks; the logger starts here, once the config, the data and the model have loaded."""
     options = distributed.trainer_options(cfg.distributed.value, loaded.model)
-    args = sft_config(cfg, out, loaded.dtype, report_to, loaded.backend, options)
+    args = sft_config(cfg, out, loaded.dtype, report_to, loaded.backend, loaded.max_seq_length, options)
     resume_step = step_of(checkpoint) if checkpoint else None
     recorder = record.MetricsRecorder(out / METRICS, resume_step, write=distributed.is_rank_zero())
     stop.enter("data preparation")  # the trainer tokenizes the splits
