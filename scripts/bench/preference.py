@@ -32,11 +32,12 @@ the losses from step 2 on show whether the variants compute the same thing.
 
 import functools
 from pathlib import Path
+from typing import NamedTuple
 
 from .scenarios import DPO_LOSS_TYPE, LR
 
 # What the trainers log per step (TRL's names, fusetune's too) that the row keeps
-METRICS = ("logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies")
+KEPT_METRICS = ("logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies")
 
 
 def ordinary_ids(tokenizer, vocab: int) -> list[int]:
@@ -154,6 +155,24 @@ def checked_batches(trainer, steps: list[list[dict]], torch) -> list[dict]:
     return batches
 
 
+class Prepared(NamedTuple):
+    """A DPO job's trainer, whether TRL's "ref" copy of the adapter was removed, and each step's batch."""
+
+    trainer: object
+    ref_copy_removed: bool
+    batches: list
+
+
+def prepare(model, vocab: int, spec: dict, torch) -> Prepared:
+    """The variant's DPO trainer over the scenario's synthetic pairs, and the batches its collator made of them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["folder"])
+    steps = synthetic_pairs(spec, tokenizer, vocab, torch)
+    trainer, ref_copy_removed = build_trainer(model, tokenizer, pair_records(tokenizer, steps), spec)
+    return Prepared(trainer, ref_copy_removed, checked_batches(trainer, steps, torch))
+
+
 def step_loss(trainer):
     """The loss of a batch: the trainer's compute_loss on its model."""
     return lambda batch: trainer.compute_loss(trainer.model, batch)
@@ -171,7 +190,7 @@ def row_record(trainer, ref_copy_removed: bool) -> dict:
     if ref_copy_removed:
         detail += " (TRL's copy of the adapter removed)"
     return {
-        "dpo_metrics": {key: [float(x) for x in logged[key]] for key in METRICS if key in logged},
+        "dpo_metrics": {key: [float(x) for x in logged[key]] for key in KEPT_METRICS if key in logged},
         "trainer": name,
         "fused_preference": fused,
         "mode_detail": detail,

@@ -51,8 +51,12 @@ def run_worker(spec: dict) -> dict:
             torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_cap_gib"] * GIB / total), 0)
         stage = "load"
         model, params, vocab = load(spec, torch, result)
+        dpo = None
+        if spec["mode"] == "dpo":
+            stage = "trainer"
+            dpo = preference.prepare(model, vocab, spec, torch)
         stage = "steps"
-        optimizer, batches, step_loss = train(model, params, vocab, spec, torch, result)
+        optimizer, batches, step_loss = train(model, params, vocab, spec, torch, result, dpo)
         if spec["cuda"] and spec.get("profile"):
             profile_steps(model, optimizer, batches[-2:], torch, spec["autocast"], step_loss)
         alt = spec["scenario"].get("alt_optim")
@@ -113,16 +117,16 @@ def load(spec: dict, torch, result: dict) -> tuple:
     return model, params, base.config.vocab_size
 
 
-def train(model, params, vocab: int, spec: dict, torch, result: dict) -> tuple:
-    """Train every batch, timed; the measures go into ``result``. Returns the optimizer, the batches and the loss
-    of a batch (None: the model's forward with labels)."""
+def train(model, params, vocab: int, spec: dict, torch, result: dict, dpo=None) -> tuple:
+    """Train every batch, timed; the measures go into ``result``. ``dpo``: a DPO scenario's trainer and batches
+    (``preference.prepare``). Returns the optimizer, the batches and the loss of a batch (None: the model's
+    forward with labels)."""
     cuda, warmup = spec["cuda"], spec["warmup"]
     step_loss = None
-    if spec["mode"] == "dpo":
-        trainer, ref_copy_removed, batches = dpo_trainer(model, vocab, spec, torch)
+    if dpo is not None:
         params = [p for p in model.parameters() if p.requires_grad]  # the policy's adapter, as the trainer left it
         result["trainable_params"] = sum(p.numel() for p in params)
-        lengths, mode, step_loss = spec["lengths"], "dpo", preference.step_loss(trainer)
+        batches, lengths, mode, step_loss = dpo.batches, spec["lengths"], "dpo", preference.step_loss(dpo.trainer)
     else:
         batches, lengths, mode = make_batches(spec, torch, vocab)
     optimizer = make_optimizer("adamw_fused", params, torch, cuda)
@@ -158,22 +162,9 @@ def train(model, params, vocab: int, spec: dict, torch, result: dict) -> tuple:
     if cuda:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
         result["reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
-    if mode == "dpo":
-        result.update(preference.row_record(trainer, ref_copy_removed))
+    if dpo is not None:
+        result.update(preference.row_record(dpo.trainer, dpo.ref_copy_removed))
     return optimizer, batches, step_loss
-
-
-def dpo_trainer(model, vocab: int, spec: dict, torch) -> tuple:
-    """The variant's DPO trainer over the scenario's synthetic pairs (bench.preference), whether TRL's "ref" copy
-    of the adapter was removed, and the batches its collator made."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(spec["folder"])
-    steps = preference.synthetic_pairs(spec, tokenizer, vocab, torch)
-    trainer, ref_copy_removed = preference.build_trainer(
-        model, tokenizer, preference.pair_records(tokenizer, steps), spec
-    )
-    return trainer, ref_copy_removed, preference.checked_batches(trainer, steps, torch)
 
 
 def failed(result: dict, error: Exception, stage: str, cuda: bool) -> None:
