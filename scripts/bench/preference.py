@@ -100,7 +100,7 @@ def build_trainer(model, tokenizer, records: list[dict], spec: dict) -> tuple:
 
     variant, sc = spec["variant"], spec["scenario"]
     options = dict(
-        output_dir=str(Path(spec["folder"]).parent / "dpo-trainer"),  # nothing is written: train() never runs
+        output_dir=str(Path(spec["folder"]).parent / "dpo-trainer"),  # stays empty: train() never runs
         report_to=[],
         beta=sc["beta"],
         loss_type=DPO_LOSS_TYPE,
