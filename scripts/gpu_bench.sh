@@ -9,6 +9,7 @@
 # STEPS / WARMUP (default: per scenario), BUDGET (seconds for bench.py, default 500: a subprocess gets at most what
 # is left, later ones are skipped), TIMEOUT (per subprocess), BENCH_ARGS (more bench.py flags).
 # Families beyond Llama (8x2048): SCENARIOS=S6 (Qwen3.5-2B), S7 (Gemma 3 4B), S8 (Phi-4-mini), S9 (its QLoRA).
+# DPO through each variant's trainer (LoRA, 4 pairs of 2x2048 a step): SCENARIOS="D1 D8" (Llama-3.2-1B, 3.1-8B).
 # Wheels: .whl/*.whl as for every GPU script (scripts/gpu_env.sh); the peers from .whl-peers/ (wheelhouse.py
 # --peers-only --peers liger,unsloth, carried beside .whl) or .whl/: liger's wheel into /tmp/site, and
 # unsloth/*.whl installed apart into /tmp/unsloth-site and put first on the path of the unsloth subprocess

@@ -30,12 +30,19 @@ LoRA: S6 Qwen3.5-2B (three of four layers gated delta-net), S7 Gemma 3 4B (text)
 as QLoRA. S10: mixture of experts, Qwen3-30B-A3B's shapes at 24 of its 48 layers, 4x2048, LoRA on attention and
 on every layer's 128 experts (PEFT ``target_parameters``; hf runs transformers' default experts_implementation,
 grouped_mm in 5.x, recorded in the row). fusetune rows record ``self_check_s``, the load-time self-check of its
-patched ops.
+patched ops. D1 (Llama-3.2-1B) and D8 (Llama-3.1-8B): DPO with LoRA through each variant's own trainer (hf:
+TRL's DPOTrainer; liger: with ``use_liger_kernel=True``; unsloth: after ``PatchDPOTrainer()``; fusetune:
+FastDPOTrainer), 4 pairs a step of a 512-token prompt and a chosen and a rejected 1,536-token completion (seeded
+random ids, 8 sequences of 2,048 tokens), beta 0.1, loss_type sigmoid, the reference the policy with its adapters
+disabled; the loop calls the trainer's compute_loss in place of the forward with labels (bench.preference says
+how). Their rows keep the trainers' logged log-probs per step (``dpo_metrics``): the loss at step 1 is ln 2 for
+every variant, since the policy starts as its reference.
 
 Measures: CUDA events around every step; ``step_ms`` the median of the measured steps after warm-up;
 ``tok_s`` tokens per step over the median step (S4: real tokens over the summed step time, since its
 shapes vary; its rows also give ``tok_s_median_step`` and ``median_over_whole``, their ratio, and the
-warm-up steps' times, ``step_paths`` and the graphs' counts); fusetune's padding-free steps replay CUDA
+warm-up steps' times, ``step_paths`` and the graphs' counts; D1/D8: the chosen and rejected tokens the policy's
+forward takes, the reference's forward over them not counted); fusetune's padding-free steps replay CUDA
 graphs as FastSFTTrainer's do (``--fusetune-graphs``), with autocast inside the forward as accelerate
 puts it; ``peak_gib`` ``torch.cuda.max_memory_allocated`` after a reset at the start of timing
 (``peak_load_gib``: from process start, model load included); ``mfu`` useful FLOPs over a bf16 matmul
@@ -44,18 +51,20 @@ forward, 2N for the input gradients; N = the parameters of every matmul, lm_head
 embedding lookup excluded), plus attention: 6 * layers * heads * head_dim * (L + 1) per token of a
 document of length L (causal QK^T and PV, forward and input gradients). Recomputation by gradient
 checkpointing is not useful work and is not counted; LoRA's own matmuls are left out. A sliding-window
-layer counts the keys its window reaches; a linear-attention layer counts its projections only.
+layer counts the keys its window reaches; a linear-attention layer counts its projections only. DPO adds the
+reference's forward: 1.5 times the policy's useful FLOPs.
 
 Writes ``<out>/<date>-<gpu>-peers.jsonl`` (one row per scenario x variant, appended as each finishes)
 and the markdown table beside it (re-rendered after every row), ratios against the best peer of hf,
 liger and unsloth.
 
     python scripts/bench.py --scenarios S1,S4 --variants hf,liger,unsloth,fusetune_triton
+    python scripts/bench.py --scenarios D1,D8 --variants hf,liger,unsloth,fusetune_triton      # DPO
     python scripts/bench.py --tiny --variants hf,fusetune_reference --out /tmp/bench   # CPU smoke test
     python scripts/bench.py --render a.jsonl b.jsonl --out bench/results                # merge calls
     python scripts/bench.py --readme-table bench/results                                # README table
 
-``--tiny`` runs S1 and S4 on the embedded tiny Llama, and S6-S10 on their architectures shrunk to toy size
+``--tiny`` runs S1, S4 and D1 on the embedded tiny Llama, and S6-S10 on their architectures shrunk to toy size
 (``fusetune.tiny.shrunk``), on the CPU in fp32 (S9, 4-bit, is skipped there). liger and fusetune_triton
 are reported as skipped there (Triton kernels: the CPU interpreter is far too slow for training steps,
 and tests/kernels covers them); unsloth, where installed, runs its own CPU fallback.
@@ -67,7 +76,9 @@ and tests/kernels covers them); unsloth, where installed, runs its own CPU fallb
 #   shapes     model shapes, LoRA targets and useful FLOPs (the parent only: it imports fusetune)
 #   runner     the subprocesses: one at a time, a timeout each, an overall --budget
 #   rows       the row each (scenario, variant) starts from, and the spec its subprocess runs
-#   fixed, docs, max_context   one module per scenario kind (batch x seq; S4's documents; S5's probes)
+#   fixed, docs, max_context, dpo   one module per scenario kind (batch x seq; S4's documents; S5's probes;
+#              D1/D8's preference pairs)
 #   folders    the model folders the scenarios load (random weights from a shipped config)
 #   worker, variants, steps    inside a subprocess: build one variant's model, train and time it
+#   preference inside a DPO job: the synthetic pairs, the variant's DPO trainer, its checked batches
 #   report     the markdown tables and the README's table

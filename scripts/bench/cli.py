@@ -8,7 +8,7 @@ from pathlib import Path
 
 import bench
 
-from . import docs, fixed, max_context
+from . import docs, dpo, fixed, max_context
 from .folders import prepare_folder
 from .report import append, merge, out_paths, readme_table, summary
 from .rows import base_row
@@ -16,7 +16,7 @@ from .runner import Runner, availability, log, split_list
 from .scenarios import FUSETUNE_CHECKPOINTING, SCENARIOS, TINY_SCENARIOS, VARIANTS
 
 ROOT = Path(__file__).resolve().parents[2]
-KINDS = {"fixed": fixed.run, "docs": docs.run, "max_context": max_context.run}
+KINDS = {"fixed": fixed.run, "docs": docs.run, "max_context": max_context.run, "dpo": dpo.run}
 
 
 def parser() -> argparse.ArgumentParser:

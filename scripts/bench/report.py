@@ -96,7 +96,9 @@ def render(rows: list[dict]) -> str:
         ]
         lines += ["", *notes, ""] if notes else [""]
     lines += [
-        "tok/s: tokens per step over the median step (S4: real tokens over the summed step time); x best peer: "
+        "tok/s: tokens per step over the median step (S4: real tokens over the summed step time; DPO: the chosen "
+        "and rejected tokens of the policy's forward, the reference's forward over them counted in the FLOPs only); "
+        "x best peer: "
         "against the best of hf, liger and unsloth in the scenario (tok/s: the fastest; memory: the smallest peak); "
         "peak: torch.cuda.max_memory_allocated from the start of timing (load: from process start); MFU: useful "
         "FLOPs (4N per token + attention; see flops_convention in the JSON) over the measured matmul peak. "
@@ -118,6 +120,8 @@ def describe(row: dict) -> str:
     if not row.get("model"):
         return row["scenario"]
     quant = "QLoRA NF4" if row.get("quant") == "nf4" else (row.get("quant") or "")
+    if row.get("dpo"):
+        return f"{row.get('model')} {quant}, DPO: {row.get('batch')} pairs x 2 x {row.get('seq')}"
     if row.get("docs_per_step") or row.get("mode") in ("padded", "padding_free"):
         return f"{row.get('model')} {quant}, {row.get('docs_per_step') or 'variable-length'} documents a step"
     if row["scenario"] == "S5":

@@ -3,8 +3,8 @@ subprocess reads (everything the job needs of the model's shapes and the library
 
 import datetime
 
-from .scenarios import LORA, VARIANT_CHECKPOINTING, document_lengths
-from .shapes import library, lora_targets, matmul_params, routed_experts, scenario_config, useful_flops
+from .scenarios import DPO_LOSS_TYPE, LORA, VARIANT_CHECKPOINTING, document_lengths
+from .shapes import dpo_flops, library, lora_targets, matmul_params, routed_experts, scenario_config, useful_flops
 
 
 def fp8_note(args) -> str:
@@ -46,11 +46,26 @@ def base_row(scenario: str, variant: str, sc: dict, gpu: dict, args) -> dict:
         "matmul_params": matmul_params(cfg),
         "flops_convention": "4N per token (N: all matmul params incl. lm_head, excl. embeddings) "
         "+ 6*layers*heads*head_dim*(L+1) per token of an L-token document (a sliding-window layer: the keys in "
-        "its window; a linear-attention layer: none); recompute not counted",
+        "its window; a linear-attention layer: none); recompute not counted"
+        + ("; DPO: x1.5 for the reference's forward over the same tokens" if sc["kind"] == "dpo" else ""),
+        **({"dpo": dpo_setup(sc)} if sc["kind"] == "dpo" else {}),
         "gpu": gpu["name"],
         "peak_tflops": gpu.get("peak_tflops"),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "time": datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S"),
+    }
+
+
+def dpo_setup(sc: dict) -> dict:
+    """What a DPO row trains on, beside batch (pairs a step) and seq (each chosen or rejected sequence)."""
+    return {
+        "pairs_per_step": sc["batch"],
+        "prompt_tokens": sc["prompt"],
+        "completion_tokens": sc["seq"] - sc["prompt"],
+        "beta": sc["beta"],
+        "loss_type": DPO_LOSS_TYPE,
+        "reference": "the policy with its LoRA adapters disabled",
+        "tokens_counted": "chosen + rejected tokens of the policy's forward (the reference's forward not counted)",
     }
 
 
@@ -72,7 +87,7 @@ def worker_spec(
         "folder": str(folder),
         "source": source,
         "lengths": lengths,  # each step's documents, and the useful FLOPs of each step
-        "step_flops": [useful_flops(cfg, d) for d in lengths],
+        "step_flops": [(dpo_flops if sc["kind"] == "dpo" else useful_flops)(cfg, d) for d in lengths],
         "targets": lora_targets(cfg),
         "routed_experts": routed_experts(cfg),
         "expert_parameters": list(library().modules.EXPERT_PARAMETERS),

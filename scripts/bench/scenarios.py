@@ -12,6 +12,7 @@ VARIANTS = (*PEERS, "fusetune_reference", "fusetune_triton")
 FUSETUNE_CHECKPOINTING = {"offload": "unsloth", "plain": True, "smart": "smart"}
 LORA = {"r": 16, "alpha": 16, "dropout": 0.0}
 LR = 1e-4
+DPO_LOSS_TYPE = "sigmoid"  # TRL's DPO loss (-logsigmoid of beta times the log-ratio margin), in every DPO row
 GIB = 2**30
 # How each variant runs gradient checkpointing (as each ships it) and padding-free batches.
 VARIANT_CHECKPOINTING = {
@@ -29,7 +30,8 @@ PADDING_FREE = {
     "fusetune_triton": "fusetune_varlen attention (fusetune.varlen.enable_varlen_attention, as its trainer does)",
 }
 
-# name -> what it trains. kind: fixed (batch x seq), docs (variable-length documents), max_context (probes).
+# name -> what it trains. kind: fixed (batch x seq), docs (variable-length documents), max_context (probes),
+# dpo (preference pairs through each variant's DPO trainer).
 SCENARIOS = {
     "S1": {"arch": "llama3_1b", "kind": "fixed", "batch": 8, "seq": 2048, "warmup": 3, "steps": 10},
     "S2": {"arch": "llama3_8b", "kind": "fixed", "batch": 4, "seq": 2048, "warmup": 3, "steps": 10},
@@ -81,6 +83,28 @@ SCENARIOS = {
         "warmup": 3,
         "steps": 10,
     },
+    # DPO through each variant's trainer: ``batch`` preference pairs a step, each sequence (the shared prompt of
+    # ``prompt`` tokens, then the chosen or the rejected completion) ``seq`` tokens long; loss_type sigmoid
+    "D1": {
+        "arch": "llama3_1b",
+        "kind": "dpo",
+        "batch": 4,
+        "seq": 2048,
+        "prompt": 512,
+        "beta": 0.1,
+        "warmup": 3,
+        "steps": 10,
+    },
+    "D8": {
+        "arch": "llama3_8b",
+        "kind": "dpo",
+        "batch": 4,
+        "seq": 2048,
+        "prompt": 512,
+        "beta": 0.1,
+        "warmup": 3,
+        "steps": 10,
+    },
 }
 # --tiny: the embedded tiny Llama on the CPU, fp32
 TINY_SCENARIOS = {
@@ -101,11 +125,16 @@ TINY_SCENARIOS = {
         name: {**SCENARIOS[name], "shrink": True, "batch": 2, "seq": 64, "warmup": 1, "steps": 2}
         for name in ("S6", "S7", "S8", "S9", "S10")
     },
+    # DPO on the tiny Llama (D8 has no tiny form: a shrunk Llama 3's vocabulary is smaller than its tokenizer's ids)
+    "D1": {**SCENARIOS["D1"], "arch": "tiny", "seq": 64, "prompt": 16, "warmup": 1, "steps": 2},
 }
 
 
 def document_lengths(sc: dict, seed: int, n_steps: int) -> list[list[int]]:
-    """Per step, the lengths of its documents: fixed rows, or seeded lognormal lengths (mean ~sc['mean'])."""
+    """Per step, the lengths of its documents: fixed rows, or seeded lognormal lengths (mean ~sc['mean']); DPO: its
+    chosen and its rejected sequences, all that the policy's forward takes."""
+    if sc["kind"] == "dpo":
+        return [[sc["seq"]] * (2 * sc["batch"]) for _ in range(n_steps)]
     if sc["kind"] != "docs":
         return [[sc["seq"]] * sc["batch"] for _ in range(n_steps)]
     rng = random.Random(seed)

@@ -133,6 +133,13 @@ def useful_flops(cfg: dict, doc_lengths: list[int]) -> float:
     )
 
 
+def dpo_flops(cfg: dict, doc_lengths: list[int]) -> float:
+    """A DPO step's useful FLOPs: the policy's forward and input gradients over the chosen and rejected sequences
+    (``useful_flops``), and the reference's forward over the same tokens, half that (2N per token and the causal
+    attention's forward), which DPO needs as much as the policy's."""
+    return 1.5 * useful_flops(cfg, doc_lengths)
+
+
 def lora_targets(cfg: dict) -> list[str]:
     """The modules LoRA adapts: the library's projections (a family's own names where they differ); with routed
     experts, attention only (the experts' 3-D parameters are adapted as ``target_parameters``; the router stays

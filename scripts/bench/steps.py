@@ -57,11 +57,12 @@ def make_optimizer(name: str, params, torch, cuda: bool):
     return torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=cuda)
 
 
-def timed_steps(model, optimizer, batches, warmup, torch, cuda, autocast, step_graphs=None):
+def timed_steps(model, optimizer, batches, warmup, torch, cuda, autocast, step_graphs=None, step_loss=None):
     """Run every batch; return every step's time (ms, consecutive CUDA-event intervals from the first step's
     start; peak memory is reset before step ``warmup``), all losses, and each step's path: "eager", or with
     ``step_graphs`` (fusetune.graphs.StepGraphs, as FastSFTTrainer runs padding-free steps) "capture" or
-    "replay" where the graphs took the batch."""
+    "replay" where the graphs took the batch. ``step_loss``: the loss of a batch under the same autocast (a
+    trainer's compute_loss, in the DPO scenarios) in place of the model's forward with labels."""
     device = "cuda" if cuda else "cpu"
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if (cuda and autocast) else contextlib.nullcontext()
     marks, losses, paths = [], [], []
@@ -86,9 +87,12 @@ def timed_steps(model, optimizer, batches, warmup, torch, cuda, autocast, step_g
         batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
         out = step_graphs.run(forward, batch) if step_graphs is not None else None
         paths.append(step_graphs.last_action if out is not None else "eager")
-        if out is None:
-            out = forward(**batch, use_cache=False)
-        loss = out.loss
+        if step_loss is not None:
+            with amp:
+                loss = step_loss(batch)
+        else:
+            out = out if out is not None else forward(**batch, use_cache=False)
+            loss = out.loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -127,11 +131,11 @@ def warmup_record(times: list[float], paths: list[str], warmup: int, step_graphs
     }
 
 
-def profile_steps(model, optimizer, batches, torch, autocast) -> None:
+def profile_steps(model, optimizer, batches, torch, autocast, step_loss=None) -> None:
     """Two more steps under torch.profiler; the CUDA kernels by total time go to this subprocess's log."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        timed_steps(model, optimizer, batches, 0, torch, True, autocast)  # eager: the graphs would hide the kernels
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:  # eager: graphs hide kernels
+        timed_steps(model, optimizer, batches, 0, torch, True, autocast, step_loss=step_loss)
     table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90)
     print(f"== profile: {len(batches)} steps, kernels by self CUDA time\n{table}", flush=True)

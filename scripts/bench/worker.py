@@ -15,6 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
+from . import preference
 from .scenarios import GIB
 from .steps import make_batches, make_optimizer, profile_steps, step_graphs_for, timed_steps, warmup_record
 from .variants import Unsupported, build_fusetune, build_hf, build_unsloth, self_check_seconds
@@ -39,7 +40,7 @@ def run_worker(spec: dict) -> dict:
     result = {"status": "failed", "reason": None}
     stage = "import"
     try:
-        reason = import_peer(spec["variant"])
+        reason = import_peer(spec["variant"], dpo=spec["mode"] == "dpo")
         if reason:  # not installed, or a dependency missing: a skipped peer
             return {"status": "skipped", "reason": reason}
         import torch
@@ -50,10 +51,14 @@ def run_worker(spec: dict) -> dict:
             torch.cuda.set_per_process_memory_fraction(min(1.0, spec["memory_cap_gib"] * GIB / total), 0)
         stage = "load"
         model, params, vocab = load(spec, torch, result)
+        dpo = None
+        if spec["mode"] == "dpo":
+            stage = "trainer"
+            dpo = preference.prepare(model, vocab, spec, torch)
         stage = "steps"
-        optimizer, batches = train(model, params, vocab, spec, torch, result)
+        optimizer, batches, step_loss = train(model, params, vocab, spec, torch, result, dpo)
         if spec["cuda"] and spec.get("profile"):
-            profile_steps(model, optimizer, batches[-2:], torch, spec["autocast"])
+            profile_steps(model, optimizer, batches[-2:], torch, spec["autocast"], step_loss)
         alt = spec["scenario"].get("alt_optim")
         if alt and spec.get("alt_steps"):
             optimizer.zero_grad(set_to_none=True)
@@ -70,13 +75,16 @@ def run_worker(spec: dict) -> dict:
     return result
 
 
-def import_peer(variant: str) -> str | None:
+def import_peer(variant: str, dpo: bool = False) -> str | None:
     """Import a peer's package before anything else (Unsloth patches transformers, TRL and PEFT as they
-    import); None, or why it cannot be imported."""
+    import; for DPO its ``PatchDPOTrainer()`` follows at once); None, or why it cannot be imported."""
     package = {"unsloth": "unsloth", "liger": "liger_kernel"}.get(variant)
     try:
         if variant == "unsloth":
-            import unsloth  # noqa: F401
+            import unsloth
+
+            if dpo:
+                unsloth.PatchDPOTrainer()
         elif variant == "liger":
             import liger_kernel.transformers  # noqa: F401
     except Exception as error:
@@ -89,8 +97,8 @@ def load(spec: dict, torch, result: dict) -> tuple:
     variant, cuda = spec["variant"], spec["cuda"]
     dtype = torch.bfloat16 if cuda else torch.float32
     start = time.perf_counter()
-    if variant in ("hf", "liger"):
-        model = build_hf(spec, torch, dtype, liger=variant == "liger")
+    if variant in ("hf", "liger"):  # DPO: the trainer applies Liger's kernels (use_liger_kernel)
+        model = build_hf(spec, torch, dtype, liger=variant == "liger" and spec["mode"] != "dpo")
     elif variant == "unsloth":
         model = build_unsloth(spec, torch, dtype)
     else:
@@ -109,13 +117,23 @@ def load(spec: dict, torch, result: dict) -> tuple:
     return model, params, base.config.vocab_size
 
 
-def train(model, params, vocab: int, spec: dict, torch, result: dict) -> tuple:
-    """Train every batch, timed; the measures go into ``result``. Returns the optimizer and the batches."""
+def train(model, params, vocab: int, spec: dict, torch, result: dict, dpo=None) -> tuple:
+    """Train every batch, timed; the measures go into ``result``. ``dpo``: a DPO scenario's trainer and batches
+    (``preference.prepare``). Returns the optimizer, the batches and the loss of a batch (None: the model's
+    forward with labels)."""
     cuda, warmup = spec["cuda"], spec["warmup"]
-    batches, lengths, mode = make_batches(spec, torch, vocab)
+    step_loss = None
+    if dpo is not None:
+        params = [p for p in model.parameters() if p.requires_grad]  # the policy's adapter, as the trainer left it
+        result["trainable_params"] = sum(p.numel() for p in params)
+        batches, lengths, mode, step_loss = dpo.batches, spec["lengths"], "dpo", preference.step_loss(dpo.trainer)
+    else:
+        batches, lengths, mode = make_batches(spec, torch, vocab)
     optimizer = make_optimizer("adamw_fused", params, torch, cuda)
     step_graphs = step_graphs_for(model, spec)
-    every, losses, paths = timed_steps(model, optimizer, batches, warmup, torch, cuda, spec["autocast"], step_graphs)
+    every, losses, paths = timed_steps(
+        model, optimizer, batches, warmup, torch, cuda, spec["autocast"], step_graphs, step_loss
+    )
     times, measured = every[warmup:], lengths[warmup:]
     result.update(
         status="ok",
@@ -144,7 +162,9 @@ def train(model, params, vocab: int, spec: dict, torch, result: dict) -> tuple:
     if cuda:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
         result["reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
-    return optimizer, batches
+    if dpo is not None:
+        result.update(preference.row_record(dpo.trainer, dpo.ref_copy_removed))
+    return optimizer, batches, step_loss
 
 
 def failed(result: dict, error: Exception, stage: str, cuda: bool) -> None:
