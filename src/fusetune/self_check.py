@@ -175,10 +175,9 @@ def run(config, backend: str, kernels, rows: list, device, dtype=torch.float32) 
     counting = {key: _counting(*key, original, hits) for key, original in originals.items()}
     ops = list(dict.fromkeys(row[0] for row in rows))
     try:
-        with swapped_in(counting), torch.no_grad():
-            model(**batch, use_cache=False)
-        with swapped_in(originals):
+        with swapped_in(counting):  # the model's own code, noting which of the originals it calls
             expected = _loss_and_grads(model, batch)
+        with swapped_in(originals):
             tolerance = TOLERANCE[backend]
             if half:  # what the model's own code loses to the half dtype, which ours may lose too
                 own_error = relative_error(_loss_and_grads(model.to(half), batch), expected)
