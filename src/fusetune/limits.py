@@ -70,7 +70,7 @@ TRAINER = {
 }
 # FastModel.from_pretrained's arguments and the app's model keys. A sequence needs two tokens: a next-token target
 # and one before it to predict it from.
-MODEL = {"max_seq_length": Range(2, note="a next-token target needs a token before it"), "batch_size": Range(1)}
+MODEL = {"max_seq_length": Range(2, note="a next-token target needs a token before it")}
 # FastModel.get_peft_model's arguments
 LORA = {"r": Range(1), "lora_alpha": Range(0, above=True), "lora_dropout": Range(0, 1, below=True)}
 

@@ -15,10 +15,12 @@ from fusetune.errors import FusetuneError
 
 from ..conftest import CONF, ROOT
 
-MOVED = (
-    "model.learning_rate moved to trainer.learning_rate (a model preset sets it there too, as "
-    "conf/model/tiny_llama.yaml does)"
-)
+MOVED = {
+    "learning_rate": "model.learning_rate moved to trainer.learning_rate (a model preset sets it there too, as "
+    "conf/model/tiny_llama.yaml does)",
+    "batch_size": "model.batch_size moved to trainer.per_device_train_batch_size (a model preset sets it there too, "
+    "as conf/model/tiny_llama.yaml does)",
+}
 
 
 @pytest.mark.parametrize(
@@ -90,17 +92,19 @@ def test_hydra_error_line(override, line):
     assert hydra_error_line(composition_error([override])) == line
 
 
-def test_a_moved_key_is_named_with_its_new_place(tmp_path):
-    """Overridden, or set by a model preset of the user's (written as model presets were before), with or without +."""
-    assert hydra_error_line(composition_error(["model.learning_rate=0.5"])) == MOVED
+@pytest.mark.parametrize("key,value,base", [("learning_rate", 1e-3, "llama3_1b"), ("batch_size", 2, "llama3_8b")])
+def test_a_moved_key_is_named_with_its_new_place(tmp_path, key, value, base):
+    """Overridden, or set by a model preset of the user's (written as model presets were before, on a shipped preset
+    in the model package or, llama3_8b, the global one), with or without +."""
+    assert hydra_error_line(composition_error([f"model.{key}={value}"])) == MOVED[key]
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "mine.yaml").write_text("defaults:\n  - llama3_1b\n  - _self_\nlearning_rate: 1e-3\n")
-    assert hydra_error_line(composition_error([f"hydra.searchpath=[file://{tmp_path}]", "model=mine"])) == MOVED
+    (tmp_path / "model" / "mine.yaml").write_text(f"defaults:\n  - {base}\n  - _self_\n{key}: {value}\n")
+    assert hydra_error_line(composition_error([f"hydra.searchpath=[file://{tmp_path}]", "model=mine"])) == MOVED[key]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=["+model.learning_rate=0.5"])
+        cfg = compose("train", overrides=[f"+model.{key}={value}"])
     with pytest.raises(FusetuneError) as refused:
         check_composed(cfg)
-    assert str(refused.value) == MOVED
+    assert str(refused.value) == MOVED[key]
 
 
 def fails_to_compose():

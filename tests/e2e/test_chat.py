@@ -49,7 +49,13 @@ def full_run(tmp_path_factory) -> Path:
     rows, _ = synthetic_splits(num_train=256, num_eval=0, seed=0)
     turns = [{"messages": [user(row["prompt"]), {"role": "assistant", "content": row["completion"]}]} for row in rows]
     (out / "chat.jsonl").write_text("".join(json.dumps(turn) + "\n" for turn in turns))
-    return train(out, "data=chat", f"data.path={out / 'chat.jsonl'}", "trainer.max_steps=30", "model.batch_size=32")
+    return train(
+        out,
+        "data=chat",
+        f"data.path={out / 'chat.jsonl'}",
+        "trainer.max_steps=30",
+        "trainer.per_device_train_batch_size=32",
+    )
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,11 @@ ROWS = [
         ("trainer.per_device_train_batch_size=0",),
         "trainer.per_device_train_batch_size must be >= 1, got 0",
     ),
-    Row("model-batch-size-negative", ("model.batch_size=-8",), "model.batch_size must be >= 1, got -8"),
+    Row(
+        "model-batch-size-moved",
+        ("+model.batch_size=8",),
+        "model.batch_size moved to trainer.per_device_train_batch_size (a model preset sets it there too",
+    ),
     Row(
         "eval-batch-size-zero",
         ("trainer.per_device_eval_batch_size=0",),

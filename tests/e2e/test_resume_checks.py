@@ -207,6 +207,24 @@ def test_another_number_of_processes_changes_the_math(run_dir, monkeypatch, caps
     assert json.loads((run_dir / MANIFEST).read_text())["config"]["world_size"] == 2
 
 
+def test_a_checkpoint_from_before_the_batch_size_moved_names_the_old_key(run_dir, capsys):
+    """Its record holds model.batch_size (64, tiny_llama's, which the run's trainer key overrode): the key is gone,
+    which the diff says, and resume.allow_changes=[model.batch_size] accepts."""
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    manifest["config"]["model"]["batch_size"] = 64
+    (run_dir / MANIFEST).write_text(json.dumps(manifest))
+    before = snapshot(run_dir)
+    with pytest.raises(SystemExit):
+        guard(run_dir, "resume=auto")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fusetune: error: resume: model.batch_size changed 64 -> (absent) (since {run_dir / 'checkpoint-2'} was "
+        "saved); resume.allow_changes=[model.batch_size] accepts it"
+    )
+    assert snapshot(run_dir) == before
+    guard(run_dir, "resume=auto", "resume.allow_changes=[model.batch_size]")
+    assert "batch_size" not in json.loads((run_dir / MANIFEST).read_text())["config"]["model"]
+
+
 @pytest.mark.parametrize(
     ("given", "read"),
     [("resume=auto", "resume.checkpoint=auto"), ("+resume=/r/checkpoint-2", "+resume.checkpoint=/r/checkpoint-2"),

@@ -174,7 +174,7 @@ def test_triton_and_reference_backends_give_matching_losses(compose_cfg, tmp_pat
                 "logger=none",
                 "save_model=false",
                 "model.dtype=float32",
-                "model.batch_size=4",
+                "trainer.per_device_train_batch_size=4",
                 *FAST,
                 "data.num_generate=0",  # greedy generation through interpreted kernels is slow and proves nothing here
             ],

@@ -155,7 +155,7 @@ CASES = {
     ),
     "the-final-save": Case(
         signal.SIGINT,
-        ["model.config={medium}", "trainer.max_steps=1", "model.batch_size=2"],
+        ["model.config={medium}", "trainer.max_steps=1", "trainer.per_device_train_batch_size=2"],
         seen(r"Writing model shards"),
         "the final save",
         "during the final save",
@@ -214,7 +214,9 @@ def signalled(tmp: Path, case: Case) -> tuple[Watched, float]:
 
 def signalled_twice(tmp: Path) -> tuple[Watched, float]:
     """A first SIGTERM between steps waits for the step; a second one ends the process at once."""
-    watched = train(tmp, ["model.config={medium}", "trainer.max_steps=400", "model.batch_size=8"], ["medium"])
+    watched = train(
+        tmp, ["model.config={medium}", "trainer.max_steps=400", "trainer.per_device_train_batch_size=8"], ["medium"]
+    )
     watched.wait_for(seen(r"/400 \["), "training")
     watched.send(signal.SIGTERM)
     time.sleep(0.2)

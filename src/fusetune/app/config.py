@@ -136,9 +136,8 @@ class ModelConfig:
     # | smart: as many layers as memory_budget allows keep their activations (no recompute), the rest offloaded
     gradient_checkpointing: str = "false"
     memory_budget: float | None = None  # smart checkpointing: GiB (> 1) or a fraction of the GPU; null: what is free
-    # The recommended batch size for this model, used where trainer.per_device_train_batch_size is null. (Its learning
-    # rate is trainer.learning_rate: a preset that needs its own sets that key, as conf/model/tiny_llama.yaml does.)
-    batch_size: int = 8
+    # (A model's learning rate and batch size are trainer.learning_rate and trainer.per_device_train_batch_size: a
+    # preset that needs its own sets those keys, as conf/model/tiny_llama.yaml does.)
 
 
 @dataclass
@@ -217,7 +216,8 @@ class AppTrainerKeys:
     name: str = "sft"  # the trainer option, recorded in summary.json
     # the one home of the learning rate: a model preset that needs another sets trainer.learning_rate (PRESET_KEYS)
     learning_rate: float = 2e-4
-    per_device_train_batch_size: int | None = None  # null: model.batch_size
+    # the one home of the batch size (TRL's name and default): a model preset that needs another sets it (PRESET_KEYS)
+    per_device_train_batch_size: int = 8
     logging_steps: float | None = None  # null: logging_steps_for(max_steps), at least ten points in a short run
     extra: dict[str, Any] = field(default_factory=dict)  # the trainer class's fields that no trainer key holds
 
@@ -226,7 +226,6 @@ class AppTrainerKeys:
 # trainer option builds on) sets each one and says why; every other trainer default is FastSFTConfig's.
 # tests/conf/test_trainer_schema.py holds the two to that.
 OWN_TRAINER_DEFAULTS = (
-    "per_device_train_batch_size",
     "num_train_epochs",
     "lr_scheduler_type",
     "warmup_steps",
@@ -239,12 +238,14 @@ OWN_TRAINER_DEFAULTS = (
 # Trainer keys that a model preset may set: its file is `# @package _global_` and sets trainer.KEY beside model.*
 # (conf/model/tiny_llama.yaml). The trainer options leave them alone, as the trainer group is composed after the
 # model's and would replace the preset's value; their app default is AppTrainerKeys'.
-PRESET_KEYS = ("learning_rate",)
+PRESET_KEYS = ("learning_rate", "per_device_train_batch_size")
 
 # Keys that moved, by their old place: an override or a preset that sets one is refused naming where it lives now.
 MOVED_KEYS = {
     "model.learning_rate": "trainer.learning_rate (a model preset sets it there too, as conf/model/tiny_llama.yaml "
     "does)",
+    "model.batch_size": "trainer.per_device_train_batch_size (a model preset sets it there too, as "
+    "conf/model/tiny_llama.yaml does)",
 }
 
 

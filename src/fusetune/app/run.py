@@ -67,8 +67,6 @@ def sft_config(
     t = cfg.trainer
     checkpointing = checkpointing_mode(cfg.model.gradient_checkpointing)
     values = OmegaConf.to_container(t)
-    if t.per_device_train_batch_size is None:
-        values["per_device_train_batch_size"] = cfg.model.batch_size
     if t.logging_steps is None:
         values["logging_steps"] = logging_steps_for(t.max_steps)
     # Only what differs: a default given again changes nothing, and FastSFTConfig warns about logging_dir if given.
