@@ -207,22 +207,36 @@ def test_another_number_of_processes_changes_the_math(run_dir, monkeypatch, caps
     assert json.loads((run_dir / MANIFEST).read_text())["config"]["world_size"] == 2
 
 
-def test_a_checkpoint_from_before_the_batch_size_moved_names_the_old_key(run_dir, capsys):
-    """Its record holds model.batch_size (64, tiny_llama's, which the run's trainer key overrode): the key is gone,
-    which the diff says, and resume.allow_changes=[model.batch_size] accepts."""
+def record_from_before_the_keys_moved(run_dir, batch_offset: int) -> int:
+    """Its record as a run saved it before the keys moved: model.batch_size (the run's, plus ``batch_offset``) and
+    model.learning_rate, the trainer's keys null (they fell back to the model's). Returns the run's batch size."""
     manifest = json.loads((run_dir / MANIFEST).read_text())
-    manifest["config"]["model"]["batch_size"] = 64
+    config = manifest["config"]
+    trainer = config["trainer"]
+    batch = trainer["per_device_train_batch_size"]
+    config["model"] |= {"batch_size": batch + batch_offset, "learning_rate": trainer["learning_rate"]}
+    trainer |= {"per_device_train_batch_size": None, "learning_rate": None}
     (run_dir / MANIFEST).write_text(json.dumps(manifest))
+    return batch
+
+
+def test_a_checkpoint_from_before_the_keys_moved_resumes_as_it_trained(run_dir, capsys):
+    record_from_before_the_keys_moved(run_dir, 0)
+    guard(run_dir, "resume=auto")
+    assert "resume:" not in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_the_keys_moved_names_a_change_at_the_new_key(run_dir, capsys):
+    batch = record_from_before_the_keys_moved(run_dir, 3)
     before = snapshot(run_dir)
     with pytest.raises(SystemExit):
         guard(run_dir, "resume=auto")
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"fusetune: error: resume: model.batch_size changed 64 -> (absent) (since {run_dir / 'checkpoint-2'} was "
-        "saved); resume.allow_changes=[model.batch_size] accepts it"
+        f"fusetune: error: resume: trainer.per_device_train_batch_size changed {batch + 3} -> {batch} "
+        f"(since {run_dir / 'checkpoint-2'} was saved); resume.allow_changes=[trainer.per_device_train_batch_size] "
+        "accepts it"
     )
     assert snapshot(run_dir) == before
-    guard(run_dir, "resume=auto", "resume.allow_changes=[model.batch_size]")
-    assert "batch_size" not in json.loads((run_dir / MANIFEST).read_text())["config"]["model"]
 
 
 @pytest.mark.parametrize(

@@ -241,17 +241,15 @@ OWN_TRAINER_DEFAULTS = (
 PRESET_KEYS = ("learning_rate", "per_device_train_batch_size")
 
 # Keys that moved, by their old place: an override or a preset that sets one is refused naming where it lives now.
-MOVED_KEYS = {
-    "model.learning_rate": "trainer.learning_rate (a model preset sets it there too, as conf/model/tiny_llama.yaml "
-    "does)",
-    "model.batch_size": "trainer.per_device_train_batch_size (a model preset sets it there too, as "
-    "conf/model/tiny_llama.yaml does)",
-}
+# Keys that moved, to their new place (a record saved before the move is read with them there: resume_check).
+MOVED_KEYS = {"model.learning_rate": "trainer.learning_rate", "model.batch_size": "trainer.per_device_train_batch_size"}
 
 
 def moved_key_line(key: str) -> str | None:
     """The one line for a key that moved (MOVED_KEYS), or None."""
-    return f"{key} moved to {MOVED_KEYS[key]}" if key in MOVED_KEYS else None
+    if key not in MOVED_KEYS:
+        return None
+    return f"{key} moved to {MOVED_KEYS[key]} (a model preset sets it there too, as conf/model/tiny_llama.yaml does)"
 
 
 PRIMITIVES = (int, float, bool, str)

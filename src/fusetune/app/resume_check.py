@@ -7,6 +7,7 @@ what is logged, evaluated or saved, and a longer run (``trainer.max_steps`` or `
 allowed and listed in one line. A key that is not named here changes the math.
 """
 
+import copy
 import json
 from typing import Any
 
@@ -123,11 +124,27 @@ def _never_read(key: str, old, new, trainer_name) -> bool:
     return name not in CLASS_DEFAULTS[trainer_class(trainer_name)] and new == TRAINER_DEFAULTS[name]
 
 
+def as_moved(saved: dict) -> dict:
+    """A config saved before keys moved (config.MOVED_KEYS), read as if saved after: the old key's value goes to the
+    new key where that was null, as the run then trained with it (a null trainer key fell back to the model's)."""
+    from .config import MOVED_KEYS
+
+    saved = copy.deepcopy(saved)
+    for old, new in MOVED_KEYS.items():
+        (old_group, old_key), (new_group, new_key) = old.split("."), new.split(".")
+        group, target = saved.get(old_group), saved.get(new_group)
+        if isinstance(group, dict) and old_key in group and isinstance(target, dict):
+            value = group.pop(old_key)
+            if target.get(new_key) is None:
+                target[new_key] = value
+    return saved
+
+
 def check(saved: dict, new: dict, allow_changes, checkpoint) -> str | None:
     """Refuse a resume whose config changes the math (one line, the diff); returns the line that lists the allowed
     changes, or None when nothing changed."""
     trainer_name = (new.get("trainer") or {}).get("name")
-    found = [c for c in changes(saved, new) if not _never_read(*c, trainer_name)]
+    found = [c for c in changes(as_moved(saved), new) if not _never_read(*c, trainer_name)]
     allowed = list(allow_changes or [])
     refused = [c for c in found if changes_math(*c) and not _covered(c[0], allowed)]
     if refused:
