@@ -233,7 +233,7 @@ def _install(root, gradient_checkpointing_func) -> None:
         if hasattr(module, "gradient_checkpointing"):
             module._gradient_checkpointing_func = LayerCheckpoint(module, root._fusetune_offload, keywords)
     planner = getattr(root, "_fusetune_planner", None)
-    if planner is not None:  # it sets the modes per batch from now on (fusetune.smart_checkpointing)
+    if planner is not None:  # it sets the modes per batch from now on (fusetune.training.smart_checkpointing)
         planner.bind([m._gradient_checkpointing_func for m in _checkpointed_layers(root)])
 
 
@@ -276,7 +276,7 @@ def enable_checkpointing(model, offload: bool = True, planner=None) -> str:
 
     ``planner``: an object with ``bind(checkpoints)``, given the layers' ``LayerCheckpoint`` objects in
     order each time they are installed; it may then change their modes per batch
-    (``fusetune.smart_checkpointing``). The mode set here is what the planner falls back to.
+    (``fusetune.training.smart_checkpointing``). The mode set here is what the planner falls back to.
     """
     base = _pretrained_root(model)
     device = _model_device(base)

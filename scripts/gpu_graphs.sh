@@ -7,7 +7,7 @@
 #   p32:  32 documents (17k tokens, GPU-bound): what the padding costs where the host is not the limit;
 #   gc8:  8 documents with gradient checkpointing.
 # Writes tests.log, profile.log and <run>/profile.{json,md} under $OUT.
-#   TESTS="tests/trainer/test_graphs.py" TEST_WORKERS=4 RUNS="p8" BACKENDS= TRAINER=fused,graphs bash scripts/gpu_graphs.sh
+#   TESTS="tests/sequences/test_graphs.py" TEST_WORKERS=4 RUNS="p8" BACKENDS= TRAINER=fused,graphs bash scripts/gpu_graphs.sh
 set -uo pipefail
 # shellcheck source=scripts/gpu_env.sh
 source "$(dirname "$0")/gpu_env.sh"
@@ -17,7 +17,7 @@ source "$(dirname "$0")/gpu_env.sh"
 triton.__version__, transformers.__version__, trl.__version__, peft.__version__)"
 } 2>&1 | tee "$OUT/tests.log"
 # TESTS: the tests (empty: none); TEST_WORKERS: pytest-xdist processes; RUNS: which profiles, in order
-TESTS=${TESTS-tests/trainer tests/library tests/e2e/test_examples.py}
+TESTS=${TESTS-tests/training tests/sequences tests/library tests/e2e/test_examples.py}
 if [ -n "$TESTS" ]; then
   # shellcheck disable=SC2086
   timeout "${TEST_TIMEOUT:-200}" python3 -m pytest $TESTS ${TEST_WORKERS:+-n $TEST_WORKERS} -q -rfs --tb=short \

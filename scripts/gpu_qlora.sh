@@ -8,7 +8,7 @@ set -uo pipefail
 # shellcheck source=scripts/gpu_env.sh
 source "$(dirname "$0")/gpu_env.sh"
 TESTS=${TESTS-tests/kernels/test_nf4.py tests/kernels/test_lora_nf4.py tests/library/test_lora_nf4_patch.py \
-tests/kernels/test_offloaded_checkpoint.py tests/trainer/test_qlora.py tests/e2e/test_seeds.py \
+tests/kernels/test_offloaded_checkpoint.py tests/training/test_qlora.py tests/e2e/test_seeds.py \
 tests/e2e/test_examples.py::test_example_runs[04_qlora.py]}
 if [ -n "$TESTS" ]; then
   # shellcheck disable=SC2086

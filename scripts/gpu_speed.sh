@@ -21,6 +21,6 @@ bench s1-smart-fp8 SCENARIOS=S1 VARIANTS=fusetune_triton BUDGET=90 \
 [ -n "${SHORT:-}" ] || bench s1-unsloth SCENARIOS=S1 VARIANTS=unsloth BUDGET=130
 [ -n "${SHORT:-}" ] || bench s7 SCENARIOS=S7 VARIANTS="fusetune_triton liger unsloth hf" BUDGET="${S7_BUDGET:-150}"
 timeout "${TESTS_TIMEOUT:-90}" python3 -m pytest -n 8 -q -p no:cacheprovider --tb=short \
-  tests/kernels/test_fp8.py tests/library/test_fp8_base.py tests/library/test_smart_checkpointing.py \
+  tests/kernels/test_fp8.py tests/library/test_fp8_base.py tests/training/test_smart_checkpointing.py \
   >"$FINAL/tests.log" 2>&1
 tail -3 "$FINAL/tests.log"

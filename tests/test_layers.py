@@ -89,9 +89,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
-    assert "fusetune.forwards" in graph["fusetune.graphs"]  # relative, module level
-    assert "fusetune_kernels.cross_entropy" in graph["fusetune.graphs"]  # absolute, module level
-    assert "transformers.integrations" in graph["fusetune.trainer"]  # inside a method
+    assert "fusetune.forwards" in graph["fusetune.sequences.graphs"]  # relative, module level
+    assert "fusetune_kernels.cross_entropy" in graph["fusetune.sequences.graphs"]  # absolute, module level
+    assert "transformers.integrations" in graph["fusetune.training.trainer"]  # inside a method
 
 
 def test_a_cycle_is_found_however_long():
@@ -141,12 +141,13 @@ def test_import_fusetune_loads_no_hydra():
 
 def unnamed_in_layout(readme: str, folder: Path) -> list[str]:
     """The modules under ``folder`` (``__init__``/``__main__`` aside) whose names the README's layout block
-    does not hold as a word."""
+    does not hold as a word, and its packages it does not name as ``name/``."""
     start = readme.index("## Layout")
     block = readme[start : readme.index("```\n", readme.index("```", start) + 3)]
     words = set(re.findall(r"\w+", block))
     stems = {p.stem for p in folder.rglob("*.py") if p.stem not in ("__init__", "__main__")}
-    return sorted(stem for stem in stems if stem not in words)
+    packages = {p.parent.name + "/" for p in folder.rglob("*/__init__.py")}
+    return sorted([stem for stem in stems if stem not in words] + [p for p in packages if p not in block])
 
 
 def test_the_readme_layout_names_every_library_module(tmp_path):
@@ -154,4 +155,6 @@ def test_the_readme_layout_names_every_library_module(tmp_path):
     readme = (ROOT / "README.md").read_text()
     assert unnamed_in_layout(readme, SOURCES["fusetune"]) == []
     (tmp_path / "newcomer.py").write_text("")  # a module the layout does not name is reported
-    assert unnamed_in_layout(readme, tmp_path) == ["newcomer"]
+    (tmp_path / "grouped").mkdir()  # and a package
+    (tmp_path / "grouped" / "__init__.py").write_text("")
+    assert unnamed_in_layout(readme, tmp_path) == ["grouped/", "newcomer"]

@@ -26,8 +26,8 @@ PADDING_FREE = {
     "hf": "SDPA with the per-document mask transformers builds from restarting position_ids",
     "liger": "SDPA with the per-document mask transformers builds from restarting position_ids",
     "unsloth": "Unsloth's packed path (packed_seq_lengths, as its padding-free collator adds)",
-    "fusetune_reference": "fusetune_varlen attention (fusetune.varlen.enable_varlen_attention, as its trainer does)",
-    "fusetune_triton": "fusetune_varlen attention (fusetune.varlen.enable_varlen_attention, as its trainer does)",
+    "fusetune_reference": "fusetune_varlen attention (sequences.varlen.enable_varlen_attention, as its trainer does)",
+    "fusetune_triton": "fusetune_varlen attention (sequences.varlen.enable_varlen_attention, as its trainer does)",
 }
 
 # name -> what it trains. kind: fixed (batch x seq), docs (variable-length documents), max_context (probes),

@@ -60,7 +60,7 @@ def make_optimizer(name: str, params, torch, cuda: bool):
 def timed_steps(model, optimizer, batches, warmup, torch, cuda, autocast, step_graphs=None, step_loss=None):
     """Run every batch; return every step's time (ms, consecutive CUDA-event intervals from the first step's
     start; peak memory is reset before step ``warmup``), all losses, and each step's path: "eager", or with
-    ``step_graphs`` (fusetune.graphs.StepGraphs, as FastSFTTrainer runs padding-free steps) "capture" or
+    ``step_graphs`` (fusetune.sequences.graphs.StepGraphs, as FastSFTTrainer runs padding-free steps) "capture" or
     "replay" where the graphs took the batch. ``step_loss``: the loss of a batch under the same autocast (a
     trainer's compute_loss, in the DPO scenarios) in place of the model's forward with labels."""
     device = "cuda" if cuda else "cpu"
@@ -112,7 +112,7 @@ def step_graphs_for(model, spec: dict):
     padded path with reruns for replays); None for other rows and variants, or with --fusetune-graphs off."""
     if not (spec["variant"].startswith("fusetune") and spec["mode"] == "padding_free" and spec.get("fusetune_graphs")):
         return None
-    from fusetune.graphs import Reruns, StepGraphs
+    from fusetune.sequences.graphs import Reruns, StepGraphs
 
     params = [p for p in model.parameters() if p.requires_grad]
     device = "cuda" if spec["cuda"] else "cpu"

@@ -142,7 +142,7 @@ def build_fusetune(spec: dict, torch, dtype):
         memory_budget=spec.get("memory_cap_gib") if spec.get("fusetune_checkpointing") == "smart" else None,
     )
     if spec["mode"] == "padding_free":
-        from fusetune.varlen import enable_varlen_attention
+        from fusetune.sequences.varlen import enable_varlen_attention
 
         enable_varlen_attention(model)
     return model

@@ -17,7 +17,7 @@ shape), the same batches for every backend. Each backend runs twice over the bat
 Medians are over the steps after ``warmup``. A step whose host CPU time exceeds its GPU time leaves the
 GPU waiting on the CPU. ``varlen_peft_lora`` is ``varlen`` with PEFT's own LoRA forward instead of the
 fused LoRA node, to show what the fusion saves; ``varlen_graphs`` is ``varlen`` with the forward and
-backward replayed as CUDA graphs (``fusetune.graphs``; a step that meets a new bucket captures it, and
+backward replayed as CUDA graphs (``fusetune.sequences.graphs``; a step that meets a new bucket captures it, and
 the table counts those steps). ``trainer`` times the same documents through ``FastSFTTrainer.train()``
 (step ends read on the GPU's own timeline). ``steps.sync_points`` lists where a step makes the host wait.
 

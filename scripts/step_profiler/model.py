@@ -3,8 +3,9 @@
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from fusetune import FastModel, varlen
+from fusetune import FastModel
 from fusetune.patching import apply_kernels, remove_kernels
+from fusetune.sequences import varlen
 
 from . import BACKENDS, TINY, Setup
 

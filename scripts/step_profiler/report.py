@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from fusetune import varlen
 from fusetune.loading import load_config
+from fusetune.sequences import varlen
 
 from . import BACKENDS, TRAINER_VARIANTS, Setup
 from .model import make_batches, make_documents

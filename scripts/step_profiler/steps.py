@@ -11,8 +11,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from fusetune import varlen
-from fusetune.graphs import CudaGraphs, Reruns, StepGraphs
+from fusetune.sequences import varlen
+from fusetune.sequences.graphs import CudaGraphs, Reruns, StepGraphs
 
 from . import BACKENDS, Setup
 from .model import adamw, build, release, sync

@@ -9,7 +9,8 @@ from datasets import Dataset
 from torch.profiler import ProfilerActivity, profile
 from transformers import TrainerCallback
 
-from fusetune import FastSFTConfig, FastSFTTrainer, varlen
+from fusetune import FastSFTConfig, FastSFTTrainer
+from fusetune.sequences import varlen
 
 from . import TRAINER_VARIANTS, Setup
 from .model import build, release

@@ -5,7 +5,7 @@ FastSFTTrainer and FastSFTConfig, so plain TRL code gets the kernels and default
 FastDPOConfig (TRL's DPO classes with the kernels and the fused preference loss) are imported by name:
 ``trl.DPOTrainer`` stays TRL's, whose fuller per-token metrics (entropy, logits/*) plain TRL code may read.
 FastORPOTrainer, FastSimPOTrainer, FastCPOTrainer and FastKTOTrainer (and their configs) are TRL's own trainers
-on fusetune's kernels (``fusetune.preference_variants``), imported when first named.
+on fusetune's kernels (``fusetune.training.preference_variants``), imported when first named.
 """
 
 __version__ = "0.1.0"
@@ -20,8 +20,8 @@ hub_offline()  # decided once, before anything asks the hub (bitsandbytes fetche
 
 from .compat.trl import point_trl_at  # noqa: E402
 from .fast_model import FastModel  # noqa: E402
-from .preference_trainer import FastDPOConfig, FastDPOTrainer  # noqa: E402
-from .trainer import FastSFTConfig, FastSFTTrainer  # noqa: E402
+from .training.preference_trainer import FastDPOConfig, FastDPOTrainer  # noqa: E402
+from .training.trainer import FastSFTConfig, FastSFTTrainer  # noqa: E402
 
 FastLanguageModel = FastModel  # Unsloth's name; fusetune.compat.unsloth has the others
 point_trl_at(FastSFTTrainer, FastSFTConfig)
@@ -34,7 +34,7 @@ PREFERENCE_VARIANTS = (
 
 def __getattr__(name: str):
     if name in PREFERENCE_VARIANTS:  # TRL's experimental trainers are imported only when asked for
-        from . import preference_variants
+        from .training import preference_variants
 
         return getattr(preference_variants, name)
     raise AttributeError(f"module 'fusetune' has no attribute '{name}'")

@@ -39,8 +39,8 @@ from .data.rules import SYNTHETIC
 from .data.templates import check_template, render_within
 from .errors import FusetuneError, first_line
 from .evaluate import _adds_specials
-from .faults import SignalStop, StopOnSignal
 from .noise import quiet_third_party
+from .training.faults import SignalStop, StopOnSignal
 
 RUN_SUBFOLDERS = ("merged", "adapter", "model")  # in order of preference
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -24,8 +24,8 @@ from .gguf_export import save_gguf
 from .modules import EMBEDDINGS, EXPERT_PARAMETERS, PROJECTIONS, base_model, is_quantized
 from .patching import apply_kernels, choose_backend
 from .saving import add_saving_methods
-from .smart_checkpointing import enable_smart_checkpointing
 from .state import peek, state_of
+from .training.smart_checkpointing import enable_smart_checkpointing
 
 log = logging.getLogger(__name__)
 OFFLOADED = ("unsloth", "offload")  # checkpointing whose saved layer inputs wait in pinned CPU memory

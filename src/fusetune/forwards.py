@@ -393,7 +393,7 @@ def causal_lm_forward(ops: Ops, original_forward):
 
     The rows that carry a label are found before the backbone is queued: that costs a host sync,
     which here waits only for the inputs, not for the whole forward. With ``static_shapes=True``
-    (CUDA graph captures, ``fusetune.graphs``) the loss head scores every row instead, unlabelled
+    (CUDA graph captures, ``fusetune.sequences.graphs``) the loss head scores every row instead, unlabelled
     ones adding nothing, so the forward has no host sync and no data-dependent shape.
     """
 

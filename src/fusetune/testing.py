@@ -8,8 +8,8 @@ src/ or kernels/ imports this module (tests/test_layers.py holds that), so a sea
 import fusetune_kernels.offloaded_checkpoint as _offloaded
 import fusetune_kernels.utils as _kernel_utils
 
-from . import varlen as _varlen
-from .buckets import Bucket, StaticBatch, bucket_for
+from .sequences import varlen as _varlen
+from .sequences.buckets import Bucket, StaticBatch, bucket_for
 
 
 def set_poison(enabled: bool) -> None:

@@ -63,7 +63,7 @@ def test_tiny_dpo_rows_and_equal_losses(tmp_path, monkeypatch, unpatched):
         assert len(logps["logps/chosen"]) == 2 and logps["logps/chosen"][0] != logps["logps/rejected"][0]
         assert logps["rewards/margins"][0] == 0.0 and abs(logps["rewards/margins"][1]) > 1e-5  # one update
     assert hf["trainer"] == "trl.trainer.dpo_trainer.DPOTrainer" and hf["fused_preference"] is None
-    assert ours["trainer"] == "fusetune.preference_trainer.FastDPOTrainer" and ours["fused_preference"] is True
+    assert ours["trainer"] == "fusetune.training.preference_trainer.FastDPOTrainer" and ours["fused_preference"] is True
     assert ours["trainable_params"] == hf["trainable_params"]
     # the same pairs, model and update: the same log-probs and losses (the report's target: 3 decimals at step 1)
     assert round(ours["loss_first"], 3) == round(hf["loss_first"], 3)
@@ -72,7 +72,7 @@ def test_tiny_dpo_rows_and_equal_losses(tmp_path, monkeypatch, unpatched):
         assert ours["dpo_metrics"][key] == pytest.approx(values, rel=1e-4, abs=1e-6), key
     md = jsonl.with_suffix(".md").read_text()
     assert "## D1: tiny fp32, DPO: 4 pairs x 2 x 64" in md and "| fusetune_reference | ok |" in md
-    assert "- fusetune_reference: fusetune.preference_trainer.FastDPOTrainer, fused preference loss on;" in md
+    assert "- fusetune_reference: fusetune.training.preference_trainer.FastDPOTrainer, fused preference loss on;" in md
 
 
 def test_the_gpu_scenarios_pairs_come_back_from_trls_tokenization(tmp_path):

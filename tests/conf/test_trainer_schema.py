@@ -26,8 +26,8 @@ from fusetune.app.config import (
 )
 from fusetune.app.run import sft_config
 from fusetune.errors import FusetuneError
-from fusetune.preference_trainer import FastDPOConfig
-from fusetune.trainer import FastSFTConfig
+from fusetune.training.preference_trainer import FastDPOConfig
+from fusetune.training.trainer import FastSFTConfig
 
 from ..conftest import CONF
 

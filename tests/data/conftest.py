@@ -16,7 +16,7 @@ def tiny_model():
 def trainer_on(splits, model, tokenizer, tmp_path, **args):
     """A FastSFTTrainer prepared on ``splits`` through their cache (one step on the CPU, no logger): TRL's
     tokenization, data.too_long, truncation and packing run as in a training run."""
-    from fusetune.trainer import FastSFTConfig, FastSFTTrainer
+    from fusetune.training.trainer import FastSFTConfig, FastSFTTrainer
 
     config = FastSFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True, **args)
     return FastSFTTrainer(

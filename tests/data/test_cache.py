@@ -12,7 +12,7 @@ import pytest
 from fusetune.data import DatasetCacheHook, build_splits
 from fusetune.data.cache import KEY_FILE, default_cache_dir
 from fusetune.loading import load_tokenizer
-from fusetune.trainer import FastSFTConfig, FastSFTTrainer
+from fusetune.training.trainer import FastSFTConfig, FastSFTTrainer
 
 from .test_formatters import data_cfg
 

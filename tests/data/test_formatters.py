@@ -12,7 +12,7 @@ from fusetune.data import build_splits, generation_pair
 from fusetune.data.formatters import ALPACA_PROMPT
 from fusetune.errors import FusetuneError
 from fusetune.loading import load_model
-from fusetune.trainer import FastSFTConfig, FastSFTTrainer
+from fusetune.training.trainer import FastSFTConfig, FastSFTTrainer
 
 ROWS = {
     "chat": [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],

@@ -11,8 +11,8 @@ import torch
 from fusetune.data import build_splits
 from fusetune.errors import FusetuneError
 from fusetune.loading import load_model, load_tokenizer
-from fusetune.preference_trainer import FastDPOConfig, FastDPOTrainer
-from fusetune.preference_variants import FastKTOConfig, FastKTOTrainer
+from fusetune.training.preference_trainer import FastDPOConfig, FastDPOTrainer
+from fusetune.training.preference_variants import FastKTOConfig, FastKTOTrainer
 
 from .test_formatters import data_cfg
 

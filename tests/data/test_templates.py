@@ -70,7 +70,7 @@ def test_assistant_only_loss_trains_exactly_the_assistant_tokens_of_a_shipped_te
         data_cfg(formatter="chat", path=path, chat_template="phi3"), tokenizer, 0, assistant_only_loss=True
     )
     config = {"output_dir": str(tmp_path), "max_steps": 1, "report_to": [], "use_cpu": True}
-    from fusetune.trainer import FastSFTConfig, FastSFTTrainer
+    from fusetune.training.trainer import FastSFTConfig, FastSFTTrainer
 
     trainer = FastSFTTrainer(
         model=tiny_model,

@@ -12,8 +12,8 @@ from fusetune.app.config import validate
 from fusetune.app.run import run, sft_config
 from fusetune.data.synthetic import preference_pairs, synthetic_splits
 from fusetune.errors import FusetuneError
-from fusetune.preference_trainer import FastDPOConfig
 from fusetune.report import read_jsonl
+from fusetune.training.preference_trainer import FastDPOConfig
 
 from .app_runs import error_line, exit_and_stderr
 from .test_report import make_job, summary
@@ -183,7 +183,7 @@ def test_a_config_saved_before_the_dpo_keys_resumes_an_sft_run(compose_cfg):
 def test_orpo_and_simpo_runs_record_reward_metrics(variant, options, compose_cfg, tmp_path):
     """trainer=orpo and trainer=simpo: TRL's own trainers on fusetune's kernels, their keys typed, the rewards
     recorded as trainer=dpo's are; the config class is the variant's, with the options given."""
-    from fusetune.preference_variants import FastORPOConfig, FastSimPOConfig
+    from fusetune.training.preference_variants import FastORPOConfig, FastSimPOConfig
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", 24, seed=random.randrange(1000))
     run_dir = tmp_path / "run"

@@ -275,7 +275,7 @@ LIBRARY = [
 def test_the_library_says_the_same(call, arguments, line, tmp_path):
     """Without the app, the same table gives the same line (a FusetuneError), before anything loads or trains."""
     from fusetune.errors import FusetuneError
-    from fusetune.trainer import FastSFTConfig
+    from fusetune.training.trainer import FastSFTConfig
 
     calls = {
         "FastSFTConfig": lambda: FastSFTConfig(output_dir=str(tmp_path), report_to=[], **arguments),

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from fusetune.checkpoints import is_complete
 from fusetune.data.cache import KEY_FILE
+from fusetune.training.checkpoints import is_complete
 
 from ..conftest import ROOT
 

@@ -186,7 +186,7 @@ def test_packed_rows_train_like_padded_rows_on_every_patched_type(outcomes):
     type refuses packed rows with its reason (layers that would mix documents). A type whose own attention
     cannot take a packed row at all fails loudly there; none may give another loss silently, and the named
     families must pack."""
-    from fusetune.packed_sequences import documents, packed_and_padded_loss, packing_blocker
+    from fusetune.sequences.packed_sequences import documents, packed_and_padded_loss, packing_blocker
 
     wrong, loud = [], []
     for model_type in [t for t, o in outcomes.items() if o.patched]:

@@ -170,7 +170,7 @@ def test_another_lora_factor_layout_is_one_line():
 def test_packed_rows_train_as_the_padded_batch(monkeypatch):
     """Routing is per token: one packed row (positions restarting per document, no attention mask) gives the
     padded batch's loss, load-balancing loss included, and gradients."""
-    from fusetune.varlen import enable_varlen_attention
+    from fusetune.sequences.varlen import enable_varlen_attention
 
     model = lora_moe("qwen3_moe")
     patch(model, "reference", monkeypatch)

@@ -41,9 +41,9 @@ from ..data.rules import (
 from ..errors import FusetuneError
 from ..fast_model import CHECKPOINTING, OFFLOADED, check_memory_budget
 from ..modules import PROJECTIONS
-from ..preference_trainer import FastDPOConfig
-from ..preference_variants import FastKTOConfig, FastORPOConfig, FastSimPOConfig
-from ..trainer import FastSFTConfig
+from ..training.preference_trainer import FastDPOConfig
+from ..training.preference_variants import FastKTOConfig, FastORPOConfig, FastSimPOConfig
+from ..training.trainer import FastSFTConfig
 from . import distributed, job_names
 from .choices import choice_problems
 

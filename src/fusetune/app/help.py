@@ -78,7 +78,7 @@ def _field_help(cls: type) -> dict[str, str]:
 
 def descriptions(schema: type) -> dict[str, str]:
     """Each field of ``schema`` (a config.py schema) and its description."""
-    from ..trainer import FastSFTConfig
+    from ..training.trainer import FastSFTConfig
     from .config import TRAINER_CLASSES, AppTrainerKeys, TrainerConfig
 
     # the other trainer classes first: FastSFTConfig's words win for the fields they share

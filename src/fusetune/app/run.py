@@ -11,19 +11,21 @@ import torch
 from omegaconf import OmegaConf
 from transformers import set_seed
 
-from ..checkpoints import newest_complete, saving, step_of, trainable_weights_finite
 from ..compat.trl import trained_tokens
 from ..data import build_splits
 from ..data.rules import SYNTHETIC, eval_requested
 from ..errors import FusetuneError, Interrupted
 from ..evaluate import GenerationEval, score_generations
 from ..fast_model import FastModel, enable_fusetune_checkpointing
-from ..faults import SignalStop, StopOnSignal
 from ..loading import TOKENIZER_FILES, count_parameters, load_tokenizer, pick_dtype, resolve
 from ..offline import require_local_or_hub
 from ..patching import remove_kernels
-from ..preference_trainer import FastDPOConfig, FastDPOTrainer
-from ..preference_variants import (
+from ..record_files import METRICS, SUMMARY, read_jsonl
+from ..state import peek
+from ..training.checkpoints import newest_complete, saving, step_of, trainable_weights_finite
+from ..training.faults import SignalStop, StopOnSignal
+from ..training.preference_trainer import FastDPOConfig, FastDPOTrainer
+from ..training.preference_variants import (
     FastKTOConfig,
     FastKTOTrainer,
     FastORPOConfig,
@@ -31,9 +33,7 @@ from ..preference_variants import (
     FastSimPOConfig,
     FastSimPOTrainer,
 )
-from ..record_files import METRICS, SUMMARY, read_jsonl
-from ..state import peek
-from ..trainer import FastSFTConfig, FastSFTTrainer
+from ..training.trainer import FastSFTConfig, FastSFTTrainer
 from . import distributed, run_folder
 from . import run_record as record
 from .config import checkpointing_mode, class_keys, logging_steps_for, trainer_class, validate

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from ..checkpoints import newest_complete, problem, step_of
 from ..errors import FusetuneError
 from ..record_files import METRICS, STATUS, SUMMARY, write_json_atomically
+from ..training.checkpoints import newest_complete, problem, step_of
 from . import distributed, resume_check, run_lock
 from .config import check_composed, refuse_secrets, validate
 

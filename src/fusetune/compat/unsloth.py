@@ -30,7 +30,7 @@ from ..data.formatters import standardize_sharegpt
 from ..data.responses import train_on_responses_only
 from ..data.template_names import get_chat_template
 from ..fast_model import FastModel
-from ..trainer import FastSFTConfig, FastSFTTrainer
+from ..training.trainer import FastSFTConfig, FastSFTTrainer
 
 FastLanguageModel = FastModel
 UnslothTrainer = FastSFTTrainer

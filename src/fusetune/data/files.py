@@ -14,9 +14,9 @@ from pathlib import Path
 
 from datasets import Dataset, Features, Value, load_dataset
 
-from ..checkpoints import file_hash
 from ..errors import FusetuneError, one_line
 from ..noise import muted
+from ..training.checkpoints import file_hash
 from .formatters import kind
 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

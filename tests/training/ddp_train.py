@@ -1,6 +1,6 @@
 """Run by test_ddp.py under torchrun (2 CPU processes, gloo): a few FastSFTTrainer steps, rank 0 writes the log.
 
-torchrun --standalone --nproc_per_node 2 tests/trainer/ddp_train.py OUT_JSON fused|trl
+torchrun --standalone --nproc_per_node 2 tests/training/ddp_train.py OUT_JSON fused|trl
 """
 
 import json

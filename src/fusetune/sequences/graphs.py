@@ -5,7 +5,7 @@ microseconds of host time on each (HF's modules, PEFT, autograd, Triton's launch
 few thousand tokens leaves the GPU waiting for the CPU. Captured as two CUDA graphs, forward and
 backward, the whole step costs the host two graph launches and a few small copies.
 
-A graph replays fixed shapes, so each batch is padded up to a bucket (``fusetune.buckets``: the
+A graph replays fixed shapes, so each batch is padded up to a bucket (``fusetune.sequences.buckets``: the
 shapes, the static input buffers a batch is padded into, and ``BucketPlan``: which captured bucket a
 batch replays, and when a new one is captured, so that a short run is not spent capturing).
 
@@ -39,10 +39,10 @@ import torch
 
 from fusetune_kernels.cross_entropy import loss_denominator
 
+from ..errors import first_line
+from ..forwards import IGNORE_INDEX, TokenStatsOutput
 from . import varlen
 from .buckets import MAX_BUCKETS, BucketPlan, StaticBatch, batch_blocker, bucket_for
-from .errors import first_line
-from .forwards import IGNORE_INDEX, TokenStatsOutput
 
 log = logging.getLogger(__name__)
 WARMUP_STEPS = 1  # eager runs on the capture stream before the first capture (compiles kernels, makes workspaces)

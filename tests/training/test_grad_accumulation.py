@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from fusetune.data.synthetic import synthetic_splits
 from fusetune.loading import load_model
 from fusetune.patching import apply_kernels, remove_kernels
-from fusetune.trainer import FastSFTConfig, FastSFTTrainer
+from fusetune.training.trainer import FastSFTConfig, FastSFTTrainer
 
 
 class CaptureGradients(TrainerCallback):

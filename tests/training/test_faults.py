@@ -9,10 +9,10 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from fusetune import FastModel, FastSFTConfig, FastSFTTrainer
-from fusetune.checkpoints import MARKER, is_complete, newest_complete
 from fusetune.data.synthetic import synthetic_splits
 from fusetune.errors import FusetuneError
 from fusetune.patching import remove_kernels
+from fusetune.training.checkpoints import MARKER, is_complete, newest_complete
 
 
 @pytest.fixture(autouse=True)

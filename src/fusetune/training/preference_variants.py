@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 from trl import KTOConfig, KTOTrainer
 
-from .compat.trl import PreparePairsHook
-from .data.cache import PairsCacheHook
-from .patching import apply_kernels, is_applied
+from ..compat.trl import PreparePairsHook
+from ..data.cache import PairsCacheHook
+from ..patching import apply_kernels, is_applied
 from .preference_trainer import field_like
 from .trainer import FastSFTConfig, SettledPrecision, as_fast_config
 

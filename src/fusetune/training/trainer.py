@@ -4,10 +4,11 @@
   or with ``use_cpu``);
 - the kernels backend (``kernels``: auto | triton | reference) is applied to the model;
 - padding-free batches by default where that is safe, and the reason logged where it is not; ``packing`` or
-  ``padding_free`` on a model whose own layers would mix the documents of a row (``fusetune.packed_sequences``:
-  convolutions, state-space scans, linear attention without a boundary-reading kernel) is an error;
+  ``padding_free`` on a model whose own layers would mix the documents of a row
+  (``fusetune.sequences.packed_sequences``: convolutions, state-space scans, linear attention without a
+  boundary-reading kernel) is an error;
 - ``embedding_learning_rate``: trainable embed_tokens/lm_head weights get their own optimizer group;
-  biases and norm weights get no weight decay (``fusetune.optim``);
+  biases and norm weights get no weight decay (``fusetune.training.optim``);
 - older spellings still work, with a FutureWarning (the table is ``fusetune.compat.renames``): trainer
   keywords that TRL moved into SFTConfig (``dataset_text_field=``, ``max_seq_length=``, ``packing=`` ...),
   ``tokenizer=`` for ``processing_class=``, and renamed or removed TrainingArguments fields
@@ -15,13 +16,13 @@
 - a config that asks for bf16 or fp16 on a host without CUDA trains in fp32 on the CPU, with one warning;
 - no host syncs in a step that are not needed: on a patched model the loss and TRL's metrics
   (entropy, mean_token_accuracy, num_tokens) come from one fused pass and stay on the GPU until
-  the trainer logs (``fusetune.token_stats``), and ``logging_nan_inf_filter`` is off by default (it
+  the trainer logs (``fusetune.training.token_stats``), and ``logging_nan_inf_filter`` is off by default (it
   reads the loss on the host every step; with it off a NaN loss shows in the log instead of being
   averaged away). ``fused_loss``: None (the default): wherever the fused pass computes TRL's loss
   (``fused_loss_blocker``), else TRL's own compute_loss; False: TRL's compute_loss always; True: an
   error where it cannot;
 - ``cuda_graphs``: padding-free steps on one GPU replay CUDA graphs of the forward and backward
-  (``fusetune.graphs``), so a step of a few thousand tokens is not bound by the host's eager
+  (``fusetune.sequences.graphs``), so a step of a few thousand tokens is not bound by the host's eager
   launches. None (the default): on where safe (``cuda_graph_blocker``), else off with the reason
   logged; True: an error where impossible; False: eager steps;
 - on CUDA, batches are copied to the GPU without a host wait (accelerate's ``non_blocking``, from
@@ -39,22 +40,22 @@ from accelerate.utils import DistributedType
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from . import fp8_base, limits, precision
+from .. import fp8_base, limits, precision
+from ..compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
+from ..compat.trl import PrepareDatasetHook, ResumeTokenCount, head_adapter_allowed
+from ..data.cache import DatasetCacheHook
+from ..errors import FusetuneError
+from ..families import is_experts
+from ..loading import pick_dtype
+from ..modules import base_model, is_quantized
+from ..patching import apply_kernels, is_applied
+from ..sequences.graphs import StepGraphs
+from ..sequences.packed_sequences import packing_blocker
+from ..sequences.varlen import VARLEN, enable_varlen_attention, varlen_kernel_available
 from .checkpoints import MarkComplete, saving
-from .compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
-from .compat.trl import PrepareDatasetHook, ResumeTokenCount, head_adapter_allowed
-from .data.cache import DatasetCacheHook
-from .errors import FusetuneError
-from .families import is_experts
 from .faults import NAN_POLICIES, NonFiniteGuard
-from .graphs import StepGraphs
-from .loading import pick_dtype
-from .modules import base_model, is_quantized
 from .optim import optimizer_with_embedding_lr
-from .packed_sequences import packing_blocker
-from .patching import apply_kernels, is_applied
 from .token_stats import StepStats, TokenStats, batch_tokens
-from .varlen import VARLEN, enable_varlen_attention, varlen_kernel_available
 
 log = logging.getLogger(__name__)
 # Model types where padding-free batching is known to give wrong results.

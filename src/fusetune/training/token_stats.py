@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .compat.trl import add_trained_tokens, metric_lists, tensor_parallel_size, trained_tokens
+from ..compat.trl import add_trained_tokens, metric_lists, tensor_parallel_size, trained_tokens
 
 FLUSH_EVERY = 256  # micro-batches of pending metrics before they are read anyway (when logging is rare)
 

@@ -1,4 +1,4 @@
-"""Bucket shapes for padding-free batches: the fixed shapes that CUDA graphs replay (``fusetune.graphs``),
+"""Bucket shapes for padding-free batches: the fixed shapes that CUDA graphs replay (``fusetune.sequences.graphs``),
 and which bucket each batch replays (``BucketPlan``).
 
 A graph replays fixed shapes, so each batch is padded up to a bucket:
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .forwards import IGNORE_INDEX
+from ..forwards import IGNORE_INDEX
 
 TOKEN_STEPS_PER_OCTAVE = 8  # bucket spacing: padding stays under 1/8 of the tokens
 WIDE_STEPS_PER_OCTAVE = 2  # a wide bucket's spacing: its own batch's padding stays under 1/3 of the tokens

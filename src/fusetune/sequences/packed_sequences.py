@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from . import families, self_check
-from .errors import first_line
-from .modules import base_model
+from .. import families, self_check
+from ..errors import first_line
+from ..modules import base_model
 
 # A parameter that only a state-carrying mixer has: the decay of a state-space scan or a gated delta rule.
 STATE_PARAMETERS = ("A_log",)

@@ -1,4 +1,4 @@
-"""fusetune.packed_sequences: packing and padding-free only where the model's own layers keep documents apart.
+"""fusetune.sequences.packed_sequences: packing and padding-free only where the model's own layers keep documents apart.
 
 Dense families: no refusal, and the loss of a packed row (positions restarting per document) equals the
 loss of the same documents as a padded batch. Hybrid and linear-attention families: on the CPU their
@@ -14,12 +14,12 @@ import torch
 from datasets import Dataset
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fusetune import packed_sequences
 from fusetune.errors import FusetuneError
-from fusetune.packed_sequences import documents, packed_and_padded_loss, packing_blocker
 from fusetune.patching import remove_kernels
+from fusetune.sequences import packed_sequences
+from fusetune.sequences.packed_sequences import documents, packed_and_padded_loss, packing_blocker
 from fusetune.tiny import build_tokenizer
-from fusetune.trainer import FastSFTConfig, FastSFTTrainer
+from fusetune.training.trainer import FastSFTConfig, FastSFTTrainer
 
 from ..kernels.tiny_models import COMMON, EXTRA
 
@@ -268,7 +268,7 @@ def test_trainer_leaves_wrapped_packing_alone(tmp_path, unpatch_kernels):
 
 def test_trainer_keeps_padding_free_off_and_says_why(tmp_path, unpatch_kernels, caplog):
     model_type, overrides, line = HYBRIDS[3]  # bamba
-    with caplog.at_level(logging.INFO, logger="fusetune.trainer"):
+    with caplog.at_level(logging.INFO, logger="fusetune.training.trainer"):
         trainer = trainer_on(hybrid(model_type, overrides), tmp_path)
     assert trainer.args.padding_free is False
     assert f"padding-free batching off: {model_type}: its {line}; packed rows would mix documents" in caplog.messages

@@ -13,7 +13,7 @@ import warnings
 
 from torch import nn
 
-from .modules import EMBEDDINGS
+from ..modules import EMBEDDINGS
 
 
 def is_embedding_parameter(name: str) -> bool:

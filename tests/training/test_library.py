@@ -95,7 +95,7 @@ def test_padding_free_is_on_where_safe_and_logged_where_not(tmp_path, caplog):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
-    with caplog.at_level("INFO", logger="fusetune.trainer"):
+    with caplog.at_level("INFO", logger="fusetune.training.trainer"):
         off = FastSFTTrainer(
             model=model,
             processing_class=tokenizer,

@@ -37,12 +37,12 @@ from trl.trainer.utils import use_adapter
 
 from fusetune_kernels.preference import fused_linear_preference_loss, fused_linear_preference_loss_reference
 
-from .compat.trl import PreparePairsHook, add_trained_tokens, metric_lists, tensor_parallel_size, trained_tokens
-from .data.cache import PairsCacheHook
-from .errors import FusetuneError
-from .forwards import IGNORE_INDEX, head_dtype, logit_scale
-from .patching import apply_kernels, is_applied
-from .state import peek
+from ..compat.trl import PreparePairsHook, add_trained_tokens, metric_lists, tensor_parallel_size, trained_tokens
+from ..data.cache import PairsCacheHook
+from ..errors import FusetuneError
+from ..forwards import IGNORE_INDEX, head_dtype, logit_scale
+from ..patching import apply_kernels, is_applied
+from ..state import peek
 from .trainer import FastSFTConfig, SettledPrecision, as_fast_config
 
 log = logging.getLogger(__name__)

@@ -22,15 +22,15 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from fusetune import buckets, graphs
-from fusetune.buckets import StaticBatch, bucket_for, serves, wide_bucket_for
 from fusetune.errors import FusetuneError
-from fusetune.graphs import CudaGraphs, Reruns, StepGraphs
 from fusetune.loading import load_model
 from fusetune.patching import apply_kernels, remove_kernels
+from fusetune.sequences import buckets, graphs
+from fusetune.sequences.buckets import StaticBatch, bucket_for, serves, wide_bucket_for
+from fusetune.sequences.graphs import CudaGraphs, Reruns, StepGraphs
+from fusetune.sequences.varlen import MASKED, enable_varlen_attention, varlen_attn
 from fusetune.testing import padded_batch
-from fusetune.trainer import FastSFTConfig, FastSFTTrainer
-from fusetune.varlen import MASKED, enable_varlen_attention, varlen_attn
+from fusetune.training.trainer import FastSFTConfig, FastSFTTrainer
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 needs_varlen = pytest.mark.skipif(varlen_attn is None, reason=f"torch {torch.__version__} has no varlen kernel")
@@ -183,7 +183,7 @@ def trainer_for(tmp_path, tokenizer, **config):
 def test_trainer_keeps_graphs_off_without_cuda_and_refuses_to_force_them(tiny_tokenizer, tmp_path, caplog):
     try:
         assert trainer_for(tmp_path, tiny_tokenizer, use_cpu=True).step_graphs is None  # off by default
-        with caplog.at_level(logging.INFO, logger="fusetune.trainer"):
+        with caplog.at_level(logging.INFO, logger="fusetune.training.trainer"):
             trainer = trainer_for(tmp_path, tiny_tokenizer, use_cpu=True, cuda_graphs=None)
         assert trainer.step_graphs is None
         assert "cuda graphs off: no CUDA" in caplog.text
@@ -414,7 +414,7 @@ def test_a_failed_capture_falls_back_to_eager_steps(tiny_tokenizer, tmp_path, mo
     monkeypatch.setattr(graphs, "FORWARD_KEYWORDS", {**graphs.FORWARD_KEYWORDS, "static_shapes": False})
     try:
         trainer = trainer_for(tmp_path, tiny_tokenizer, use_cpu=False, cuda_graphs=True)
-        with caplog.at_level(logging.WARNING, logger="fusetune.graphs"):
+        with caplog.at_level(logging.WARNING, logger="fusetune.sequences.graphs"):
             trainer.train()
     finally:
         remove_kernels()

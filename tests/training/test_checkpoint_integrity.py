@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusetune import checkpoints
 from fusetune.app.cli import run_or_exit
 from fusetune.app.run import run
-from fusetune.checkpoints import MARKER, newest_complete, problem
+from fusetune.training import checkpoints
+from fusetune.training.checkpoints import MARKER, newest_complete, problem
 
 FAST = ["logger=none", "data.num_train=128", "data.num_eval=0", "data.num_generate=0", "trainer.logging_steps=1"]
 SAVES = ["trainer.max_steps=4", "trainer.save_strategy=steps", "trainer.save_steps=2", "seed=3"]
@@ -79,7 +79,7 @@ def test_a_same_size_corrupted_file_is_skipped_for_the_previous_checkpoint(train
     flip_middle(newest / name)
     assert (newest / name).stat().st_size == size
     assert problem(newest, verify=False) is None  # sizes alone would take it
-    with caplog.at_level(logging.WARNING, logger="fusetune.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="fusetune.training.checkpoints"):
         assert newest_complete(out) == out / "checkpoint-2"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
@@ -151,7 +151,7 @@ def test_a_marker_without_hashes_is_resumed_unverified_with_a_warning(trained, t
     path = out / "checkpoint-4" / MARKER
     marker = json.loads(path.read_text())
     path.write_text(json.dumps({"step": marker["step"], "files": marker["files"]}))  # as older versions wrote it
-    with caplog.at_level(logging.WARNING, logger="fusetune.checkpoints"):
+    with caplog.at_level(logging.WARNING, logger="fusetune.training.checkpoints"):
         if how == "resume=auto":
             assert newest_complete(out) == out / "checkpoint-4"
         else:  # what run_folder.claim asks of a resume=PATH

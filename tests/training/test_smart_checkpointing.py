@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from fusetune import testing
 from fusetune.modules import PROJECTIONS
-from fusetune.smart_checkpointing import (
+from fusetune.training.smart_checkpointing import (
     SavedBytes,
     enable_smart_checkpointing,
     kept_layers,
@@ -164,7 +164,7 @@ def test_a_longer_batch_keeps_fewer_layers_within_the_budget():
 def test_a_budget_below_the_all_checkpointed_step_says_so_once(caplog):
     all_checkpointed, _ = extremes()
     model, memory = smart(all_checkpointed // 2)
-    with caplog.at_level(logging.INFO, logger="fusetune.smart_checkpointing"):
+    with caplog.at_level(logging.INFO, logger="fusetune.training.smart_checkpointing"):
         for _ in range(3):
             run_step(model, memory)
     assert modes(model) == ["recompute"] * LAYERS
@@ -175,7 +175,7 @@ def test_a_budget_below_the_all_checkpointed_step_says_so_once(caplog):
 def test_plan_lines_and_the_trainers_enable_keep_the_planner(caplog):
     all_checkpointed, all_kept = extremes()
     model, memory = smart((all_checkpointed + all_kept) // 2, offload=True)
-    with caplog.at_level(logging.INFO, logger="fusetune.smart_checkpointing"):
+    with caplog.at_level(logging.INFO, logger="fusetune.training.smart_checkpointing"):
         run_step(model, memory)
         model.base_model.model.gradient_checkpointing_enable({"use_reentrant": False})  # as the Trainer does
         run_step(model, memory)
@@ -204,7 +204,7 @@ def test_off_cuda_it_falls_back_and_says_why():
 def test_on_cuda_the_peak_stays_under_the_budget():
     """A 12-layer model at 4x2048 tokens: the all-offloaded and all-kept peaks measured, then a budget between
     them keeps some layers and the allocator's peak over the planned steps stays under it."""
-    from fusetune.smart_checkpointing import DeviceMemory
+    from fusetune.training.smart_checkpointing import DeviceMemory
 
     layers = 12
     shape = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=4, head_dim=128)

@@ -1,4 +1,5 @@
-"""fusetune.varlen, packed and padding-free batches: documents never see each other, through our attention and TRL.
+"""fusetune.sequences.varlen, packed and padding-free batches: documents never see each other, through our
+attention and TRL.
 
 Isolation is checked against a reference that never packs: each document run alone through the
 model's own attention (SDPA, or eager for Gemma 2). ||a - b|| / ||b|| <= 1e-5 in fp32 on CPU,
@@ -14,11 +15,12 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fusetune import testing, varlen
+from fusetune import testing
 from fusetune.loading import load_model
 from fusetune.patching import apply_kernels, remove_kernels
-from fusetune.trainer import FastSFTConfig, FastSFTTrainer
-from fusetune.varlen import MASKED, VARLEN, enable_varlen_attention
+from fusetune.sequences import varlen
+from fusetune.sequences.varlen import MASKED, VARLEN, enable_varlen_attention
+from fusetune.training.trainer import FastSFTConfig, FastSFTTrainer
 
 from ..kernels.tiny_models import COMMON, EXTRA, FAMILIES, tiny_model
 

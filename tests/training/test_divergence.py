@@ -11,11 +11,11 @@ from transformers import TrainerCallback
 
 from fusetune import FastModel, FastSFTConfig, FastSFTTrainer
 from fusetune.app.cli import run_or_exit
-from fusetune.checkpoints import newest_complete
 from fusetune.data.synthetic import synthetic_splits
 from fusetune.errors import FusetuneError
 from fusetune.patching import remove_kernels
 from fusetune.report import read_jsonl
+from fusetune.training.checkpoints import newest_complete
 
 FAST = ["logger=none", "data.num_train=256", "data.num_eval=0", "data.num_generate=0", "trainer.logging_steps=1"]
 

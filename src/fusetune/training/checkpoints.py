@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .errors import FusetuneError
-from .record_files import fsync_folder, write_json_atomically
+from ..errors import FusetuneError
+from ..record_files import fsync_folder, write_json_atomically
 
 log = logging.getLogger(__name__)
 MARKER = "fusetune_checkpoint.json"

@@ -9,7 +9,8 @@ from datasets import Dataset
 from trl import KTOConfig, KTOTrainer
 
 from fusetune.patching import active_backends, remove_kernels
-from fusetune.preference_variants import (
+from fusetune.state import state_of
+from fusetune.training.preference_variants import (
     FastKTOConfig,
     FastKTOTrainer,
     FastORPOConfig,
@@ -17,7 +18,6 @@ from fusetune.preference_variants import (
     FastSimPOConfig,
     FastSimPOTrainer,
 )
-from fusetune.state import state_of
 
 from .test_dpo import BATCH, _tokenizer, dpo_args, lora, preference_pairs, tiny_model
 

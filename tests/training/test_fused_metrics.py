@@ -17,8 +17,8 @@ from fusetune.compat.trl import metric_lists, original
 from fusetune.data.synthetic import synthetic_splits
 from fusetune.errors import FusetuneError
 from fusetune.patching import apply_kernels, is_applied, remove_kernels
-from fusetune.token_stats import TokenStats
-from fusetune.trainer import fused_loss_blocker
+from fusetune.training.token_stats import TokenStats
+from fusetune.training.trainer import fused_loss_blocker
 
 METRICS = ("loss", "grad_norm", "entropy", "mean_token_accuracy", "num_tokens")
 EVAL_METRICS = ("eval_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_num_tokens")

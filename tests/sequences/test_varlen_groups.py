@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fusetune import testing, varlen
+from fusetune import testing
+from fusetune.sequences import varlen
 
 FP32_TOL = 1e-5
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -383,7 +384,7 @@ def train_packed(tmp_path, tokenizer, attention: str, steps=3):
 
     from fusetune.loading import load_model
     from fusetune.patching import remove_kernels
-    from fusetune.trainer import FastSFTConfig, FastSFTTrainer
+    from fusetune.training.trainer import FastSFTConfig, FastSFTTrainer
 
     # documents of 6 to 110 tokens (a character tokenizer), so a packed batch makes several groups
     rows = [{"prompt": f"Q{i}: " + "ab" * (i * 7 % 41), "completion": " A" + "z" * (i % 23 + 1)} for i in range(64)]

@@ -162,7 +162,7 @@ def test_a_short_run_learns_the_preference(tmp_path):
 
 def test_a_loss_type_the_fused_loss_lacks_trains_on_trls_path(tmp_path, caplog):
     data = preference_pairs(8, seed=3)
-    with caplog.at_level("INFO", logger="fusetune.preference_trainer"):
+    with caplog.at_level("INFO", logger="fusetune.training.preference_trainer"):
         trainer = FastDPOTrainer(
             tiny_model(),
             args=dpo_args(FastDPOConfig, tmp_path, kernels="reference", loss_type="bco_pair"),

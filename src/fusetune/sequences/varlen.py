@@ -39,8 +39,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .errors import FusetuneError
-from .modules import base_model
+from ..errors import FusetuneError
+from ..modules import base_model
 
 try:
     from torch.nn.attention.varlen import varlen_attn

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from fusetune import buckets
-from fusetune.buckets import BucketPlan, bucket_for, serves, wide_bucket_for
+from fusetune.sequences import buckets
+from fusetune.sequences.buckets import BucketPlan, bucket_for, serves, wide_bucket_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 from bench import scenarios  # noqa: E402  (S4's own document lengths)
