@@ -109,6 +109,12 @@ def test_chat_generation_pair_uses_the_template(tiny_tokenizer):
     assert generation_pair({"text": "x"}, tiny_tokenizer) is None
 
 
+def test_only_desirable_kto_answers_are_generation_targets(tiny_tokenizer):
+    prompt, answer = f"q{torch.randint(0, 999, ()).item()}", f"a{torch.randint(0, 999, ()).item()}"
+    assert generation_pair({"prompt": prompt, "completion": answer, "label": True}, tiny_tokenizer) == (prompt, answer)
+    assert generation_pair({"prompt": prompt, "completion": answer, "label": False}, tiny_tokenizer) is None
+
+
 def test_synthetic_split_is_deterministic_and_disjoint(tiny_tokenizer):
     cfg = data_cfg(formatter="synthetic", num_train=300, num_eval=50, num_generate=10)
     a, b = build_splits(cfg, tiny_tokenizer, seed=3), build_splits(cfg, tiny_tokenizer, seed=3)

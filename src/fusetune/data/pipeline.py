@@ -149,14 +149,15 @@ def _render_first(record_set: RecordSet, tokenizer, label: str) -> None:
 
 
 def generation_pair(record: dict, tokenizer) -> tuple[str, str] | None:
-    """The prompt text the model sees and the answer it should produce, or None for plain text."""
+    """The prompt text the model sees and the answer it should produce, or None for plain text and for KTO's
+    undesirable answers (``label`` false: not what the model should produce)."""
     if "messages" in record:
         *context, last = record["messages"]
         if last["role"] != "assistant" or not context:
             return None
         prompt = tokenizer.apply_chat_template(context, tokenize=False, add_generation_prompt=True)
         return prompt, last["content"]
-    if "prompt" in record and "completion" in record:
+    if "prompt" in record and "completion" in record and record.get("label") is not False:
         prompt, answer = record["prompt"], record["completion"]
         if isinstance(prompt, list):
             prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
