@@ -9,6 +9,7 @@ the value went down and came back up. Prints the stays, then one JSON line of th
     python scripts/config_trip.py [hydra overrides...]
 """
 
+import argparse
 import json
 import sys
 import tempfile
@@ -62,7 +63,11 @@ def stays(files: list[str]) -> list[str]:
 
 
 def main() -> None:
-    files, returns = trip(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "overrides", nargs="*", help="Hydra overrides of the run traced (default: the embedded default)"
+    )
+    files, returns = trip(parser.parse_args().overrides)
     path = stays(files)
     print(" -> ".join(path))
     print(json.dumps({"files": len(set(path)), "stays": len(path), "returns": len(returns), "returned": returns}))
