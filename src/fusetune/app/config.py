@@ -30,8 +30,9 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from .. import limits
 from ..compat.renames import CONFIG_RENAMES
 from ..data.rules import (
-    KTO_FORMATTERS,
-    PREFERENCE_FORMATTERS,
+    LABELLED,
+    PAIRS,
+    SINGLE,
     data_problems,
     has_eval_data,
     is_mixture,
@@ -300,10 +301,13 @@ def _default(f: dataclasses.Field) -> dataclasses.Field:
 
 # trainer.name -> the config class it trains with (run picks the trainer by it); every other name is FastSFTConfig's.
 TRAINER_CLASSES = {"dpo": FastDPOConfig, "orpo": FastORPOConfig, "simpo": FastSimPOConfig, "kto": FastKTOConfig}
-# The records each preference trainer takes (in words, and the data options that give them); SFT takes the rest.
-PAIRS = ("chosen/rejected pairs", PREFERENCE_FORMATTERS, "data=preference (prompt/chosen/rejected records)")
-LABELLED = ("labelled answers", KTO_FORMATTERS, "data=kto (prompt/completion/label records)")
+# The records each preference trainer takes (a data.rules record kind); every other trainer takes single answers.
 TRAINER_DATA = {"dpo": PAIRS, "orpo": PAIRS, "simpo": PAIRS, "kto": LABELLED}
+# The data options that give each preference kind: a user's records, and the embedded set.
+KIND_DATA = {
+    PAIRS: ("data=preference (prompt/chosen/rejected records)", "synthetic_preference"),
+    LABELLED: ("data=kto (prompt/completion/label records)", "synthetic_kto"),
+}
 
 
 def trainer_class(name: str) -> type:
@@ -635,23 +639,22 @@ def fp8_problems(cfg) -> list[str]:
 def trainer_data_problems(cfg) -> list[str]:
     """trainer=dpo, orpo and simpo train on chosen/rejected pairs, trainer=kto on labelled answers, and the SFT
     trainers on neither."""
-    name, wants = cfg.trainer.name, TRAINER_DATA.get(cfg.trainer.name)
+    name, wants = cfg.trainer.name, TRAINER_DATA.get(cfg.trainer.name, SINGLE)
     given = record_formatters(cfg.data)  # each source of a mixture
     if len({record_kind(formatter) for _, formatter in given}) > 1:
         return []  # data_problems names the source of another kind
     for data, formatter in given:
-        gives = next((kind for kind in (PAIRS, LABELLED) if formatter in kind[1]), None)
-        if formatter is None or formatter == "mixture":  # no sources yet, or no formatter: data_problems says so
+        gives = record_kind(formatter)
+        if formatter is None or formatter == "mixture" or gives == wants:  # no formatter: data_problems says so
             continue
-        if wants is not None and gives is not wants:
-            what = gives[0] if gives else "single answers"
+        if wants != SINGLE:
+            use, embedded = KIND_DATA[wants]
             return [
-                f"trainer={name} trains on {wants[0]}, but {data} gives {what}: use {wants[2]} or "
-                f"data={wants[1][1]} (the embedded set)"
+                f"trainer={name} trains on {wants}, but {data} gives {gives}: use {use} or data={embedded} "
+                "(the embedded set)"
             ]
-        if gives is not None and wants is None:
-            trainers = " or ".join(n for n, kind in TRAINER_DATA.items() if kind is gives)
-            return [f"{data} gives {gives[0]}, which trainer={name} does not train on: use trainer={trainers}"]
+        trainers = " or ".join(n for n, kind in TRAINER_DATA.items() if kind == gives)
+        return [f"{data} gives {gives}, which trainer={name} does not train on: use trainer={trainers}"]
     return []
 
 
