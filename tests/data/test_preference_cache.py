@@ -44,14 +44,14 @@ def write_records(path, kind: str, count: int, rng: random.Random, bad: dict | N
     return str(path)
 
 
-def prepared(cfg, trainer: str, models, tokenizer, tmp_path, *, cached=True, **args):
-    """What the DPO or KTO trainer trains and evaluates on, as plain dicts, and the cache's record."""
+def built(cfg, trainer: str, models, tokenizer, tmp_path, *, cached=True, **args):
+    """The DPO or KTO trainer over ``cfg``'s splits, and the splits."""
     splits = build_splits(cfg, tokenizer, 0)
     trainer_class, config_class = TRAINERS[trainer]
     config = config_class(
         output_dir=str(tmp_path / "out"), max_steps=1, report_to=[], use_cpu=True, per_device_train_batch_size=4, **args
     )
-    built = trainer_class(
+    trainer = trainer_class(
         models[0],
         ref_model=models[1],
         args=config,
@@ -60,7 +60,57 @@ def prepared(cfg, trainer: str, models, tokenizer, tmp_path, *, cached=True, **a
         processing_class=tokenizer,
         dataset_cache=splits.cache if cached else None,
     )
-    return (built.train_dataset.to_dict(), built.eval_dataset.to_dict()), splits.cache.summary()
+    return trainer, splits
+
+
+def prepared(cfg, trainer: str, models, tokenizer, tmp_path, *, cached=True, **args):
+    """What the DPO or KTO trainer trains and evaluates on, as plain dicts, and the cache's record."""
+    made, splits = built(cfg, trainer, models, tokenizer, tmp_path, cached=cached, **args)
+    return (made.train_dataset.to_dict(), made.eval_dataset.to_dict()), splits.cache.summary()
+
+
+def record_lengths(cfg, trainer: str, models, tokenizer, tmp_path, **args) -> dict:
+    """data.too_long's counts per split, as summary.json's data_length holds them."""
+    return built(cfg, trainer, models, tokenizer, tmp_path, **args)[1].cache.lengths
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "kto"])
+def test_data_too_long_drops_truncates_or_refuses_pairs(trainer, tiny_model, reference, tmp_path, caplog):
+    """A pair is as long as its prompt and its longer answer: ``drop`` (the default) trains on none longer than
+    max_length, ``truncate`` keeps them for TRL's collator to cut (dropping, counted, those whose prompt fills it,
+    which TRL would drop unsaid; none with DPO's keep_end), ``error`` is one line naming the first."""
+    tokenizer = load_tokenizer("fusetune:tiny_llama")
+    kind = "preference" if trainer == "dpo" else "kto"
+    path = write_records(tmp_path / "p.jsonl", kind, 27, random.Random())
+    long = {"prompt": "p 1=", "chosen": "abc " * 12, "rejected": "no"}  # a short prompt, an answer over the limit
+    long = long if trainer == "dpo" else {"prompt": "p 1=", "completion": long["chosen"], "label": True}
+    with open(path, "a") as lines:
+        lines.write(3 * (json.dumps(long) + "\n"))
+    models, limit = (tiny_model, reference), 20
+
+    def cfg(too_long):
+        cache = str(tmp_path / "cache")
+        return data_cfg(formatter=kind, path=path, eval_fraction=0.0, cache_dir=cache, too_long=too_long)
+
+    with caplog.at_level("WARNING", logger="fusetune.data.lengths"):
+        made, splits = built(cfg("drop"), trainer, models, tokenizer, tmp_path, max_length=limit)
+    rows = made.train_dataset.to_dict()
+    answers = ["chosen_ids", "rejected_ids"] if trainer == "dpo" else ["completion_ids"]
+    longest = [len(p) + max(len(rows[a][n]) for a in answers) for n, p in enumerate(rows["prompt_ids"])]
+    drop = splits.cache.lengths["train"]
+    assert max(longest) <= limit and drop["longer"] == drop["dropped"] == 30 - len(longest) > 0
+    assert f"were dropped (data.path {path}: line" in caplog.text
+    made, splits = built(cfg("truncate"), trainer, models, tokenizer, tmp_path, max_length=limit)
+    cut, rows = splits.cache.lengths["train"], made.train_dataset.to_dict()
+    filling = 30 - len(rows["prompt_ids"])  # every third prompt fills 20 tokens: dropped, as TRL drops them
+    assert cut["longer"] == drop["longer"] and cut["dropped"] == filling > 0
+    assert cut["truncated"] == cut["longer"] - filling >= 3 and max(map(len, rows["prompt_ids"])) < limit
+    if trainer == "dpo":
+        kept = record_lengths(cfg("truncate"), trainer, models, tokenizer, tmp_path, max_length=limit,
+                              truncation_mode="keep_end")["train"]  # fmt: skip
+        assert kept["dropped"] == 0 and kept["truncated"] == drop["longer"]
+    with pytest.raises(FusetuneError, match=rf"^data.too_long=error: train record data.path {path}: line \d+ is "):
+        built(cfg("error"), trainer, models, tokenizer, tmp_path, max_length=limit)
 
 
 @pytest.mark.parametrize("trainer", ["dpo", "kto"])
@@ -76,7 +126,12 @@ def test_a_preference_mixture_reads_the_cache_on_a_second_run_and_matches_trl(tr
         {"path": write_records(tmp_path / "b.jsonl", kind, 12, rng), "formatter": kind, "weight": 1},
     ]
     cfg = data_cfg(
-        formatter="mixture", sources=sources, mixture_size=24, eval_fraction=0.25, cache_dir=str(tmp_path / "cache")
+        formatter="mixture",
+        sources=sources,
+        mixture_size=24,
+        eval_fraction=0.25,
+        cache_dir=str(tmp_path / "cache"),
+        too_long="truncate",  # TRL's own cut: pairs over max_length kept for its collator to cut
     )
     uncached, _ = prepared(cfg, trainer, (tiny_model, reference), tokenizer, tmp_path, cached=False, max_length=20)
     first, record = prepared(cfg, trainer, (tiny_model, reference), tokenizer, tmp_path, max_length=20)
@@ -89,6 +144,8 @@ def test_a_preference_mixture_reads_the_cache_on_a_second_run_and_matches_trl(tr
     ids = ("chosen_ids", "rejected_ids") if trainer == "dpo" else ("completion_ids", "KL_completion_ids")
     assert {"prompt_ids", *ids} <= set(uncached[0]) and uncached[1]["prompt_ids"]
     assert len(uncached[0]["prompt"]) < 24  # prompts that fill max_length=20 were dropped, as TRL drops them
+    lengths = record_lengths(cfg, trainer, (tiny_model, reference), tokenizer, tmp_path, max_length=20)["train"]
+    assert lengths["records"] - lengths["dropped"] == len(first[0]["prompt"]) and lengths["dropped"]  # and counted
     longer, _ = prepared(cfg, trainer, (tiny_model, reference), tokenizer, tmp_path, cached=False, max_length=64)
     reused, third = prepared(cfg, trainer, (tiny_model, reference), tokenizer, tmp_path, max_length=64)
     assert third["hits"] == 2 and reused == longer and len(longer[0]["prompt"]) == 24

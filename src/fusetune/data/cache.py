@@ -277,8 +277,8 @@ class DatasetCache:
         The cached rows are TRL's tokenizing of each record (``compat.trl.tokenize_pairs_as_trl``), which reads
         nothing of max_length or the other rows; what does (the rows whose prompt fills max_length dropped, KTO's
         KL pairs) runs on the split's rows (``finish_pairs_as_trl``). ``finish`` is the trainer's own preparation,
-        for datasets that are not a split of this build. data.too_long does not apply: TRL truncates each pair in
-        its collator."""
+        for datasets that are not a split of this build. data.too_long applies to the split's rows first (``truncate``
+        leaves the cut to TRL's collator; KTO's always keeps each sequence's start)."""
         layout = self.layouts.get(getattr(dataset, "_fingerprint", None)) if isinstance(dataset, Dataset) else None
         if layout is None:
             return finish(dataset, processing_class, args, dataset_name)
@@ -289,7 +289,11 @@ class DatasetCache:
             with bounded_renders(templates, f"a {dataset_name} record of {record_set.label}"):
                 return tokenize_pairs_as_trl(trainer, record_set.dataset, processing_class, args, dataset_name)
 
-        return finish_pairs_as_trl(trainer, self._split_rows(layout, key_parts, tokenize), args, dataset_name)
+        keep_end = pairs_preparation(trainer) == "DPOTrainer" and args.truncation_mode == "keep_end"
+        rule = LengthRule(self.too_long, args.max_length, keep_end=keep_end)
+        tokenized = self._split_rows(layout, key_parts, tokenize)
+        tokenized, self.lengths[dataset_name] = rule.apply(tokenized, dataset_name, layout.where, layout.sources())
+        return finish_pairs_as_trl(trainer, tokenized, args, dataset_name)
 
     def skip(self, why: str) -> None:
         """This run's trainer prepares its data in a way the cache cannot keep: said once, in the log and the

@@ -1,11 +1,13 @@
 """data.too_long: what happens to a record longer than the model's max length, stated and counted, never silent.
 
 A record's length is its token count as TRL tokenized it (template, special tokens, EOS included); it is too long
-when it holds more than max_length tokens. The policy:
+when it holds more than max_length tokens. A preference pair's length is its prompt's and its longer answer's, a KTO
+record's its prompt's and its answer's: the longest sequence TRL's collator builds from it. The policy:
 
 - ``drop`` (the default): too-long records are removed;
 - ``truncate``: they keep their first max_length tokens (their last with TRL's truncation_mode=keep_end); one
-  whose trained (labelled) tokens all fall beyond the limit would train on nothing, so it is dropped instead;
+  whose trained (labelled) tokens all fall beyond the limit would train on nothing, so it is dropped instead (a
+  pair whose prompt alone fills max_length, which TRL would drop unsaid);
 - ``error``: the run ends with one line naming the first.
 
 Each split logs one warning line with the counts and the first few records, and its counts go into summary.json
@@ -29,17 +31,32 @@ SPLITTING_PACKERS = ("bfd_split", "wrapped")
 BATCH = 10_000
 
 
-def token_counts(dataset: Dataset) -> np.ndarray:
-    """Each row's number of input_ids, read from the Arrow columns (no Python lists)."""
+PAIR_ANSWERS = ("chosen_ids", "rejected_ids", "completion_ids")  # TRL's DPO and KTO tokenized answers
+
+
+def _lengths(dataset: Dataset, column: str) -> np.ndarray:
+    """Each row's length of the list column ``column``, read from the Arrow columns (no Python lists)."""
     counts = [
-        pc.list_value_length(batch["input_ids"]).to_numpy(zero_copy_only=False)
-        for batch in dataset.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=BATCH)
+        pc.list_value_length(batch[column]).to_numpy(zero_copy_only=False)
+        for batch in dataset.select_columns([column]).with_format("arrow").iter(batch_size=BATCH)
     ]
     return np.concatenate(counts).astype(np.int64) if counts else np.zeros(0, dtype=np.int64)
 
 
+def token_counts(dataset: Dataset) -> np.ndarray:
+    """Each row's number of tokens: its input_ids, or for a tokenized pair (``prompt_ids``) its prompt and its
+    longest answer."""
+    if "prompt_ids" not in dataset.column_names:
+        return _lengths(dataset, "input_ids")
+    answers = [_lengths(dataset, column) for column in PAIR_ANSWERS if column in dataset.column_names]
+    return _lengths(dataset, "prompt_ids") + np.maximum.reduce(answers)
+
+
 def _trains_on_nothing(dataset: Dataset, rows: np.ndarray, max_length: int, keep_end: bool) -> np.ndarray:
-    """Which of ``rows`` have no labelled token among the max_length tokens truncation keeps."""
+    """Which of ``rows`` have no labelled token among the max_length tokens truncation keeps (a pair: its prompt
+    fills them)."""
+    if "prompt_ids" in dataset.column_names:
+        return np.zeros(len(rows), dtype=bool) if keep_end else _lengths(dataset, "prompt_ids")[rows] >= max_length
     window = slice(-max_length, None) if keep_end else slice(None, max_length)
     labels = dataset.select(rows)["labels"] if len(rows) else []
     return np.array([all(label == -100 for label in row[window]) for row in labels], dtype=bool)
