@@ -222,3 +222,29 @@ def test_the_self_check_leaves_the_callers_random_state_alone(monkeypatch, tmp_p
     state = torch.get_rng_state()
     assert apply_kernels(model, "reference") == "reference"
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_the_check_measures_a_negligible_gradient_against_the_largest_and_still_sees_a_wrong_one():
+    """A gradient a million times smaller than the others carries only rounding: its relative error is taken
+    against NEGLIGIBLE of the largest gradient; a wrong loss, a wrong large gradient or a wrong small gradient at
+    the floor's scale still count."""
+    from fusetune import self_check
+
+    loss, big, tiny = torch.rand(()) + 1, torch.randn(64), 1e-6 * torch.randn(8)
+    noisy = tiny * (1 + 1e-2 * torch.randn(8))  # 1% of a negligible gradient: rounding elsewhere
+    assert self_check.relative_error([loss, big, noisy], [loss, big, tiny]) < 1e-4
+    assert self_check.relative_error([loss * 1.01, big, tiny], [loss, big, tiny]) > 5e-3
+    assert self_check.relative_error([loss, big * 1.01, tiny], [loss, big, tiny]) > 5e-3
+    small = 1e-2 * big.norm() * torch.randn(8) / 8**0.5  # well above the floor: its own norm counts
+    assert self_check.relative_error([loss, big, small * 1.01], [loss, big, small]) > 5e-3
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "olmoe", "hunyuan_v1_moe", "zaya"])
+def test_the_small_model_sends_every_token_to_every_expert(model_type):
+    """Routing over all the small model's experts is continuous: the check's verdict cannot flip on a top-k near
+    tie in a later layer (it did with two of four, by thread count). A config that allows fewer keeps fewer."""
+    config = families.small_config(AutoConfig.for_model(model_type))
+    top_k = next(getattr(config, key) for key in families.TOP_K if isinstance(getattr(config, key, None), int))
+    experts = families.routed_experts(config)
+    assert experts == families.EXPERTS
+    assert top_k == (1 if model_type == "zaya" else experts)
