@@ -9,7 +9,7 @@ from logging import ERROR, INFO, WARNING
 
 import pytest
 
-from fusetune.noise import KNOWN, DropNoise, drop_known_noise
+from fusetune.noise import APP_ONLY, KNOWN, DropNoise, drop_known_noise
 
 from .conftest import ROOT
 
@@ -60,10 +60,10 @@ def test_only_the_hub_kernel_lines_are_dropped(name, level, message, shown):
     assert kept.messages == ([message] if shown else [])
 
 
-@pytest.mark.parametrize("rule", KNOWN, ids=lambda rule: rule.package)
+@pytest.mark.parametrize("rule", KNOWN + APP_ONLY, ids=lambda rule: rule.package)
 def test_each_rule_is_installed_once_and_names_the_versions_it_was_seen_with(rule):
-    drop_known_noise()
-    drop_known_noise()
+    drop_known_noise((rule,))
+    drop_known_noise((rule,))
     logger = logging.getLogger(rule.package)
     assert sum(isinstance(h, DropNoise) for h in logger.handlers) == 1 and not logger.propagate
     assert any(ch.isdigit() for ch in rule.seen) and rule.marker in rule.seen
@@ -80,3 +80,24 @@ def test_importing_fusetune_then_bitsandbytes_prints_nothing_but_what_is_logged(
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stderr == "real\n", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("app", [True, False], ids=["app", "library"])
+def test_the_app_drops_the_tokenizers_too_long_line_that_data_too_long_reports(app):
+    """The tokenizer's "will result in indexing errors" for a record over model.max_seq_length is false under the
+    app (data.too_long drops or cuts it, and says so): the app drops that line and keeps the tokenizer's others;
+    the library leaves it."""
+    code = (
+        "import logging\n"
+        "from fusetune.noise import quiet_third_party\n"
+        f"if {app}: quiet_third_party()\n"
+        "from fusetune.loading import load_tokenizer\n"
+        "tokenizer = load_tokenizer('fusetune:tiny_llama')\n"
+        "tokenizer.model_max_length = 4\n"
+        "tokenizer('word ' * 20)\n"
+        "logging.getLogger('transformers.tokenization_utils_base').warning('another tokenizer warning')\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "another tokenizer warning" in done.stderr, done.stderr[-2000:]
+    assert ("Token indices sequence length is longer" in done.stderr) is not app, done.stderr[-2000:]

@@ -1,11 +1,13 @@
 """Third-party log lines that say nothing a user can act on, dropped by package, level and a stable marker.
 
-One kind today: bitsandbytes, on a CPU with AVX512-BF16, fetches at import an optional CPU kernel from the hub
-organization ``kernels-community`` through the ``kernels`` package. Where that cannot work (no network, offline
-mode, no ``kernels``), both packages log warnings about it at every start, and bitsandbytes uses its own CPU path,
-as intended. A rule drops a record that comes from its package's logger or any logger under it, at WARNING or
-below, and names the marker: a reworded line, or one from a module the package adds later, goes too, and every
-other message of those packages (an error, another publisher's kernel) still shows.
+``KNOWN`` holds one kind, installed at ``import fusetune``: bitsandbytes, on a CPU with AVX512-BF16, fetches at
+import an optional CPU kernel from the hub organization ``kernels-community`` through the ``kernels`` package.
+Where that cannot work (no network, offline mode, no ``kernels``), both packages log warnings about it at every
+start, and bitsandbytes uses its own CPU path, as intended. A rule drops a record that comes from its package's
+logger or any logger under it, at WARNING or below, and names the marker: a reworded line, or one from a module
+the package adds later, goes too, and every other message of those packages (an error, another publisher's
+kernel) still shows. ``APP_ONLY`` holds the
+lines the app's own messages replace, installed by ``quiet_third_party``.
 """
 
 import logging
@@ -37,6 +39,18 @@ KNOWN = (
 )
 
 
+# The app's own: data.too_long states and counts the records longer than model.max_seq_length (one line per
+# split), so the tokenizer's claim that they "will result in indexing errors" (TRL cuts or drops them) goes.
+APP_ONLY = (
+    Noise(
+        "transformers.tokenization_utils_base",
+        "Token indices sequence length is longer than the specified maximum",
+        "transformers 5.17-5.25: 'Token indices sequence length is longer than the specified maximum sequence length "
+        "for this model (25 > 24). Running this sequence through the model will result in indexing errors'",
+    ),
+)
+
+
 def is_noise(rule: Noise, record: logging.LogRecord) -> bool:
     return record.levelno <= logging.WARNING and rule.marker in record.getMessage()
 
@@ -55,9 +69,9 @@ class DropNoise(logging.Handler):
             self.logger.parent.callHandlers(record)
 
 
-def drop_known_noise() -> None:
+def drop_known_noise(rules: tuple[Noise, ...] = KNOWN) -> None:
     """Install the rules (once); call before the noisy package is imported."""
-    for rule in KNOWN:
+    for rule in rules:
         logger = logging.getLogger(rule.package)
         if not any(isinstance(h, DropNoise) for h in logger.handlers):
             logger.addHandler(DropNoise(logger, rule))
@@ -69,6 +83,7 @@ def quiet_third_party(answers_only: bool = False) -> None:
     transformers' model loading go. ``answers_only`` (the chat, whose terminal holds answers and one-line errors):
     every UserWarning, transformers' and PEFT's warnings, and the progress bars go too."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    drop_known_noise(APP_ONLY)
     warnings.filterwarnings("ignore", category=FutureWarning)
     for name in ("bitsandbytes", "transformers.modeling_utils"):
         logging.getLogger(name).setLevel(logging.ERROR)
