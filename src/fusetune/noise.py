@@ -6,8 +6,8 @@ Where that cannot work (no network, offline mode, no ``kernels``), both packages
 start, and bitsandbytes uses its own CPU path, as intended. A rule drops a record that comes from its package's
 logger or any logger under it, at WARNING or below, and names the marker: a reworded line, or one from a module
 the package adds later, goes too, and every other message of those packages (an error, another publisher's
-kernel) still shows. ``APP_ONLY`` holds the
-lines the app's own messages replace, installed by ``quiet_third_party``.
+kernel) still shows. ``APP_ONLY`` holds the lines the app's own messages replace, installed by
+``quiet_third_party``.
 """
 
 import logging
