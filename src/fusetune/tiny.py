@@ -71,10 +71,10 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
 def shrunk(config: dict) -> dict:
     """A shipped architecture's config.json (``assets/archs/NAME``) at toy size, for CPU tests and
     ``scripts/bench.py --tiny``: ``families.shrink_values``, the self-check's small sizes (one layer of each
-    kind, the family's own variants kept)."""
+    kind, the family's own variants kept), but with routing as sparse as training's (two of four experts)."""
     from .families import shrink_values
 
-    return shrink_values(config)
+    return shrink_values(config, every_expert=False)
 
 
 def write_tiny_llama(folder: Path = TINY_LLAMA) -> Path:

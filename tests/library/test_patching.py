@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from fusetune import families
+from fusetune import families, tiny
 from fusetune.errors import FusetuneError
 from fusetune.patching import active_backends, apply_kernels, remove_kernels
 from fusetune.state import state_of
@@ -248,3 +248,7 @@ def test_the_small_model_sends_every_token_to_every_expert(model_type):
     experts = families.routed_experts(config)
     assert experts == families.EXPERTS
     assert top_k == (1 if model_type == "zaya" else experts)
+    full = AutoConfig.for_model(model_type).to_dict()
+    toy = tiny.shrunk(full)  # the bench's and tests' toy models keep routing sparse: two experts at most
+    own = next(full[key] for key in families.TOP_K if isinstance(full.get(key), int))
+    assert next(toy[key] for key in families.TOP_K if isinstance(toy.get(key), int)) == min(own, 2)
