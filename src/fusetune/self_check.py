@@ -22,11 +22,12 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 import torch
+
+from fusetune_cli.paths import cache_root
 
 from . import families
 from .errors import first_line
@@ -41,11 +42,7 @@ _seconds = {"total": 0.0}
 
 
 def cache_path() -> Path:
-    root = (
-        os.environ.get("FUSETUNE_CACHE_DIR")
-        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fusetune"
-    )
-    return Path(root) / "self_check.json"
+    return cache_root() / "self_check.json"
 
 
 def _code_digest(value) -> str:

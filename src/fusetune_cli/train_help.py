@@ -10,15 +10,14 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from .configs import groups
+from .paths import cache_root
 
 HELP_FLAGS = ("-h", "--help")
 LIBRARIES = ("trl", "transformers", "hydra-core", "omegaconf")
 
 
 def cache_dir() -> Path:
-    """fusetune's cache (``FUSETUNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/fusetune``), as the self-check's."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fusetune"
-    return Path(os.environ.get("FUSETUNE_CACHE_DIR") or default) / "help"
+    return cache_root() / "help"
 
 
 def user_config_dirs(argv: list[str]) -> list[str]:

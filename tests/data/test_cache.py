@@ -224,9 +224,15 @@ def test_off_or_not_a_split_of_the_build_means_trls_own_preparation(tiny_model, 
     assert splits.cache.summary()["entries"] == [] and not (tmp_path / "cache").exists()
 
 
-def test_the_default_folder_follows_xdg_cache_home(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert default_cache_dir() == tmp_path / "fusetune" / "datasets"
+def test_the_default_folder_follows_fusetune_cache_dir_then_xdg_cache_home(monkeypatch, tmp_path):
+    from fusetune.self_check import cache_path
+
+    monkeypatch.setenv("FUSETUNE_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "mine" / "datasets"
+    assert cache_path().parent == default_cache_dir().parent  # one root for the verdicts and the datasets
+    monkeypatch.delenv("FUSETUNE_CACHE_DIR")
+    assert default_cache_dir() == tmp_path / "xdg" / "fusetune" / "datasets"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert str(default_cache_dir()).endswith(os.path.join(".cache", "fusetune", "datasets"))
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -183,7 +183,7 @@ class DataConfig:
     sources: list[SourceConfig] = dataclasses.field(default_factory=list)
     mixture_size: int | None = None  # training examples drawn from the sources; null: as many as they hold together
     cache: bool = True  # keep each source's tokenized records, keyed by data, tokenizer and loss options, for reuse
-    cache_dir: str | None = None  # null: $XDG_CACHE_HOME/fusetune/datasets (~/.cache/fusetune/datasets)
+    cache_dir: str | None = None  # null: datasets/ under FUSETUNE_CACHE_DIR, else ~/.cache/fusetune
 
 
 @dataclass

@@ -57,6 +57,8 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, concatenate_datasets, load_from_disk
 
+from fusetune_cli.paths import cache_root
+
 from ..compat.trl import (
     finish_pairs_as_trl,
     label_options,
@@ -78,7 +80,7 @@ _CODE = Path(__file__).parent
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fusetune" / "datasets"
+    return cache_root() / "datasets"
 
 
 def digest(value) -> str:
