@@ -305,13 +305,7 @@ def preference_loss(
         z = beta * (chosen - rejected - simpo_gamma / beta)
         per_seq = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
     elif loss_type == "orpo":
-        at_least_fp32 = torch.promote_types(chosen.dtype, torch.float32)  # TRL computes the odds in fp32
-        chosen, rejected = chosen.to(at_least_fp32), rejected.to(at_least_fp32)
-        log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
-        ratio = F.logsigmoid(log_odds)
-        per_seq = -beta * ratio
-        metrics["log_odds_ratio"] = ratio.detach().mean()
-        metrics["log_odds_chosen"] = log_odds.detach().mean()
+        chosen, rejected, per_seq = _orpo(chosen, rejected, beta, metrics)
     else:  # kto
         kl = (policy_kl_logps.detach() - ref_kl_logps.detach()).mean().clamp(min=0)
         per_seq = torch.cat(
@@ -333,17 +327,37 @@ def preference_loss(
         loss = loss + nll_weight * chosen_nll
         metrics["nll_loss"] = chosen_nll.detach()
 
-    chosen_rewards, rejected_rewards = beta * chosen_scores.detach(), beta * rejected_scores.detach()
+    metrics |= _reward_metrics(loss_type, beta, (chosen_scores, rejected_scores), (chosen, rejected))
+    return loss, metrics
+
+
+def _orpo(chosen, rejected, beta: float, metrics: dict):
+    """ORPO's odds-ratio term per pair, in at least fp32 as TRL computes it; the log-probs it used too."""
+    at_least_fp32 = torch.promote_types(chosen.dtype, torch.float32)
+    chosen, rejected = chosen.to(at_least_fp32), rejected.to(at_least_fp32)
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))
+    ratio = F.logsigmoid(log_odds)
+    metrics["log_odds_ratio"] = ratio.detach().mean()
+    metrics["log_odds_chosen"] = log_odds.detach().mean()
+    return chosen, rejected, -beta * ratio
+
+
+def _reward_metrics(loss_type: str, beta: float, scores: tuple, logps: tuple) -> dict:
+    """rewards/* and logps/* as TRL logs them (kto: no accuracy; a side its batch lacks has no metric)."""
+    chosen_rewards, rejected_rewards = (beta * s.detach() for s in scores)
+    metrics = {}
     if loss_type != "kto":
         metrics["rewards/margins"] = (chosen_rewards - rejected_rewards).mean()
         metrics["rewards/accuracies"] = (chosen_rewards > rejected_rewards).float().mean()
-    for side, rewards, logps in (("chosen", chosen_rewards, chosen), ("rejected", rejected_rewards, rejected)):
-        if rewards.numel():  # kto's batch may lack a side: no metric rather than the NaN mean of nothing
+    for side, rewards, side_logps in zip(
+        ("chosen", "rejected"), (chosen_rewards, rejected_rewards), logps, strict=True
+    ):
+        if rewards.numel():  # rather than the NaN mean of nothing
             metrics[f"rewards/{side}"] = rewards.mean()
-            metrics[f"logps/{side}"] = logps.detach().mean()
-    if loss_type == "kto" and chosen.numel() and rejected.numel():
+            metrics[f"logps/{side}"] = side_logps.detach().mean()
+    if loss_type == "kto" and all(side.numel() for side in logps):
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    return loss, metrics
+    return metrics
 
 
 # ---------------------------------------------------------------------------- from hidden states
