@@ -63,12 +63,17 @@ def metric_lists(trainer, mode: str) -> dict[str, list]:
 
 
 def trained_tokens(trainer) -> int | None:
-    """TRL's running count of trained (non-padding) tokens, as logged in ``num_tokens``; where TRL keeps none (its
-    experimental ORPO and CPO trainers), the Trainer's count of input tokens if it counts them, else None."""
+    """TRL's running count of trained (non-padding) tokens, as logged in ``num_tokens``; where TRL keeps none and
+    fusetune started none (``start_token_count``), the Trainer's count of input tokens if it counts them, else None."""
     count = getattr(trainer, "_total_train_tokens", None)
     if count is None and trainer.args.include_num_input_tokens_seen not in (False, "no"):
         count = trainer.state.num_input_tokens_seen
     return count
+
+
+def start_token_count(trainer) -> None:
+    """A count of trained tokens, kept as TRL keeps its own, on a trainer of TRL's that keeps none."""
+    trainer._total_train_tokens = 0
 
 
 def add_trained_tokens(trainer, count: int) -> int:

@@ -43,6 +43,7 @@ from ..errors import FusetuneError
 from ..forwards import IGNORE_INDEX, head_dtype, logit_scale
 from ..patching import apply_kernels, is_applied
 from ..state import peek
+from .guards import GuardedTrainer
 from .trainer import FastSFTConfig, SettledPrecision, as_fast_config
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ def shifted_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> to
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
 
 
-class FastDPOTrainer(PairsCacheHook, PreparePairsHook, DPOTrainer):
+class FastDPOTrainer(PairsCacheHook, PreparePairsHook, GuardedTrainer, DPOTrainer):
     """TRL's DPOTrainer with fusetune's kernels and the fused preference loss (see the module docstring);
     ``dataset_cache=`` (``Splits.cache``) takes its tokenized pairs from fusetune's cache (``data.cache``)."""
 
@@ -129,6 +130,7 @@ class FastDPOTrainer(PairsCacheHook, PreparePairsHook, DPOTrainer):
             if reason is not None:
                 log.info("fused preference loss off, TRL's compute_loss instead: %s", reason)
             self.fused_preference = reason is None
+        self.guard_run()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or not self.fused_preference:

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import torch
 from trl import KTOConfig, KTOTrainer
 
-from ..compat.trl import PreparePairsHook
+from ..compat.trl import PreparePairsHook, add_trained_tokens, start_token_count, trained_tokens
 from ..data.cache import PairsCacheHook
 from ..patching import apply_kernels, is_applied
+from .guards import GuardedTrainer
 from .preference_trainer import field_like
 from .trainer import FastSFTConfig, SettledPrecision, as_fast_config
 
@@ -45,6 +46,7 @@ def _build_with_kernels(trainer, model, args, build) -> None:
     build()
     if not is_applied(trainer.model):
         apply_kernels(trainer.model, args.kernels, on_cuda=on_cuda)
+    trainer.guard_run()
 
 
 @dataclass
@@ -70,23 +72,42 @@ class FastKTOConfig(SettledPrecision, KTOConfig):
     kernels: str = field_like(FastSFTConfig, "kernels")
 
 
-class FastORPOTrainer(ORPOTrainer):
+class CountsPairTokens:
+    """TRL's ORPO and CPO trainers keep no count of trained tokens, where its SFT, DPO and KTO trainers log one as
+    ``num_tokens``: this one counts each training batch's non-padding tokens, chosen and rejected rows with their
+    prompts (what the model reads, as DPO counts them), and logs the running sum as ``num_tokens``."""
+
+    def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+        if train_eval == "train":
+            tokens = batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
+            add_trained_tokens(self, int(self.accelerator.gather_for_metrics(tokens.reshape(1)).sum()))
+        return super().get_batch_loss_metrics(model, batch, train_eval)
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs["num_tokens"] = float(trained_tokens(self))
+        return super().log(logs, start_time)
+
+
+class FastORPOTrainer(CountsPairTokens, GuardedTrainer, ORPOTrainer):
     """TRL's ORPOTrainer on fusetune's kernels."""
 
     def __init__(self, model=None, args=None, *rest, **kwargs):
         args = as_fast_config(args, FastORPOConfig)
+        start_token_count(self)
         _build_with_kernels(
             self, model, args, lambda: super(FastORPOTrainer, self).__init__(model, args, *rest, **kwargs)
         )
 
 
-class FastCPOTrainer(CPOTrainer):
+class FastCPOTrainer(CountsPairTokens, GuardedTrainer, CPOTrainer):
     """TRL's CPOTrainer on fusetune's kernels (SimPO: ``args=FastSimPOConfig(...)``, or FastSimPOTrainer)."""
 
     default_config = FastCPOConfig
 
     def __init__(self, model=None, args=None, *rest, **kwargs):
         args = as_fast_config(args, self.default_config)
+        start_token_count(self)
         _build_with_kernels(
             self, model, args, lambda: super(FastCPOTrainer, self).__init__(model, args, *rest, **kwargs)
         )
@@ -98,7 +119,7 @@ class FastSimPOTrainer(FastCPOTrainer):
     default_config = FastSimPOConfig
 
 
-class FastKTOTrainer(PairsCacheHook, PreparePairsHook, KTOTrainer):
+class FastKTOTrainer(PairsCacheHook, PreparePairsHook, GuardedTrainer, KTOTrainer):
     """TRL's KTOTrainer on fusetune's kernels; ``dataset_cache=`` (``Splits.cache``) takes its tokenized answers
     from fusetune's cache (``data.cache``)."""
 

@@ -42,7 +42,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .. import fp8_base, limits, precision
 from ..compat.renames import accepts_older_names, merge_into_config, pop_trainer_keywords
-from ..compat.trl import PrepareDatasetHook, ResumeTokenCount, head_adapter_allowed
+from ..compat.trl import PrepareDatasetHook, head_adapter_allowed
 from ..data.cache import DatasetCacheHook
 from ..errors import FusetuneError
 from ..families import is_experts
@@ -52,8 +52,8 @@ from ..patching import apply_kernels, is_applied
 from ..sequences.graphs import StepGraphs
 from ..sequences.packed_sequences import packing_blocker
 from ..sequences.varlen import VARLEN, enable_varlen_attention, varlen_kernel_available
-from .checkpoints import MarkComplete, saving
-from .faults import NAN_POLICIES, NonFiniteGuard
+from .faults import NAN_POLICIES
+from .guards import GuardedTrainer
 from .optim import optimizer_with_embedding_lr
 from .token_stats import StepStats, TokenStats, batch_tokens
 
@@ -305,7 +305,7 @@ def max_length_as(args, value: int | None):
         args.max_length = before
 
 
-class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
+class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, GuardedTrainer, SFTTrainer):
     """TRL's SFTTrainer with fusetune's kernels, padding-free batches, fused loss and CUDA graphs.
 
     ``compute_loss`` takes TRL's loss and its entropy / mean_token_accuracy / num_tokens metrics from
@@ -360,12 +360,7 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
         self.step_graphs_factory = StepGraphs if self._want_step_graphs() else None
         if args.logging_dir is not None:
             self._set_tensorboard_dir(args.logging_dir)
-        # every checkpoint gets a completeness marker; a non-finite loss, gradient or checkpoint stops training
-        self.checkpoint_marker = MarkComplete()
-        self.nonfinite_guard = NonFiniteGuard(args.nan_policy, args.max_skipped_fraction, args.max_skipped_in_a_row)
-        self.add_callback(self.checkpoint_marker)
-        self.add_callback(self.nonfinite_guard)
-        self.add_callback(ResumeTokenCount(self))
+        self.guard_run(args.nan_policy, args.max_skipped_fraction, args.max_skipped_in_a_row)
 
     def _set_tensorboard_dir(self, folder: str) -> None:
         """Point the TensorBoard callback at ``logging_dir`` (transformers 5 dropped that field)."""
@@ -453,16 +448,6 @@ class FastSFTTrainer(DatasetCacheHook, PrepareDatasetHook, SFTTrainer):
             logs.update({k: None for k, v in logs.items() if isinstance(v, float) and not math.isfinite(v)})
         guard.logged_through = step
         logs["skipped_steps"] = guard.skipped
-
-    def _save_checkpoint(self, model, trial):
-        with saving(f"{self.args.output_dir}/checkpoint-{self.state.global_step}", remove_partial=True):
-            super()._save_checkpoint(model, trial)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        if _internal_call:  # within _save_checkpoint, which says it
-            return super().save_model(output_dir, _internal_call)
-        with saving(output_dir or self.args.output_dir):
-            super().save_model(output_dir, _internal_call)
 
     def prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """TRL's preparation of one dataset; padding-free rows are truncated here, as TRL's collator cannot."""
