@@ -306,3 +306,27 @@ def test_4bit_on_routed_experts_is_one_line_before_the_weights(family, tmp_path)
         "leaves unquantized (4-bit experts are not implemented); load it in bf16 (load_in_4bit=False) for LoRA "
         "on the experts"
     )
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_expert_adapters_reload_and_merge_as_they_trained(family, tmp_path):
+    """LoRA on the patched experts, saved: plain PEFT over a fresh unpatched base gives the patched model's
+    logits, and so does the merged model."""
+    from peft import PeftModel
+
+    from fusetune import FastModel
+
+    base = tiny_moe(family, seed=3)
+    apply_kernels(base, "reference")
+    model = FastModel.get_peft_model(base, r=4, target_modules=ATTENTION, use_gradient_checkpointing=False)
+    randomize_lora_b(model)
+    assert any("mlp.experts.base_layer.lora_B" in n or "mlp.experts.lora_B" in n for n, _ in model.named_parameters())
+    ids = inputs_for(model)["input_ids"]
+    with torch.no_grad():
+        trained = model.eval()(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    remove_kernels()
+    reloaded = PeftModel.from_pretrained(tiny_moe(family, seed=3), tmp_path).eval()
+    with torch.no_grad():
+        assert_close(reloaded(input_ids=ids).logits, trained, torch.float32, "reloaded adapters")
+        assert_close(reloaded.merge_and_unload()(input_ids=ids).logits, trained, torch.float32, "merged")
