@@ -71,7 +71,7 @@ class PoisonAfterStep(TrainerCallback):
                 next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ["dpo", "orpo", "kto"])  # SimPO is CPO's trainer, built as ORPO's is
 def test_a_non_finite_weight_stops_the_run_and_its_checkpoint_is_set_aside(name, tmp_path):
     trainer = trainer_for(name, tmp_path, max_steps=6, save_strategy="steps", save_steps=1)
     trainer.add_callback(PoisonAfterStep(2))
