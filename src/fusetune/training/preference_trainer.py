@@ -110,18 +110,26 @@ def shifted_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) -> to
     return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)], dim=1)
 
 
+def build_with_kernels(trainer, model, args, build) -> None:
+    """For a preference trainer's ``__init__``: the kernels backend applied to ``model`` before ``build()`` (TRL's
+    __init__), and to the model TRL loaded where ``model`` was a name; then the run's guards (``guard_run``)."""
+    on_cuda = torch.cuda.is_available() and not args.use_cpu
+    if not isinstance(model, str) and not is_applied(model):  # by FastModel or the user: left as it is
+        apply_kernels(model, args.kernels, on_cuda=on_cuda)
+    build()
+    if not is_applied(trainer.model):
+        apply_kernels(trainer.model, args.kernels, on_cuda=on_cuda)
+    trainer.guard_run()
+
+
 class FastDPOTrainer(PairsCacheHook, PreparePairsHook, GuardedTrainer, DPOTrainer):
     """TRL's DPOTrainer with fusetune's kernels and the fused preference loss (see the module docstring);
     ``dataset_cache=`` (``Splits.cache``) takes its tokenized pairs from fusetune's cache (``data.cache``)."""
 
     def __init__(self, model, ref_model=None, args=None, *pos, **kwargs):
         args = as_fast_config(args, FastDPOConfig)
-        on_cuda = torch.cuda.is_available() and not args.use_cpu
-        if not isinstance(model, str) and not is_applied(model):  # by FastModel or the user: left as it is
-            apply_kernels(model, args.kernels, on_cuda=on_cuda)
-        super().__init__(model, ref_model, args, *pos, **kwargs)
-        if not is_applied(self.model):  # loaded by TRL from a name
-            apply_kernels(self.model, args.kernels, on_cuda=on_cuda)
+        build = lambda: super(FastDPOTrainer, self).__init__(model, ref_model, args, *pos, **kwargs)  # noqa: E731
+        build_with_kernels(self, model, args, build)
         self.fused_preference = False
         if args.fused_loss is not False:
             reason = fused_preference_blocker(self)
@@ -130,7 +138,6 @@ class FastDPOTrainer(PairsCacheHook, PreparePairsHook, GuardedTrainer, DPOTraine
             if reason is not None:
                 log.info("fused preference loss off, TRL's compute_loss instead: %s", reason)
             self.fused_preference = reason is None
-        self.guard_run()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs or not self.fused_preference:

@@ -21,32 +21,18 @@ ORPO and CPO live in TRL's experimental module, which warns on import; fusetune 
 import warnings
 from dataclasses import dataclass, field
 
-import torch
 from trl import KTOConfig, KTOTrainer
 
 from ..compat.trl import PreparePairsHook, add_trained_tokens, start_token_count, trained_tokens
 from ..data.cache import PairsCacheHook
-from ..patching import apply_kernels, is_applied
 from .guards import GuardedTrainer
-from .preference_trainer import field_like
+from .preference_trainer import build_with_kernels, field_like
 from .trainer import FastSFTConfig, SettledPrecision, as_fast_config
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=".*trl.experimental.*")
     from trl.experimental.cpo import CPOConfig, CPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-
-def _build_with_kernels(trainer, model, args, build) -> None:
-    """The kernels backend applied to ``model`` before ``build()`` (TRL's __init__), and to the model TRL loaded
-    where ``model`` was a name."""
-    on_cuda = torch.cuda.is_available() and not args.use_cpu
-    if not isinstance(model, str) and not is_applied(model):  # by FastModel or the user: left as it is
-        apply_kernels(model, args.kernels, on_cuda=on_cuda)
-    build()
-    if not is_applied(trainer.model):
-        apply_kernels(trainer.model, args.kernels, on_cuda=on_cuda)
-    trainer.guard_run()
 
 
 @dataclass
@@ -95,7 +81,7 @@ class FastORPOTrainer(CountsPairTokens, GuardedTrainer, ORPOTrainer):
     def __init__(self, model=None, args=None, *rest, **kwargs):
         args = as_fast_config(args, FastORPOConfig)
         start_token_count(self)
-        _build_with_kernels(
+        build_with_kernels(
             self, model, args, lambda: super(FastORPOTrainer, self).__init__(model, args, *rest, **kwargs)
         )
 
@@ -108,7 +94,7 @@ class FastCPOTrainer(CountsPairTokens, GuardedTrainer, CPOTrainer):
     def __init__(self, model=None, args=None, *rest, **kwargs):
         args = as_fast_config(args, self.default_config)
         start_token_count(self)
-        _build_with_kernels(
+        build_with_kernels(
             self, model, args, lambda: super(FastCPOTrainer, self).__init__(model, args, *rest, **kwargs)
         )
 
@@ -126,4 +112,4 @@ class FastKTOTrainer(PairsCacheHook, PreparePairsHook, GuardedTrainer, KTOTraine
     def __init__(self, model, ref_model=None, args=None, *rest, **kwargs):
         args = as_fast_config(args, FastKTOConfig)
         build = lambda: super(FastKTOTrainer, self).__init__(model, ref_model, args, *rest, **kwargs)  # noqa: E731
-        _build_with_kernels(self, model, args, build)
+        build_with_kernels(self, model, args, build)
